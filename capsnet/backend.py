@@ -1,0 +1,190 @@
+"""The one place that knows about CuPy.
+
+Everything else asks this module for the array module (``xp``) of the arrays
+at hand, or of the current backend when it allocates:
+
+    >>> from capsnet import backend
+    >>> backend.set_backend("numpy")
+    >>> xp = backend.xp()                 # numpy
+    >>> with backend.use("cupy"): ...     # scoped switch (needs a GPU)
+
+CuPy is imported lazily and guarded, so the library imports and runs on
+machines without it; asking for ``"cupy"`` there raises :class:`BackendError`
+naming the package to install.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from types import ModuleType
+from typing import Any, Iterator
+
+import numpy
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "available_backends",
+    "cupy_available",
+    "get_array_module",
+    "get_backend",
+    "rng",
+    "set_backend",
+    "to_device",
+    "to_numpy",
+    "use",
+    "xp",
+]
+
+BACKENDS = ("numpy", "cupy")
+
+_INSTALL_HINT = (
+    "install CuPy for your CUDA version: pip install 'capsnet[cuda12]' "
+    "(cupy-cuda12x) or pip install 'capsnet[cuda13]' (cupy-cuda13x)"
+)
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that is unknown or cannot run here."""
+
+
+_cupy: ModuleType | None = None
+_cupy_error: str | None = None
+_cupy_checked = False
+_lock = threading.Lock()
+_state = threading.local()
+
+
+def _load_cupy() -> ModuleType | None:
+    """Import CuPy once and check that a CUDA device really exists."""
+    global _cupy, _cupy_error, _cupy_checked
+    with _lock:
+        if _cupy_checked:
+            return _cupy
+        _cupy_checked = True
+        try:
+            import cupy  # noqa: PLC0415  (guarded, the only CuPy import)
+        except Exception as exc:  # ImportError, or a broken CUDA install
+            _cupy_error = f"CuPy could not be imported ({type(exc).__name__}: {exc})"
+            return None
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            _cupy_error = f"CuPy is installed but CUDA reports no usable device ({exc})"
+            return None
+        if count < 1:
+            _cupy_error = "CuPy is installed but no CUDA device is present"
+            return None
+        _cupy = cupy
+        return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and at least one CUDA device is present."""
+    return _load_cupy() is not None
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends that can run on this machine, ``numpy`` always first."""
+    return ("numpy", "cupy") if cupy_available() else ("numpy",)
+
+
+def _module_for(name: str) -> ModuleType:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise BackendError(
+            f"unknown backend {name!r}: expected one of {', '.join(map(repr, BACKENDS))}"
+        )
+    if name == "numpy":
+        return numpy
+    cupy = _load_cupy()
+    if cupy is None:
+        raise BackendError(f"the 'cupy' backend is not available: {_cupy_error}; {_INSTALL_HINT}")
+    return cupy
+
+
+def set_backend(name: str) -> None:
+    """Make ``name`` ('numpy' or 'cupy') the backend for new arrays and modules."""
+    _module_for(name)
+    _state.name = name
+
+
+def get_backend() -> str:
+    """The name of the current backend ('numpy' unless set otherwise)."""
+    return getattr(_state, "name", "numpy")
+
+
+def xp() -> ModuleType:
+    """The array module of the current backend (numpy or cupy)."""
+    return _module_for(get_backend())
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[ModuleType]:
+    """Switch the backend inside a ``with`` block; yields the array module."""
+    module = _module_for(name)
+    previous = get_backend()
+    _state.name = name
+    try:
+        yield module
+    finally:
+        _state.name = previous
+
+
+def is_cupy_array(array: Any) -> bool:
+    return _cupy is not None and isinstance(array, _cupy.ndarray)
+
+
+def get_array_module(*arrays: Any) -> ModuleType:
+    """numpy or cupy, whichever the arrays live on.
+
+    Raises :class:`BackendError` when NumPy and CuPy arrays are mixed, which
+    would otherwise fail deep inside an operation or copy silently.
+    """
+    on_gpu = [is_cupy_array(a) for a in arrays if a is not None]
+    if any(on_gpu):
+        if not all(on_gpu):
+            kinds = ", ".join(type(a).__module__ + "." + type(a).__name__ for a in arrays if a is not None)
+            raise BackendError(
+                f"arrays on different backends were mixed ({kinds}): "
+                "move them to one device first with capsnet.backend.to_device"
+            )
+        return _cupy  # type: ignore[return-value]
+    return numpy
+
+
+def backend_of(array: Any) -> str:
+    """'cupy' for a CuPy array, 'numpy' otherwise."""
+    return "cupy" if is_cupy_array(array) else "numpy"
+
+
+def to_device(array: Any, backend: str | None = None) -> Any:
+    """Copy ``array`` to ``backend`` (default: the current one); no copy if it is there."""
+    module = _module_for(backend or get_backend())
+    if module is numpy:
+        return to_numpy(array)
+    return module.asarray(array)
+
+
+def to_numpy(array: Any) -> numpy.ndarray:
+    """A NumPy array holding ``array``'s values (copied from the GPU if needed)."""
+    if is_cupy_array(array):
+        return array.get()
+    return numpy.asarray(array)
+
+
+def rng(seed: int | None = None, backend: str | None = None) -> Any:
+    """A seeded random generator on ``backend`` (default: the current one).
+
+    NumPy gives ``numpy.random.Generator``; CuPy gives ``cupy.random.Generator``.
+    Both offer ``standard_normal``, ``uniform``, ``integers`` and ``permutation``.
+    """
+    module = _module_for(backend or get_backend())
+    if module is numpy:
+        return numpy.random.default_rng(seed)
+    return module.random.default_rng(seed)
+
+
+def synchronize(array: Any = None) -> None:
+    """Wait for queued GPU work (no-op on NumPy); for timing and logging only."""
+    if _cupy is not None and (array is None or is_cupy_array(array)):
+        _cupy.cuda.get_current_stream().synchronize()
