@@ -1,0 +1,244 @@
+"""Parameter, Module and Sequential: the state and bookkeeping every layer shares."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+
+from capsnet import backend
+
+
+class Parameter:
+    """A trainable array and the gradient accumulated into it (same shape, dtype, device)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: Any):
+        xp = backend.get_array_module(data)
+        self.data = data
+        self.grad = xp.zeros_like(data)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, backend={backend.backend_of(self.data)!r})"
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"capsnet works in float32 or float64, got dtype {dt}")
+    return dt
+
+
+class Module:
+    """Base of every layer.
+
+    ``forward`` computes the output and, in training mode only, caches what
+    ``backward`` needs. ``backward(grad_out)`` returns the gradient of the
+    (first) input, adds (``+=``) parameter gradients into ``p.grad`` and frees
+    the cache. Parameters and sub-modules are found from the attributes, in the
+    order they were set.
+    """
+
+    def __init__(self) -> None:
+        self.training = True
+        self._cache: Any = None
+
+    # -- calling ---------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
+    def backward(self, grad_out: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not define backward")
+
+    def _save(self, *values: Any) -> None:
+        """Cache values for backward, in training mode only."""
+        self._cache = values if self.training else None
+
+    def _pop(self) -> tuple:
+        if self._cache is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called without a cached forward pass: "
+                "call forward in training mode (module.train()) before each backward"
+            )
+        values, self._cache = self._cache, None
+        return values
+
+    # -- structure -------------------------------------------------------
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+            elif isinstance(value, Module):
+                yield from value.named_parameters(prefix + name + ".")
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def modules(self) -> Iterator["Module"]:
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            m.training = mode
+            if not mode:
+                m._cache = None
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    # -- dtype and device ---------------------------------------------------
+    @property
+    def dtype(self) -> np.dtype | None:
+        params = self.parameters()
+        return params[0].dtype if params else None
+
+    def astype(self, dtype: Any) -> "Module":
+        """Cast every parameter (and zero its gradient) to float32 or float64."""
+        dt = resolve_dtype(dtype)
+        for p in self.parameters():
+            p.data = p.data.astype(dt)
+            p.grad = p.grad.astype(dt)
+        return self
+
+    def to(self, backend_name: str) -> "Module":
+        """Move every parameter to 'numpy' or 'cupy'."""
+        for p in self.parameters():
+            p.data = backend.to_device(p.data, backend_name)
+            p.grad = backend.to_device(p.grad, backend_name)
+        for m in self.modules():
+            m._cache = None
+        return self
+
+    # -- checkpoints -------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Copies of the parameters as host NumPy arrays, by dotted name."""
+        return OrderedDict((name, backend.to_numpy(p.data).copy()) for name, p in self.named_parameters())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load parameters by name; every name must match, with its shape.
+
+        Values are cast to each parameter's dtype and moved to its device.
+        """
+        params = dict(self.named_parameters())
+        missing = [n for n in params if n not in state]
+        unexpected = [n for n in state if n not in params]
+        if missing or unexpected:
+            raise KeyError(
+                f"{type(self).__name__}.load_state_dict: names do not match; "
+                f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
+            )
+        wrong = [
+            f"{n}: expected {params[n].shape}, got {tuple(np.shape(state[n]))}"
+            for n in params
+            if tuple(np.shape(state[n])) != params[n].shape
+        ]
+        if wrong:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: wrong shapes: " + "; ".join(wrong))
+        for name, p in params.items():
+            value = backend.to_device(backend.to_numpy(state[name]), backend.backend_of(p.data))
+            p.data[...] = value.astype(p.dtype, copy=False)
+
+    def __repr__(self) -> str:
+        children = list(self.named_children())
+        if not children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in children]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named '0', '1', ..."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential takes Modules, got {type(layer).__name__} at position {i}")
+            setattr(self, str(i), layer)
+        self._n = len(layers)
+
+    def __getitem__(self, i: int) -> Module:
+        return getattr(self, str(range(self._n)[i]))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[Module]:
+        return (self[i] for i in range(self._n))
+
+    def forward(self, x: Any) -> Any:
+        for layer in self:
+            x = layer(x)
+        return x
+
+    def backward(self, grad_out: Any) -> Any:
+        for layer in reversed(list(self)):
+            grad_out = layer.backward(grad_out)
+        return grad_out
+
+
+def check_input(module: str, x: Any, expected: tuple, dtype: Any, what: str = "input") -> Any:
+    """Validate an input's type, shape and dtype; return its array module.
+
+    ``expected`` holds ints for fixed sizes and None for free ones (the batch).
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{module} expected an array as {what}, got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        want = "(" + ", ".join("batch" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{module} expected {what} of shape {want}, got {shape}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(
+            f"{module} expected {what} of dtype {np.dtype(dtype)} (its parameters' dtype), got {x.dtype}; "
+            f"cast the input with .astype('{np.dtype(dtype)}') or the module with .astype('{x.dtype}')"
+        )
+    return backend.get_array_module(x)
+
+
+def as_rng(seed: Any) -> np.random.Generator:
+    """A host generator from a seed, or the generator itself."""
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def init_param(shape: tuple[int, ...], scale: float, dtype: Any, seed: Any, kind: str = "uniform") -> Parameter:
+    """A parameter drawn on the host with a seeded generator, cast, then moved to
+    the current backend: the same seed gives the same weights on every backend."""
+    rng = as_rng(seed)
+    dt = resolve_dtype(dtype)
+    if kind == "uniform":
+        host = rng.uniform(-scale, scale, size=shape)
+    elif kind == "normal":
+        host = rng.standard_normal(size=shape) * scale
+    elif kind == "zeros":
+        host = np.zeros(shape)
+    else:
+        raise ValueError(f"unknown initialisation {kind!r}")
+    return Parameter(backend.to_device(host.astype(dt)))

@@ -1,0 +1,331 @@
+"""Capsule layers: squash, PrimaryCaps, DigitCaps with dynamic routing, lengths, masking.
+
+Notation follows Sabour, Frosst and Hinton (2017): input capsules u_i, predictions
+u_hat_{j|i} = W_ij u_i, routing logits b_ij, coupling coefficients c_ij, total
+input s_j and output capsules v_j. Capsules are (batch, n_caps, dim) arrays.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from capsnet import backend
+from capsnet.layers.base import Module, as_rng, check_input, init_param
+from capsnet.layers.conv import Conv2d
+
+
+# -- squash (eq. 1) ---------------------------------------------------------
+def squash(s: Any, axis: int = -1) -> Any:
+    """v = |s|^2 / (1 + |s|^2) * s / |s| (eq. 1), along ``axis``; 0 at s = 0."""
+    xp = backend.get_array_module(s)
+    n2 = (s * s).sum(axis=axis, keepdims=True)
+    return s * (xp.sqrt(n2) / (1 + n2))
+
+
+def squash_backward(grad_out: Any, s: Any, axis: int = -1) -> Any:
+    """Gradient of :func:`squash` w.r.t. s.
+
+    With n = |s| and f(n) = n / (1 + n^2), v = f(n) s and
+    dL/ds = f g + f'(n) n s_hat (s_hat . g), f'(n) = (1 - n^2) / (1 + n^2)^2.
+    Written with the unit vector s_hat so it stays finite (and exactly 0) at s = 0.
+    """
+    xp = backend.get_array_module(s, grad_out)
+    n2 = (s * s).sum(axis=axis, keepdims=True)
+    n = xp.sqrt(n2)
+    unit = s / xp.where(n > 0, n, 1)
+    radial = (unit * grad_out).sum(axis=axis, keepdims=True)
+    one_n2 = 1 + n2
+    return grad_out * (n / one_n2) + unit * (radial * n * (1 - n2) / (one_n2 * one_n2))
+
+
+class Squash(Module):
+    """Squash along the last axis: (..., dim) -> (..., dim)."""
+
+    def forward(self, s: Any) -> Any:
+        self._save(s)
+        return squash(s)
+
+    def backward(self, grad_out: Any) -> Any:
+        (s,) = self._pop()
+        return squash_backward(grad_out, s)
+
+
+# -- capsule lengths --------------------------------------------------------
+def capsule_length(v: Any) -> Any:
+    """|v_j| over the last axis: (B, J, D) -> (B, J)."""
+    xp = backend.get_array_module(v)
+    return xp.sqrt((v * v).sum(axis=-1))
+
+
+def capsule_length_backward(grad_out: Any, v: Any, length: Any) -> Any:
+    """Gradient of :func:`capsule_length`; 0 (a subgradient) for a zero vector."""
+    xp = backend.get_array_module(v)
+    return v * (grad_out / xp.where(length > 0, length, 1))[..., None]
+
+
+class CapsuleLength(Module):
+    """(B, J, D) capsules -> (B, J) lengths, the class probabilities."""
+
+    def forward(self, v: Any) -> Any:
+        length = capsule_length(v)
+        self._save(v, length)
+        return length
+
+    def backward(self, grad_out: Any) -> Any:
+        v, length = self._pop()
+        return capsule_length_backward(grad_out, v, length)
+
+
+# -- PrimaryCaps ------------------------------------------------------------
+class PrimaryCaps(Module):
+    """Convolutional capsules: a Conv2d with n_types * dim channels, regrouped into
+    capsules and squashed.
+
+    Input (B, in_channels, H, W) -> (B, n_types * OH * OW, dim); capsule index
+    i = type * OH * OW + y * OW + x and channel type * dim + d holds component d.
+    Default: 32 types of 8D from 256 channels, 9x9 kernel, stride 2 (1152 capsules
+    on a 20x20 input).
+    """
+
+    def __init__(self, in_channels: int = 256, n_types: int = 32, dim: int = 8, kernel_size: int = 9,
+                 stride: int = 2, *, dtype: Any = "float32", seed: Any = None):
+        super().__init__()
+        self.n_types, self.dim = n_types, dim
+        self.conv = Conv2d(in_channels, n_types * dim, kernel_size, stride, dtype=dtype, seed=seed)
+
+    def extra_repr(self) -> str:
+        return f"{self.conv.in_channels}, n_types={self.n_types}, dim={self.dim}"
+
+    def n_capsules(self, height: int, width: int) -> int:
+        """How many capsules an input of height x width gives."""
+        from capsnet.layers.conv import conv_output_size
+
+        k, st = self.conv.kernel_size, self.conv.stride
+        return self.n_types * conv_output_size(height, k, st, 0) * conv_output_size(width, k, st, 0)
+
+    def forward_nhwc(self, x_nhwc: Any) -> Any:
+        """Channels-last input (B, H, W, C) -> capsules (B, n_caps, dim)."""
+        y = self.conv.forward_nhwc(x_nhwc)
+        b, oh, ow, _ = y.shape
+        s = y.reshape(b, oh, ow, self.n_types, self.dim).transpose(0, 3, 1, 2, 4).reshape(b, -1, self.dim)
+        self._save(s, (b, oh, ow))
+        return squash(s)
+
+    def backward_nhwc(self, grad_out: Any) -> Any:
+        s, (b, oh, ow) = self._pop()
+        gs = squash_backward(grad_out, s)
+        gy = gs.reshape(b, self.n_types, oh, ow, self.dim).transpose(0, 2, 3, 1, 4)
+        xp = backend.get_array_module(gy)
+        return self.conv.backward_nhwc(xp.ascontiguousarray(gy).reshape(b, oh, ow, -1))
+
+    def forward(self, x: Any) -> Any:
+        check_input("PrimaryCaps", x, (None, self.conv.in_channels, None, None), self.conv.weight.dtype)
+        xp = backend.get_array_module(x, self.conv.weight.data)
+        return self.forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+
+    def backward(self, grad_out: Any) -> Any:
+        gx = self.backward_nhwc(grad_out)
+        return None if gx is None else gx.transpose(0, 3, 1, 2)
+
+
+# -- dynamic routing (Procedure 1) ------------------------------------------
+def softmax(x: Any, axis: int) -> Any:
+    xp = backend.get_array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class RoutingState(NamedTuple):
+    """What the backward pass needs from each routing iteration r.
+
+    c[r]: coupling coefficients (B, J, I); s[r]: total input (B, J, D); v[r]: output (B, J, D).
+    """
+
+    c: list
+    s: list
+    v: list
+
+
+def _by_output(u_hat: Any) -> Any:
+    # (B, I, J, D) -> a (B, J, I, D) view: each (b, j) block is an I x D matrix with
+    # unit stride along D, so matmul runs it through BLAS without a copy.
+    return u_hat.transpose(0, 2, 1, 3)
+
+
+def dynamic_routing(u_hat: Any, iterations: int = 3) -> tuple[Any, RoutingState]:
+    """Routing by agreement (Procedure 1), for every example at once.
+
+    u_hat: (B, I, J, D) predictions u_hat_{j|i}. Logits b_ij start at 0 for each
+    example; c_i = softmax over the output capsules j (eq. 3); s_j = sum_i c_ij
+    u_hat_{j|i} (eq. 2); v_j = squash(s_j); b_ij += u_hat_{j|i} . v_j.
+    Returns v: (B, J, D) and the state :func:`dynamic_routing_backward` needs.
+    """
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"routing iterations must be an integer >= 1, got {iterations!r}")
+    xp = backend.get_array_module(u_hat)
+    b, i, j, _ = u_hat.shape
+    U = _by_output(u_hat)
+    logits = None
+    state = RoutingState([], [], [])
+    for r in range(iterations):
+        if logits is None:
+            c = xp.full((b, j, i), 1.0 / j, dtype=u_hat.dtype)
+        else:
+            c = softmax(logits, axis=1)
+        s = xp.matmul(c[:, :, None, :], U)[:, :, 0, :]
+        v = squash(s)
+        state.c.append(c)
+        state.s.append(s)
+        state.v.append(v)
+        if r < iterations - 1:
+            agreement = xp.matmul(U, v[..., None])[..., 0]
+            logits = agreement if logits is None else logits + agreement
+    return v, state
+
+
+def dynamic_routing_backward(grad_v: Any, u_hat: Any, state: RoutingState, detach: bool = False) -> Any:
+    """Gradient of :func:`dynamic_routing` w.r.t. u_hat, (B, I, J, D).
+
+    The gradient flows through every iteration: through s_j = sum_i c_ij u_hat
+    and through the logit updates b_ij += u_hat . v_j that set later c_ij. With
+    ``detach=True`` it flows only through the last s_j with its c_ij held fixed
+    (the "stop gradient" variant of some implementations).
+    """
+    xp = backend.get_array_module(u_hat, grad_v)
+    U = _by_output(u_hat)
+    last = len(state.c) - 1
+    # dL/du_hat is a sum of outer products (c_ij gs_j and g_next_ij v_j per
+    # iteration): collect the factors, then form it with one batched matmul.
+    left, right = [], []
+    g_next = None  # dL/d(logits after iteration r's update)
+    for r in range(last, -1, -1):
+        c, s, v = state.c[r], state.s[r], state.v[r]
+        gv = grad_v if r == last else None
+        if g_next is not None:
+            through_logits = xp.matmul(g_next[:, :, None, :], U)[:, :, 0, :]
+            gv = through_logits if gv is None else gv + through_logits
+            left.append(g_next)
+            right.append(v)
+        gs = squash_backward(gv, s)
+        left.append(c)
+        right.append(gs)
+        if detach or r == 0:
+            break
+        gc = xp.matmul(U, gs[..., None])[..., 0]
+        g_logits = c * (gc - (c * gc).sum(axis=1, keepdims=True))
+        g_next = g_logits if g_next is None else g_next + g_logits
+    grad = xp.empty_like(u_hat)
+    xp.matmul(xp.stack(left, axis=-1), xp.stack(right, axis=-2), out=_by_output(grad))
+    return grad
+
+
+# -- DigitCaps ---------------------------------------------------------------
+def capsule_predictions(u: Any, w: Any) -> Any:
+    """u_hat_{j|i} = W_ij u_i. u: (B, I, Din), w: (I, J, Dout, Din) -> (B, I, J, Dout).
+
+    The result is a view of an (I, B, J, Dout) array: one matmul per input capsule.
+    """
+    xp = backend.get_array_module(u, w)
+    i, j, dout, din = w.shape
+    pred = xp.matmul(u.transpose(1, 0, 2), w.reshape(i, j * dout, din).transpose(0, 2, 1))
+    return pred.reshape(i, -1, j, dout).transpose(1, 0, 2, 3)
+
+
+def capsule_predictions_backward(grad_u_hat: Any, u: Any, w: Any) -> tuple[Any, Any]:
+    """Gradients of :func:`capsule_predictions` w.r.t. (u, w)."""
+    xp = backend.get_array_module(grad_u_hat, u, w)
+    i, j, dout, din = w.shape
+    g = grad_u_hat.transpose(1, 0, 2, 3).reshape(i, -1, j * dout)  # (I, B, J*Dout)
+    grad_w = xp.matmul(g.transpose(0, 2, 1), u.transpose(1, 0, 2)).reshape(w.shape)
+    grad_u = xp.matmul(g, w.reshape(i, j * dout, din)).transpose(1, 0, 2)
+    return grad_u, grad_w
+
+
+class DigitCaps(Module):
+    """Fully connected capsules with dynamic routing.
+
+    Input (B, in_caps, in_dim) -> output (B, out_caps, out_dim). Weights W: (in_caps,
+    out_caps, out_dim, in_dim), normal with std ``init_std``. The scale matters:
+    too small and every |v_j| starts near 0 where squash has almost no gradient;
+    the default gives initial lengths around 0.1 to 0.5 for squashed inputs.
+    """
+
+    def __init__(self, in_caps: int = 1152, in_dim: int = 8, out_caps: int = 10, out_dim: int = 16,
+                 iterations: int = 3, *, detach_routing: bool = False, init_std: float | None = None,
+                 dtype: Any = "float32", seed: Any = None):
+        super().__init__()
+        for name, value in (("in_caps", in_caps), ("in_dim", in_dim), ("out_caps", out_caps),
+                            ("out_dim", out_dim), ("iterations", iterations)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DigitCaps {name} must be an integer >= 1, got {value!r}")
+        self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
+        self.iterations, self.detach_routing = iterations, detach_routing
+        if init_std is None:
+            init_std = default_digitcaps_std(in_caps, out_caps, out_dim)
+        self.init_std = init_std
+        self.weight = init_param((in_caps, out_caps, out_dim, in_dim), init_std, dtype, as_rng(seed), "normal")
+
+    def extra_repr(self) -> str:
+        return (f"in_caps={self.in_caps}, in_dim={self.in_dim}, out_caps={self.out_caps}, "
+                f"out_dim={self.out_dim}, iterations={self.iterations}")
+
+    def forward(self, u: Any) -> Any:
+        check_input("DigitCaps", u, (None, self.in_caps, self.in_dim), self.weight.dtype)
+        u_hat = capsule_predictions(u, self.weight.data)
+        v, state = dynamic_routing(u_hat, self.iterations)
+        self._save(u, u_hat, state)
+        return v
+
+    def backward(self, grad_out: Any) -> Any:
+        u, u_hat, state = self._pop()
+        g_hat = dynamic_routing_backward(grad_out, u_hat, state, self.detach_routing)
+        grad_u, grad_w = capsule_predictions_backward(g_hat, u, self.weight.data)
+        self.weight.grad += grad_w
+        return grad_u
+
+
+def default_digitcaps_std(in_caps: int, out_caps: int, out_dim: int) -> float:
+    """Std of W_ij that starts |s_j| near 1, where squash is neither flat nor saturated.
+
+    At the first iteration c_ij = 1/J, so each component of s_j is a sum of I terms
+    of std std * |u_i| / J; with |u_i| about 0.5 (squashed primary capsules) this
+    std makes |s_j| about 1 over out_dim components.
+    """
+    return 2.0 * out_caps / math.sqrt(out_dim * in_caps)
+
+
+# -- masking -----------------------------------------------------------------
+class Mask(Module):
+    """Keep one capsule per example, zero the others, flatten: (B, J, D) -> (B, J * D).
+
+    With ``labels`` (B,) the capsule of the true class is kept (training); without,
+    the longest capsule (test time). The choice itself passes no gradient.
+    """
+
+    def forward(self, v: Any, labels: Any = None) -> Any:
+        xp = backend.get_array_module(v)
+        if v.ndim != 3:
+            raise ValueError(f"Mask expected capsules of shape (batch, n_caps, dim), got {tuple(v.shape)}")
+        b, j, _ = v.shape
+        if labels is None:
+            index = (v * v).sum(axis=-1).argmax(axis=1)
+        else:
+            index = check_labels("Mask", labels, b, j)
+        mask = (xp.arange(j)[None, :] == index[:, None]).astype(v.dtype)
+        self._save(mask)
+        return (v * mask[..., None]).reshape(b, -1)
+
+    def backward(self, grad_out: Any) -> Any:
+        (mask,) = self._pop()
+        return grad_out.reshape(*mask.shape, -1) * mask[..., None]
+
+
+def check_labels(who: str, labels: Any, batch: int, n_classes: int) -> Any:
+    """Validate integer class labels (batch,) in [0, n_classes); no host sync on the GPU."""
+    if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
+        raise TypeError(f"{who} expected integer labels, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(f"{who} expected labels of shape ({batch},), got {tuple(labels.shape)}")
+    if backend.backend_of(labels) == "numpy" and labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"{who} expected labels in [0, {n_classes}), got values from {labels.min()} to {labels.max()}")
+    return labels

@@ -1,0 +1,98 @@
+"""Fully connected layer and the element-wise activations."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from capsnet import backend
+from capsnet.layers.base import Module, as_rng, check_input, init_param
+
+
+def linear(x: Any, w: Any, b: Any | None = None) -> Any:
+    """y = x W^T + b. x: (B, in), w: (out, in), b: (out,) -> (B, out)."""
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y
+
+
+def linear_backward(grad_out: Any, x: Any, w: Any) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`linear` w.r.t. (x, w, b); grad_out: (B, out)."""
+    return grad_out @ w, grad_out.T @ x, grad_out.sum(axis=0)
+
+
+class Linear(Module):
+    """(B, in_features) -> (B, out_features); weights uniform in +-1/sqrt(in), as in PyTorch."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: Any = "float32", seed: Any = None):
+        super().__init__()
+        if not isinstance(in_features, int) or not isinstance(out_features, int) or min(in_features, out_features) < 1:
+            raise ValueError(f"Linear sizes must be positive integers, got {in_features!r} and {out_features!r}")
+        self.in_features, self.out_features = in_features, out_features
+        rng = as_rng(seed)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = init_param((out_features, in_features), bound, dtype, rng)
+        self.bias = init_param((out_features,), bound, dtype, rng) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}"
+
+    def forward(self, x: Any) -> Any:
+        check_input("Linear", x, (None, self.in_features), self.weight.dtype)
+        backend.get_array_module(x, self.weight.data)
+        self._save(x)
+        return linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, grad_out: Any) -> Any:
+        (x,) = self._pop()
+        gx, gw, gb = linear_backward(grad_out, x, self.weight.data)
+        self.weight.grad += gw
+        if self.bias is not None:
+            self.bias.grad += gb
+        return gx
+
+
+def relu(x: Any) -> Any:
+    """max(x, 0), any shape."""
+    xp = backend.get_array_module(x)
+    return xp.maximum(x, 0)
+
+
+def relu_backward(grad_out: Any, x: Any) -> Any:
+    """Gradient of :func:`relu` (0 at x == 0)."""
+    return grad_out * (x > 0)
+
+
+class ReLU(Module):
+    def forward(self, x: Any) -> Any:
+        y = relu(x)
+        self._save(y > 0)
+        return y
+
+    def backward(self, grad_out: Any) -> Any:
+        (mask,) = self._pop()
+        return grad_out * mask
+
+
+def sigmoid(x: Any) -> Any:
+    """1 / (1 + exp(-x)), computed without overflow for any x."""
+    xp = backend.get_array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1, e) / (1 + e)
+
+
+def sigmoid_backward(grad_out: Any, y: Any) -> Any:
+    """Gradient of :func:`sigmoid`, given its output y."""
+    return grad_out * y * (1 - y)
+
+
+class Sigmoid(Module):
+    def forward(self, x: Any) -> Any:
+        y = sigmoid(x)
+        self._save(y)
+        return y
+
+    def backward(self, grad_out: Any) -> Any:
+        (y,) = self._pop()
+        return sigmoid_backward(grad_out, y)

@@ -1,0 +1,104 @@
+"""The two CapsNet losses. Each returns a 0-d array (no host sync on the GPU)."""
+from __future__ import annotations
+
+from typing import Any
+
+from capsnet import backend
+from capsnet.layers.base import Module
+from capsnet.layers.capsule import check_labels
+
+
+def margin_loss(lengths: Any, labels: Any, m_plus: float = 0.9, m_minus: float = 0.1,
+                lam: float = 0.5) -> Any:
+    """Eq. 4: sum_k T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2,
+    summed over classes k, averaged over the batch. lengths: (B, K), labels: (B,)."""
+    xp = backend.get_array_module(lengths)
+    t = _one_hot(labels, lengths)
+    present = xp.maximum(m_plus - lengths, 0)
+    absent = xp.maximum(lengths - m_minus, 0)
+    per_example = (t * present * present + lam * (1 - t) * absent * absent).sum(axis=1)
+    return per_example.mean()
+
+
+def margin_loss_backward(lengths: Any, labels: Any, m_plus: float = 0.9, m_minus: float = 0.1,
+                         lam: float = 0.5, grad_out: Any = 1.0) -> Any:
+    """Gradient of :func:`margin_loss` w.r.t. lengths, (B, K)."""
+    xp = backend.get_array_module(lengths)
+    t = _one_hot(labels, lengths)
+    present = xp.maximum(m_plus - lengths, 0)
+    absent = xp.maximum(lengths - m_minus, 0)
+    return (-2 * t * present + 2 * lam * (1 - t) * absent) * (grad_out / lengths.shape[0])
+
+
+def _one_hot(labels: Any, lengths: Any) -> Any:
+    xp = backend.get_array_module(lengths)
+    if lengths.ndim != 2:
+        raise ValueError(f"margin loss expected lengths of shape (batch, n_classes), got {tuple(lengths.shape)}")
+    b, k = lengths.shape
+    check_labels("MarginLoss", labels, b, k)
+    backend.get_array_module(lengths, labels)
+    return (xp.arange(k)[None, :] == labels[:, None]).astype(lengths.dtype)
+
+
+class MarginLoss(Module):
+    """Margin loss (eq. 4): m+ = 0.9, m- = 0.1, lambda = 0.5 by default.
+
+    forward(lengths (B, K), labels (B,)) -> scalar; backward(grad=1) -> (B, K).
+    """
+
+    def __init__(self, m_plus: float = 0.9, m_minus: float = 0.1, lam: float = 0.5):
+        super().__init__()
+        self.m_plus, self.m_minus, self.lam = m_plus, m_minus, lam
+
+    def extra_repr(self) -> str:
+        return f"m_plus={self.m_plus}, m_minus={self.m_minus}, lam={self.lam}"
+
+    def forward(self, lengths: Any, labels: Any) -> Any:
+        loss = margin_loss(lengths, labels, self.m_plus, self.m_minus, self.lam)
+        self._save(lengths, labels)
+        return loss
+
+    def backward(self, grad_out: Any = 1.0) -> Any:
+        lengths, labels = self._pop()
+        return margin_loss_backward(lengths, labels, self.m_plus, self.m_minus, self.lam, grad_out)
+
+
+def reconstruction_loss(recon: Any, target: Any, weight: float = 0.0005) -> Any:
+    """weight * sum of squared errors per image, averaged over the batch.
+    recon, target: (B, ...) of the same shape."""
+    if tuple(recon.shape) != tuple(target.shape):
+        raise ValueError(
+            f"reconstruction loss expected the reconstruction and the target to have one shape, "
+            f"got {tuple(recon.shape)} and {tuple(target.shape)}"
+        )
+    backend.get_array_module(recon, target)
+    diff = recon - target
+    return (diff * diff).sum() * (weight / recon.shape[0])
+
+
+def reconstruction_loss_backward(recon: Any, target: Any, weight: float = 0.0005, grad_out: Any = 1.0) -> Any:
+    """Gradient of :func:`reconstruction_loss` w.r.t. recon."""
+    return (recon - target) * (2 * weight / recon.shape[0] * grad_out)
+
+
+class ReconstructionLoss(Module):
+    """Sum of squared errors per image times ``weight`` (0.0005), mean over the batch.
+
+    forward(recon, target) -> scalar; backward(grad=1) -> gradient w.r.t. recon.
+    """
+
+    def __init__(self, weight: float = 0.0005):
+        super().__init__()
+        self.weight = weight
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+    def forward(self, recon: Any, target: Any) -> Any:
+        loss = reconstruction_loss(recon, target, self.weight)
+        self._save(recon, target)
+        return loss
+
+    def backward(self, grad_out: Any = 1.0) -> Any:
+        recon, target = self._pop()
+        return reconstruction_loss_backward(recon, target, self.weight, grad_out)
