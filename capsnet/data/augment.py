@@ -1,0 +1,122 @@
+"""Image preparation for training: scale to floats, random shifts, mini-batches.
+
+The paper trains on MNIST "shifted by up to 2 pixels in each direction with
+zero padding" (Sabour et al. 2017, section 5); :func:`random_shift` does that
+for a whole batch at once, on NumPy or CuPy, with the random offsets drawn on
+the host so both backends give identical results for the same generator.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy
+
+from capsnet import backend
+from capsnet.backend import get_array_module, to_numpy
+
+__all__ = ["iterate_batches", "random_shift", "to_float"]
+
+
+def _int_at_least(name: str, value: Any, minimum: int) -> int:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {number}")
+    return number
+
+
+def _check_generator(name: str, rng: Any) -> None:
+    if not isinstance(rng, numpy.random.Generator):
+        raise TypeError(
+            f"{name} must be a host numpy.random.Generator "
+            f"(e.g. numpy.random.default_rng(0)), got {type(rng).__name__}"
+        )
+
+
+def to_float(images: Any, dtype: Any = "float32", xp: ModuleType | None = None) -> Any:
+    """uint8 images (N, H, W) or (N, C, H, W) -> floats (N, C, H, W) in [0, 1].
+
+    A channel axis of 1 is added to (N, H, W) input (MNIST: (N, 1, 28, 28)).
+    The result lives on ``xp`` (default: the current backend); the uint8 data
+    is moved first, so only a quarter of the bytes cross to the GPU.
+    """
+    dtype = numpy.dtype(dtype)
+    if dtype.kind != "f":
+        raise TypeError(f"to_float dtype must be a floating type (float32, float64), got {dtype}")
+    if getattr(images, "dtype", None) != numpy.uint8:
+        kind = getattr(images, "dtype", type(images).__name__)
+        raise TypeError(f"to_float expected uint8 images with values 0..255, got {kind}")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim != 4:
+        raise ValueError(
+            f"to_float expected images of shape (N, H, W) or (N, C, H, W), got {tuple(images.shape)}"
+        )
+    module = backend.xp() if xp is None else xp
+    moved = to_numpy(images) if module is numpy else module.asarray(images)
+    out = moved.astype(dtype)
+    out /= dtype.type(255)
+    return out
+
+
+def random_shift(images: Any, max_shift: int, rng: numpy.random.Generator) -> Any:
+    """Shift each image (N, C, H, W) by its own integer offset, with zero fill.
+
+    Row and column offsets are drawn independently and uniformly from
+    ``-max_shift..max_shift`` with the host generator ``rng``; all channels of
+    an image move together. Pixels moved out are lost, those moved in are 0.
+    Returns a new array of the same dtype on the input's backend.
+    """
+    if getattr(images, "ndim", None) != 4:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"random_shift expected images of shape (N, C, H, W), got {shape}")
+    shift = _int_at_least("random_shift max_shift", max_shift, 0)
+    _check_generator("random_shift rng", rng)
+    if shift == 0:
+        return images.copy()
+    xp = get_array_module(images)
+    n, _, height, width = images.shape
+    offsets = xp.asarray(rng.integers(-shift, shift + 1, size=(n, 2)))
+    padded = xp.pad(images, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
+    # out[i, :, y, x] = images[i, :, y - dy, x - dx] = padded[i, :, y - dy + s, x - dx + s]
+    rows = xp.arange(height)[None, :] - offsets[:, :1] + shift  # (N, H)
+    cols = xp.arange(width)[None, :] - offsets[:, 1:] + shift  # (N, W)
+    batch = xp.arange(n)[:, None, None, None]
+    channel = xp.arange(images.shape[1])[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def iterate_batches(
+    n: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    rng: numpy.random.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[numpy.ndarray]:
+    """Yield host int64 index arrays that cover ``range(n)`` once, ``batch_size`` at a time.
+
+    With ``shuffle`` the order is ``rng.permutation(n)``; ``rng`` is required
+    then, so that runs are reproducible. ``drop_last`` skips a final short batch.
+    """
+    n = _int_at_least("iterate_batches n", n, 0)
+    batch_size = _int_at_least("iterate_batches batch_size", batch_size, 1)
+    if shuffle:
+        if rng is None:
+            raise ValueError(
+                "iterate_batches(shuffle=True) needs rng, a numpy.random.Generator "
+                "(e.g. numpy.random.default_rng(0)), got None"
+            )
+        _check_generator("iterate_batches rng", rng)
+        order = rng.permutation(n).astype(numpy.int64, copy=False)
+    else:
+        order = numpy.arange(n, dtype=numpy.int64)
+    stop = n - n % batch_size if drop_last else n
+    # A generator expression, not a generator function: the checks above run
+    # at the call, not at the first next().
+    return (order[start : start + batch_size] for start in range(0, stop, batch_size))

@@ -1,0 +1,202 @@
+"""The CapsNet of Sabour, Frosst and Hinton (2017), every size a constructor argument."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from capsnet import backend
+from capsnet.layers.base import Module, Sequential, as_rng, check_input
+from capsnet.layers.capsule import CapsuleLength, DigitCaps, Mask, PrimaryCaps
+from capsnet.layers.conv import Conv2d, conv_output_size
+from capsnet.layers.linear import Linear, ReLU, Sigmoid
+from capsnet.layers.loss import MarginLoss, ReconstructionLoss
+
+
+@dataclass(frozen=True)
+class CapsNetConfig:
+    """Every size of the network; the defaults are the paper's MNIST model."""
+
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    n_classes: int = 10
+    conv_channels: int = 256
+    conv_kernel: int = 9
+    primary_types: int = 32
+    primary_dim: int = 8
+    primary_kernel: int = 9
+    primary_stride: int = 2
+    digit_dim: int = 16
+    routing_iterations: int = 3
+    detach_routing: bool = False
+    digit_init_std: float | None = None
+    decoder_hidden: tuple[int, ...] = field(default=(512, 1024))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CapsNetConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CapsNet configuration keys {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @property
+    def n_primary_caps(self) -> int:
+        _, h, w = self.input_shape
+        h1 = conv_output_size(h, self.conv_kernel, 1, 0)
+        w1 = conv_output_size(w, self.conv_kernel, 1, 0)
+        h2 = conv_output_size(h1, self.primary_kernel, self.primary_stride, 0)
+        w2 = conv_output_size(w1, self.primary_kernel, self.primary_stride, 0)
+        return self.primary_types * h2 * w2
+
+
+class CapsNet(Module):
+    """Conv1 (+ReLU) -> PrimaryCaps -> DigitCaps (routing) -> lengths, and a decoder
+    that reconstructs the input from the masked digit capsules.
+
+    forward(x (B, C, H, W), labels (B,) or None) -> (lengths (B, K), recon (B, C, H, W)).
+    In training mode with labels, the decoder sees the capsule of the true class;
+    otherwise (test time) the longest capsule.
+    """
+
+    def __init__(self, config: CapsNetConfig | None = None, *, input_grad: bool = False,
+                 dtype: Any = "float32", seed: Any = 0, **overrides: Any):
+        super().__init__()
+        cfg = config or CapsNetConfig()
+        if overrides:
+            cfg = CapsNetConfig.from_dict({**cfg.as_dict(), **overrides})
+        self.config = cfg
+        rng = as_rng(seed)
+        c, h, w = cfg.input_shape
+        self.conv1 = Conv2d(c, cfg.conv_channels, cfg.conv_kernel, input_grad=input_grad, dtype=dtype, seed=rng)
+        self.relu = ReLU()
+        self.primary = PrimaryCaps(cfg.conv_channels, cfg.primary_types, cfg.primary_dim, cfg.primary_kernel,
+                                   cfg.primary_stride, dtype=dtype, seed=rng)
+        self.digit = DigitCaps(cfg.n_primary_caps, cfg.primary_dim, cfg.n_classes, cfg.digit_dim,
+                               cfg.routing_iterations, detach_routing=cfg.detach_routing,
+                               init_std=cfg.digit_init_std, dtype=dtype, seed=rng)
+        self.length = CapsuleLength()
+        self.mask = Mask()
+        sizes = (cfg.n_classes * cfg.digit_dim, *cfg.decoder_hidden, c * h * w)
+        layers: list[Module] = []
+        for k in range(len(sizes) - 1):
+            layers.append(Linear(sizes[k], sizes[k + 1], dtype=dtype, seed=rng))
+            layers.append(ReLU() if k < len(sizes) - 2 else Sigmoid())
+        self.decoder = Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        return str(self.config)
+
+    def _check(self, x: Any) -> Any:
+        return check_input("CapsNet", x, (None, *self.config.input_shape), self.conv1.weight.dtype)
+
+    def capsules(self, x: Any) -> Any:
+        """The digit capsules v_j: (B, C, H, W) -> (B, K, digit_dim)."""
+        xp = self._check(x)
+        backend.get_array_module(x, self.conv1.weight.data)
+        h = self.relu(self.conv1.forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1))))
+        return self.digit(self.primary.forward_nhwc(h))
+
+    def forward(self, x: Any, labels: Any = None) -> tuple[Any, Any]:
+        v = self.capsules(x)
+        lengths = self.length(v)
+        masked = self.mask(v, labels if self.training else None)
+        recon = self.decoder(masked).reshape(x.shape)
+        return lengths, recon
+
+    def backward(self, grad_lengths: Any, grad_recon: Any = None) -> Any:
+        """Backpropagate dL/dlengths and dL/drecon (either may be None); returns
+        dL/dx when built with ``input_grad=True``, else None."""
+        g_v = self.length.backward(grad_lengths) if grad_lengths is not None else None
+        if grad_recon is not None:
+            g_masked = self.decoder.backward(grad_recon.reshape(grad_recon.shape[0], -1))
+            g_mask = self.mask.backward(g_masked)
+            g_v = g_mask if g_v is None else g_v + g_mask
+        else:
+            for m in (self.mask, *self.decoder.modules()):
+                m._cache = None
+        if g_v is None:
+            raise ValueError("CapsNet.backward needs grad_lengths, grad_recon or both")
+        g_h = self.relu.backward(self.primary.backward_nhwc(self.digit.backward(g_v)))
+        gx = self.conv1.backward_nhwc(g_h)
+        return None if gx is None else gx.transpose(0, 3, 1, 2)
+
+    def predict(self, x: Any) -> tuple[Any, Any]:
+        """(classes (B,), lengths (B, K)) without running the decoder; no cache kept."""
+        was_training = self.training
+        self.eval()
+        try:
+            lengths = self.length(self.capsules(x))
+        finally:
+            self.train(was_training)
+        return lengths.argmax(axis=1), lengths
+
+    def reconstruct(self, x: Any, labels: Any = None) -> Any:
+        """Reconstructions (B, C, H, W) from the capsule of ``labels``, or the longest."""
+        was_training = self.training
+        self.eval()
+        try:
+            v = self.capsules(x)
+            recon = self.decoder(self.mask(v, labels)).reshape(x.shape)
+        finally:
+            self.train(was_training)
+        return recon
+
+
+class CapsNetLoss:
+    """Total loss: margin loss on the lengths plus the weighted reconstruction loss.
+
+    ``loss = criterion(lengths, recon, labels, images)`` returns a 0-d array and
+    keeps both parts in ``.margin`` and ``.reconstruction``; ``criterion.backward()``
+    returns (dL/dlengths, dL/drecon) for :meth:`CapsNet.backward`.
+    """
+
+    def __init__(self, recon_weight: float = 0.0005, m_plus: float = 0.9, m_minus: float = 0.1,
+                 lam: float = 0.5):
+        self.margin_loss = MarginLoss(m_plus, m_minus, lam)
+        self.recon_loss = ReconstructionLoss(recon_weight)
+        self.margin = self.reconstruction = None
+
+    def __call__(self, lengths: Any, recon: Any, labels: Any, images: Any) -> Any:
+        self.margin = self.margin_loss(lengths, labels)
+        self.reconstruction = self.recon_loss(recon, images)
+        return self.margin + self.reconstruction
+
+    def backward(self, grad_out: Any = 1.0) -> tuple[Any, Any]:
+        return self.margin_loss.backward(grad_out), self.recon_loss.backward(grad_out)
+
+
+def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bool = False) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the matrix products for one image.
+
+    Forward: conv1, PrimaryCaps conv, u_hat = W u, the routing contractions and
+    the decoder. Training adds the backward products: weight gradients of every
+    layer and input gradients of every layer but the first (unless input_grad).
+    Element-wise work (squash, softmax, ReLU, losses) is not counted.
+    """
+    c, h, w = config.input_shape
+    oh1 = conv_output_size(h, config.conv_kernel, 1, 0)
+    ow1 = conv_output_size(w, config.conv_kernel, 1, 0)
+    conv1 = oh1 * ow1 * config.conv_channels * c * config.conv_kernel ** 2
+    oh2 = conv_output_size(oh1, config.primary_kernel, config.primary_stride, 0)
+    ow2 = conv_output_size(ow1, config.primary_kernel, config.primary_stride, 0)
+    primary = oh2 * ow2 * config.primary_types * config.primary_dim * config.conv_channels * config.primary_kernel ** 2
+    n_i, n_j = config.n_primary_caps, config.n_classes
+    u_hat = n_i * n_j * config.digit_dim * config.primary_dim
+    r = config.routing_iterations
+    routing = (2 * r - 1) * n_i * n_j * config.digit_dim  # s_j each iteration, agreements between
+    sizes = (n_j * config.digit_dim, *config.decoder_hidden, c * h * w)
+    decoder = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    forward = conv1 + primary + u_hat + routing + decoder
+    if not training:
+        return 2 * forward
+    # backward: every product twice (weights and inputs), routing ~2x forward,
+    # and the first layer's input gradient only on request.
+    backward = 2 * (primary + u_hat + decoder) + conv1 * (2 if input_grad else 1) + 2 * routing
+    return 2 * (forward + backward)
+
+
+def n_parameters(model: Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())
