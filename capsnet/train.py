@@ -1,0 +1,109 @@
+"""Train a CapsNet on MNIST: ``python -m capsnet.train --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from capsnet import backend
+from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
+from capsnet.models.capsnet import CapsNetConfig
+from capsnet.training import CheckpointError, Trainer, TrainConfig
+from capsnet.training.checkpoint import load_checkpoint
+
+MODEL_FLAGS = {
+    "conv_channels": int, "conv_kernel": int, "primary_types": int, "primary_dim": int,
+    "primary_kernel": int, "primary_stride": int, "digit_dim": int, "digit_init_std": float,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    m = CapsNetConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m capsnet.train",
+        description="Train the CapsNet of Sabour, Frosst and Hinton (2017) on MNIST. Defaults are the "
+                    "paper's setup: Adam 1e-3 with exponential decay, shifts of up to 2 px, 3 routing "
+                    "iterations, reconstruction weight 0.0005. The run folder gets checkpoint.npz (every "
+                    "epoch and on Ctrl-C), best.npz, metrics.jsonl and config.json.",
+        epilog="examples:\n  python -m capsnet.train --epochs 1 --out runs/cpu\n"
+               "  python -m capsnet.train --backend cupy --batch-size 128 --epochs 50 --out runs/gpu\n"
+               "  python -m capsnet.train --out runs/gpu --resume        # continue after an interruption\n"
+               "  python -m capsnet.train --train-limit 5000 --test-limit 1000 --conv-channels 64 "
+               "--primary-types 8 --epochs 3 --out runs/small",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # unset options fall back to the checkpoint on --resume
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--backend", choices=backend.BACKENDS, help=f"array backend (default {d.backend})")
+    g.add_argument("--dtype", choices=("float32", "float64"), help=f"floating type (default {d.dtype})")
+    g.add_argument("--out", type=Path, help="run folder (default runs/capsnet)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--seed", type=int, help=f"seed for weights, data order and shifts (default {d.seed})")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--log-every", type=int, help=f"update the running loss every N steps (default {d.log_every})")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="folder with the MNIST files (else $CAPSNET_DATA_DIR, else a per-user "
+                                      "cache, downloading there if missing)")
+    g.add_argument("--train-limit", type=int, help="use only the first N training images")
+    g.add_argument("--test-limit", type=int, help="use only the first N test images")
+    g.add_argument("--max-shift", type=int, help=f"random shift of training images in px (default {d.max_shift})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"total epochs (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), help=f"(default {d.optimizer})")
+    g.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    g.add_argument("--lr-decay", type=float, help=f"learning rate factor per epoch (default {d.lr_decay})")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
+    g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {d.weight_decay})")
+    g.add_argument("--recon-weight", type=float, help=f"reconstruction loss weight (default {d.recon_weight})")
+    g = p.add_argument_group("model (defaults: the paper's)")
+    g.add_argument("--routing", type=int, dest="routing_iterations",
+                   help=f"routing iterations (default {m.routing_iterations})")
+    g.add_argument("--detach-routing", action="store_true",
+                   help="stop the gradient through the intermediate routing iterations")
+    for name, kind in MODEL_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default {getattr(m, name)})")
+    g.add_argument("--decoder-hidden", type=int, nargs="+", help=f"decoder hidden sizes (default {list(m.decoder_hidden)})")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    """``base`` overridden by the options given on the command line."""
+    values = base.as_dict()
+    model = dict(values["model"])
+    for key, value in vars(args).items():
+        if key in ("out", "resume", "no_progress"):
+            continue
+        if key in MODEL_FLAGS or key in ("routing_iterations", "detach_routing", "decoder_hidden"):
+            model[key] = list(value) if isinstance(value, list) else value
+        else:
+            values[key] = value
+    values["model"] = model
+    return TrainConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = getattr(args, "out", Path("runs/capsnet"))
+    resume = getattr(args, "resume", False)
+    base = TrainConfig()
+    try:
+        if resume and (out / "checkpoint.npz").exists():
+            base = TrainConfig.from_dict(load_checkpoint(out / "checkpoint.npz")[0]["train_config"])
+        cfg = config_from_args(args, base)
+        history = Trainer(cfg, out, progress=not getattr(args, "no_progress", False)).run(resume=resume)
+    except KeyboardInterrupt:
+        return 130
+    except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
+            MNISTFormatError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if history:
+        print(json.dumps(history[-1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
