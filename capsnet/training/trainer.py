@@ -74,6 +74,12 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def fixed_items(self) -> dict[str, Any]:
+        """The FIXED settings, with the model's fields spelled out one by one."""
+        out = {k: getattr(self, k) for k in self.FIXED if k != "model"}
+        out.update(CapsNetConfig.from_dict(self.model).as_dict())
+        return out
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
@@ -170,8 +176,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         header, model_state, optim_state = load_checkpoint(path)
         saved = TrainConfig.from_dict(header["train_config"])
-        diffs = config_differences({k: getattr(saved, k) for k in TrainConfig.FIXED},
-                                   {k: getattr(self.cfg, k) for k in TrainConfig.FIXED})
+        diffs = config_differences(saved.fixed_items(), self.cfg.fixed_items())
         if diffs:
             raise CheckpointError(
                 f"{path} comes from a different configuration: " + "; ".join(diffs)
@@ -241,7 +246,7 @@ class Trainer:
         done_before = self.step_in_epoch
         bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not self.progress, leave=False)
-        loss_acc = xp.zeros((), dtype=self.train_x.dtype)
+        loss_acc = xp.zeros((), dtype=xp.float64)
         correct_acc = xp.zeros((), dtype=xp.int64)
         seen_acc = 0
         def flush() -> None:

@@ -1,0 +1,146 @@
+"""Training on real MNIST, exact resume, checkpoints and the command lines."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from capsnet import backend, evaluate as evaluate_cli, train as train_cli
+from capsnet.models import CapsNet, CapsNetConfig
+from capsnet.training import CheckpointError, Trainer, TrainConfig, load_model, load_weights
+from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
+
+SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=[32, 64])
+
+
+def small_config(mnist_dir, **kw) -> TrainConfig:
+    model = {**CapsNetConfig().as_dict(), **SMALL}
+    base = dict(data_dir=str(mnist_dir), epochs=2, batch_size=50, train_limit=300, test_limit=100,
+                log_every=3, model=model)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(trainer: Trainer) -> dict:
+    return trainer.model.state_dict()
+
+
+@pytest.mark.slow
+def test_small_capsnet_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path):
+    """A small CapsNet on 5,000 real training images: >= 95% on 1,000 real test images."""
+    model = {**CapsNetConfig().as_dict(), "conv_channels": 64, "primary_types": 8}
+    cfg = TrainConfig(data_dir=str(mnist_dir), epochs=4, batch_size=100, train_limit=5000,
+                      test_limit=1000, model=model)
+    history = Trainer(cfg, tmp_path / "run", progress=False).run()
+    assert history[-1]["test_accuracy"] >= 0.95, history
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert lines[0]["train_loss"] > lines[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("stop_at", [(0, 2), (1, 0), (1, 5)])
+def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, stop_at):
+    cfg = small_config(mnist_dir)
+    straight = Trainer(cfg, tmp_path / "straight", progress=False)
+    straight.run()
+
+    def interrupt(trainer, epoch, step):
+        if (epoch, step) == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).run()
+    resumed = Trainer(cfg, tmp_path / "resumed", progress=False)
+    resumed.run(resume=True)
+    a, b = weights(straight), weights(resumed)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    ma = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if "second" not in k} for l in lines]
+    assert strip(ma) == [pytest.approx(r, rel=1e-9) for r in strip(mb)]
+
+
+def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_path):
+    cfg = small_config(mnist_dir, epochs=1)
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    other = small_config(mnist_dir, epochs=2, model={**cfg.model, "digit_dim": 4})
+    with pytest.raises(CheckpointError, match="digit_dim: checkpoint has 8, asked for 4"):
+        Trainer(other, tmp_path / "run", progress=False).run(resume=True)
+    model = CapsNet(CapsNetConfig.from_dict({**cfg.model, "conv_channels": 8}))
+    with pytest.raises(CheckpointError, match="conv_channels"):
+        load_weights(model, tmp_path / "run" / "checkpoint.npz")
+
+
+def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(mnist_dir, tmp_path):
+    cfg = small_config(mnist_dir, epochs=1)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(cfg, tmp_path / "empty", progress=False).run(resume=True)
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    with pytest.raises(CheckpointError, match="--resume"):
+        Trainer(cfg, tmp_path / "run", progress=False).run()
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "checkpoint.npz"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="not a readable capsnet checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model_state={"w": np.ones(3)}, header={"epoch": 1})
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model_state={"w": np.zeros(3)}, header={"epoch": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+
+
+def test_unknown_backend_and_bad_options_are_refused(mnist_dir, tmp_path, capsys):
+    with pytest.raises(backend.BackendError, match="'numpy', 'cupy'"):
+        backend.set_backend("tpu")
+    with pytest.raises(SystemExit):
+        train_cli.main(["--backend", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    assert train_cli.main(["--data-dir", str(mnist_dir), "--epochs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_command_lines(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(mnist_dir), "--epochs", "1", "--batch-size", "50", "--train-limit", "200",
+            "--test-limit", "100", "--conv-channels", "16", "--primary-types", "4", "--digit-dim", "8",
+            "--decoder-hidden", "32", "64", "--out", str(out), "--no-progress"]
+    assert train_cli.main(args) == 0
+    assert {p.name for p in out.iterdir()} >= {"checkpoint.npz", "best.npz", "metrics.jsonl", "config.json"}
+    # --resume with no options takes the checkpoint's configuration; more epochs continue it
+    assert train_cli.main(["--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert evaluate_cli.main([str(out / "best.npz"), "--data-dir", str(mnist_dir), "--test-limit", "100",
+                              "--no-progress", "--json", str(tmp_path / "e.json")]) == 0
+    text = capsys.readouterr().out
+    assert "test accuracy" in text and "confusion matrix" in text
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert np.array(result["confusion"]).sum() == 100
+    model, header = load_model(out / "checkpoint.npz")
+    assert model.config.conv_channels == 16 and header["epoch"] == 2
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--backend", "--epochs", "--batch-size", "--lr", "--lr-decay", "--optimizer", "--routing",
+                 "--recon-weight", "--data-dir", "--out", "--seed", "--dtype", "--resume", "--train-limit",
+                 "--test-limit"):
+        assert flag in text
