@@ -207,13 +207,15 @@ class Sequential(Module):
 def check_input(module: str, x: Any, expected: tuple, dtype: Any, what: str = "input") -> Any:
     """Validate an input's type, shape and dtype; return its array module.
 
-    ``expected`` holds ints for fixed sizes and None for free ones (the batch).
+    ``expected`` holds ints for fixed sizes and None for free ones (the batch first).
     """
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{module} expected an array as {what}, got {type(x).__name__}")
     shape = tuple(x.shape)
     if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
-        want = "(" + ", ".join("batch" if e is None else str(e) for e in expected) + ")"
+        want = "(" + ", ".join(
+            ("batch" if k == 0 else "any") if e is None else str(e) for k, e in enumerate(expected)
+        ) + ")"
         raise ValueError(f"{module} expected {what} of shape {want}, got {shape}")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(

@@ -16,7 +16,11 @@ from capsnet.layers.conv import Conv2d
 
 # -- squash (eq. 1) ---------------------------------------------------------
 def squash(s: Any, axis: int = -1) -> Any:
-    """v = |s|^2 / (1 + |s|^2) * s / |s| (eq. 1), along ``axis``; 0 at s = 0."""
+    """v = |s|^2 / (1 + |s|^2) * s / |s| (eq. 1), along ``axis``; 0 at s = 0.
+
+    |s|^2 is formed directly, so |s| must stay below about 1.8e19 in float32
+    (1.3e154 in float64); capsule inputs are many orders of magnitude smaller.
+    """
     xp = backend.get_array_module(s)
     n2 = (s * s).sum(axis=axis, keepdims=True)
     return s * (xp.sqrt(n2) / (1 + n2))

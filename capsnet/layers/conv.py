@@ -24,6 +24,41 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return out
 
 
+def _row_groups(kh: int, kw: int, c: int, min_depth: int = 1024) -> list[range]:
+    """Kernel rows taken together so each partial product has depth >= min_depth.
+
+    A whole im2col of PrimaryCaps' input would be 300 MB at batch 100; one kernel
+    row at a time (depth KW*C = 2304) keeps the matrix products efficient with a
+    ninth of the memory. Conv1 (C = 1) takes all rows at once.
+    """
+    rows = min(kh, max(1, -(-min_depth // (kw * c))))
+    return [range(start, min(start + rows, kh)) for start in range(0, kh, rows)]
+
+
+def _gather(x_pad: Any, rows: range, kw: int, stride: int, oh: int, ow: int, out: Any) -> Any:
+    """Patches of kernel rows ``rows``: out (B, OH, OW, len(rows), KW, C)."""
+    for a, ky in enumerate(rows):
+        ys = slice(ky, ky + stride * oh, stride)
+        for kx in range(kw):
+            out[:, :, :, a, kx, :] = x_pad[:, ys, kx : kx + stride * ow : stride, :]
+    return out
+
+
+def _scatter_add(g_pad: Any, gcol: Any, rows: range, kw: int, stride: int, oh: int, ow: int) -> None:
+    """Adjoint of :func:`_gather`: add patch gradients back into g_pad (B, H, W, C)."""
+    for a, ky in enumerate(rows):
+        ys = slice(ky, ky + stride * oh, stride)
+        for kx in range(kw):
+            g_pad[:, ys, kx : kx + stride * ow : stride, :] += gcol[:, :, :, a, kx, :]
+
+
+def _pad(x_nhwc: Any, padding: int) -> Any:
+    if not padding:
+        return x_nhwc
+    xp = backend.get_array_module(x_nhwc)
+    return xp.pad(x_nhwc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
 def im2col(x_nhwc: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
     """Patches of a channels-last batch.
 
@@ -34,14 +69,8 @@ def im2col(x_nhwc: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> 
     b, h, w, c = x_nhwc.shape
     oh = conv_output_size(h, kh, stride, padding)
     ow = conv_output_size(w, kw, stride, padding)
-    if padding:
-        x_nhwc = xp.pad(x_nhwc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    col = xp.empty((b, oh, ow, kh, kw, c), dtype=x_nhwc.dtype)
-    for ky in range(kh):
-        ys = slice(ky, ky + stride * oh, stride)
-        for kx in range(kw):
-            col[:, :, :, ky, kx, :] = x_nhwc[:, ys, kx : kx + stride * ow : stride, :]
-    return col.reshape(b * oh * ow, kh * kw * c)
+    out = xp.empty((b, oh, ow, kh, kw, c), dtype=x_nhwc.dtype)
+    return _gather(_pad(x_nhwc, padding), range(kh), kw, stride, oh, ow, out).reshape(b * oh * ow, -1)
 
 
 def col2im(col: Any, x_shape_nhwc: tuple, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
@@ -50,80 +79,90 @@ def col2im(col: Any, x_shape_nhwc: tuple, kh: int, kw: int, stride: int = 1, pad
     b, h, w, c = x_shape_nhwc
     oh = conv_output_size(h, kh, stride, padding)
     ow = conv_output_size(w, kw, stride, padding)
-    col6 = col.reshape(b, oh, ow, kh, kw, c)
     out = xp.zeros((b, h + 2 * padding, w + 2 * padding, c), dtype=col.dtype)
-    for ky in range(kh):
-        ys = slice(ky, ky + stride * oh, stride)
-        for kx in range(kw):
-            out[:, ys, kx : kx + stride * ow : stride, :] += col6[:, :, :, ky, kx, :]
-    if padding:
-        out = out[:, padding:-padding, padding:-padding, :]
-    return out
+    _scatter_add(out, col.reshape(b, oh, ow, kh, kw, c), range(kh), kw, stride, oh, ow)
+    return out[:, padding : h + padding, padding : w + padding, :] if padding else out
 
 
-def _weight_matrix(w: Any) -> Any:
-    """(O, C, KH, KW) -> (KH*KW*C, O), matching im2col's column order."""
-    o = w.shape[0]
-    return w.transpose(2, 3, 1, 0).reshape(-1, o)
+def _geometry(x_nhwc: Any, w: Any, stride: int, padding: int) -> tuple[int, int]:
+    o, c, kh, kw = w.shape
+    if x_nhwc.shape[3] != c:
+        raise ValueError(f"convolution expected {c} input channels, got {x_nhwc.shape[3]}")
+    return (conv_output_size(x_nhwc.shape[1], kh, stride, padding),
+            conv_output_size(x_nhwc.shape[2], kw, stride, padding))
 
 
-def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0) -> tuple[Any, Any]:
-    """Channels-last convolution; returns (y (B, OH, OW, O), col) so a caller can
-    keep the patch matrix for the backward pass."""
+def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0) -> Any:
+    """Channels-last convolution: x (B, H, W, C), w (O, C, KH, KW), b (O,) -> (B, OH, OW, O).
+
+    im2col and one matrix product per group of kernel rows (see _row_groups),
+    summed; no Python loop over the batch or pixels.
+    """
     xp = backend.get_array_module(x_nhwc, w)
     o, c, kh, kw = w.shape
-    col = im2col(x_nhwc, kh, kw, stride, padding)
-    bsz, h, wd, _ = x_nhwc.shape
-    oh = conv_output_size(h, kh, stride, padding)
-    ow = conv_output_size(wd, kw, stride, padding)
-    y = col @ _weight_matrix(w)
+    oh, ow = _geometry(x_nhwc, w, stride, padding)
+    bsz = x_nhwc.shape[0]
+    x_pad = _pad(x_nhwc, padding)
+    w_rows = w.transpose(2, 3, 1, 0)  # (KH, KW, C, O): matches the patch column order
+    y = None
+    buf = None
+    for rows in _row_groups(kh, kw, c):
+        if buf is None or buf.shape[3] != len(rows):
+            buf = xp.empty((bsz, oh, ow, len(rows), kw, c), dtype=x_nhwc.dtype)
+        col = _gather(x_pad, rows, kw, stride, oh, ow, buf).reshape(bsz * oh * ow, -1)
+        part = col @ w_rows[rows.start : rows.stop].reshape(-1, o)
+        if y is None:
+            y = part
+        else:
+            y += part
     if b is not None:
         y += b
-    return y.reshape(bsz, oh, ow, o), col
+    return y.reshape(bsz, oh, ow, o)
 
 
 def conv2d_nhwc_backward(
-    grad_y_nhwc: Any,
-    col: Any,
-    x_shape_nhwc: tuple,
-    w: Any,
-    stride: int = 1,
-    padding: int = 0,
-    need_input_grad: bool = True,
+    grad_y_nhwc: Any, x_nhwc: Any, w: Any, stride: int = 1, padding: int = 0, need_input_grad: bool = True
 ) -> tuple[Any | None, Any, Any]:
-    """Gradients of :func:`conv2d_nhwc`: (grad_x_nhwc or None, grad_w, grad_b).
+    """Gradients of :func:`conv2d_nhwc` w.r.t. (x, w, b); grad_y: (B, OH, OW, O).
 
-    ``col`` is the patch matrix from the forward pass; it is overwritten by the
-    input gradient's patches to save memory.
+    The patches are gathered again rather than kept from the forward pass, which
+    would hold the whole patch matrix in memory between the two.
     """
-    xp = backend.get_array_module(grad_y_nhwc, w)
+    xp = backend.get_array_module(grad_y_nhwc, x_nhwc, w)
     o, c, kh, kw = w.shape
+    oh, ow = _geometry(x_nhwc, w, stride, padding)
+    bsz = x_nhwc.shape[0]
     g2 = grad_y_nhwc.reshape(-1, o)
-    grad_w = (col.T @ g2).reshape(kh, kw, c, o).transpose(3, 2, 0, 1)
-    grad_b = g2.sum(axis=0)
+    x_pad = _pad(x_nhwc, padding)
+    w_rows = w.transpose(2, 3, 1, 0)
+    grad_w_rows = xp.empty((kh, kw, c, o), dtype=w.dtype)
+    g_pad = xp.zeros(x_pad.shape, dtype=x_nhwc.dtype) if need_input_grad else None
+    buf = None
+    for rows in _row_groups(kh, kw, c):
+        if buf is None or buf.shape[3] != len(rows):
+            buf = xp.empty((bsz, oh, ow, len(rows), kw, c), dtype=x_nhwc.dtype)
+        col = _gather(x_pad, rows, kw, stride, oh, ow, buf).reshape(bsz * oh * ow, -1)
+        grad_w_rows[rows.start : rows.stop] = (col.T @ g2).reshape(len(rows), kw, c, o)
+        if need_input_grad:
+            xp.matmul(g2, w_rows[rows.start : rows.stop].reshape(-1, o).T, out=col)
+            _scatter_add(g_pad, buf, rows, kw, stride, oh, ow)
     grad_x = None
     if need_input_grad:
-        xp.matmul(g2, _weight_matrix(w).T, out=col)
-        grad_x = col2im(col, x_shape_nhwc, kh, kw, stride, padding)
-    return grad_x, grad_w, grad_b
+        h, wd = x_nhwc.shape[1:3]
+        grad_x = g_pad[:, padding : h + padding, padding : wd + padding, :] if padding else g_pad
+    return grad_x, grad_w_rows.transpose(3, 2, 0, 1), g2.sum(axis=0)
 
 
 def conv2d(x: Any, w: Any, b: Any | None = None, stride: int = 1, padding: int = 0) -> Any:
     """2-D cross-correlation. x: (B, C, H, W), w: (O, C, KH, KW), b: (O,) -> (B, O, OH, OW)."""
-    y, _ = conv2d_nhwc(x.transpose(0, 2, 3, 1), w, b, stride, padding)
-    return y.transpose(0, 3, 1, 2)
+    return conv2d_nhwc(x.transpose(0, 2, 3, 1), w, b, stride, padding).transpose(0, 3, 1, 2)
 
 
 def conv2d_backward(
     grad_out: Any, x: Any, w: Any, stride: int = 1, padding: int = 0
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`conv2d` w.r.t. (x, w, b); grad_out: (B, O, OH, OW)."""
-    o, c, kh, kw = w.shape
-    x_nhwc = x.transpose(0, 2, 3, 1)
-    col = im2col(x_nhwc, kh, kw, stride, padding)
-    gx, gw, gb = conv2d_nhwc_backward(
-        grad_out.transpose(0, 2, 3, 1), col, x_nhwc.shape, w, stride, padding
-    )
+    gx, gw, gb = conv2d_nhwc_backward(grad_out.transpose(0, 2, 3, 1), x.transpose(0, 2, 3, 1), w, stride, padding)
     return gx.transpose(0, 3, 1, 2), gw, gb
 
 
@@ -176,14 +215,14 @@ class Conv2d(Module):
         check_input(type(self).__name__, x_nhwc, (None, None, None, self.in_channels), self.weight.dtype,
                     "channels-last input")
         b = self.bias.data if self.bias is not None else None
-        y, col = conv2d_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding)
-        self._save(col, x_nhwc.shape)
-        return y
+        backend.get_array_module(x_nhwc, self.weight.data)
+        self._save(x_nhwc)
+        return conv2d_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding)
 
     def backward_nhwc(self, grad_y: Any) -> Any:
-        col, x_shape = self._pop()
+        (x_nhwc,) = self._pop()
         gx, gw, gb = conv2d_nhwc_backward(
-            grad_y, col, x_shape, self.weight.data, self.stride, self.padding, self.input_grad
+            grad_y, x_nhwc, self.weight.data, self.stride, self.padding, self.input_grad
         )
         self.weight.grad += gw
         if self.bias is not None:
