@@ -1,0 +1,529 @@
+"""Benchmark the paper-sized CapsNet (float32, CPU): this library against PyTorch.
+
+For each batch size it measures, for capsnet and for the PyTorch reference in
+scripts/torch_capsnet.py (skipped with a message when torch is missing):
+
+- training throughput, images/s: forward, margin + reconstruction loss,
+  backward and one Adam step;
+- inference throughput, images/s: an eval-mode forward to the capsule lengths
+  (``CapsNet.predict``; ``TorchCapsNet.predict`` under ``torch.inference_mode``);
+- peak memory of training: the peak resident set size during the training steps
+  (warm-up and timed) minus the resident set size just before the first step,
+  after the model, the optimizer and the input batch exist.
+
+Each figure is the median of ``--repeats`` timed repeats after ``--warmup``
+untimed steps; a repeat runs enough steps to last ``--min-repeat-time`` seconds.
+Every (framework, batch size) pair runs in a fresh subprocess, so neither
+framework's allocations, thread pools or peak memory leak into the other's
+numbers. Both get ``--threads`` threads: OMP_NUM_THREADS, OPENBLAS_NUM_THREADS
+and MKL_NUM_THREADS are set in the child's environment before NumPy or torch
+is imported, and the torch child calls ``torch.set_num_threads``.
+
+Peak memory: the child resets the kernel's high-water mark (VmHWM in
+/proc/self/status) by writing "5" to /proc/self/clear_refs just before the
+first training step and reads VmHWM after the last; where that reset is not
+available it falls back to ``getrusage(RUSAGE_SELF).ru_maxrss``, which is a
+lifetime peak and is marked as such in the JSON.
+
+The FLOP bound: the measured float32 GEMM rate of this machine (median over a
+few large ``numpy.matmul`` calls, same thread count) divided by
+``flops_per_image`` of the paper's model gives the images/s the matrix products
+alone would allow; throughput is reported as a percentage of that. (The
+inference count includes the decoder, which ``predict`` skips: 0.7% of it.)
+
+Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--json bench.json]
+       python scripts/bench.py --quick      # smoke test: batches 1 and 8, 1 repeat
+"""
+from __future__ import annotations
+
+# Only the standard library at module level: a worker must set its thread
+# variables before NumPy or torch is first imported.
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+GEMM_SHAPES = ((4096, 4096, 4096), (3600, 20736, 256))  # (M, K, N); the second is PrimaryCaps at batch 100
+FRAMEWORKS = ("ours", "torch")
+
+
+# ----------------------------------------------------------------- arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Training and inference throughput and peak training memory of the paper-sized "
+                    "CapsNet in float32: capsnet against the PyTorch reference (scripts/torch_capsnet.py).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 100], metavar="B",
+                   help="batch sizes to measure")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; each figure is their median")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--min-repeat-time", type=float, default=0.5, metavar="SECONDS",
+                   help="each timed repeat runs enough steps to last at least this long")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both frameworks")
+    p.add_argument("--gemm-repeats", type=int, default=3, help="timed runs of each GEMM shape")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the MNIST files (else $CAPSNET_DATA_DIR, the per-user cache, "
+                        "../shared/data/mnist); random images when none is found")
+    p.add_argument("--no-torch", action="store_true", help="measure this library only")
+    p.add_argument("--json", default="bench.json", help="where to write all results")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: batch sizes 1 and 8, 1 warm-up step, 1 repeat, 1 GEMM run "
+                        "(unless given explicitly)")
+    # Internal: the script re-invokes itself as a worker for each measurement.
+    p.add_argument("--worker", choices=("ours", "torch", "gemm"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-data", help=argparse.SUPPRESS)
+    p.add_argument("--worker-result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:  # smaller defaults; options given explicitly still win
+        quick = {"batch_sizes": [1, 8], "repeats": 1, "warmup": 1, "min_repeat_time": 0.0, "gemm_repeats": 1}
+        for name, value in quick.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    for name in ("repeats", "threads", "gemm_repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.min_repeat_time < 0:
+        p.error("--warmup and --min-repeat-time must be >= 0")
+    if any(b < 1 for b in args.batch_sizes):
+        p.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    return args
+
+
+# ------------------------------------------------------------ memory probes
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _maxrss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    """Set VmHWM to the current RSS (Linux >= 4.0); True when it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 1024
+
+
+class PeakMemory:
+    """Peak RSS increase over the RSS at ``start()``, in MB.
+
+    ``before_model()`` (optional) also records the RSS before the model exists, for
+    a second figure that counts parameters, gradients and optimizer state alike
+    however lazily each framework allocates them.
+    """
+
+    pre_model_kb: int | None = None
+
+    def before_model(self) -> None:
+        gc.collect()
+        self.pre_model_kb = _status_kb("VmRSS")
+
+    def start(self) -> None:
+        gc.collect()
+        self.base_kb = _status_kb("VmRSS") or _maxrss_kb()
+        self.maxrss_before_kb = _maxrss_kb()
+        self.method = "VmHWM after clear_refs reset" if _reset_peak_rss() else "ru_maxrss"
+
+    def stop(self) -> dict[str, Any]:
+        if self.method == "ru_maxrss":
+            peak = _maxrss_kb()
+            lifetime = peak <= self.maxrss_before_kb  # the peak may predate the measurement
+        else:
+            peak, lifetime = _status_kb("VmHWM"), False
+        return {
+            "method": self.method,
+            "baseline_rss_mb": self.base_kb / 1024,
+            "peak_rss_mb": peak / 1024,
+            "peak_increase_mb": (peak - self.base_kb) / 1024,
+            "peak_may_predate_training": lifetime,
+            "peak_increase_over_pre_model_mb": None if self.pre_model_kb is None
+            else (peak - self.pre_model_kb) / 1024,
+        }
+
+
+# ------------------------------------------------------------------ timing
+def _median_rate(step: Callable[[], Any], batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then time ``args.repeats`` repeats; images/s of each and their median."""
+    last = None
+    for _ in range(args.warmup):
+        t0 = time.perf_counter()
+        step()
+        last = time.perf_counter() - t0
+    if last is None:  # no warm-up: time one step to size the repeats
+        t0 = time.perf_counter()
+        step()
+        last = time.perf_counter() - t0
+    steps = max(1, int(args.min_repeat_time / max(last, 1e-9)) + (args.min_repeat_time > 0))
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(batch * steps / (time.perf_counter() - t0))
+    return {"images_per_s": statistics.median(rates), "repeats": rates, "steps_per_repeat": steps}
+
+
+def _measure_training(train_step: Callable[[], Any], batch: int, args: argparse.Namespace,
+                      memory: PeakMemory) -> dict[str, Any]:
+    """Throughput of training steps and the peak memory they reach."""
+    memory.start()
+    train = _median_rate(train_step, batch, args)
+    train["memory"] = memory.stop()
+    return train
+
+
+# ------------------------------------------------------------------ workers
+def _load_batch(path: str, batch: int):
+    import numpy as np
+
+    with np.load(path) as data:
+        images, labels = data["images"], data["labels"]
+    reps = -(-batch // len(images))
+    return np.tile(images, (reps, 1, 1, 1))[:batch], np.tile(labels, reps)[:batch]
+
+
+def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from capsnet import backend
+    from capsnet.data import to_float
+    from capsnet.models.capsnet import CapsNet, CapsNetLoss
+    from capsnet.optim import Adam
+
+    backend.set_backend("numpy")
+    images, labels = _load_batch(args.worker_data, args.worker_batch)
+    x = to_float(images, "float32", xp=np)
+    y = labels.astype(np.int64)
+    memory = PeakMemory()
+    memory.before_model()
+    model = CapsNet(dtype="float32", seed=0)
+    crit = CapsNetLoss()
+    opt = Adam(model.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        lengths, recon = model(x, y)
+        crit(lengths, recon, y, x)
+        model.backward(*crit.backward())
+        opt.step()
+        opt.zero_grad()
+
+    def infer() -> None:
+        model.predict(x)
+
+    model.train()
+    train = _measure_training(train_step, args.worker_batch, args, memory)
+    return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
+            "versions": {"numpy": np.__version__}}
+
+
+def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(SCRIPTS))
+    from torch_capsnet import TorchCapsNet, total_loss
+
+    torch.set_num_threads(args.threads)
+    images, labels = _load_batch(args.worker_data, args.worker_batch)
+    x = torch.from_numpy(images.astype(np.float32) / np.float32(255))
+    y = torch.from_numpy(labels.astype(np.int64))
+    memory = PeakMemory()
+    memory.before_model()
+    torch.manual_seed(0)
+    model = TorchCapsNet(dtype=torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        opt.zero_grad()
+        lengths, recon = model(x, y)
+        total_loss(lengths, recon, y, x).backward()
+        opt.step()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            model.predict(x)
+
+    model.train()
+    train = _measure_training(train_step, args.worker_batch, args, memory)
+    model.eval()
+    return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
+            "versions": {"numpy": np.__version__, "torch": torch.__version__,
+                         "torch_threads": torch.get_num_threads()}}
+
+
+def worker_gemm(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shapes = []
+    for m, k, n in GEMM_SHAPES:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        c = np.empty((m, n), dtype=np.float32)
+        np.matmul(a, b, out=c)  # warm-up: thread pool start, page faults
+        rates = []
+        for _ in range(args.gemm_repeats):
+            t0 = time.perf_counter()
+            np.matmul(a, b, out=c)
+            rates.append(2.0 * m * k * n / (time.perf_counter() - t0) / 1e9)
+        shapes.append({"m": m, "k": k, "n": n, "gflops": rates, "median_gflops": statistics.median(rates)})
+        del a, b, c
+    every = [r for s in shapes for r in s["gflops"]]
+    return {"shapes": shapes, "median_gflops": statistics.median(every)}
+
+
+WORKERS = {"ours": worker_ours, "torch": worker_torch, "gemm": worker_gemm}
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    result = WORKERS[args.worker](args)
+    with open(args.worker_result, "w") as f:
+        json.dump(result, f)
+
+
+# ------------------------------------------------------------------ parent
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
+          data: str = "") -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; its result dict, or {'error': ...}."""
+    result = os.path.join(workdir, f"{kind}-{batch}.json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--worker-result", result,
+           "--worker-batch", str(batch), "--worker-data", data, "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--min-repeat-time", str(args.min_repeat_time), "--gemm-repeats", str(args.gemm_repeats)]
+    proc = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(result):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"error": f"worker exited with status {proc.returncode}", "stderr_tail": tail}
+    with open(result) as f:
+        return json.load(f)
+
+
+def prepare_data(args: argparse.Namespace, path: str) -> str:
+    """Write the images the workers use (MNIST test images when found) to ``path``."""
+    import numpy as np
+
+    from capsnet.data import MNISTNotFoundError, load_mnist
+
+    n = max(args.batch_sizes)
+    dirs = [args.data_dir] if args.data_dir else [None, REPO.parent / "shared" / "data" / "mnist"]
+    for d in dirs:
+        try:
+            data = load_mnist(d, download=False, progress=False)
+        except MNISTNotFoundError:
+            continue
+        np.savez(path, images=data.test_images[:n, None], labels=data.test_labels[:n])
+        return "MNIST test images"
+    print("MNIST not found: benchmarking on random images (throughput does not depend on pixel values)")
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8),
+             labels=rng.integers(0, 10, n).astype(np.int64))
+    return "random images"
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = {}
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    except Exception:  # older NumPy: no dict mode
+        pass
+    mem_kb = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kb = next((int(line.split()[1]) for line in f if line.startswith("MemTotal")), None)
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": None if mem_kb is None else mem_kb / 1024**2,
+        "load_average_at_start": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": {k: blas[k] for k in ("name", "version") if k in blas},
+        "threads": args.threads,
+        "git_commit": commit.stdout.strip() or None,
+        "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _rate(entry: dict[str, Any], mode: str) -> float | None:
+    return entry[mode]["images_per_s"] if "error" not in entry and "skipped" not in entry else None
+
+
+def _peak(entry: dict[str, Any]) -> float | None:
+    return entry["train"]["memory"]["peak_increase_mb"] if "error" not in entry and "skipped" not in entry else None
+
+
+def _fmt(value: float | None, width: int, spec: str, suffix: str = "") -> str:
+    text = "-" if value is None else format(value, spec) + suffix
+    return text.rjust(width)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    bound = report["bound_images_per_s"]
+    print()
+    print(f"CapsNet (paper size) float32, {report['settings']['threads']} threads, "
+          f"median of {report['settings']['repeats']} repeats; GEMM rate "
+          f"{report['gemm'].get('median_gflops', float('nan')):.1f} GFLOP/s -> bound "
+          f"{_fmt(bound['train'], 0, '.1f')} img/s train, {_fmt(bound['infer'], 0, '.1f')} img/s inference")
+    head = (f"{'batch':>5}  {'mode':<5}  {'ours img/s':>10}  {'torch img/s':>11}  {'ours/torch':>10}  "
+            f"{'ours %bound':>11}  {'torch %bound':>12}  {'ours MB':>8}  {'torch MB':>8}  {'MB ours/torch':>13}")
+    print(head)
+    print("-" * len(head))
+    for row in report["results"]:
+        for mode in ("train", "infer"):
+            ours, torch_ = _rate(row["ours"], mode), _rate(row["torch"], mode)
+            peak_o = _peak(row["ours"]) if mode == "train" else None
+            peak_t = _peak(row["torch"]) if mode == "train" else None
+            pct_o = _ratio(ours, bound[mode])
+            pct_t = _ratio(torch_, bound[mode])
+            print(f"{row['batch']:>5}  {mode:<5}  {_fmt(ours, 10, '.1f')}  {_fmt(torch_, 11, '.1f')}  "
+                  f"{_fmt(_ratio(ours, torch_), 10, '.2f')}  "
+                  f"{_fmt(None if pct_o is None else 100 * pct_o, 11, '.1f', '%')}  "
+                  f"{_fmt(None if pct_t is None else 100 * pct_t, 12, '.1f', '%')}  {_fmt(peak_o, 8, '.0f')}  "
+                  f"{_fmt(peak_t, 8, '.0f')}  {_fmt(_ratio(peak_o, peak_t), 13, '.2f')}")
+    print("peak MB: resident-memory increase during the training steps over the RSS after model, "
+          f"optimizer and batch creation ({report['memory_method']}); capsnet allocates gradients with the "
+          "model, torch at the first backward, so the JSON also gives peak_increase_over_pre_model_mb. "
+          "Inference memory is not measured.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+
+    from capsnet.models.capsnet import CapsNetConfig, flops_per_image
+
+    frameworks = ["ours"]
+    torch_note = None
+    if args.no_torch:
+        torch_note = "skipped: --no-torch"
+    elif importlib.util.find_spec("torch") is None:
+        torch_note = "skipped: PyTorch is not installed (pip install torch)"
+    else:
+        frameworks.append("torch")
+    if torch_note:
+        print(f"PyTorch reference {torch_note}")
+
+    info = machine_info(args)
+    if info["load_average_at_start"][0] > 0.5 * (info["usable_cpus"] or 1):
+        print(f"warning: load average {info['load_average_at_start'][0]:.2f} at start; "
+              "other work on this machine will distort the numbers")
+    cfg = CapsNetConfig()
+    flops = {"train": flops_per_image(cfg, training=True), "infer": flops_per_image(cfg, training=False)}
+    report: dict[str, Any] = {
+        "machine": info,
+        "settings": {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "min_repeat_time",
+                                                    "threads", "gemm_repeats", "quick")},
+        "flops_per_image": flops,
+        "results": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="capsnet-bench-") as work:
+        data = os.path.join(work, "batch.npz")
+        report["settings"]["data"] = prepare_data(args, data)
+        print(f"GEMM rate: numpy float32 matmul {' and '.join('x'.join(map(str, s)) for s in GEMM_SHAPES)}, "
+              f"{args.threads} threads ...", flush=True)
+        gemm = spawn("gemm", args, work)
+        report["gemm"] = gemm
+        rate = gemm.get("median_gflops")
+        if rate is None:
+            print(f"  GEMM measurement failed: {gemm}")
+        else:
+            print(f"  {rate:.1f} GFLOP/s (median)")
+        report["bound_images_per_s"] = {
+            mode: None if rate is None else rate * 1e9 / flops[mode] for mode in ("train", "infer")
+        }
+        for batch in args.batch_sizes:
+            row: dict[str, Any] = {"batch": batch}
+            for fw in FRAMEWORKS:
+                if fw not in frameworks:
+                    row[fw] = {"skipped": torch_note}
+                    continue
+                print(f"batch {batch:>4}  {fw:<5} ...", end=" ", flush=True)
+                row[fw] = spawn(fw, args, work, batch, data)
+                if "error" in row[fw]:
+                    print("FAILED:\n    " + "\n    ".join(row[fw]["stderr_tail"]))
+                else:
+                    print(f"train {row[fw]['train']['images_per_s']:.1f} img/s, "
+                          f"inference {row[fw]['infer']['images_per_s']:.1f} img/s, "
+                          f"peak +{row[fw]['train']['memory']['peak_increase_mb']:.0f} MB", flush=True)
+            for mode in ("train", "infer"):
+                ours, ref = _rate(row["ours"], mode), _rate(row["torch"], mode)
+                bound = report["bound_images_per_s"][mode]
+                row[f"{mode}_ours_over_torch"] = _ratio(ours, ref)
+                row[f"{mode}_ours_percent_of_bound"] = None if _ratio(ours, bound) is None else 100 * ours / bound
+                row[f"{mode}_torch_percent_of_bound"] = None if _ratio(ref, bound) is None else 100 * ref / bound
+            row["peak_mb_ours_over_torch"] = _ratio(_peak(row["ours"]), _peak(row["torch"]))
+            report["results"].append(row)
+
+    methods = {row[fw]["train"]["memory"]["method"] for row in report["results"] for fw in FRAMEWORKS
+               if "train" in row[fw]}
+    report["memory_method"] = ", ".join(sorted(methods)) or "none"
+    for row in report["results"]:
+        versions = row["torch"].get("versions") if isinstance(row["torch"], dict) else None
+        if versions:
+            info["torch"] = versions["torch"]
+            info["torch_threads"] = versions["torch_threads"]
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print_table(report)
+    print(f"\nwrote {os.path.abspath(args.json)}")
+    failed = any("error" in row[fw] for row in report["results"] for fw in FRAMEWORKS)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
