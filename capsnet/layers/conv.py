@@ -103,7 +103,7 @@ def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: in
     oh, ow = _geometry(x_nhwc, w, stride, padding)
     bsz = x_nhwc.shape[0]
     x_pad = _pad(x_nhwc, padding)
-    w_rows = w.transpose(2, 3, 1, 0)  # (KH, KW, C, O): matches the patch column order
+    w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))  # (KH, KW, C, O): the patch column order
     y = None
     buf = None
     for rows in _row_groups(kh, kw, c):
@@ -134,7 +134,7 @@ def conv2d_nhwc_backward(
     bsz = x_nhwc.shape[0]
     g2 = grad_y_nhwc.reshape(-1, o)
     x_pad = _pad(x_nhwc, padding)
-    w_rows = w.transpose(2, 3, 1, 0)
+    w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))
     grad_w_rows = xp.empty((kh, kw, c, o), dtype=w.dtype)
     g_pad = xp.zeros(x_pad.shape, dtype=x_nhwc.dtype) if need_input_grad else None
     buf = None
