@@ -249,9 +249,12 @@ class DigitCaps(Module):
     """Fully connected capsules with dynamic routing.
 
     Input (B, in_caps, in_dim) -> output (B, out_caps, out_dim). Weights W: (in_caps,
-    out_caps, out_dim, in_dim), normal with std ``init_std``. The scale matters:
-    too small and every |v_j| starts near 0 where squash has almost no gradient;
-    the default gives initial lengths around 0.1 to 0.5 for squashed inputs.
+    out_caps, out_dim, in_dim), normal with std ``init_std`` (default 0.01). The
+    scale decides whether training starts. With Adam, 0.01 starts every |v_j| near 0
+    and the lengths grow within the first steps; a scale that starts |s_j| near 1
+    (about 0.15 for the paper's model) saturates every capsule within ten steps and
+    training collapses onto one class. With plain SGD a scale as small as 1e-4
+    starves the layers below of gradient (squash is flat at 0).
     """
 
     def __init__(self, in_caps: int = 1152, in_dim: int = 8, out_caps: int = 10, out_dim: int = 16,
@@ -265,7 +268,7 @@ class DigitCaps(Module):
         self.in_caps, self.in_dim, self.out_caps, self.out_dim = in_caps, in_dim, out_caps, out_dim
         self.iterations, self.detach_routing = iterations, detach_routing
         if init_std is None:
-            init_std = default_digitcaps_std(in_caps, out_caps, out_dim)
+            init_std = DEFAULT_DIGITCAPS_STD
         self.init_std = init_std
         self.weight = init_param((in_caps, out_caps, out_dim, in_dim), init_std, dtype, as_rng(seed), "normal")
 
@@ -288,14 +291,7 @@ class DigitCaps(Module):
         return grad_u
 
 
-def default_digitcaps_std(in_caps: int, out_caps: int, out_dim: int) -> float:
-    """Std of W_ij that starts |s_j| near 1, where squash is neither flat nor saturated.
-
-    At the first iteration c_ij = 1/J, so each component of s_j is a sum of I terms
-    of std std * |u_i| / J; with |u_i| about 0.5 (squashed primary capsules) this
-    std makes |s_j| about 1 over out_dim components.
-    """
-    return 2.0 * out_caps / math.sqrt(out_dim * in_caps)
+DEFAULT_DIGITCAPS_STD = 0.01
 
 
 # -- masking -----------------------------------------------------------------
