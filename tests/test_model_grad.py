@@ -17,7 +17,7 @@ LABELS = np.array([1, 0])
 def small_capsnet(**overrides):
     kwargs = dict(input_shape=(1, 12, 12), conv_channels=4, conv_kernel=5, primary_types=2, primary_dim=4,
                   primary_kernel=5, primary_stride=2, digit_dim=4, n_classes=3, routing_iterations=3,
-                  decoder_hidden=(6,), input_grad=True, dtype="float64", seed=0)
+                  decoder_hidden=(6,), digit_init_std=1.0, input_grad=True, dtype="float64", seed=0)
     kwargs.update(overrides)
     return CapsNet(**kwargs)
 
