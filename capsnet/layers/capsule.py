@@ -6,12 +6,11 @@ input s_j and output capsules v_j. Capsules are (batch, n_caps, dim) arrays.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 from capsnet import backend
 from capsnet.layers.base import Module, as_rng, check_input, init_param
-from capsnet.layers.conv import Conv2d
+from capsnet.layers.conv import Conv2d, conv_output_size
 
 
 # -- squash (eq. 1) ---------------------------------------------------------
@@ -102,8 +101,6 @@ class PrimaryCaps(Module):
 
     def n_capsules(self, height: int, width: int) -> int:
         """How many capsules an input of height x width gives."""
-        from capsnet.layers.conv import conv_output_size
-
         k, st = self.conv.kernel_size, self.conv.stride
         return self.n_types * conv_output_size(height, k, st, 0) * conv_output_size(width, k, st, 0)
 

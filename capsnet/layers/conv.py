@@ -44,6 +44,19 @@ def _gather(x_pad: Any, rows: range, kw: int, stride: int, oh: int, ow: int, out
     return out
 
 
+def _patch_groups(x_pad: Any, kh: int, kw: int, stride: int, oh: int, ow: int) -> Any:
+    """Yield (rows, patches (B, OH, OW, len(rows), KW, C), the same as a matrix) for each
+    group of kernel rows, reusing one buffer across groups."""
+    xp = backend.get_array_module(x_pad)
+    b, c = x_pad.shape[0], x_pad.shape[3]
+    buf = None
+    for rows in _row_groups(kh, kw, c):
+        if buf is None or buf.shape[3] != len(rows):
+            buf = xp.empty((b, oh, ow, len(rows), kw, c), dtype=x_pad.dtype)
+        _gather(x_pad, rows, kw, stride, oh, ow, buf)
+        yield rows, buf, buf.reshape(b * oh * ow, -1)
+
+
 def _scatter_add(g_pad: Any, gcol: Any, rows: range, kw: int, stride: int, oh: int, ow: int) -> None:
     """Adjoint of :func:`_gather`: add patch gradients back into g_pad (B, H, W, C)."""
     for a, ky in enumerate(rows):
@@ -101,15 +114,9 @@ def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: in
     xp = backend.get_array_module(x_nhwc, w)
     o, c, kh, kw = w.shape
     oh, ow = _geometry(x_nhwc, w, stride, padding)
-    bsz = x_nhwc.shape[0]
-    x_pad = _pad(x_nhwc, padding)
     w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))  # (KH, KW, C, O): the patch column order
     y = None
-    buf = None
-    for rows in _row_groups(kh, kw, c):
-        if buf is None or buf.shape[3] != len(rows):
-            buf = xp.empty((bsz, oh, ow, len(rows), kw, c), dtype=x_nhwc.dtype)
-        col = _gather(x_pad, rows, kw, stride, oh, ow, buf).reshape(bsz * oh * ow, -1)
+    for rows, _, col in _patch_groups(_pad(x_nhwc, padding), kh, kw, stride, oh, ow):
         part = col @ w_rows[rows.start : rows.stop].reshape(-1, o)
         if y is None:
             y = part
@@ -117,7 +124,7 @@ def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: in
             y += part
     if b is not None:
         y += b
-    return y.reshape(bsz, oh, ow, o)
+    return y.reshape(x_nhwc.shape[0], oh, ow, o)
 
 
 def conv2d_nhwc_backward(
@@ -131,17 +138,12 @@ def conv2d_nhwc_backward(
     xp = backend.get_array_module(grad_y_nhwc, x_nhwc, w)
     o, c, kh, kw = w.shape
     oh, ow = _geometry(x_nhwc, w, stride, padding)
-    bsz = x_nhwc.shape[0]
     g2 = grad_y_nhwc.reshape(-1, o)
     x_pad = _pad(x_nhwc, padding)
     w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))
     grad_w_rows = xp.empty((kh, kw, c, o), dtype=w.dtype)
     g_pad = xp.zeros(x_pad.shape, dtype=x_nhwc.dtype) if need_input_grad else None
-    buf = None
-    for rows in _row_groups(kh, kw, c):
-        if buf is None or buf.shape[3] != len(rows):
-            buf = xp.empty((bsz, oh, ow, len(rows), kw, c), dtype=x_nhwc.dtype)
-        col = _gather(x_pad, rows, kw, stride, oh, ow, buf).reshape(bsz * oh * ow, -1)
+    for rows, buf, col in _patch_groups(x_pad, kh, kw, stride, oh, ow):
         grad_w_rows[rows.start : rows.stop] = (col.T @ g2).reshape(len(rows), kw, c, o)
         if need_input_grad:
             xp.matmul(g2, w_rows[rows.start : rows.stop].reshape(-1, o).T, out=col)

@@ -124,7 +124,10 @@ class CapsNet(Module):
         return None if gx is None else gx.transpose(0, 3, 1, 2)
 
     def predict(self, x: Any) -> tuple[Any, Any]:
-        """(classes (B,), lengths (B, K)) without running the decoder; no cache kept."""
+        """(classes (B,), lengths (B, K)) without running the decoder; no cache kept.
+
+        It switches to eval mode, which drops the caches: don't call it between a
+        training forward and its backward."""
         was_training = self.training
         self.eval()
         try:

@@ -243,7 +243,7 @@ class Trainer:
         criterion = CapsNetLoss(cfg.recon_weight)
         model.train()
         start = time.perf_counter()
-        done_before = self.step_in_epoch
+        images_done = 0
         bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not self.progress, leave=False)
         loss_acc = xp.zeros((), dtype=xp.float64)
@@ -262,8 +262,9 @@ class Trainer:
         try:
             for step in range(self.step_in_epoch, len(batches)):
                 idx = batches[step]
-                x = random_shift(self.train_x[xp.asarray(idx)], cfg.max_shift, self.rng)
-                y = self.train_y[xp.asarray(idx)]
+                index = xp.asarray(idx)
+                x = random_shift(self.train_x[index], cfg.max_shift, self.rng)
+                y = self.train_y[index]
                 lengths, recon = model(x, y)
                 loss = criterion(lengths, recon, y, x)
                 self.optimizer.zero_grad()
@@ -272,6 +273,7 @@ class Trainer:
                 loss_acc += loss * len(idx)
                 correct_acc += (lengths.argmax(axis=1) == y).sum()
                 seen_acc += len(idx)
+                images_done += len(idx)
                 self.step_in_epoch = step + 1
                 if self.step_in_epoch % cfg.log_every == 0 or self.step_in_epoch == len(batches):
                     flush()
@@ -287,7 +289,6 @@ class Trainer:
             raise
         bar.close()
         train_seconds = time.perf_counter() - start
-        images_done = (len(batches) - done_before) * cfg.batch_size
         test = evaluate(model, self.test_x, self.test_y, batch_size=cfg.batch_size,
                         recon_weight=cfg.recon_weight, progress=self.progress)
         seen = max(self.running["seen"], 1)
