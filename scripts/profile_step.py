@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from capsnet.layers import capsule as caps
-from capsnet.layers import conv
+from capsnet.layers import conv, fourier
 from capsnet.models import CapsNet, CapsNetLoss
 from capsnet.optim import Adam
 
@@ -48,19 +48,26 @@ def main() -> None:
         model.backward(*criterion.backward())
         opt.step()
 
-    rows = [("training step", median_ms(step, args.repeats))]
+    rows = []
+    for algorithm in ("im2col", "fourier"):
+        model.primary.conv.algorithm = algorithm
+        rows.append((f"training step ({algorithm})", median_ms(step, args.repeats)))
     x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     w1, b1 = model.conv1.weight.data, model.conv1.bias.data
     w2, b2 = model.primary.conv.weight.data, model.primary.conv.bias.data
     h = np.maximum(conv.conv2d_nhwc(x_nhwc, w1, b1), 0)
-    y2 = conv.conv2d_nhwc(h, w2, b2, 2)
+    y2, cache = fourier.conv2d_fourier_nhwc(h, w2, b2, 2)
     g1 = rng.random(h.shape, dtype=np.float32)
     g2 = rng.random(y2.shape, dtype=np.float32)
     rows += [
         ("conv1 forward", median_ms(lambda: conv.conv2d_nhwc(x_nhwc, w1, b1), args.repeats)),
         ("conv1 backward (weights only)", median_ms(lambda: conv.conv2d_nhwc_backward(g1, x_nhwc, w1, need_input_grad=False), args.repeats)),
-        ("primary conv forward", median_ms(lambda: conv.conv2d_nhwc(h, w2, b2, 2), args.repeats)),
-        ("primary conv backward", median_ms(lambda: conv.conv2d_nhwc_backward(g2, h, w2, 2), args.repeats)),
+        ("primary conv forward (im2col)", median_ms(lambda: conv.conv2d_nhwc(h, w2, b2, 2), args.repeats)),
+        ("primary conv backward (im2col)", median_ms(lambda: conv.conv2d_nhwc_backward(g2, h, w2, 2), args.repeats)),
+        ("primary conv forward (fourier)",
+         median_ms(lambda: fourier.conv2d_fourier_nhwc(h, w2, b2, 2), args.repeats)),
+        ("primary conv backward (fourier)",
+         median_ms(lambda: fourier.conv2d_fourier_nhwc_backward(g2, cache, w2, 2), args.repeats)),
     ]
     model.primary.eval()
     u = model.primary.forward_nhwc(h)

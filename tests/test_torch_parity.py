@@ -67,11 +67,13 @@ def make_pair(seed: int = 0):
     return ours, ref
 
 
-@pytest.fixture(scope="module")
-def training_pass(batch):
-    """One training-mode forward and backward through both models."""
+@pytest.fixture(scope="module", params=["im2col", "fourier"])
+def training_pass(batch, request):
+    """One training-mode forward and backward through both models, with PrimaryCaps'
+    convolution computed by each of our two methods."""
     x, y = batch
     ours, ref = make_pair()
+    ours.primary.conv.algorithm = request.param
     ours.train()
     crit = CapsNetLoss()
     lengths, recon = ours(x, y)

@@ -12,6 +12,19 @@ from typing import Any
 
 from capsnet import backend
 from capsnet.layers.base import Module, as_rng, check_input, init_param
+from capsnet.layers.fourier import (
+    conv2d_fourier_nhwc,
+    conv2d_fourier_nhwc_backward,
+    fourier_flops,
+    fourier_geometry,
+)
+
+ALGORITHMS = ("auto", "im2col", "fourier")
+# Cost of building one value of the weight spectrum, in flops of the matrix products
+# it competes with: it is memory-bound (transposes, a fresh 126 MB array for
+# PrimaryCaps), about 60 ms per 31.5 M values at ~150 GFLOP/s on the 2-core machine
+# of scripts/profile_step.py, so ~300.
+WEIGHT_TRANSFORM_COST = 300
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -173,6 +186,15 @@ class Conv2d(Module):
 
     Weights (O, C, KH, KW) and bias (O,) start uniform in +-1/sqrt(C*KH*KW), as in
     PyTorch. ``input_grad=False`` skips the input gradient (a network's first layer).
+
+    ``algorithm`` picks how the same map is computed: ``"im2col"`` (patches times
+    the weight matrix), ``"fourier"`` (per-frequency products, see
+    :mod:`capsnet.layers.fourier`) or ``"auto"``, which takes the Fourier method
+    when it needs under half the direct method's flops for the input size at
+    hand (PrimaryCaps' 9x9 stride-2 convolution: 0.40 of them), counting the
+    transform of the weights each call costs (see :meth:`algorithm_for`), and
+    im2col otherwise (conv1, with one input channel; batches of a few images).
+    Both agree to rounding; the attribute may be changed between steps.
     """
 
     def __init__(
@@ -185,10 +207,14 @@ class Conv2d(Module):
         bias: bool = True,
         *,
         input_grad: bool = True,
+        algorithm: str = "auto",
         dtype: Any = "float32",
         seed: Any = None,
     ):
         super().__init__()
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"Conv2d algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        self.algorithm = algorithm
         for name, value, low in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -210,7 +236,26 @@ class Conv2d(Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}"
+            + (f", algorithm={self.algorithm!r}" if self.algorithm != "auto" else "")
         )
+
+    def algorithm_for(self, height: int, width: int, batch: int) -> str:
+        """The method used for a batch of height x width inputs: "im2col" or "fourier".
+
+        "auto" compares flops: the Fourier method saves ``direct - fourier`` per image
+        (three times over in training: forward, input and weight gradients) and pays
+        a per-call transform of the weights, counted as WEIGHT_TRANSFORM_COST flops
+        per spectrum value (once in inference, twice in training).
+        """
+        if self.algorithm != "auto":
+            return self.algorithm
+        k, p = self.kernel_size, self.padding
+        h, w = height + 2 * p, width + 2 * p
+        direct, fourier = fourier_flops(h, w, self.in_channels, self.out_channels, k, k, self.stride)
+        passes = 3 if self.training else 1
+        spectrum = 2 * fourier_geometry(h, w, k, k, self.stride)["bins"] * self.stride**2 * self.in_channels
+        weight_cost = (2 if self.training else 1) * WEIGHT_TRANSFORM_COST * spectrum * self.out_channels
+        return "fourier" if batch * passes * (direct - fourier) > weight_cost else "im2col"
 
     def forward_nhwc(self, x_nhwc: Any) -> Any:
         """(B, H, W, C) -> (B, OH, OW, O), for layers that stay channels-last."""
@@ -218,14 +263,22 @@ class Conv2d(Module):
                     "channels-last input")
         b = self.bias.data if self.bias is not None else None
         backend.get_array_module(x_nhwc, self.weight.data)
-        self._save(x_nhwc)
+        conv_output_size(x_nhwc.shape[1], self.kernel_size, self.stride, self.padding)
+        conv_output_size(x_nhwc.shape[2], self.kernel_size, self.stride, self.padding)
+        if self.algorithm_for(x_nhwc.shape[1], x_nhwc.shape[2], x_nhwc.shape[0]) == "fourier":
+            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding)
+            self._save("fourier", cache)
+            return y
+        self._save("im2col", x_nhwc)
         return conv2d_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding)
 
     def backward_nhwc(self, grad_y: Any) -> Any:
-        (x_nhwc,) = self._pop()
-        gx, gw, gb = conv2d_nhwc_backward(
-            grad_y, x_nhwc, self.weight.data, self.stride, self.padding, self.input_grad
-        )
+        method, saved = self._pop()
+        args = (grad_y, saved, self.weight.data, self.stride, self.padding, self.input_grad)
+        if method == "fourier":
+            gx, gw, gb = conv2d_fourier_nhwc_backward(*args)
+        else:
+            gx, gw, gb = conv2d_nhwc_backward(*args)
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb

@@ -1,0 +1,241 @@
+"""2-D convolution in the Fourier domain, with the transforms done as matrix products.
+
+For a strided convolution with a large kernel on a small image (PrimaryCaps: 9x9,
+stride 2, 20x20x256 in, 6x6x256 out) the direct method spends 2*81*C*O flops per
+output pixel. Here the input is split into its ``stride**2`` polyphase components
+(``x[s*y + p, s*x + q]``), each an ``Ny x Nx`` grid, which turns the strided
+correlation into a sum of ``stride**2`` unit-stride correlations with
+``ceil(k/stride)``-sized sub-kernels. On the ``Ny x Nx`` grid these correlations
+are exact as circular ones (the valid outputs never wrap), so after a 2-D real
+DFT each frequency is one small complex matrix product over (phase, channel):
+
+    Y_f = X_f @ conj(W_f)        X_f: (B, s*s*C),  W_f: (s*s*C, O)
+
+That is ``Ny*(Nx//2+1)`` products of depth ``s*s*C`` instead of ``Ho*Wo`` of
+depth ``k*k*C``: for PrimaryCaps 60 complex products of depth 1024 (4 real
+flops each way) against 36 real ones of depth 20736, 3x fewer flops in all.
+
+The grids are tiny (10x10), so the DFTs are dense matrix products against
+precomputed cosine/sine tables instead of FFT calls, and complex numbers are
+kept split as a (real, imaginary) axis: every product is a real GEMM and every
+layout change moves whole channel vectors. The same holds for both gradients:
+
+    dX_f = dY_f @ W_f^T                    (a convolution with the kernel)
+    dW_f = X_f^T @ conj(dY_f)              (a correlation of input and gradient)
+
+Arrays are channels-last: x (B, H, W, C), weight (O, C, KH, KW) as everywhere.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+
+from capsnet import backend
+
+
+def fourier_geometry(h: int, w: int, kh: int, kw: int, stride: int) -> dict:
+    """Sizes of the polyphase Fourier formulation for an (already padded) h x w input."""
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"convolution output would be empty: input {h}x{w} px (padded), kernel {kh}x{kw}, "
+                         f"stride {stride}")
+    uh, uw = -(-kh // stride), -(-kw // stride)  # sub-kernel extent
+    ny, nx = oh + uh - 1, ow + uw - 1  # polyphase grid: the valid outputs never wrap
+    return {"oh": oh, "ow": ow, "ny": ny, "nx": nx, "bins": ny * (nx // 2 + 1)}
+
+
+def fourier_flops(h: int, w: int, c: int, o: int, kh: int, kw: int, stride: int) -> tuple[int, int]:
+    """(direct, Fourier) multiply-add flops per image for the forward pass.
+
+    The Fourier count is that of the per-frequency products plus the transforms
+    of input, kernel-free output, at 2 flops per real multiply-add.
+    """
+    g = fourier_geometry(h, w, kh, kw, stride)
+    direct = 2 * g["oh"] * g["ow"] * kh * kw * c * o
+    k = stride * stride * c
+    grid = g["ny"] * g["nx"]
+    spectral = 8 * g["bins"] * k * o
+    transforms = 2 * (2 * g["bins"]) * grid * k + 2 * (2 * g["bins"]) * g["oh"] * g["ow"] * o
+    return direct, spectral + transforms
+
+
+@functools.lru_cache(maxsize=32)
+def _tables(ny: int, nx: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and inverse real 2-D DFT on an ny x nx grid, as host arrays.
+
+    fwd: (2F, ny*nx), rows (frequency, re/im):  X_f = sum_t x_t exp(-i theta_ft)
+    inv: (ny*nx, 2F): x_t = Re sum_f w_f X_f exp(+i theta_ft) / (ny*nx), the inverse
+    of a half spectrum, where w_f = 2 for the columns whose mirror image is not stored.
+    Built in float64 and rounded once.
+    """
+    fy = np.arange(ny)[:, None, None, None]
+    fx = np.arange(nx // 2 + 1)[None, :, None, None]
+    ty = np.arange(ny)[None, None, :, None]
+    tx = np.arange(nx)[None, None, None, :]
+    theta = 2 * np.pi * ((fy * ty % ny) / ny + (fx * tx % nx) / nx)
+    theta = theta.reshape(-1, ny * nx)  # (F, T)
+    fwd = np.stack([np.cos(theta), -np.sin(theta)], axis=1).reshape(-1, ny * nx)
+    weight = np.full(nx // 2 + 1, 2.0)
+    weight[0] = 1.0
+    if nx % 2 == 0:
+        weight[-1] = 1.0
+    wf = np.broadcast_to(weight, (ny, nx // 2 + 1)).reshape(-1, 1) / (ny * nx)
+    inv = np.stack([np.cos(theta) * wf, -np.sin(theta) * wf], axis=1).reshape(-1, ny * nx).T
+    return np.ascontiguousarray(fwd.astype(dtype)), np.ascontiguousarray(inv.astype(dtype))
+
+
+def _grid_index(ny: int, nx: int, h: int, w: int) -> np.ndarray:
+    """Flat indices of the top-left h x w block of an ny x nx grid."""
+    return (np.arange(h)[:, None] * nx + np.arange(w)[None, :]).ravel()
+
+
+class _Plan:
+    """DFT tables for one geometry, dtype and backend, sliced to the grids in use."""
+
+    def __init__(self, xp: Any, dtype: Any, kh: int, kw: int, stride: int, g: dict):
+        fwd, inv = _tables(g["ny"], g["nx"], np.dtype(dtype).name)
+        ny, nx = g["ny"], g["nx"]
+        self.uh, self.uw = -(-kh // stride), -(-kw // stride)
+        out_idx = _grid_index(ny, nx, g["oh"], g["ow"])
+        tap_idx = _grid_index(ny, nx, self.uh, self.uw)
+        host = {
+            "fwd": fwd,  # (2F, Ny*Nx): input grid -> spectrum
+            "inv_re": inv[:, 0::2], "inv_im": inv[:, 1::2],  # (Ny*Nx, F) each: spectrum -> grid
+            "fwd_out": fwd[:, out_idx],  # (2F, OH*OW): output gradient -> spectrum
+            "inv_out": inv[out_idx],  # (OH*OW, 2F): spectrum -> output
+            "fwd_taps": fwd[:, tap_idx],  # (2F, UH*UW): sub-kernel -> spectrum
+            "inv_taps": inv[tap_idx],  # (UH*UW, 2F): spectrum -> sub-kernel
+        }
+        for name, table in host.items():
+            setattr(self, name, xp.asarray(np.ascontiguousarray(table)))
+
+
+_PLANS: dict = {}
+
+
+def _plan(xp: Any, dtype: Any, kh: int, kw: int, stride: int, g: dict) -> _Plan:
+    key = (xp.__name__, np.dtype(dtype).name, kh, kw, stride, g["ny"], g["nx"], g["oh"], g["ow"])
+    if xp.__name__ != "numpy":
+        key += (int(xp.cuda.Device().id),)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(xp, dtype, kh, kw, stride, g)
+    return plan
+
+
+def _fit(x: Any, rows: int, cols: int) -> Any:
+    """Crop or zero-extend x (B, H, W, C) to (B, rows, cols, C)."""
+    xp = backend.get_array_module(x)
+    b, h, w, c = x.shape
+    if h >= rows and w >= cols:
+        return x[:, :rows, :cols]
+    out = xp.zeros((b, rows, cols, c), dtype=x.dtype)
+    out[:, : min(h, rows), : min(w, cols)] = x[:, :rows, :cols]
+    return out
+
+
+def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict) -> Any:
+    """W_f split into (F, 2, s*s*C, O), from w (O, C, KH, KW); rows ordered (phase p, q, c)."""
+    xp = backend.get_array_module(w)
+    o, c, kh, kw = w.shape
+    s, uh, uw = stride, plan.uh, plan.uw
+    # zero-extend the kernel to (s*UH, s*UW) so every phase has a full UH x UW sub-kernel
+    full = xp.zeros((s * uh, s * uw, c, o), dtype=w.dtype)
+    full[:kh, :kw] = w.transpose(2, 3, 1, 0)
+    taps = xp.ascontiguousarray(full.reshape(uh, s, uw, s, c * o).transpose(1, 3, 0, 2, 4))
+    spec = xp.empty((2 * g["bins"], s * s, c * o), dtype=w.dtype)
+    xp.matmul(plan.fwd_taps, taps.reshape(s * s, uh * uw, c * o), out=spec.transpose(1, 0, 2))
+    return spec.reshape(g["bins"], 2, s * s * c, o)
+
+
+def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict) -> Any:
+    """X_f split into (F, 2, B, s*s*C), from x (B, H, W, C) (already padded)."""
+    xp = backend.get_array_module(x)
+    b, c = x.shape[0], x.shape[3]
+    s, ny, nx = stride, g["ny"], g["nx"]
+    x = _fit(x, s * ny, s * nx)
+    # (y, x, b, p, q, c): every copied run is a whole (q, c) row of s*C values
+    grid = xp.ascontiguousarray(x.reshape(b, ny, s, nx, s, c).transpose(1, 3, 0, 2, 4, 5))
+    return (plan.fwd @ grid.reshape(ny * nx, -1)).reshape(g["bins"], 2, b, s * s * c)
+
+
+def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0) -> tuple[Any, tuple]:
+    """Channels-last convolution, the same map as ``conv2d_nhwc``, computed per frequency.
+
+    x (B, H, W, C), w (O, C, KH, KW), b (O,) or None -> (y (B, OH, OW, O), cache),
+    where the cache (both spectra) is what :func:`conv2d_fourier_nhwc_backward` needs.
+    """
+    xp = backend.get_array_module(x_nhwc, w)
+    o, c, kh, kw = w.shape
+    if padding:
+        x_nhwc = xp.pad(x_nhwc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    bsz, h, wd = x_nhwc.shape[:3]
+    g = fourier_geometry(h, wd, kh, kw, stride)
+    plan = _plan(xp, w.dtype, kh, kw, stride, g)
+    f = g["bins"]
+    xs = input_spectrum(x_nhwc, stride, plan, g)  # (F, 2, B, K)
+    ws = weight_spectrum(w, stride, plan, g)  # (F, 2, K, O)
+    # Y = X conj(W), with re and im of X stacked into one (2B, K) matrix per frequency
+    x2 = xs.reshape(f, 2 * bsz, -1)
+    pr, pi = x2 @ ws[:, 0], x2 @ ws[:, 1]  # (F, 2B, O): [Xr; Xi] Wr and [Xr; Xi] Wi
+    ys = xp.empty((f, 2, bsz, o), dtype=w.dtype)
+    xp.add(pr[:, :bsz], pi[:, bsz:], out=ys[:, 0])  # Xr Wr + Xi Wi
+    xp.subtract(pr[:, bsz:], pi[:, :bsz], out=ys[:, 1])  # Xi Wr - Xr Wi
+    y = (plan.inv_out @ ys.reshape(2 * f, -1)).reshape(g["oh"], g["ow"], bsz, o)
+    y = xp.ascontiguousarray(y.transpose(2, 0, 1, 3))
+    if b is not None:
+        y += b
+    return y, (xs, ws, (bsz, h, wd, c), g, plan)
+
+
+def conv2d_fourier_nhwc_backward(
+    grad_y: Any, cache: tuple, w: Any, stride: int = 1, padding: int = 0, need_input_grad: bool = True
+) -> tuple[Any | None, Any, Any]:
+    """Gradients (x, w, b) of :func:`conv2d_fourier_nhwc`; grad_y: (B, OH, OW, O).
+
+    Returns (grad_x (B, H, W, C) or None, grad_w (O, C, KH, KW), grad_b (O,)).
+    """
+    xs, ws, (bsz, h, wd, c), g, plan = cache
+    xp = backend.get_array_module(grad_y, w)
+    o, _, kh, kw = w.shape
+    s, ny, nx, f = stride, g["ny"], g["nx"], g["bins"]
+    gy = xp.ascontiguousarray(grad_y.transpose(1, 2, 0, 3)).reshape(g["oh"] * g["ow"], -1)
+    gs = (plan.fwd_out @ gy).reshape(f, 2, bsz, o)  # dY_f
+    g2 = gs.reshape(f, 2 * bsz, o)  # [dYr; dYi]
+    grad_x = None
+    if need_input_grad:
+        # dX = dY W: [dYr; dYi] Wr^T and [dYr; dYi] Wi^T, recombined inside the inverse DFT
+        pr = g2 @ ws[:, 0].transpose(0, 2, 1)  # (F, 2B, K)
+        pi = g2 @ ws[:, 1].transpose(0, 2, 1)
+        pr[:, :bsz] -= pi[:, bsz:]  # re: dYr Wr - dYi Wi
+        pi[:, :bsz] += pr[:, bsz:]  # im: dYr Wi + dYi Wr
+        grid = plan.inv_re @ pr[:, :bsz].reshape(f, -1)
+        grid += plan.inv_im @ pi[:, :bsz].reshape(f, -1)
+        del pr, pi
+        gx = grid.reshape(ny, nx, bsz, s, s, c).transpose(2, 0, 3, 1, 4, 5).reshape(bsz, s * ny, s * nx, c)
+        if s * ny != h or s * nx != wd:
+            full = xp.zeros((bsz, h, wd, c), dtype=gx.dtype)
+            full[:, : min(h, s * ny), : min(wd, s * nx)] = gx[:, :h, :wd]
+            gx = full
+        else:
+            gx = xp.ascontiguousarray(gx)
+        grad_x = gx[:, padding : h - padding, padding : wd - padding] if padding else gx
+    # dW = X^T conj(dY): re = [Xr; Xi]^T [dYr; dYi], im = [Xr; Xi]^T [-dYi; dYr]
+    g2_rot = xp.empty_like(g2)
+    xp.negative(gs[:, 1], out=g2_rot[:, :bsz])
+    g2_rot[:, bsz:] = gs[:, 0]
+    uh, uw = plan.uh, plan.uw
+    taps = xp.empty((s * s, uh * uw, c * o), dtype=w.dtype)
+    x2 = xs.reshape(f, 2 * bsz, s * s, c)
+    spec = xp.empty((f, 2, c, o), dtype=w.dtype)
+    for phase in range(s * s):  # one phase's input channels at a time bounds the memory
+        xt = x2[:, :, phase].transpose(0, 2, 1)  # (F, C, 2B)
+        xp.matmul(xt, g2, out=spec[:, 0])
+        xp.matmul(xt, g2_rot, out=spec[:, 1])
+        xp.matmul(plan.inv_taps, spec.reshape(2 * f, c * o), out=taps[phase])
+    full = taps.reshape(s, s, uh, uw, c, o).transpose(5, 4, 2, 0, 3, 1).reshape(o, c, s * uh, s * uw)
+    grad_w = xp.ascontiguousarray(full[:, :, :kh, :kw])
+    return grad_x, grad_w, grad_y.reshape(-1, o).sum(axis=0)

@@ -1,0 +1,146 @@
+"""The Fourier-domain convolution (capsnet.layers.fourier): against the loop oracle
+and im2col on awkward geometries, float64 gradient checks, float32 accuracy at
+PrimaryCaps' size, the DFT tables, and how Conv2d chooses between the methods.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capsnet import backend
+from capsnet.gradcheck import check_module
+from capsnet.layers import Conv2d
+from capsnet.layers.conv import conv2d_nhwc, conv2d_nhwc_backward
+from capsnet.layers.fourier import (
+    _tables,
+    conv2d_fourier_nhwc,
+    conv2d_fourier_nhwc_backward,
+    fourier_flops,
+    fourier_geometry,
+)
+from test_layers import dev, host, naive_conv2d, naive_conv2d_backward
+
+# (batch, height, width, in, out, kernel, stride, padding): odd and even grids,
+# kernels that stride does not divide, a cropped last row, a 1x1 output
+GEOMETRIES = [
+    (2, 20, 20, 3, 4, 9, 2, 0),  # PrimaryCaps' shape, few channels
+    (2, 13, 11, 3, 4, 5, 2, 1),
+    (2, 9, 10, 2, 3, 3, 1, 0),
+    (2, 12, 12, 3, 2, 4, 3, 2),
+    (3, 7, 7, 2, 2, 7, 1, 0),
+    (1, 8, 9, 2, 5, 2, 2, 0),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "b{}-{}x{}-c{}-o{}-k{}-s{}-p{}".format(*g))
+def test_fourier_matches_the_loop_oracle(xp, host_rng, geometry):
+    b, h, w, c, o, k, s, p = geometry
+    x = host_rng.standard_normal((b, c, h, w))
+    wt = host_rng.standard_normal((o, c, k, k))
+    bias = host_rng.standard_normal(o)
+    y, cache = conv2d_fourier_nhwc(dev(x.transpose(0, 2, 3, 1)), dev(wt), dev(bias), s, p)
+    expected = naive_conv2d(x, wt, bias, s, p)
+    np.testing.assert_allclose(host(y).transpose(0, 3, 1, 2), expected, rtol=1e-10, atol=1e-11)
+
+    gy = host_rng.standard_normal(expected.shape)
+    gx, gw, gb = conv2d_fourier_nhwc_backward(dev(gy.transpose(0, 2, 3, 1)), cache, dev(wt), s, p)
+    ex, ew, eb = naive_conv2d_backward(gy, x, wt, s, p)
+    np.testing.assert_allclose(host(gx).transpose(0, 3, 1, 2), ex, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(host(gw), ew, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(host(gb), eb, rtol=1e-10, atol=1e-11)
+
+
+def test_fourier_without_input_gradient(xp, host_rng):
+    x = dev(host_rng.standard_normal((2, 9, 9, 3)))
+    wt = dev(host_rng.standard_normal((4, 3, 5, 5)))
+    y, cache = conv2d_fourier_nhwc(x, wt, None, 2)
+    gx, gw, _ = conv2d_fourier_nhwc_backward(dev(host_rng.standard_normal(y.shape)), cache, wt, 2,
+                                             need_input_grad=False)
+    assert gx is None and gw.shape == wt.shape
+
+
+@pytest.mark.parametrize("stride,padding,bias", [(1, 0, True), (2, 1, True), (3, 0, False)])
+def test_gradcheck_fourier_conv2d(xp, host_rng, stride, padding, bias):
+    layer = Conv2d(2, 3, 4, stride, padding, bias, algorithm="fourier", dtype="float64", seed=0)
+    results = check_module(layer, dev(host_rng.standard_normal((2, 2, 9, 8))))
+    assert [r.name for r in results] == ["input", "weight"] + (["bias"] if bias else [])
+
+
+def test_float32_fourier_is_as_accurate_as_im2col_at_primarycaps_size(xp, host_rng):
+    """Against a float64 reference, the float32 Fourier result stays within a few
+    times im2col's own float32 rounding error, forward and both gradients."""
+    x = np.maximum(host_rng.standard_normal((4, 20, 20, 64)), 0)
+    wt = host_rng.standard_normal((32, 64, 9, 9)) * 0.02
+    gy = host_rng.standard_normal((4, 6, 6, 32))
+    y64 = conv2d_nhwc(dev(x), dev(wt), None, 2)
+    g64 = conv2d_nhwc_backward(dev(gy), dev(x), dev(wt), 2)
+    x32, w32, gy32 = (dev(a.astype(np.float32)) for a in (x, wt, gy))
+    y_direct = conv2d_nhwc(x32, w32, None, 2)
+    g_direct = conv2d_nhwc_backward(gy32, x32, w32, 2)
+    y_fourier, cache = conv2d_fourier_nhwc(x32, w32, None, 2)
+    g_fourier = conv2d_fourier_nhwc_backward(gy32, cache, w32, 2)
+    assert y_fourier.dtype == np.float32 and g_fourier[1].dtype == np.float32
+
+    def rel(a, ref):
+        return float(np.abs(host(a) - host(ref)).max() / np.abs(host(ref)).max())
+
+    for name, fourier, direct, ref in [("output", y_fourier, y_direct, y64),
+                                       ("input gradient", g_fourier[0], g_direct[0], g64[0]),
+                                       ("weight gradient", g_fourier[1], g_direct[1], g64[1])]:
+        assert rel(fourier, ref) < max(10 * rel(direct, ref), 1e-6), name
+        assert rel(fourier, ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("ny,nx", [(10, 10), (7, 5), (4, 9), (1, 1)])
+def test_dft_tables_invert_each_other(ny, nx):
+    fwd, inv = _tables(ny, nx, "float64")
+    assert fwd.shape == (2 * ny * (nx // 2 + 1), ny * nx) and inv.shape == fwd.shape[::-1]
+    np.testing.assert_allclose(inv @ fwd, np.eye(ny * nx), atol=1e-12)
+    grid = np.random.default_rng(0).standard_normal((ny, nx))
+    spectrum = np.fft.rfft2(grid)
+    np.testing.assert_allclose(fwd @ grid.ravel(), np.stack([spectrum.real, spectrum.imag], -1).ravel(),
+                               atol=1e-12)
+
+
+def test_geometry_and_flops_of_primarycaps():
+    g = fourier_geometry(20, 20, 9, 9, 2)
+    assert (g["oh"], g["ow"], g["ny"], g["nx"], g["bins"]) == (6, 6, 10, 10, 60)
+    direct, fourier = fourier_flops(20, 20, 256, 256, 9, 9, 2)
+    assert direct == 2 * 36 * 81 * 256 * 256
+    assert 0.3 < fourier / direct < 0.5
+
+
+def test_fourier_rejects_an_empty_output():
+    with pytest.raises(ValueError, match="output would be empty"):
+        conv2d_fourier_nhwc(np.zeros((1, 4, 4, 1)), np.zeros((1, 1, 5, 5)), None)
+
+
+def test_conv2d_algorithm_choice():
+    primary = Conv2d(256, 256, 9, 2)
+    assert primary.algorithm_for(20, 20, 100) == "fourier"
+    assert primary.algorithm_for(20, 20, 1) == "im2col"
+    primary.eval()
+    assert primary.algorithm_for(20, 20, 100) == "fourier"
+    assert primary.algorithm_for(20, 20, 1) == "im2col"
+    conv1 = Conv2d(1, 256, 9)
+    assert conv1.algorithm_for(28, 28, 100) == "im2col"
+    forced = Conv2d(1, 256, 9, algorithm="fourier")
+    assert forced.algorithm_for(28, 28, 1) == "fourier"
+    assert "algorithm='fourier'" in repr(forced)
+    with pytest.raises(ValueError, match="algorithm must be one of .* got 'fft'"):
+        Conv2d(1, 2, 3, algorithm="fft")
+
+
+def test_conv2d_methods_agree_and_may_switch_between_forward_and_backward(xp, host_rng):
+    """The backward uses the method its forward used, whatever the attribute says by then."""
+    x = dev(host_rng.standard_normal((3, 4, 11, 11)))
+    gy = host_rng.standard_normal((3, 5, 4, 4))
+    results = {}
+    for forward_with, backward_with in [("im2col", "fourier"), ("fourier", "im2col")]:
+        layer = Conv2d(4, 5, 5, stride=2, dtype="float64", seed=1, algorithm=forward_with)
+        y = layer.forward(x)
+        layer.algorithm = backward_with
+        gx = layer.backward(dev(gy))
+        results[forward_with] = [host(a) for a in (y, gx, layer.weight.grad, layer.bias.grad)]
+    for direct, fourier in zip(results["im2col"], results["fourier"]):
+        np.testing.assert_allclose(fourier, direct, rtol=1e-10, atol=1e-12)
