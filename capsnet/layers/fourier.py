@@ -44,7 +44,27 @@ def fourier_geometry(h: int, w: int, kh: int, kw: int, stride: int) -> dict:
                          f"stride {stride}")
     uh, uw = -(-kh // stride), -(-kw // stride)  # sub-kernel extent
     ny, nx = oh + uh - 1, ow + uw - 1  # polyphase grid: the valid outputs never wrap
-    return {"oh": oh, "ow": ow, "ny": ny, "nx": nx, "bins": ny * (nx // 2 + 1)}
+    return {"oh": oh, "ow": ow, "ny": ny, "nx": nx, "bins": len(_frequencies(ny, nx)[0])}
+
+
+@functools.lru_cache(maxsize=32)
+def _frequencies(ny: int, nx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The frequencies (fy, fx) kept for a real ny x nx grid, and what each stands for.
+
+    The spectrum of a real grid is Hermitian: X(fy, fx) = conj X(-fy, -fx). Half of
+    the columns, fx = 0 .. nx//2, hold it all; in the columns that are their own
+    mirror (fx = 0, and fx = nx/2 for even nx) only fy = 0 .. ny//2 are needed.
+    Returns (fy, fx, copies): copies is 2 where the frequency also stands for its
+    mirror, 1 where it is its own mirror (and so real). For 10 x 10: 52 of 100.
+    """
+    fys, fxs, copies = [], [], []
+    for fx in range(nx // 2 + 1):
+        own_mirror = fx == 0 or 2 * fx == nx
+        for fy in range(ny // 2 + 1 if own_mirror else ny):
+            fys.append(fy)
+            fxs.append(fx)
+            copies.append(1 if own_mirror and (fy == 0 or 2 * fy == ny) else 2)
+    return np.array(fys), np.array(fxs), np.array(copies, dtype=float)
 
 
 def fourier_flops(h: int, w: int, c: int, o: int, kh: int, kw: int, stride: int) -> tuple[int, int]:
@@ -64,26 +84,21 @@ def fourier_flops(h: int, w: int, c: int, o: int, kh: int, kw: int, stride: int)
 
 @functools.lru_cache(maxsize=32)
 def _tables(ny: int, nx: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Forward and inverse real 2-D DFT on an ny x nx grid, as host arrays.
+    """Forward and inverse real 2-D DFT on an ny x nx grid, over the kept frequencies.
 
     fwd: (2F, ny*nx), rows (frequency, re/im):  X_f = sum_t x_t exp(-i theta_ft)
-    inv: (ny*nx, 2F): x_t = Re sum_f w_f X_f exp(+i theta_ft) / (ny*nx), the inverse
-    of a half spectrum, where w_f = 2 for the columns whose mirror image is not stored.
-    Built in float64 and rounded once.
+    inv: (ny*nx, 2F):  x_t = Re sum_f copies_f X_f exp(+i theta_ft) / (ny*nx)
+    (see :func:`_frequencies`). Built in float64 and rounded once.
     """
-    fy = np.arange(ny)[:, None, None, None]
-    fx = np.arange(nx // 2 + 1)[None, :, None, None]
-    ty = np.arange(ny)[None, None, :, None]
-    tx = np.arange(nx)[None, None, None, :]
-    theta = 2 * np.pi * ((fy * ty % ny) / ny + (fx * tx % nx) / nx)
-    theta = theta.reshape(-1, ny * nx)  # (F, T)
-    fwd = np.stack([np.cos(theta), -np.sin(theta)], axis=1).reshape(-1, ny * nx)
-    weight = np.full(nx // 2 + 1, 2.0)
-    weight[0] = 1.0
-    if nx % 2 == 0:
-        weight[-1] = 1.0
-    wf = np.broadcast_to(weight, (ny, nx // 2 + 1)).reshape(-1, 1) / (ny * nx)
-    inv = np.stack([np.cos(theta) * wf, -np.sin(theta) * wf], axis=1).reshape(-1, ny * nx).T
+    fy, fx, copies = _frequencies(ny, nx)
+    ty, tx = np.divmod(np.arange(ny * nx), nx)
+    # reduce the phase products mod n first so the angles stay exact multiples of 2 pi / n
+    theta = 2 * np.pi * ((np.outer(fy, ty) % ny) / ny + (np.outer(fx, tx) % nx) / nx)  # (F, T)
+    cos, sin = np.cos(theta), np.sin(theta)
+    sin[copies == 1] = 0.0  # frequencies that are their own mirror are real
+    fwd = np.stack([cos, -sin], axis=1).reshape(-1, ny * nx)
+    scale = (copies / (ny * nx))[:, None]
+    inv = np.stack([cos * scale, -sin * scale], axis=1).reshape(-1, ny * nx).T
     return np.ascontiguousarray(fwd.astype(dtype)), np.ascontiguousarray(inv.astype(dtype))
 
 
@@ -228,14 +243,17 @@ def conv2d_fourier_nhwc_backward(
     xp.negative(gs[:, 1], out=g2_rot[:, :bsz])
     g2_rot[:, bsz:] = gs[:, 0]
     uh, uw = plan.uh, plan.uw
-    taps = xp.empty((s * s, uh * uw, c * o), dtype=w.dtype)
+    grad_w = xp.empty((o, c, kh, kw), dtype=w.dtype)
     x2 = xs.reshape(f, 2 * bsz, s * s, c)
     spec = xp.empty((f, 2, c, o), dtype=w.dtype)
+    taps = xp.empty((c, o, uh, uw), dtype=w.dtype)
     for phase in range(s * s):  # one phase's input channels at a time bounds the memory
+        p, q = divmod(phase, s)
         xt = x2[:, :, phase].transpose(0, 2, 1)  # (F, C, 2B)
         xp.matmul(xt, g2, out=spec[:, 0])
         xp.matmul(xt, g2_rot, out=spec[:, 1])
-        xp.matmul(plan.inv_taps, spec.reshape(2 * f, c * o), out=taps[phase])
-    full = taps.reshape(s, s, uh, uw, c, o).transpose(5, 4, 2, 0, 3, 1).reshape(o, c, s * uh, s * uw)
-    grad_w = xp.ascontiguousarray(full[:, :, :kh, :kw])
+        # back to the sub-kernel taps, laid out (c, o, tap) so the final reordering moves runs of taps
+        xp.matmul(spec.reshape(2 * f, c * o).T, plan.inv_taps.T, out=taps.reshape(c * o, uh * uw))
+        th, tw = len(range(p, kh, s)), len(range(q, kw, s))
+        grad_w[:, :, p::s, q::s] = taps[:, :, :th, :tw].transpose(1, 0, 2, 3)
     return grad_x, grad_w, grad_y.reshape(-1, o).sum(axis=0)
