@@ -10,6 +10,7 @@ import pytest
 from capsnet import backend
 from capsnet.gradcheck import check_module
 from capsnet.layers import Conv2d
+from capsnet.layers.base import Workspace
 from capsnet.layers.conv import conv2d_nhwc, conv2d_nhwc_backward
 from capsnet.layers.fourier import (
     _frequencies,
@@ -147,3 +148,36 @@ def test_conv2d_methods_agree_and_may_switch_between_forward_and_backward(xp, ho
         results[forward_with] = [host(a) for a in (y, gx, layer.weight.grad, layer.bias.grad)]
     for direct, fourier in zip(results["im2col"], results["fourier"]):
         np.testing.assert_allclose(fourier, direct, rtol=1e-10, atol=1e-12)
+
+
+def test_workspace_reuses_and_grows(xp):
+    work = Workspace()
+    a = work.get(xp, "a", (4, 5), "float32")
+    b = work.get(xp, "a", (2, 3), "float32")
+    assert b.shape == (2, 3) and b.dtype == np.float32
+    assert backend.get_array_module(b) is xp
+    assert work.nbytes == 4 * 5 * 4  # the smaller request reused the first buffer
+    work.get(xp, "a", (10, 10), "float32")
+    assert work.nbytes == 100 * 4
+    work.get(xp, "a", (10, 10), "float64")  # a new dtype replaces it
+    assert work.nbytes == 100 * 8
+    del a
+    work.clear()
+    assert work.nbytes == 0
+
+
+def test_conv2d_inference_workspace_is_reused_and_released(xp, host_rng):
+    layer = Conv2d(3, 4, 5, stride=2, algorithm="fourier", dtype="float64", seed=0)
+    xs = [host_rng.standard_normal((2, 3, 11, 11)) for _ in range(2)]
+    layer.eval()
+    outs = [host(layer.forward(dev(x))) for x in xs]  # the second call reuses the first call's arrays
+    held = layer._workspace.nbytes
+    assert held > 0
+    w, b = host(layer.weight.data), host(layer.bias.data)
+    for x, y in zip(xs, outs):
+        np.testing.assert_allclose(y, naive_conv2d(x, w, b, 2, 0), rtol=1e-10, atol=1e-12)
+    layer.forward(dev(xs[0]))
+    assert layer._workspace.nbytes == held
+    layer.train()
+    layer.forward(dev(xs[0]))  # a training forward gives the memory back
+    assert layer._workspace.nbytes == 0

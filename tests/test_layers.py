@@ -859,3 +859,19 @@ def test_train_eval_recurse():
     assert all(m.training for m in modules)
     model.train(False)
     assert not any(m.training for m in model.decoder)
+
+
+def test_inplace_relu_overwrites_and_matches(xp, host_rng):
+    x = away_from_zero(host_rng, (3, 4, 5))
+    g = host_rng.standard_normal(x.shape)
+    plain, inplace = ReLU(), ReLU(inplace=True)
+    expected_y = host(plain.forward(dev(x)))
+    expected_g = host(plain.backward(dev(g)))
+    x_dev, g_dev = dev(x), dev(g)
+    y = inplace.forward(x_dev)
+    np.testing.assert_array_equal(host(y), expected_y)
+    np.testing.assert_array_equal(host(x_dev), expected_y)  # the input was overwritten
+    gx = inplace.backward(g_dev)
+    np.testing.assert_array_equal(host(gx), expected_g)
+    np.testing.assert_array_equal(host(g_dev), expected_g)
+    assert repr(inplace) == "ReLU(inplace=True)"

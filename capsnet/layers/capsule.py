@@ -171,9 +171,10 @@ def dynamic_routing(u_hat: Any, iterations: int = 3) -> tuple[Any, RoutingState]
     for r in range(iterations):
         if logits is None:
             c = xp.full((b, j, i), 1.0 / j, dtype=u_hat.dtype)
+            s = u_hat.sum(axis=1) * u_hat.dtype.type(1.0 / j)  # uniform c: one reduction, no products
         else:
             c = softmax(logits, axis=1)
-        s = xp.matmul(c[:, :, None, :], U)[:, :, 0, :]
+            s = xp.matmul(c[:, :, None, :], U)[:, :, 0, :]
         v = squash(s)
         state.c.append(c)
         state.s.append(s)

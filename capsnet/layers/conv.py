@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from capsnet import backend
-from capsnet.layers.base import Module, as_rng, check_input, init_param
+from capsnet.layers.base import Module, Workspace, as_rng, check_input, init_param
 from capsnet.layers.fourier import (
     conv2d_fourier_nhwc,
     conv2d_fourier_nhwc_backward,
@@ -49,11 +49,19 @@ def _row_groups(kh: int, kw: int, c: int, min_depth: int = 1024) -> list[range]:
 
 
 def _gather(x_pad: Any, rows: range, kw: int, stride: int, oh: int, ow: int, out: Any) -> Any:
-    """Patches of kernel rows ``rows``: out (B, OH, OW, len(rows), KW, C)."""
-    for a, ky in enumerate(rows):
-        ys = slice(ky, ky + stride * oh, stride)
-        for kx in range(kw):
-            out[:, :, :, a, kx, :] = x_pad[:, ys, kx : kx + stride * ow : stride, :]
+    """Patches of kernel rows ``rows``: out (B, OH, OW, len(rows), KW, C).
+
+    One copy from a strided view of x_pad in which the patch of output pixel
+    (b, oy, ox) starts at row rows.start + stride*oy, column stride*ox.
+    """
+    xp = backend.get_array_module(x_pad)
+    b, _, _, c = x_pad.shape
+    sb, sh, sw, sc = x_pad.strides
+    patches = xp.lib.stride_tricks.as_strided(
+        x_pad[:, rows.start :], shape=(b, oh, ow, len(rows), kw, c),
+        strides=(sb, stride * sh, stride * sw, sh, sw, sc),
+    )
+    out[...] = patches
     return out
 
 
@@ -215,6 +223,7 @@ class Conv2d(Module):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"Conv2d algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm
+        self._workspace = Workspace()  # the Fourier method's scratch in inference, reused across calls
         for name, value, low in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -265,8 +274,11 @@ class Conv2d(Module):
         backend.get_array_module(x_nhwc, self.weight.data)
         conv_output_size(x_nhwc.shape[1], self.kernel_size, self.stride, self.padding)
         conv_output_size(x_nhwc.shape[2], self.kernel_size, self.stride, self.padding)
+        if self.training:
+            self._workspace.clear()  # memory kept by inference calls goes back before a training step
         if self.algorithm_for(x_nhwc.shape[1], x_nhwc.shape[2], x_nhwc.shape[0]) == "fourier":
-            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding)
+            work = None if self.training else self._workspace
+            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, work)
             self._save("fourier", cache)
             return y
         self._save("im2col", x_nhwc)

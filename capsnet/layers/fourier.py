@@ -141,6 +141,11 @@ def _plan(xp: Any, dtype: Any, kh: int, kw: int, stride: int, g: dict) -> _Plan:
     return plan
 
 
+def _scratch(work: Any, xp: Any, name: str, shape: tuple, dtype: Any) -> Any:
+    """An uninitialised array: from the workspace when there is one."""
+    return xp.empty(shape, dtype=dtype) if work is None else work.get(xp, name, shape, dtype)
+
+
 def _fit(x: Any, rows: int, cols: int) -> Any:
     """Crop or zero-extend x (B, H, W, C) to (B, rows, cols, C)."""
     xp = backend.get_array_module(x)
@@ -152,36 +157,46 @@ def _fit(x: Any, rows: int, cols: int) -> Any:
     return out
 
 
-def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict) -> Any:
+def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
     """W_f split into (F, 2, s*s*C, O), from w (O, C, KH, KW); rows ordered (phase p, q, c)."""
     xp = backend.get_array_module(w)
     o, c, kh, kw = w.shape
     s, uh, uw = stride, plan.uh, plan.uw
     # zero-extend the kernel to (s*UH, s*UW) so every phase has a full UH x UW sub-kernel
-    full = xp.zeros((s * uh, s * uw, c, o), dtype=w.dtype)
+    full = _scratch(work, xp, "kernel", (s * uh, s * uw, c, o), w.dtype)
+    full[kh:] = 0
+    full[:kh, kw:] = 0
     full[:kh, :kw] = w.transpose(2, 3, 1, 0)
-    taps = xp.ascontiguousarray(full.reshape(uh, s, uw, s, c * o).transpose(1, 3, 0, 2, 4))
-    spec = xp.empty((2 * g["bins"], s * s, c * o), dtype=w.dtype)
+    taps = _scratch(work, xp, "taps", (s, s, uh, uw, c * o), w.dtype)
+    taps[...] = full.reshape(uh, s, uw, s, c * o).transpose(1, 3, 0, 2, 4)
+    spec = _scratch(work, xp, "weight_spectrum", (2 * g["bins"], s * s, c * o), w.dtype)
     xp.matmul(plan.fwd_taps, taps.reshape(s * s, uh * uw, c * o), out=spec.transpose(1, 0, 2))
     return spec.reshape(g["bins"], 2, s * s * c, o)
 
 
-def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict) -> Any:
+def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
     """X_f split into (F, 2, B, s*s*C), from x (B, H, W, C) (already padded)."""
     xp = backend.get_array_module(x)
     b, c = x.shape[0], x.shape[3]
     s, ny, nx = stride, g["ny"], g["nx"]
     x = _fit(x, s * ny, s * nx)
     # (y, x, b, p, q, c): every copied run is a whole (q, c) row of s*C values
-    grid = xp.ascontiguousarray(x.reshape(b, ny, s, nx, s, c).transpose(1, 3, 0, 2, 4, 5))
-    return (plan.fwd @ grid.reshape(ny * nx, -1)).reshape(g["bins"], 2, b, s * s * c)
+    grid = _scratch(work, xp, "grid", (ny, nx, b, s, s, c), x.dtype)
+    grid[...] = x.reshape(b, ny, s, nx, s, c).transpose(1, 3, 0, 2, 4, 5)
+    spec = _scratch(work, xp, "input_spectrum", (2 * g["bins"], b * s * s * c), x.dtype)
+    xp.matmul(plan.fwd, grid.reshape(ny * nx, -1), out=spec)
+    return spec.reshape(g["bins"], 2, b, s * s * c)
 
 
-def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0) -> tuple[Any, tuple]:
+def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0,
+                        work: Any = None) -> tuple[Any, tuple]:
     """Channels-last convolution, the same map as ``conv2d_nhwc``, computed per frequency.
 
     x (B, H, W, C), w (O, C, KH, KW), b (O,) or None -> (y (B, OH, OW, O), cache),
     where the cache (both spectra) is what :func:`conv2d_fourier_nhwc_backward` needs.
+    With a :class:`~capsnet.layers.base.Workspace` ``work`` every intermediate,
+    the cache included, lives there: the next call with it overwrites the cache,
+    so pass one only when no backward follows (inference).
     """
     xp = backend.get_array_module(x_nhwc, w)
     o, c, kh, kw = w.shape
@@ -191,16 +206,20 @@ def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, pad
     g = fourier_geometry(h, wd, kh, kw, stride)
     plan = _plan(xp, w.dtype, kh, kw, stride, g)
     f = g["bins"]
-    xs = input_spectrum(x_nhwc, stride, plan, g)  # (F, 2, B, K)
-    ws = weight_spectrum(w, stride, plan, g)  # (F, 2, K, O)
+    xs = input_spectrum(x_nhwc, stride, plan, g, work)  # (F, 2, B, K)
+    ws = weight_spectrum(w, stride, plan, g, work)  # (F, 2, K, O)
     # Y = X conj(W), with re and im of X stacked into one (2B, K) matrix per frequency
     x2 = xs.reshape(f, 2 * bsz, -1)
-    pr, pi = x2 @ ws[:, 0], x2 @ ws[:, 1]  # (F, 2B, O): [Xr; Xi] Wr and [Xr; Xi] Wi
-    ys = xp.empty((f, 2, bsz, o), dtype=w.dtype)
+    pr = _scratch(work, xp, "product_re", (f, 2 * bsz, o), w.dtype)
+    pi = _scratch(work, xp, "product_im", (f, 2 * bsz, o), w.dtype)
+    xp.matmul(x2, ws[:, 0], out=pr)  # [Xr; Xi] Wr
+    xp.matmul(x2, ws[:, 1], out=pi)  # [Xr; Xi] Wi
+    ys = _scratch(work, xp, "output_spectrum", (f, 2, bsz, o), w.dtype)
     xp.add(pr[:, :bsz], pi[:, bsz:], out=ys[:, 0])  # Xr Wr + Xi Wi
     xp.subtract(pr[:, bsz:], pi[:, :bsz], out=ys[:, 1])  # Xi Wr - Xr Wi
-    y = (plan.inv_out @ ys.reshape(2 * f, -1)).reshape(g["oh"], g["ow"], bsz, o)
-    y = xp.ascontiguousarray(y.transpose(2, 0, 1, 3))
+    grid = _scratch(work, xp, "output_grid", (g["oh"] * g["ow"], bsz * o), w.dtype)
+    xp.matmul(plan.inv_out, ys.reshape(2 * f, -1), out=grid)
+    y = xp.ascontiguousarray(grid.reshape(g["oh"], g["ow"], bsz, o).transpose(2, 0, 1, 3))
     if b is not None:
         y += b
     return y, (xs, ws, (bsz, h, wd, c), g, plan)

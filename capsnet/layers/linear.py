@@ -65,13 +65,30 @@ def relu_backward(grad_out: Any, x: Any) -> Any:
 
 
 class ReLU(Module):
+    """max(x, 0), any shape. With ``inplace=True`` the forward overwrites its input
+    and the backward its incoming gradient, saving two allocations the size of
+    the activation: for a caller that owns both arrays and needs neither again."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
     def forward(self, x: Any) -> Any:
-        y = relu(x)
+        if self.inplace:
+            y = backend.get_array_module(x).maximum(x, 0, out=x)
+        else:
+            y = relu(x)
         self._save(y > 0)
         return y
 
     def backward(self, grad_out: Any) -> Any:
         (mask,) = self._pop()
+        if self.inplace:
+            grad_out *= mask
+            return grad_out
         return grad_out * mask
 
 

@@ -71,7 +71,7 @@ class CapsNet(Module):
         rng = as_rng(seed)
         c, h, w = cfg.input_shape
         self.conv1 = Conv2d(c, cfg.conv_channels, cfg.conv_kernel, input_grad=input_grad, dtype=dtype, seed=rng)
-        self.relu = ReLU()
+        self.relu = ReLU(inplace=True)  # conv1's fresh output and PrimaryCaps' fresh input gradient
         self.primary = PrimaryCaps(cfg.conv_channels, cfg.primary_types, cfg.primary_dim, cfg.primary_kernel,
                                    cfg.primary_stride, dtype=dtype, seed=rng)
         self.digit = DigitCaps(cfg.n_primary_caps, cfg.primary_dim, cfg.n_classes, cfg.digit_dim,
