@@ -185,8 +185,13 @@ def dynamic_routing(u_hat: Any, iterations: int = 3) -> tuple[Any, RoutingState]
     return v, state
 
 
-def dynamic_routing_backward(grad_v: Any, u_hat: Any, state: RoutingState, detach: bool = False) -> Any:
+def dynamic_routing_backward(grad_v: Any, u_hat: Any, state: RoutingState, detach: bool = False,
+                             out: Any = None) -> Any:
     """Gradient of :func:`dynamic_routing` w.r.t. u_hat, (B, I, J, D).
+
+    ``out``, an array laid out like u_hat, receives the gradient; it may be u_hat
+    itself (read only before the gradient is written), which saves an array of
+    u_hat's size when nothing else needs u_hat afterwards.
 
     The gradient flows through every iteration: through s_j = sum_i c_ij u_hat
     and through the logit updates b_ij += u_hat . v_j that set later c_ij. With
@@ -216,20 +221,23 @@ def dynamic_routing_backward(grad_v: Any, u_hat: Any, state: RoutingState, detac
         gc = xp.matmul(U, gs[..., None])[..., 0]
         g_logits = c * (gc - (c * gc).sum(axis=1, keepdims=True))
         g_next = g_logits if g_next is None else g_next + g_logits
-    grad = xp.empty_like(u_hat)
+    grad = xp.empty_like(u_hat) if out is None else out
     xp.matmul(xp.stack(left, axis=-1), xp.stack(right, axis=-2), out=_by_output(grad))
     return grad
 
 
 # -- DigitCaps ---------------------------------------------------------------
-def capsule_predictions(u: Any, w: Any) -> Any:
+def capsule_predictions(u: Any, w: Any, out: Any = None) -> Any:
     """u_hat_{j|i} = W_ij u_i. u: (B, I, Din), w: (I, J, Dout, Din) -> (B, I, J, Dout).
 
     The result is a view of an (I, B, J, Dout) array: one matmul per input capsule.
+    ``out``, an earlier result of the same shape and dtype, is overwritten instead
+    of allocating a new one.
     """
     xp = backend.get_array_module(u, w)
     i, j, dout, din = w.shape
-    pred = xp.matmul(u.transpose(1, 0, 2), w.reshape(i, j * dout, din).transpose(0, 2, 1))
+    store = None if out is None else out.transpose(1, 0, 2, 3).reshape(i, -1, j * dout)
+    pred = xp.matmul(u.transpose(1, 0, 2), w.reshape(i, j * dout, din).transpose(0, 2, 1), out=store)
     return pred.reshape(i, -1, j, dout).transpose(1, 0, 2, 3)
 
 
@@ -283,7 +291,8 @@ class DigitCaps(Module):
 
     def backward(self, grad_out: Any) -> Any:
         u, u_hat, state = self._pop()
-        g_hat = dynamic_routing_backward(grad_out, u_hat, state, self.detach_routing)
+        # u_hat is not needed once routing's backward has read it: its gradient overwrites it
+        g_hat = dynamic_routing_backward(grad_out, u_hat, state, self.detach_routing, out=u_hat)
         grad_u, grad_w = capsule_predictions_backward(g_hat, u, self.weight.data)
         self.weight.grad += grad_w
         return grad_u

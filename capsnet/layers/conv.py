@@ -224,6 +224,7 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm
         self._workspace = Workspace()  # the Fourier method's scratch in inference, reused across calls
+        self._spare: Workspace | None = None  # spectra arrays of the last training step, for the next
         for name, value, low in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -277,18 +278,26 @@ class Conv2d(Module):
         if self.training:
             self._workspace.clear()  # memory kept by inference calls goes back before a training step
         if self.algorithm_for(x_nhwc.shape[1], x_nhwc.shape[2], x_nhwc.shape[0]) == "fourier":
-            work = None if self.training else self._workspace
-            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, work)
-            self._save("fourier", cache)
+            if self.training:
+                # the spectra live in the cache until backward; the arrays of the last
+                # step's, handed back by its backward, are reused (a forward with no
+                # backward in between gets fresh ones)
+                work, keep, self._spare = None, self._spare or Workspace(), None
+            else:
+                work = keep = self._workspace
+            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, work, keep)
+            self._save("fourier", cache, keep)
             return y
-        self._save("im2col", x_nhwc)
+        self._save("im2col", x_nhwc, None)
         return conv2d_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding)
 
     def backward_nhwc(self, grad_y: Any) -> Any:
-        method, saved = self._pop()
+        method, saved, keep = self._pop()
         args = (grad_y, saved, self.weight.data, self.stride, self.padding, self.input_grad)
         if method == "fourier":
             gx, gw, gb = conv2d_fourier_nhwc_backward(*args)
+            del args, saved
+            self._spare = keep
         else:
             gx, gw, gb = conv2d_nhwc_backward(*args)
         self.weight.grad += gw

@@ -118,7 +118,7 @@ class _Plan:
         tap_idx = _grid_index(ny, nx, self.uh, self.uw)
         host = {
             "fwd": fwd,  # (2F, Ny*Nx): input grid -> spectrum
-            "inv_re": inv[:, 0::2], "inv_im": inv[:, 1::2],  # (Ny*Nx, F) each: spectrum -> grid
+            "inv": inv,  # (Ny*Nx, 2F): spectrum -> grid
             "fwd_out": fwd[:, out_idx],  # (2F, OH*OW): output gradient -> spectrum
             "inv_out": inv[out_idx],  # (OH*OW, 2F): spectrum -> output
             "fwd_taps": fwd[:, tap_idx],  # (2F, UH*UW): sub-kernel -> spectrum
@@ -157,8 +157,10 @@ def _fit(x: Any, rows: int, cols: int) -> Any:
     return out
 
 
-def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
-    """W_f split into (F, 2, s*s*C, O), from w (O, C, KH, KW); rows ordered (phase p, q, c)."""
+def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None, keep: Any = None) -> Any:
+    """W_f split into (F, 2, s*s*C, O), from w (O, C, KH, KW); rows ordered (phase p, q, c).
+
+    Scratch comes from workspace ``work``, the result from workspace ``keep`` (when given)."""
     xp = backend.get_array_module(w)
     o, c, kh, kw = w.shape
     s, uh, uw = stride, plan.uh, plan.uw
@@ -169,13 +171,14 @@ def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None)
     full[:kh, :kw] = w.transpose(2, 3, 1, 0)
     taps = _scratch(work, xp, "taps", (s, s, uh, uw, c * o), w.dtype)
     taps[...] = full.reshape(uh, s, uw, s, c * o).transpose(1, 3, 0, 2, 4)
-    spec = _scratch(work, xp, "weight_spectrum", (2 * g["bins"], s * s, c * o), w.dtype)
+    spec = _scratch(keep, xp, "weight_spectrum", (2 * g["bins"], s * s, c * o), w.dtype)
     xp.matmul(plan.fwd_taps, taps.reshape(s * s, uh * uw, c * o), out=spec.transpose(1, 0, 2))
     return spec.reshape(g["bins"], 2, s * s * c, o)
 
 
-def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
-    """X_f split into (F, 2, B, s*s*C), from x (B, H, W, C) (already padded)."""
+def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None, keep: Any = None) -> Any:
+    """X_f split into (F, 2, B, s*s*C), from x (B, H, W, C) (already padded); workspaces as
+    in :func:`weight_spectrum`."""
     xp = backend.get_array_module(x)
     b, c = x.shape[0], x.shape[3]
     s, ny, nx = stride, g["ny"], g["nx"]
@@ -183,20 +186,21 @@ def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None) 
     # (y, x, b, p, q, c): every copied run is a whole (q, c) row of s*C values
     grid = _scratch(work, xp, "grid", (ny, nx, b, s, s, c), x.dtype)
     grid[...] = x.reshape(b, ny, s, nx, s, c).transpose(1, 3, 0, 2, 4, 5)
-    spec = _scratch(work, xp, "input_spectrum", (2 * g["bins"], b * s * s * c), x.dtype)
+    spec = _scratch(keep, xp, "input_spectrum", (2 * g["bins"], b * s * s * c), x.dtype)
     xp.matmul(plan.fwd, grid.reshape(ny * nx, -1), out=spec)
     return spec.reshape(g["bins"], 2, b, s * s * c)
 
 
 def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0,
-                        work: Any = None) -> tuple[Any, tuple]:
+                        work: Any = None, keep: Any = None) -> tuple[Any, tuple]:
     """Channels-last convolution, the same map as ``conv2d_nhwc``, computed per frequency.
 
     x (B, H, W, C), w (O, C, KH, KW), b (O,) or None -> (y (B, OH, OW, O), cache),
     where the cache (both spectra) is what :func:`conv2d_fourier_nhwc_backward` needs.
-    With a :class:`~capsnet.layers.base.Workspace` ``work`` every intermediate,
-    the cache included, lives there: the next call with it overwrites the cache,
-    so pass one only when no backward follows (inference).
+    Workspaces (:class:`~capsnet.layers.base.Workspace`), both optional: ``work``
+    for the scratch that dies with the call, ``keep`` for the two spectra in the
+    cache. The next call given the same ``keep`` overwrites that cache, so pass it
+    again only once the backward of this call has run.
     """
     xp = backend.get_array_module(x_nhwc, w)
     o, c, kh, kw = w.shape
@@ -206,8 +210,8 @@ def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, pad
     g = fourier_geometry(h, wd, kh, kw, stride)
     plan = _plan(xp, w.dtype, kh, kw, stride, g)
     f = g["bins"]
-    xs = input_spectrum(x_nhwc, stride, plan, g, work)  # (F, 2, B, K)
-    ws = weight_spectrum(w, stride, plan, g, work)  # (F, 2, K, O)
+    xs = input_spectrum(x_nhwc, stride, plan, g, work, keep)  # (F, 2, B, K)
+    ws = weight_spectrum(w, stride, plan, g, work, keep)  # (F, 2, K, O)
     # Y = X conj(W), with re and im of X stacked into one (2B, K) matrix per frequency
     x2 = xs.reshape(f, 2 * bsz, -1)
     pr = _scratch(work, xp, "product_re", (f, 2 * bsz, o), w.dtype)
@@ -241,14 +245,19 @@ def conv2d_fourier_nhwc_backward(
     g2 = gs.reshape(f, 2 * bsz, o)  # [dYr; dYi]
     grad_x = None
     if need_input_grad:
-        # dX = dY W: [dYr; dYi] Wr^T and [dYr; dYi] Wi^T, recombined inside the inverse DFT
-        pr = g2 @ ws[:, 0].transpose(0, 2, 1)  # (F, 2B, K)
-        pi = g2 @ ws[:, 1].transpose(0, 2, 1)
-        pr[:, :bsz] -= pi[:, bsz:]  # re: dYr Wr - dYi Wi
-        pi[:, :bsz] += pr[:, bsz:]  # im: dYr Wi + dYi Wr
-        grid = plan.inv_re @ pr[:, :bsz].reshape(f, -1)
-        grid += plan.inv_im @ pi[:, :bsz].reshape(f, -1)
-        del pr, pi
+        # dX = dY W from [dYr; dYi] Wr^T and [dYr; dYi] Wi^T, a quarter of the
+        # frequencies at a time so the two products stay a fraction of the spectrum's size
+        gxs = xp.empty((f, 2, bsz, s * s * c), dtype=w.dtype)
+        step = -(-f // 4)
+        for lo in range(0, f, step):
+            band = slice(lo, min(f, lo + step))
+            pr = g2[band] @ ws[band, 0].transpose(0, 2, 1)  # (n, 2B, K)
+            pi = g2[band] @ ws[band, 1].transpose(0, 2, 1)
+            xp.subtract(pr[:, :bsz], pi[:, bsz:], out=gxs[band, 0])  # dYr Wr - dYi Wi
+            xp.add(pi[:, :bsz], pr[:, bsz:], out=gxs[band, 1])  # dYr Wi + dYi Wr
+            del pr, pi
+        grid = plan.inv @ gxs.reshape(2 * f, -1)
+        del gxs
         gx = grid.reshape(ny, nx, bsz, s, s, c).transpose(2, 0, 3, 1, 4, 5).reshape(bsz, s * ny, s * nx, c)
         if s * ny != h or s * nx != wd:
             full = xp.zeros((bsz, h, wd, c), dtype=gx.dtype)
