@@ -181,3 +181,21 @@ def test_conv2d_inference_workspace_is_reused_and_released(xp, host_rng):
     layer.train()
     layer.forward(dev(xs[0]))  # a training forward gives the memory back
     assert layer._workspace.nbytes == 0
+
+
+def test_training_steps_reuse_the_spectra_arrays_correctly(xp, host_rng):
+    """Consecutive training steps (the second reuses the first's spectra arrays) and a
+    forward repeated before its backward match im2col step for step."""
+    fourier = Conv2d(3, 4, 5, stride=2, algorithm="fourier", dtype="float64", seed=2)
+    direct = Conv2d(3, 4, 5, stride=2, algorithm="im2col", dtype="float64", seed=2)
+    for forwards in (1, 1, 2, 1):
+        for layer in (fourier, direct):
+            layer.zero_grad()
+        for _ in range(forwards):
+            x = dev(host_rng.standard_normal((2, 3, 11, 11)))
+            y_f, y_d = fourier.forward(x), direct.forward(x)
+        np.testing.assert_allclose(host(y_f), host(y_d), rtol=1e-10, atol=1e-12)
+        gy = dev(host_rng.standard_normal(y_d.shape))
+        np.testing.assert_allclose(host(fourier.backward(gy)), host(direct.backward(gy)), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(host(fourier.weight.grad), host(direct.weight.grad), rtol=1e-10, atol=1e-12)
+    assert fourier._spare is not None

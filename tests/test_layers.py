@@ -35,6 +35,7 @@ from capsnet.layers import (
     conv2d,
     conv2d_backward,
     dynamic_routing,
+    dynamic_routing_backward,
     im2col,
     linear_backward,
     margin_loss,
@@ -875,3 +876,17 @@ def test_inplace_relu_overwrites_and_matches(xp, host_rng):
     np.testing.assert_array_equal(host(gx), expected_g)
     np.testing.assert_array_equal(host(g_dev), expected_g)
     assert repr(inplace) == "ReLU(inplace=True)"
+
+
+def test_routing_backward_may_overwrite_u_hat_and_predictions_take_out(xp, host_rng):
+    u = dev(squash(host_rng.standard_normal((2, 6, 4))))
+    w = dev(host_rng.standard_normal((6, 3, 5, 4)) * 0.5)
+    u_hat = capsule_predictions(u, w)
+    again = capsule_predictions(u, w, out=dev(np.zeros(u_hat.shape)))
+    np.testing.assert_array_equal(host(again), host(u_hat))
+    v, state = dynamic_routing(u_hat, 3)
+    gv = dev(host_rng.standard_normal(v.shape))
+    expected = host(dynamic_routing_backward(gv, u_hat, state))
+    got = dynamic_routing_backward(gv, u_hat, state, out=u_hat)
+    assert got is u_hat
+    np.testing.assert_allclose(host(got), expected, rtol=1e-12, atol=1e-14)
