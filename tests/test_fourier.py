@@ -199,3 +199,15 @@ def test_training_steps_reuse_the_spectra_arrays_correctly(xp, host_rng):
         np.testing.assert_allclose(host(fourier.backward(gy)), host(direct.backward(gy)), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(host(fourier.weight.grad), host(direct.weight.grad), rtol=1e-10, atol=1e-12)
     assert fourier._spare is not None
+
+
+def test_flops_per_image_with_the_fourier_primary_conv():
+    from capsnet.models.capsnet import CapsNetConfig, flops_per_image
+
+    cfg = CapsNetConfig()
+    direct, fourier = fourier_flops(20, 20, 256, 256, 9, 9, 2)
+    assert flops_per_image(cfg) - flops_per_image(cfg, primary_algorithm="fourier") == 3 * (direct - fourier)
+    assert (flops_per_image(cfg, training=False) - flops_per_image(cfg, training=False, primary_algorithm="fourier")
+            == direct - fourier)
+    with pytest.raises(ValueError, match="primary_algorithm"):
+        flops_per_image(cfg, primary_algorithm="fft")

@@ -9,6 +9,7 @@ from capsnet import backend
 from capsnet.layers.base import Module, Sequential, as_rng, check_input
 from capsnet.layers.capsule import CapsuleLength, DigitCaps, Mask, PrimaryCaps
 from capsnet.layers.conv import Conv2d, conv_output_size
+from capsnet.layers.fourier import fourier_flops
 from capsnet.layers.linear import Linear, ReLU, Sigmoid
 from capsnet.layers.loss import MarginLoss, ReconstructionLoss
 
@@ -171,14 +172,24 @@ class CapsNetLoss:
         return self.margin_loss.backward(grad_out), self.recon_loss.backward(grad_out)
 
 
-def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bool = False) -> int:
+def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bool = False,
+                    primary_algorithm: str = "im2col") -> int:
     """Multiply-add FLOPs (2 per MAC) of the matrix products for one image.
 
     Forward: conv1, PrimaryCaps conv, u_hat = W u, the routing contractions and
     the decoder. Training adds the backward products: weight gradients of every
     layer and input gradients of every layer but the first (unless input_grad).
     Element-wise work (squash, softmax, ReLU, losses) is not counted.
+
+    The default counts the network as defined (direct convolution); this is the
+    count a FLOP bound uses. ``primary_algorithm="fourier"`` counts what the
+    Fourier method actually executes for PrimaryCaps instead (its per-frequency
+    products and DFTs, :func:`capsnet.layers.fourier.fourier_flops`; each gradient
+    is products of the same sizes as the forward). The per-call weight transform,
+    which does not grow with the batch, is left out.
     """
+    if primary_algorithm not in ("im2col", "fourier"):
+        raise ValueError(f"primary_algorithm must be 'im2col' or 'fourier', got {primary_algorithm!r}")
     c, h, w = config.input_shape
     oh1 = conv_output_size(h, config.conv_kernel, 1, 0)
     ow1 = conv_output_size(w, config.conv_kernel, 1, 0)
@@ -193,12 +204,15 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     sizes = (n_j * config.digit_dim, *config.decoder_hidden, c * h * w)
     decoder = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
     forward = conv1 + primary + u_hat + routing + decoder
-    if not training:
-        return 2 * forward
     # backward: every product twice (weights and inputs), routing ~2x forward,
     # and the first layer's input gradient only on request.
     backward = 2 * (primary + u_hat + decoder) + conv1 * (2 if input_grad else 1) + 2 * routing
-    return 2 * (forward + backward)
+    total = 2 * (forward + backward) if training else 2 * forward
+    if primary_algorithm == "fourier":
+        direct, fourier = fourier_flops(oh1, ow1, config.conv_channels, config.primary_types * config.primary_dim,
+                                        config.primary_kernel, config.primary_kernel, config.primary_stride)
+        total -= (3 if training else 1) * (direct - fourier)
+    return total
 
 
 def n_parameters(model: Module) -> int:
