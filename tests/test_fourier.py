@@ -211,3 +211,28 @@ def test_flops_per_image_with_the_fourier_primary_conv():
             == direct - fourier)
     with pytest.raises(ValueError, match="primary_algorithm"):
         flops_per_image(cfg, primary_algorithm="fft")
+
+
+def test_inference_weight_spectrum_follows_every_weight_change(xp, host_rng):
+    layer = Conv2d(3, 4, 5, stride=2, algorithm="fourier", dtype="float64", seed=0)
+    layer.eval()
+    x = host_rng.standard_normal((2, 3, 11, 11))
+
+    def check():
+        w, b = host(layer.weight.data), host(layer.bias.data)
+        np.testing.assert_allclose(host(layer.forward(dev(x))), naive_conv2d(x, w, b, 2, 0), rtol=1e-10, atol=1e-12)
+
+    check()
+    check()  # reused
+    layer.weight.data[0, 0, 0, 0] += 1.0  # in place
+    check()
+    layer.weight.data = layer.weight.data * 0.5  # a new array
+    check()
+    layer.astype("float32")
+    y32 = layer.forward(dev(x.astype(np.float32)))
+    assert y32.dtype == np.float32
+    layer.astype("float64")
+    check()
+    layer.train()
+    layer.forward(dev(x))
+    assert layer._weight_spectrum._spectrum is None  # a training forward drops it

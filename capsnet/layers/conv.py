@@ -13,6 +13,7 @@ from typing import Any
 from capsnet import backend
 from capsnet.layers.base import Module, Workspace, as_rng, check_input, init_param
 from capsnet.layers.fourier import (
+    SpectrumCache,
     conv2d_fourier_nhwc,
     conv2d_fourier_nhwc_backward,
     fourier_flops,
@@ -225,6 +226,7 @@ class Conv2d(Module):
         self.algorithm = algorithm
         self._workspace = Workspace()  # the Fourier method's scratch in inference, reused across calls
         self._spare: Workspace | None = None  # spectra arrays of the last training step, for the next
+        self._weight_spectrum = SpectrumCache()  # in inference, reused while the weights are unchanged
         for name, value, low in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -276,16 +278,21 @@ class Conv2d(Module):
         conv_output_size(x_nhwc.shape[1], self.kernel_size, self.stride, self.padding)
         conv_output_size(x_nhwc.shape[2], self.kernel_size, self.stride, self.padding)
         if self.training:
-            self._workspace.clear()  # memory kept by inference calls goes back before a training step
+            # memory kept by inference calls goes back before a training step
+            self._workspace.clear()
+            self._weight_spectrum.clear()
         if self.algorithm_for(x_nhwc.shape[1], x_nhwc.shape[2], x_nhwc.shape[0]) == "fourier":
             if self.training:
                 # the spectra live in the cache until backward; the arrays of the last
                 # step's, handed back by its backward, are reused (a forward with no
                 # backward in between gets fresh ones)
                 work, keep, self._spare = None, self._spare or Workspace(), None
+                weight_cache = None
             else:
                 work = keep = self._workspace
-            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, work, keep)
+                weight_cache = self._weight_spectrum
+            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, work, keep,
+                                           weight_cache)
             self._save("fourier", cache, keep)
             return y
         self._save("im2col", x_nhwc, None)

@@ -176,6 +176,34 @@ def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None,
     return spec.reshape(g["bins"], 2, s * s * c, o)
 
 
+class SpectrumCache:
+    """The weight spectrum of the last call, reused while the weights stay the same.
+
+    For inference, where the same weights meet batch after batch: the weights are
+    compared bit for bit with a copy taken when the spectrum was made (a read of
+    twice their size, a few ms, against ~30 ms to transform PrimaryCaps' kernel),
+    so any change to them, in place or not, is seen. On CuPy the comparison
+    waits for the device.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._weights: Any = None
+        self._key: tuple | None = None
+        self._spectrum: Any = None
+
+    def get(self, w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
+        xp = backend.get_array_module(w)
+        key = (stride, g["ny"], g["nx"], w.shape, w.dtype, xp.__name__)
+        if key != self._key or not bool(xp.array_equal(self._weights, w)):
+            self.clear()
+            self._spectrum = weight_spectrum(w, stride, plan, g, work)
+            self._weights, self._key = w.copy(), key
+        return self._spectrum
+
+
 def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None, keep: Any = None) -> Any:
     """X_f split into (F, 2, B, s*s*C), from x (B, H, W, C) (already padded); workspaces as
     in :func:`weight_spectrum`."""
@@ -192,7 +220,8 @@ def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None, 
 
 
 def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0,
-                        work: Any = None, keep: Any = None) -> tuple[Any, tuple]:
+                        work: Any = None, keep: Any = None, weight_cache: SpectrumCache | None = None
+                        ) -> tuple[Any, tuple]:
     """Channels-last convolution, the same map as ``conv2d_nhwc``, computed per frequency.
 
     x (B, H, W, C), w (O, C, KH, KW), b (O,) or None -> (y (B, OH, OW, O), cache),
@@ -200,7 +229,9 @@ def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, pad
     Workspaces (:class:`~capsnet.layers.base.Workspace`), both optional: ``work``
     for the scratch that dies with the call, ``keep`` for the two spectra in the
     cache. The next call given the same ``keep`` overwrites that cache, so pass it
-    again only once the backward of this call has run.
+    again only once the backward of this call has run. ``weight_cache`` (a
+    :class:`SpectrumCache`) supplies the weight spectrum when the weights are
+    unchanged since its last use.
     """
     xp = backend.get_array_module(x_nhwc, w)
     o, c, kh, kw = w.shape
@@ -211,7 +242,10 @@ def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, pad
     plan = _plan(xp, w.dtype, kh, kw, stride, g)
     f = g["bins"]
     xs = input_spectrum(x_nhwc, stride, plan, g, work, keep)  # (F, 2, B, K)
-    ws = weight_spectrum(w, stride, plan, g, work, keep)  # (F, 2, K, O)
+    if weight_cache is None:
+        ws = weight_spectrum(w, stride, plan, g, work, keep)  # (F, 2, K, O)
+    else:
+        ws = weight_cache.get(w, stride, plan, g, work)
     # Y = X conj(W), with re and im of X stacked into one (2B, K) matrix per frequency
     x2 = xs.reshape(f, 2 * bsz, -1)
     pr = _scratch(work, xp, "product_re", (f, 2 * bsz, o), w.dtype)
