@@ -168,6 +168,19 @@ def test_workspace_reuses_and_grows(xp):
     assert work.nbytes == 0
 
 
+@pytest.mark.parametrize("batch,size", [(1, 11), (2, 5)], ids=["batch1", "1x1-output"])
+def test_inference_outputs_are_not_overwritten_by_the_next_call(xp, host_rng, batch, size):
+    """Where the output would already be contiguous (one image, or a 1x1 output) it is
+    still a fresh array, not the layer's scratch."""
+    layer = Conv2d(3, 4, 5, stride=2, algorithm="fourier", dtype="float64", seed=0)
+    layer.eval()
+    x1, x2 = (dev(host_rng.standard_normal((batch, 3, size, size))) for _ in range(2))
+    y1 = layer.forward(x1)
+    kept = host(y1).copy()
+    layer.forward(x2)
+    np.testing.assert_array_equal(host(y1), kept)
+
+
 def test_conv2d_inference_workspace_is_reused_and_released(xp, host_rng):
     layer = Conv2d(3, 4, 5, stride=2, algorithm="fourier", dtype="float64", seed=0)
     xs = [host_rng.standard_normal((2, 3, 11, 11)) for _ in range(2)]
@@ -208,7 +221,13 @@ def test_flops_per_image_with_the_fourier_primary_conv():
 
     cfg = CapsNetConfig()
     direct, fourier = fourier_flops(20, 20, 256, 256, 9, 9, 2)
-    assert flops_per_image(cfg) - flops_per_image(cfg, primary_algorithm="fourier") == 3 * (direct - fourier)
+    direct_b, fourier_b = fourier_flops(20, 20, 256, 256, 9, 9, 2, backward=True)
+    assert direct_b == 2 * direct
+    # backward: one output-gradient DFT, two sets of products, one inverse DFT of the input grid
+    assert fourier < fourier_b < 2 * fourier
+    assert fourier_flops(20, 20, 256, 256, 9, 9, 2, backward=True, input_grad=False)[1] < fourier
+    assert (flops_per_image(cfg) - flops_per_image(cfg, primary_algorithm="fourier")
+            == direct + direct_b - fourier - fourier_b)
     assert (flops_per_image(cfg, training=False) - flops_per_image(cfg, training=False, primary_algorithm="fourier")
             == direct - fourier)
     with pytest.raises(ValueError, match="primary_algorithm"):

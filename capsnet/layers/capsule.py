@@ -191,7 +191,8 @@ def dynamic_routing_backward(grad_v: Any, u_hat: Any, state: RoutingState, detac
 
     ``out``, an array laid out like u_hat, receives the gradient; it may be u_hat
     itself (read only before the gradient is written), which saves an array of
-    u_hat's size when nothing else needs u_hat afterwards.
+    u_hat's size when nothing else needs u_hat afterwards (on NumPy; CuPy computes
+    a strided ``out`` into a temporary and copies).
 
     The gradient flows through every iteration: through s_j = sum_i c_ij u_hat
     and through the logit updates b_ij += u_hat . v_j that set later c_ij. With

@@ -204,11 +204,11 @@ class Conv2d(Module):
     ``algorithm`` picks how the same map is computed: ``"im2col"`` (patches times
     the weight matrix), ``"fourier"`` (per-frequency products, see
     :mod:`capsnet.layers.fourier`) or ``"auto"``, which takes the Fourier method
-    when it needs under half the direct method's flops for the input size at
-    hand (PrimaryCaps' 9x9 stride-2 convolution: 0.40 of them), counting the
-    transform of the weights each call costs (see :meth:`algorithm_for`), and
-    im2col otherwise (conv1, with one input channel; batches of a few images).
-    Both agree to rounding; the attribute may be changed between steps.
+    when it saves more flops over the batch than the weights' transform costs
+    (see :meth:`algorithm_for`; PrimaryCaps' 9x9 stride-2 convolution needs 0.35
+    of the direct flops per image), and im2col otherwise (conv1, with one input
+    channel; training batches under 8). Both agree to rounding; the attribute may
+    be changed between steps.
     """
 
     def __init__(
@@ -260,7 +260,8 @@ class Conv2d(Module):
         """The method used for a batch of height x width inputs: "im2col" or "fourier".
 
         "auto" compares flops: the Fourier method saves ``direct - fourier`` per image
-        (three times over in training: forward, input and weight gradients). In
+        (:func:`~capsnet.layers.fourier.fourier_flops`; in training for the forward
+        and the gradients). In
         training it pays a transform of the weights each call, there and back,
         counted as WEIGHT_TRANSFORM_COST flops per spectrum value; in inference only
         the check that the weights are unchanged (WEIGHT_COMPARE_COST per weight).
@@ -273,15 +274,17 @@ class Conv2d(Module):
             return self.algorithm
         k, p = self.kernel_size, self.padding
         h, w = height + 2 * p, width + 2 * p
-        direct, fourier = fourier_flops(h, w, self.in_channels, self.out_channels, k, k, self.stride)
+        args = (h, w, self.in_channels, self.out_channels, k, k, self.stride)
+        direct, fourier = fourier_flops(*args)
+        saving = direct - fourier
         if self.training:
-            passes = 3
+            direct, fourier = fourier_flops(*args, backward=True, input_grad=self.input_grad)
+            saving += direct - fourier
             spectrum = 2 * fourier_geometry(h, w, k, k, self.stride)["bins"] * self.stride**2 * self.in_channels
             weight_cost = 2 * WEIGHT_TRANSFORM_COST * spectrum * self.out_channels
         else:
-            passes = 1
             weight_cost = WEIGHT_COMPARE_COST * self.weight.data.size
-        return "fourier" if batch * passes * (direct - fourier) > weight_cost else "im2col"
+        return "fourier" if batch * saving > weight_cost else "im2col"
 
     def forward_nhwc(self, x_nhwc: Any) -> Any:
         """(B, H, W, C) -> (B, OH, OW, O), for layers that stay channels-last."""
@@ -305,6 +308,7 @@ class Conv2d(Module):
             else:
                 work = keep = self._workspace
                 weight_cache = self._weight_spectrum
+                self._spare = None  # the training step's spectra arrays are not needed in inference
             y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, work, keep,
                                            weight_cache)
             self._save("fourier", cache, keep)

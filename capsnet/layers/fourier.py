@@ -11,9 +11,10 @@ DFT each frequency is one small complex matrix product over (phase, channel):
 
     Y_f = X_f @ conj(W_f)        X_f: (B, s*s*C),  W_f: (s*s*C, O)
 
-That is ``Ny*(Nx//2+1)`` products of depth ``s*s*C`` instead of ``Ho*Wo`` of
-depth ``k*k*C``: for PrimaryCaps 60 complex products of depth 1024 (4 real
-flops each way) against 36 real ones of depth 20736, 3x fewer flops in all.
+That is one product of depth ``s*s*C`` per frequency of the non-redundant half
+spectrum (about ``Ny*Nx/2``) instead of ``Ho*Wo`` of depth ``k*k*C``: for
+PrimaryCaps 52 complex products of depth 1024 (4 real multiply-adds each)
+against 36 real ones of depth 20736, 0.35 of the flops with the transforms.
 
 The grids are tiny (10x10), so the DFTs are dense matrix products against
 precomputed cosine/sine tables instead of FFT calls, and complex numbers are
@@ -67,19 +68,29 @@ def _frequencies(ny: int, nx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(fys), np.array(fxs), np.array(copies, dtype=float)
 
 
-def fourier_flops(h: int, w: int, c: int, o: int, kh: int, kw: int, stride: int) -> tuple[int, int]:
-    """(direct, Fourier) multiply-add flops per image for the forward pass.
+def fourier_flops(h: int, w: int, c: int, o: int, kh: int, kw: int, stride: int,
+                  backward: bool = False, input_grad: bool = True) -> tuple[int, int]:
+    """(direct, Fourier) flops per image, 2 per real multiply-add, of the matrix products.
 
-    The Fourier count is that of the per-frequency products plus the transforms
-    of input, kernel-free output, at 2 flops per real multiply-add.
+    Forward (default): direct convolution against the per-frequency products plus
+    the DFTs of the input grid and back to the output. ``backward=True`` counts the
+    gradients instead: direct, the weight gradient and (``input_grad``) the input
+    gradient; Fourier, the DFT of the output gradient, the weight-gradient
+    products and (``input_grad``) the input-gradient products and their inverse
+    DFT. The transforms of the weights, once per call whatever the batch, are
+    not per-image work and are left out.
     """
     g = fourier_geometry(h, w, kh, kw, stride)
     direct = 2 * g["oh"] * g["ow"] * kh * kw * c * o
     k = stride * stride * c
-    grid = g["ny"] * g["nx"]
     spectral = 8 * g["bins"] * k * o
-    transforms = 2 * (2 * g["bins"]) * grid * k + 2 * (2 * g["bins"]) * g["oh"] * g["ow"] * o
-    return direct, spectral + transforms
+    grid_dft = 2 * (2 * g["bins"]) * g["ny"] * g["nx"] * k  # input grid <-> spectrum
+    out_dft = 2 * (2 * g["bins"]) * g["oh"] * g["ow"] * o  # output <-> spectrum
+    if not backward:
+        return direct, spectral + grid_dft + out_dft
+    if input_grad:
+        return 2 * direct, out_dft + 2 * spectral + grid_dft
+    return direct, out_dft + spectral
 
 
 @functools.lru_cache(maxsize=32)
@@ -137,6 +148,8 @@ def _plan(xp: Any, dtype: Any, kh: int, kw: int, stride: int, g: dict) -> _Plan:
         key += (int(xp.cuda.Device().id),)
     plan = _PLANS.get(key)
     if plan is None:
+        if len(_PLANS) >= 64:  # inputs of ever-changing sizes: start over rather than grow
+            _PLANS.clear()
         plan = _PLANS[key] = _Plan(xp, dtype, kh, kw, stride, g)
     return plan
 
@@ -182,8 +195,9 @@ class SpectrumCache:
     For inference, where the same weights meet batch after batch: the weights are
     compared bit for bit with a copy taken when the spectrum was made (a read of
     twice their size, a few ms, against ~30 ms to transform PrimaryCaps' kernel),
-    so any change to them, in place or not, is seen. On CuPy the comparison
-    waits for the device.
+    so any change of value, in place or not, is seen (array_equal compares values:
+    -0.0 counts as 0.0, and weights holding NaN are transformed every call). On
+    CuPy the comparison waits for the device.
     """
 
     def __init__(self) -> None:
@@ -197,6 +211,8 @@ class SpectrumCache:
     def get(self, w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
         xp = backend.get_array_module(w)
         key = (stride, g["ny"], g["nx"], w.shape, w.dtype, xp.__name__)
+        if xp.__name__ != "numpy":
+            key += (int(xp.cuda.Device().id),)
         if key != self._key or not bool(xp.array_equal(self._weights, w)):
             self.clear()
             self._spectrum = weight_spectrum(w, stride, plan, g, work)
@@ -257,7 +273,7 @@ def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, pad
     xp.subtract(pr[:, bsz:], pi[:, :bsz], out=ys[:, 1])  # Xi Wr - Xr Wi
     grid = _scratch(work, xp, "output_grid", (g["oh"] * g["ow"], bsz * o), w.dtype)
     xp.matmul(plan.inv_out, ys.reshape(2 * f, -1), out=grid)
-    y = xp.ascontiguousarray(grid.reshape(g["oh"], g["ow"], bsz, o).transpose(2, 0, 1, 3))
+    y = grid.reshape(g["oh"], g["ow"], bsz, o).transpose(2, 0, 1, 3).copy()  # never the scratch itself
     if b is not None:
         y += b
     return y, (xs, ws, (bsz, h, wd, c), g, plan)

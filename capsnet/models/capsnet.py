@@ -184,9 +184,8 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     The default counts the network as defined (direct convolution); this is the
     count a FLOP bound uses. ``primary_algorithm="fourier"`` counts what the
     Fourier method actually executes for PrimaryCaps instead (its per-frequency
-    products and DFTs, :func:`capsnet.layers.fourier.fourier_flops`; each gradient
-    is products of the same sizes as the forward). The per-call weight transform,
-    which does not grow with the batch, is left out.
+    products and DFTs, :func:`capsnet.layers.fourier.fourier_flops`). The per-call
+    weight transform, which does not grow with the batch, is left out.
     """
     if primary_algorithm not in ("im2col", "fourier"):
         raise ValueError(f"primary_algorithm must be 'im2col' or 'fourier', got {primary_algorithm!r}")
@@ -209,9 +208,13 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     backward = 2 * (primary + u_hat + decoder) + conv1 * (2 if input_grad else 1) + 2 * routing
     total = 2 * (forward + backward) if training else 2 * forward
     if primary_algorithm == "fourier":
-        direct, fourier = fourier_flops(oh1, ow1, config.conv_channels, config.primary_types * config.primary_dim,
-                                        config.primary_kernel, config.primary_kernel, config.primary_stride)
-        total -= (3 if training else 1) * (direct - fourier)
+        args = (oh1, ow1, config.conv_channels, config.primary_types * config.primary_dim,
+                config.primary_kernel, config.primary_kernel, config.primary_stride)
+        direct, fourier = fourier_flops(*args)
+        total -= direct - fourier
+        if training:
+            direct, fourier = fourier_flops(*args, backward=True)
+            total -= direct - fourier
     return total
 
 
