@@ -193,7 +193,7 @@ class SpectrumCache:
     """The weight spectrum of the last call, reused while the weights stay the same.
 
     For inference, where the same weights meet batch after batch: the weights are
-    compared bit for bit with a copy taken when the spectrum was made (a read of
+    compared value by value with a copy taken when the spectrum was made (a read of
     twice their size, a few ms, against ~30 ms to transform PrimaryCaps' kernel),
     so any change of value, in place or not, is seen (array_equal compares values:
     -0.0 counts as 0.0, and weights holding NaN are transformed every call). On
