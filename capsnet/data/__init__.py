@@ -1,34 +1,6 @@
 """MNIST loading and download, and the image preparation used in training."""
+from capsnet.data import mnist
 from capsnet.data.augment import iterate_batches, random_shift, to_float
-from capsnet.data.mnist import (
-    FILE_NAMES,
-    MIRRORS,
-    MNIST,
-    SHA256,
-    MNISTDownloadError,
-    MNISTFormatError,
-    MNISTNotFoundError,
-    candidate_dirs,
-    download_mnist,
-    find_file,
-    load_mnist,
-    read_idx,
-)
+from capsnet.data.mnist import *  # noqa: F401,F403 - re-exports exactly mnist.__all__
 
-__all__ = [
-    "FILE_NAMES",
-    "MIRRORS",
-    "MNIST",
-    "MNISTDownloadError",
-    "MNISTFormatError",
-    "MNISTNotFoundError",
-    "SHA256",
-    "candidate_dirs",
-    "download_mnist",
-    "find_file",
-    "iterate_batches",
-    "load_mnist",
-    "random_shift",
-    "read_idx",
-    "to_float",
-]
+__all__ = sorted([*mnist.__all__, "iterate_batches", "random_shift", "to_float"])

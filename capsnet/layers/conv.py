@@ -103,7 +103,7 @@ def im2col(x_nhwc: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> 
     """Patches of a channels-last batch.
 
     x_nhwc: (B, H, W, C) -> col: (B * OH * OW, KH * KW * C), ordered (b, oy, ox) by
-    (ky, kx, c). A Python loop runs over the KH*KW kernel offsets only.
+    (ky, kx, c): one copy from a strided view (see _gather).
     """
     xp = backend.get_array_module(x_nhwc)
     b, h, w, c = x_nhwc.shape
@@ -261,10 +261,10 @@ class Conv2d(Module):
 
         "auto" compares flops: the Fourier method saves ``direct - fourier`` per image
         (:func:`~capsnet.layers.fourier.fourier_flops`; in training for the forward
-        and the gradients). In
-        training it pays a transform of the weights each call, there and back,
-        counted as WEIGHT_TRANSFORM_COST flops per spectrum value; in inference only
-        the check that the weights are unchanged (WEIGHT_COMPARE_COST per weight).
+        and the gradients). In training it pays a transform of the weights each
+        call, there and back, counted as WEIGHT_TRANSFORM_COST flops per spectrum
+        value; in inference only the check that the weights are unchanged
+        (WEIGHT_COMPARE_COST per weight).
         On the 2-core test machine this picks Fourier for PrimaryCaps in training
         from batch 8 and in inference at every batch size (batch 1: 15 ms against
         20 ms per ``predict``). Its memory is not weighed: in training the weight
@@ -321,7 +321,6 @@ class Conv2d(Module):
         args = (grad_y, saved, self.weight.data, self.stride, self.padding, self.input_grad)
         if method == "fourier":
             gx, gw, gb = conv2d_fourier_nhwc_backward(*args)
-            del args, saved
             self._spare = keep
         else:
             gx, gw, gb = conv2d_nhwc_backward(*args)

@@ -29,7 +29,6 @@ Arrays are channels-last: x (B, H, W, C), weight (O, C, KH, KW) as everywhere.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import numpy as np
@@ -142,10 +141,13 @@ class _Plan:
 _PLANS: dict = {}
 
 
+def _device(xp: Any) -> tuple:
+    """Which backend and, on CuPy, which GPU: arrays cached for one are no use on another."""
+    return (xp.__name__,) if xp.__name__ == "numpy" else (xp.__name__, int(xp.cuda.Device().id))
+
+
 def _plan(xp: Any, dtype: Any, kh: int, kw: int, stride: int, g: dict) -> _Plan:
-    key = (xp.__name__, np.dtype(dtype).name, kh, kw, stride, g["ny"], g["nx"], g["oh"], g["ow"])
-    if xp.__name__ != "numpy":
-        key += (int(xp.cuda.Device().id),)
+    key = (*_device(xp), np.dtype(dtype).name, kh, kw, stride, g["ny"], g["nx"], g["oh"], g["ow"])
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 64:  # inputs of ever-changing sizes: start over rather than grow
@@ -210,9 +212,7 @@ class SpectrumCache:
 
     def get(self, w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
         xp = backend.get_array_module(w)
-        key = (stride, g["ny"], g["nx"], w.shape, w.dtype, xp.__name__)
-        if xp.__name__ != "numpy":
-            key += (int(xp.cuda.Device().id),)
+        key = (stride, g["ny"], g["nx"], w.shape, w.dtype, *_device(xp))
         if key != self._key or not bool(xp.array_equal(self._weights, w)):
             self.clear()
             self._spectrum = weight_spectrum(w, stride, plan, g, work)

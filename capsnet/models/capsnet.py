@@ -44,12 +44,18 @@ class CapsNetConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property
-    def n_primary_caps(self) -> int:
+    def feature_sizes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(height, width) after conv1 and after the PrimaryCaps convolution."""
         _, h, w = self.input_shape
         h1 = conv_output_size(h, self.conv_kernel, 1, 0)
         w1 = conv_output_size(w, self.conv_kernel, 1, 0)
         h2 = conv_output_size(h1, self.primary_kernel, self.primary_stride, 0)
         w2 = conv_output_size(w1, self.primary_kernel, self.primary_stride, 0)
+        return (h1, w1), (h2, w2)
+
+    @property
+    def n_primary_caps(self) -> int:
+        _, (h2, w2) = self.feature_sizes
         return self.primary_types * h2 * w2
 
 
@@ -190,11 +196,8 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     if primary_algorithm not in ("im2col", "fourier"):
         raise ValueError(f"primary_algorithm must be 'im2col' or 'fourier', got {primary_algorithm!r}")
     c, h, w = config.input_shape
-    oh1 = conv_output_size(h, config.conv_kernel, 1, 0)
-    ow1 = conv_output_size(w, config.conv_kernel, 1, 0)
+    (oh1, ow1), (oh2, ow2) = config.feature_sizes
     conv1 = oh1 * ow1 * config.conv_channels * c * config.conv_kernel ** 2
-    oh2 = conv_output_size(oh1, config.primary_kernel, config.primary_stride, 0)
-    ow2 = conv_output_size(ow1, config.primary_kernel, config.primary_stride, 0)
     primary = oh2 * ow2 * config.primary_types * config.primary_dim * config.conv_channels * config.primary_kernel ** 2
     n_i, n_j = config.n_primary_caps, config.n_classes
     u_hat = n_i * n_j * config.digit_dim * config.primary_dim
