@@ -15,6 +15,7 @@ naming the package to install.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from types import ModuleType
 from typing import Any, Iterator
@@ -26,6 +27,7 @@ __all__ = [
     "BackendError",
     "available_backends",
     "cupy_available",
+    "device_key",
     "get_array_module",
     "get_backend",
     "rng",
@@ -130,8 +132,19 @@ def use(name: str) -> Iterator[ModuleType]:
         _state.name = previous
 
 
+def _imported_cupy() -> ModuleType | None:
+    """CuPy if anything in this process imported it (the library, or the user), else None.
+
+    Asking ``sys.modules`` rather than :func:`_load_cupy` means recognising a CuPy
+    array never depends on whether this module loaded CuPy first, and never
+    imports it."""
+    return _cupy or sys.modules.get("cupy")
+
+
 def is_cupy_array(array: Any) -> bool:
-    return _cupy is not None and isinstance(array, _cupy.ndarray)
+    """True for a ``cupy.ndarray``, whoever imported CuPy."""
+    cupy = _imported_cupy()
+    return cupy is not None and isinstance(array, cupy.ndarray)
 
 
 def get_array_module(*arrays: Any) -> ModuleType:
@@ -148,8 +161,26 @@ def get_array_module(*arrays: Any) -> ModuleType:
                 f"arrays on different backends were mixed ({kinds}): "
                 "move them to one device first with capsnet.backend.to_device"
             )
-        return _cupy  # type: ignore[return-value]
+        return _imported_cupy()  # type: ignore[return-value]
     return numpy
+
+
+def device_key(where: Any) -> tuple:
+    """Which device an array lives on, or an array module allocates on now:
+    ``("numpy",)`` or ``("cupy", device id)``. Memory kept for one device (a
+    workspace, a cached spectrum, DFT tables) is no use on another, so caches
+    key on this rather than on the array module alone."""
+    if where is numpy or isinstance(where, numpy.ndarray):
+        return ("numpy",)
+    cupy = _imported_cupy()
+    if cupy is not None:
+        if where is cupy:
+            return ("cupy", int(cupy.cuda.Device().id))
+        if isinstance(where, cupy.ndarray):
+            return ("cupy", int(where.device.id))
+    if isinstance(where, ModuleType):
+        raise BackendError(f"device_key expected numpy, cupy or an array of either, got module {where.__name__!r}")
+    return ("numpy",)
 
 
 def backend_of(array: Any) -> str:
@@ -186,5 +217,6 @@ def rng(seed: int | None = None, backend: str | None = None) -> Any:
 
 def synchronize(array: Any = None) -> None:
     """Wait for queued GPU work (no-op on NumPy); for timing and logging only."""
-    if _cupy is not None and (array is None or is_cupy_array(array)):
-        _cupy.cuda.get_current_stream().synchronize()
+    cupy = _imported_cupy()
+    if cupy is not None and (array is None or is_cupy_array(array)):
+        cupy.cuda.get_current_stream().synchronize()

@@ -146,8 +146,7 @@ def check_module(
     def f() -> Any:
         module.train()
         value = _weighted_sum(module.forward(*inputs, **forward_kwargs), weights)
-        for m in module.modules():
-            m._cache = None
+        module.release()
         return value
 
     results = []

@@ -10,9 +10,9 @@ import pytest
 from capsnet import backend
 from capsnet.gradcheck import check_module
 from capsnet.layers import Conv2d
-from capsnet.layers.base import Workspace
 from capsnet.layers.conv import conv2d_nhwc, conv2d_nhwc_backward
 from capsnet.layers.fourier import (
+    Workspace,
     _frequencies,
     _tables,
     conv2d_fourier_nhwc,
@@ -186,16 +186,16 @@ def test_conv2d_inference_workspace_is_reused_and_released(xp, host_rng):
     xs = [host_rng.standard_normal((2, 3, 11, 11)) for _ in range(2)]
     layer.eval()
     outs = [host(layer.forward(dev(x))) for x in xs]  # the second call reuses the first call's arrays
-    held = layer._workspace.nbytes
+    held = layer.held_nbytes()
     assert held > 0
     w, b = host(layer.weight.data), host(layer.bias.data)
     for x, y in zip(xs, outs):
         np.testing.assert_allclose(y, naive_conv2d(x, w, b, 2, 0), rtol=1e-10, atol=1e-12)
     layer.forward(dev(xs[0]))
-    assert layer._workspace.nbytes == held
+    assert layer.held_nbytes() == held
     layer.train()
     layer.forward(dev(xs[0]))  # a training forward gives the memory back
-    assert layer._workspace.nbytes == 0
+    assert layer._fourier.nbytes == 0  # a training forward's own state is in its cache
 
 
 def test_training_steps_reuse_the_spectra_arrays_correctly(xp, host_rng):
@@ -213,7 +213,7 @@ def test_training_steps_reuse_the_spectra_arrays_correctly(xp, host_rng):
         gy = dev(host_rng.standard_normal(y_d.shape))
         np.testing.assert_allclose(host(fourier.backward(gy)), host(direct.backward(gy)), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(host(fourier.weight.grad), host(direct.weight.grad), rtol=1e-10, atol=1e-12)
-    assert fourier._spare is not None
+    assert fourier._fourier.holds_spare
 
 
 def test_flops_per_image_with_the_fourier_primary_conv():
@@ -256,4 +256,4 @@ def test_inference_weight_spectrum_follows_every_weight_change(xp, host_rng):
     check()
     layer.train()
     layer.forward(dev(x))
-    assert layer._weight_spectrum._spectrum is None  # a training forward drops it
+    assert not layer._fourier.holds_weight_spectrum  # a training forward drops it

@@ -1,4 +1,13 @@
-"""Layers: a Module class for each, and beside it the pure forward/backward functions."""
+"""Layers: a Module class for each, and beside it the pure forward/backward functions.
+
+The submodules are ``base`` (Parameter, Module, Sequential), ``dense`` (Linear),
+``activation`` (ReLU, Sigmoid), ``conv`` (Conv2d, im2col), ``fourier`` (the
+Fourier-domain convolution), ``capsule`` (squash, PrimaryCaps, DigitCaps, routing)
+and ``loss``. No name below is also the name of a submodule, so
+``import capsnet.layers.dense`` and ``from capsnet.layers import linear`` each give
+what they say.
+"""
+from capsnet.layers.activation import ReLU, Sigmoid, relu, relu_backward, sigmoid, sigmoid_backward
 from capsnet.layers.base import Module, Parameter, Sequential
 from capsnet.layers.capsule import (
     CapsuleLength,
@@ -18,17 +27,7 @@ from capsnet.layers.capsule import (
     squash_backward,
 )
 from capsnet.layers.conv import Conv2d, col2im, conv2d, conv2d_backward, im2col
-from capsnet.layers.linear import (
-    Linear,
-    ReLU,
-    Sigmoid,
-    linear,
-    linear_backward,
-    relu,
-    relu_backward,
-    sigmoid,
-    sigmoid_backward,
-)
+from capsnet.layers.dense import Linear, linear, linear_backward
 from capsnet.layers.loss import (
     MarginLoss,
     ReconstructionLoss,
@@ -38,4 +37,43 @@ from capsnet.layers.loss import (
     reconstruction_loss_backward,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "CapsuleLength",
+    "Conv2d",
+    "DigitCaps",
+    "Linear",
+    "MarginLoss",
+    "Mask",
+    "Module",
+    "Parameter",
+    "PrimaryCaps",
+    "ReLU",
+    "ReconstructionLoss",
+    "RoutingState",
+    "Sequential",
+    "Sigmoid",
+    "Squash",
+    "capsule_length",
+    "capsule_length_backward",
+    "capsule_predictions",
+    "capsule_predictions_backward",
+    "col2im",
+    "conv2d",
+    "conv2d_backward",
+    "dynamic_routing",
+    "dynamic_routing_backward",
+    "im2col",
+    "linear",
+    "linear_backward",
+    "margin_loss",
+    "margin_loss_backward",
+    "reconstruction_loss",
+    "reconstruction_loss_backward",
+    "relu",
+    "relu_backward",
+    "sigmoid",
+    "sigmoid_backward",
+    "softmax",
+    "squash",
+    "squash_backward",
+]

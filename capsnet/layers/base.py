@@ -1,7 +1,6 @@
 """Parameter, Module and Sequential: the state and bookkeeping every layer shares."""
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -32,40 +31,36 @@ class Parameter:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, backend={backend.backend_of(self.data)!r})"
 
 
+def _nbytes(value: Any) -> int:
+    """Bytes of the arrays in a cache: an array, or tuples, lists and dicts of them
+    (a workspace in a cache is skipped: the arrays taken from it are counted)."""
+    if value is None:
+        return 0
+    if hasattr(value, "nbytes") and hasattr(value, "shape"):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution along one axis: (size + 2 padding - kernel) // stride + 1."""
+    out = (size + 2 * padding - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"convolution output would be empty: input {size} px, kernel {kernel}, "
+            f"stride {stride}, padding {padding}"
+        )
+    return out
+
+
 def resolve_dtype(dtype: Any) -> np.dtype:
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):
         raise TypeError(f"capsnet works in float32 or float64, got dtype {dt}")
     return dt
-
-
-class Workspace:
-    """Named scratch arrays kept from one call to the next.
-
-    A fresh 100 MB array costs its page faults (about 10 ms per 126 MB on the
-    2-core test machine) every time; an array kept here is reused by the next
-    call that asks for the same name, if it is large enough. Whatever a call
-    takes from a workspace is overwritten by the next call, so only scratch that
-    does not outlive the call may come from one. :meth:`clear` frees it all.
-    """
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, Any] = {}
-
-    def get(self, xp: Any, name: str, shape: tuple, dtype: Any) -> Any:
-        """An uninitialised array of ``shape`` and ``dtype`` on backend ``xp``."""
-        n = math.prod(shape)
-        buf = self._arrays.get(name)
-        if buf is None or buf.dtype != np.dtype(dtype) or buf.size < n or backend.get_array_module(buf) is not xp:
-            buf = self._arrays[name] = xp.empty(n, dtype=dtype)
-        return buf[:n].reshape(shape)
-
-    def clear(self) -> None:
-        self._arrays.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
 
 
 class Module:
@@ -127,11 +122,35 @@ class Module:
             yield from child.modules()
 
     def train(self, mode: bool = True) -> "Module":
+        """Training (True) or evaluation mode for the whole tree; leaving training
+        mode drops the cached forward passes (a backward needs training mode)."""
         for m in self.modules():
             m.training = mode
             if not mode:
                 m._cache = None
         return self
+
+    def release(self) -> "Module":
+        """Drop, in the whole tree, every cached forward pass and every scratch buffer
+        kept between calls (the Fourier convolution's workspace and spectra).
+
+        Nothing is lost but speed: the next call allocates afresh. A backward needs
+        a new forward after this."""
+        for m in self.modules():
+            m._cache = None
+            m._release_scratch()
+        return self
+
+    def _release_scratch(self) -> None:
+        """Free this module's own memory kept between calls; layers that keep some override it."""
+
+    def _scratch_nbytes(self) -> int:
+        return 0
+
+    def held_nbytes(self) -> int:
+        """Bytes the tree holds besides its parameters and gradients: cached forward
+        passes awaiting a backward, and scratch kept between calls."""
+        return sum(_nbytes(m._cache) + m._scratch_nbytes() for m in self.modules())
 
     def eval(self) -> "Module":
         return self.train(False)
@@ -156,11 +175,10 @@ class Module:
 
     def to(self, backend_name: str) -> "Module":
         """Move every parameter to 'numpy' or 'cupy'."""
+        self.release()
         for p in self.parameters():
             p.data = backend.to_device(p.data, backend_name)
             p.grad = backend.to_device(p.grad, backend_name)
-        for m in self.modules():
-            m._cache = None
         return self
 
     # -- checkpoints -------------------------------------------------------

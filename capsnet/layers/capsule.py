@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 from capsnet import backend
 from capsnet.layers.base import Module, as_rng, check_input, init_param
-from capsnet.layers.conv import Conv2d, conv_output_size
+from capsnet.layers.base import conv_output_size
+from capsnet.layers.conv import Conv2d
 
 
 # -- squash (eq. 1) ---------------------------------------------------------

@@ -11,36 +11,10 @@ import math
 from typing import Any
 
 from capsnet import backend
-from capsnet.layers.base import Module, Workspace, as_rng, check_input, init_param
-from capsnet.layers.fourier import (
-    SpectrumCache,
-    conv2d_fourier_nhwc,
-    conv2d_fourier_nhwc_backward,
-    fourier_flops,
-    fourier_geometry,
-)
+from capsnet.layers.base import Module, as_rng, check_input, conv_output_size, init_param
+from capsnet.layers.fourier import FourierConv, fourier_flops, fourier_pays_off
 
 ALGORITHMS = ("auto", "im2col", "fourier")
-# Cost of building one value of the weight spectrum, in flops of the matrix products
-# it competes with (the transform is memory-bound: transposes and a 109 MB write
-# for PrimaryCaps). Set so the break-even batch matches the one measured on the
-# 2-core test machine: training steps at batch 8 take the same time with either
-# method, at batch 16 Fourier is 10-14% faster. A training step pays the transform
-# (and the way back for the weight gradient) every call.
-WEIGHT_TRANSFORM_COST = 100
-# In inference the spectrum is reused while the weights are unchanged; what each
-# call pays is comparing them with the copy, counted per weight.
-WEIGHT_COMPARE_COST = 10
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    out = (size + 2 * padding - kernel) // stride + 1
-    if out < 1:
-        raise ValueError(
-            f"convolution output would be empty: input {size} px, kernel {kernel}, "
-            f"stride {stride}, padding {padding}"
-        )
-    return out
 
 
 def _row_groups(kh: int, kw: int, c: int, min_depth: int = 1024) -> list[range]:
@@ -195,6 +169,27 @@ def conv2d_backward(
     return gx.transpose(0, 3, 1, 2), gw, gb
 
 
+def conv2d_flops(height: int, width: int, in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int = 1, padding: int = 0, *, training: bool = True, input_grad: bool = True,
+                 algorithm: str = "im2col") -> int:
+    """Flops (2 per multiply-add) of a convolution's matrix products for one image.
+
+    The forward, and in training the weight gradient and (``input_grad``) the input
+    gradient. ``algorithm="fourier"`` counts what the Fourier method executes
+    instead of the direct convolution (:func:`~capsnet.layers.fourier.fourier_flops`;
+    its per-call weight transform, which does not grow with the batch, left out).
+    """
+    if algorithm not in ("im2col", "fourier"):
+        raise ValueError(f"algorithm must be 'im2col' or 'fourier', got {algorithm!r}")
+    k = kernel_size
+    args = (height + 2 * padding, width + 2 * padding, in_channels, out_channels, k, k, stride)
+    index = 0 if algorithm == "im2col" else 1
+    total = fourier_flops(*args)[index]
+    if training:
+        total += fourier_flops(*args, backward=True, input_grad=input_grad)[index]
+    return total
+
+
 class Conv2d(Module):
     """Convolution layer. Input (B, C, H, W) -> output (B, O, OH, OW).
 
@@ -229,9 +224,7 @@ class Conv2d(Module):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"Conv2d algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         self.algorithm = algorithm
-        self._workspace = Workspace()  # the Fourier method's scratch in inference, reused across calls
-        self._spare: Workspace | None = None  # spectra arrays of the last training step, for the next
-        self._weight_spectrum = SpectrumCache()  # in inference, reused while the weights are unchanged
+        self._fourier = FourierConv()  # the Fourier method's memory between calls (Module.release frees it)
         for name, value, low in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -259,32 +252,31 @@ class Conv2d(Module):
     def algorithm_for(self, height: int, width: int, batch: int) -> str:
         """The method used for a batch of height x width inputs: "im2col" or "fourier".
 
-        "auto" compares flops: the Fourier method saves ``direct - fourier`` per image
-        (:func:`~capsnet.layers.fourier.fourier_flops`; in training for the forward
-        and the gradients). In training it pays a transform of the weights each
-        call, there and back, counted as WEIGHT_TRANSFORM_COST flops per spectrum
-        value; in inference only the check that the weights are unchanged
-        (WEIGHT_COMPARE_COST per weight).
-        On the 2-core test machine this picks Fourier for PrimaryCaps in training
-        from batch 8 and in inference at every batch size (batch 1: 15 ms against
-        20 ms per ``predict``). Its memory is not weighed: in training the weight
-        spectrum (109 MB for PrimaryCaps) is held from forward to backward.
+        "auto" asks :func:`~capsnet.layers.fourier.fourier_pays_off`, which weighs the
+        flops the Fourier method saves over the batch against transforming the weights
+        (in training, every call) or checking that they are unchanged (in inference).
+        On the 2-core test machine it picks Fourier for PrimaryCaps in training from
+        batch 8 and in inference at every batch size (batch 1: 15 ms against 20 ms
+        per ``predict``).
         """
         if self.algorithm != "auto":
             return self.algorithm
         k, p = self.kernel_size, self.padding
-        h, w = height + 2 * p, width + 2 * p
-        args = (h, w, self.in_channels, self.out_channels, k, k, self.stride)
-        direct, fourier = fourier_flops(*args)
-        saving = direct - fourier
-        if self.training:
-            direct, fourier = fourier_flops(*args, backward=True, input_grad=self.input_grad)
-            saving += direct - fourier
-            spectrum = 2 * fourier_geometry(h, w, k, k, self.stride)["bins"] * self.stride**2 * self.in_channels
-            weight_cost = 2 * WEIGHT_TRANSFORM_COST * spectrum * self.out_channels
-        else:
-            weight_cost = WEIGHT_COMPARE_COST * self.weight.data.size
-        return "fourier" if batch * saving > weight_cost else "im2col"
+        return "fourier" if fourier_pays_off(height + 2 * p, width + 2 * p, self.in_channels, self.out_channels,
+                                             k, self.stride, batch, training=self.training,
+                                             input_grad=self.input_grad) else "im2col"
+
+    def flops_per_image(self, height: int, width: int, *, training: bool = True,
+                        algorithm: str = "im2col") -> int:
+        """:func:`conv2d_flops` of this layer for one height x width image."""
+        return conv2d_flops(height, width, self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                            self.padding, training=training, input_grad=self.input_grad, algorithm=algorithm)
+
+    def _release_scratch(self) -> None:
+        self._fourier.release()
+
+    def _scratch_nbytes(self) -> int:
+        return self._fourier.nbytes
 
     def forward_nhwc(self, x_nhwc: Any) -> Any:
         """(B, H, W, C) -> (B, OH, OW, O), for layers that stay channels-last."""
@@ -295,35 +287,18 @@ class Conv2d(Module):
         conv_output_size(x_nhwc.shape[1], self.kernel_size, self.stride, self.padding)
         conv_output_size(x_nhwc.shape[2], self.kernel_size, self.stride, self.padding)
         if self.training:
-            # memory kept by inference calls goes back before a training step
-            self._workspace.clear()
-            self._weight_spectrum.clear()
+            self._fourier.start_training()  # memory kept by inference calls goes back before a training step
         if self.algorithm_for(x_nhwc.shape[1], x_nhwc.shape[2], x_nhwc.shape[0]) == "fourier":
-            if self.training:
-                # the spectra live in the cache until backward; the arrays of the last
-                # step's, handed back by its backward, are reused (a forward with no
-                # backward in between gets fresh ones)
-                work, keep, self._spare = None, self._spare or Workspace(), None
-                weight_cache = None
-            else:
-                work = keep = self._workspace
-                weight_cache = self._weight_spectrum
-                self._spare = None  # the training step's spectra arrays are not needed in inference
-            y, cache = conv2d_fourier_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, work, keep,
-                                           weight_cache)
-            self._save("fourier", cache, keep)
+            y, saved = self._fourier.forward(x_nhwc, self.weight.data, b, self.stride, self.padding, self.training)
+            self._save("fourier", saved)
             return y
-        self._save("im2col", x_nhwc, None)
+        self._save("im2col", x_nhwc)
         return conv2d_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding)
 
     def backward_nhwc(self, grad_y: Any) -> Any:
-        method, saved, keep = self._pop()
+        method, saved = self._pop()
         args = (grad_y, saved, self.weight.data, self.stride, self.padding, self.input_grad)
-        if method == "fourier":
-            gx, gw, gb = conv2d_fourier_nhwc_backward(*args)
-            self._spare = keep
-        else:
-            gx, gw, gb = conv2d_nhwc_backward(*args)
+        gx, gw, gb = self._fourier.backward(*args) if method == "fourier" else conv2d_nhwc_backward(*args)
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb
@@ -345,6 +320,7 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_backward",
+    "conv2d_flops",
     "conv2d_nhwc",
     "conv2d_nhwc_backward",
     "conv_output_size",

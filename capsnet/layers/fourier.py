@@ -29,19 +29,42 @@ Arrays are channels-last: x (B, H, W, C), weight (O, C, KH, KW) as everywhere.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
 
 from capsnet import backend
+from capsnet.layers.base import conv_output_size
+
+__all__ = [
+    "FourierConv",
+    "SpectrumCache",
+    "Workspace",
+    "conv2d_fourier_nhwc",
+    "conv2d_fourier_nhwc_backward",
+    "fourier_flops",
+    "fourier_geometry",
+    "fourier_pays_off",
+    "input_spectrum",
+    "weight_spectrum",
+]
+
+# Cost of building one value of the weight spectrum, in flops of the matrix products
+# it competes with (the transform is memory-bound: transposes and a 109 MB write
+# for PrimaryCaps). Set so the break-even batch matches the one measured on the
+# 2-core test machine: training steps at batch 8 take the same time with either
+# method, at batch 16 Fourier is 10-14% faster. A training step pays the transform
+# (and the way back for the weight gradient) every call.
+WEIGHT_TRANSFORM_COST = 100
+# In inference the spectrum is reused while the weights are unchanged; what each
+# call pays is comparing them with the copy, counted per weight.
+WEIGHT_COMPARE_COST = 10
 
 
 def fourier_geometry(h: int, w: int, kh: int, kw: int, stride: int) -> dict:
     """Sizes of the polyphase Fourier formulation for an (already padded) h x w input."""
-    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"convolution output would be empty: input {h}x{w} px (padded), kernel {kh}x{kw}, "
-                         f"stride {stride}")
+    oh, ow = conv_output_size(h, kh, stride, 0), conv_output_size(w, kw, stride, 0)
     uh, uw = -(-kh // stride), -(-kw // stride)  # sub-kernel extent
     ny, nx = oh + uh - 1, ow + uw - 1  # polyphase grid: the valid outputs never wrap
     return {"oh": oh, "ow": ow, "ny": ny, "nx": nx, "bins": len(_frequencies(ny, nx)[0])}
@@ -141,13 +164,8 @@ class _Plan:
 _PLANS: dict = {}
 
 
-def _device(xp: Any) -> tuple:
-    """Which backend and, on CuPy, which GPU: arrays cached for one are no use on another."""
-    return (xp.__name__,) if xp.__name__ == "numpy" else (xp.__name__, int(xp.cuda.Device().id))
-
-
 def _plan(xp: Any, dtype: Any, kh: int, kw: int, stride: int, g: dict) -> _Plan:
-    key = (*_device(xp), np.dtype(dtype).name, kh, kw, stride, g["ny"], g["nx"], g["oh"], g["ow"])
+    key = (*backend.device_key(xp), np.dtype(dtype).name, kh, kw, stride, g["ny"], g["nx"], g["oh"], g["ow"])
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 64:  # inputs of ever-changing sizes: start over rather than grow
@@ -191,6 +209,37 @@ def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None,
     return spec.reshape(g["bins"], 2, s * s * c, o)
 
 
+class Workspace:
+    """Named scratch arrays kept from one call to the next.
+
+    A fresh 100 MB array costs its page faults (about 10 ms per 126 MB on the
+    2-core test machine) every time; an array kept here is reused by the next
+    call that asks for the same name, if it is large enough and on the same
+    device. Whatever a call takes from a workspace is overwritten by the next
+    call, so only scratch that does not outlive the call may come from one.
+    :meth:`clear` frees it all.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, Any] = {}
+
+    def get(self, xp: Any, name: str, shape: tuple, dtype: Any) -> Any:
+        """An uninitialised array of ``shape`` and ``dtype`` on backend ``xp`` (its current device)."""
+        n = math.prod(shape)
+        buf = self._arrays.get(name)
+        if (buf is None or buf.dtype != np.dtype(dtype) or buf.size < n
+                or backend.device_key(buf) != backend.device_key(xp)):
+            buf = self._arrays[name] = xp.empty(n, dtype=dtype)
+        return buf[:n].reshape(shape)
+
+    def clear(self) -> None:
+        self._arrays.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
+
+
 class SpectrumCache:
     """The weight spectrum of the last call, reused while the weights stay the same.
 
@@ -212,12 +261,17 @@ class SpectrumCache:
 
     def get(self, w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
         xp = backend.get_array_module(w)
-        key = (stride, g["ny"], g["nx"], w.shape, w.dtype, *_device(xp))
+        key = (stride, g["ny"], g["nx"], w.shape, w.dtype, *backend.device_key(w))
         if key != self._key or not bool(xp.array_equal(self._weights, w)):
             self.clear()
             self._spectrum = weight_spectrum(w, stride, plan, g, work)
             self._weights, self._key = w.copy(), key
         return self._spectrum
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the spectrum and the copy of the weights it was made from."""
+        return sum(a.nbytes for a in (self._spectrum, self._weights) if a is not None)
 
 
 def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None, keep: Any = None) -> Any:
@@ -335,3 +389,98 @@ def conv2d_fourier_nhwc_backward(
         th, tw = len(range(p, kh, s)), len(range(q, kw, s))
         grad_w[:, :, p::s, q::s] = taps[:, :, :th, :tw].transpose(1, 0, 2, 3)
     return grad_x, grad_w, grad_y.reshape(-1, o).sum(axis=0)
+
+
+def fourier_pays_off(h: int, w: int, c: int, o: int, k: int, stride: int, batch: int, *,
+                     training: bool, input_grad: bool = True) -> bool:
+    """Whether the Fourier method is the cheaper one for a batch of (padded) h x w inputs.
+
+    It saves ``direct - fourier`` flops per image (:func:`fourier_flops`; in
+    training for the forward and the gradients). A training call pays a transform
+    of the weights, there and back, counted as WEIGHT_TRANSFORM_COST flops per
+    spectrum value; an inference call only the check that the weights are
+    unchanged (WEIGHT_COMPARE_COST per weight). On the 2-core test machine this
+    picks Fourier for PrimaryCaps in training from batch 8 and in inference at
+    every batch size. Memory is not weighed: in training the weight spectrum
+    (109 MB for PrimaryCaps) is held from forward to backward.
+    """
+    args = (h, w, c, o, k, k, stride)
+    direct, fourier = fourier_flops(*args)
+    saving = direct - fourier
+    if training:
+        direct, fourier = fourier_flops(*args, backward=True, input_grad=input_grad)
+        saving += direct - fourier
+        spectrum = 2 * fourier_geometry(h, w, k, k, stride)["bins"] * stride**2 * c
+        weight_cost = 2 * WEIGHT_TRANSFORM_COST * spectrum * o
+    else:
+        weight_cost = WEIGHT_COMPARE_COST * o * c * k * k
+    return batch * saving > weight_cost
+
+
+class FourierConv:
+    """What one convolution layer keeps between calls of the Fourier method, and its release.
+
+    - In inference: a :class:`Workspace` of scratch reused call after call, and the
+      weight spectrum (:class:`SpectrumCache`), reused while the weights are unchanged.
+    - In training: the spectra arrays of the last step, handed back by its backward
+      and reused by the next forward, so a step does not pay their page faults again.
+
+    A training forward gives the inference memory back; an inference forward drops
+    the training step's arrays. :meth:`release` frees everything; :attr:`nbytes`
+    says how much is held. ``Conv2d`` owns one and calls :meth:`release` from
+    ``Module.release``.
+    """
+
+    def __init__(self) -> None:
+        self._scratch = Workspace()
+        self._weights = SpectrumCache()
+        self._spare: Workspace | None = None
+
+    def start_training(self) -> None:
+        """Free what inference keeps (called by every training forward, whatever its method)."""
+        self._scratch.clear()
+        self._weights.clear()
+
+    def forward(self, x_nhwc: Any, w: Any, b: Any | None, stride: int, padding: int,
+                training: bool) -> tuple[Any, tuple]:
+        """:func:`conv2d_fourier_nhwc` with this layer's memory; returns (y, saved for :meth:`backward`)."""
+        if training:
+            self.start_training()
+            # the spectra live in the saved state until backward; the last step's arrays,
+            # handed back by its backward, are reused (a forward with no backward in
+            # between gets fresh ones)
+            work, keep, self._spare = None, self._spare or Workspace(), None
+            weight_cache = None
+        else:
+            work = keep = self._scratch
+            weight_cache = self._weights
+            self._spare = None  # the training step's spectra arrays are not needed in inference
+        y, cache = conv2d_fourier_nhwc(x_nhwc, w, b, stride, padding, work, keep, weight_cache)
+        return y, (cache, keep)
+
+    def backward(self, grad_y: Any, saved: tuple, w: Any, stride: int, padding: int,
+                 need_input_grad: bool = True) -> tuple[Any | None, Any, Any]:
+        """:func:`conv2d_fourier_nhwc_backward` of a training :meth:`forward`."""
+        cache, keep = saved
+        grads = conv2d_fourier_nhwc_backward(grad_y, cache, w, stride, padding, need_input_grad)
+        self._spare = keep
+        return grads
+
+    def release(self) -> None:
+        """Free the scratch, the cached weight spectrum and the spare spectra arrays."""
+        self.start_training()
+        self._spare = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held between calls (not counting a forward's state awaiting its backward)."""
+        spare = self._spare.nbytes if self._spare is not None else 0
+        return self._scratch.nbytes + self._weights.nbytes + spare
+
+    @property
+    def holds_weight_spectrum(self) -> bool:
+        return self._weights.nbytes > 0
+
+    @property
+    def holds_spare(self) -> bool:
+        return self._spare is not None

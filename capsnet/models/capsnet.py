@@ -8,9 +8,10 @@ from typing import Any
 from capsnet import backend
 from capsnet.layers.base import Module, Sequential, as_rng, check_input
 from capsnet.layers.capsule import CapsuleLength, DigitCaps, Mask, PrimaryCaps
-from capsnet.layers.conv import Conv2d, conv_output_size
-from capsnet.layers.fourier import fourier_flops
-from capsnet.layers.linear import Linear, ReLU, Sigmoid
+from capsnet.layers.base import conv_output_size
+from capsnet.layers.conv import Conv2d, conv2d_flops
+from capsnet.layers.activation import ReLU, Sigmoid
+from capsnet.layers.dense import Linear
 from capsnet.layers.loss import MarginLoss, ReconstructionLoss
 
 
@@ -122,8 +123,8 @@ class CapsNet(Module):
             g_mask = self.mask.backward(g_masked)
             g_v = g_mask if g_v is None else g_v + g_mask
         else:
-            for m in (self.mask, *self.decoder.modules()):
-                m._cache = None
+            self.mask.release()
+            self.decoder.release()
         if g_v is None:
             raise ValueError("CapsNet.backward needs grad_lengths, grad_recon or both")
         g_h = self.relu.backward(self.primary.backward_nhwc(self.digit.backward(g_v)))
@@ -190,7 +191,7 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     The default counts the network as defined (direct convolution); this is the
     count a FLOP bound uses. ``primary_algorithm="fourier"`` counts what the
     Fourier method actually executes for PrimaryCaps instead (its per-frequency
-    products and DFTs, :func:`capsnet.layers.fourier.fourier_flops`). The per-call
+    products and DFTs, :func:`capsnet.layers.conv.conv2d_flops`). The per-call
     weight transform, which does not grow with the batch, is left out.
     """
     if primary_algorithm not in ("im2col", "fourier"):
@@ -212,12 +213,9 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     total = 2 * (forward + backward) if training else 2 * forward
     if primary_algorithm == "fourier":
         args = (oh1, ow1, config.conv_channels, config.primary_types * config.primary_dim,
-                config.primary_kernel, config.primary_kernel, config.primary_stride)
-        direct, fourier = fourier_flops(*args)
-        total -= direct - fourier
-        if training:
-            direct, fourier = fourier_flops(*args, backward=True)
-            total -= direct - fourier
+                config.primary_kernel, config.primary_stride)
+        total -= (conv2d_flops(*args, training=training, algorithm="im2col")
+                  - conv2d_flops(*args, training=training, algorithm="fourier"))
     return total
 
 

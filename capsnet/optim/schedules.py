@@ -15,9 +15,7 @@ import math
 import numbers
 from typing import Any
 
-import numpy as np
-
-from capsnet.optim.optimizers import Optimizer
+from capsnet.optim.optimizers import Optimizer, _item
 
 __all__ = ["ExponentialLR", "LRSchedule", "StepLR"]
 
@@ -37,10 +35,6 @@ def _count(owner: str, name: str, value: Any, low: int) -> int:
     if value < low:
         raise ValueError(f"{owner}: {name} must be >= {low}, got {value}")
     return int(value)
-
-
-def _item(value: Any) -> Any:
-    return value.item() if isinstance(value, (np.ndarray, np.generic)) else value
 
 
 class LRSchedule:
