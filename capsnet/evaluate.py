@@ -8,7 +8,7 @@ from pathlib import Path
 
 from capsnet import backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist, to_float
-from capsnet.training import CheckpointError, evaluate, load_model
+from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        backend.set_backend(args.backend)
-        model, header = load_model(args.checkpoint, args.backend)
-        data = load_mnist(args.data_dir, progress=not args.no_progress)
-        n = min(args.test_limit or len(data.test_labels), len(data.test_labels))
-        x = to_float(data.test_images[:n], model.dtype)
-        y = backend.xp().asarray(data.test_labels[:n])
-        result = evaluate(model, x, y, batch_size=args.batch_size, progress=not args.no_progress,
-                          recon_weight=header["train_config"]["recon_weight"])
+        with backend.use(args.backend) as xp:
+            model, header = load_model(args.checkpoint, args.backend)
+            data = load_mnist(args.data_dir, progress=not args.no_progress)
+            n = min(args.test_limit or len(data.test_labels), len(data.test_labels))
+            x = to_float(data.test_images[:n], model.dtype, xp)
+            y = xp.asarray(data.test_labels[:n])
+            result = evaluate_mnist(model, x, y, batch_size=args.batch_size, progress=not args.no_progress,
+                                    recon_weight=train_config_of(header, args.checkpoint).recon_weight)
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

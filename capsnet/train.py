@@ -9,7 +9,7 @@ from pathlib import Path
 from capsnet import backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models.capsnet import CapsNetConfig
-from capsnet.training import CheckpointError, Trainer, TrainConfig
+from capsnet.training import CapsNetTrainer, CheckpointError, TrainConfig, train_config_of
 from capsnet.training.checkpoint import load_checkpoint
 
 MODEL_FLAGS = {
@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     base = TrainConfig()
     try:
         if resume and (out / "checkpoint.npz").exists():
-            base = TrainConfig.from_dict(load_checkpoint(out / "checkpoint.npz")[0]["train_config"])
+            path = out / "checkpoint.npz"
+            base = train_config_of(load_checkpoint(path)[0], path)
         cfg = config_from_args(args, base)
-        history = Trainer(cfg, out, progress=not getattr(args, "no_progress", False)).run(resume=resume)
+        history = CapsNetTrainer(cfg, out, progress=not getattr(args, "no_progress", False)).fit(resume=resume)
     except KeyboardInterrupt:
         return 130
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from capsnet import backend, evaluate as evaluate_cli, train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
-from capsnet.training import CheckpointError, Trainer, TrainConfig, load_model, load_weights
+from capsnet.training import CapsNetTrainer, CheckpointError, TrainConfig, load_model, load_weights
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=[32, 64])
@@ -22,7 +24,7 @@ def small_config(mnist_dir, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def weights(trainer: Trainer) -> dict:
+def weights(trainer: CapsNetTrainer) -> dict:
     return trainer.model.state_dict()
 
 
@@ -32,7 +34,7 @@ def test_small_capsnet_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path):
     model = {**CapsNetConfig().as_dict(), "conv_channels": 64, "primary_types": 8}
     cfg = TrainConfig(data_dir=str(mnist_dir), epochs=4, batch_size=100, train_limit=5000,
                       test_limit=1000, model=model)
-    history = Trainer(cfg, tmp_path / "run", progress=False).run()
+    history = CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
     assert history[-1]["test_accuracy"] >= 0.95, history
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
@@ -42,17 +44,17 @@ def test_small_capsnet_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path):
 @pytest.mark.parametrize("stop_at", [(0, 2), (1, 0), (1, 5)])
 def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, stop_at):
     cfg = small_config(mnist_dir)
-    straight = Trainer(cfg, tmp_path / "straight", progress=False)
-    straight.run()
+    straight = CapsNetTrainer(cfg, tmp_path / "straight", progress=False)
+    straight.fit()
 
     def interrupt(trainer, epoch, step):
         if (epoch, step) == stop_at:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).run()
-    resumed = Trainer(cfg, tmp_path / "resumed", progress=False)
-    resumed.run(resume=True)
+        CapsNetTrainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).fit()
+    resumed = CapsNetTrainer(cfg, tmp_path / "resumed", progress=False)
+    resumed.fit(resume=True)
     a, b = weights(straight), weights(resumed)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -64,10 +66,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, 
 
 def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
-    Trainer(cfg, tmp_path / "run", progress=False).run()
+    CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
     other = small_config(mnist_dir, epochs=2, model={**cfg.model, "digit_dim": 4})
     with pytest.raises(CheckpointError, match="digit_dim: checkpoint has 8, asked for 4"):
-        Trainer(other, tmp_path / "run", progress=False).run(resume=True)
+        CapsNetTrainer(other, tmp_path / "run", progress=False).fit(resume=True)
     model = CapsNet(CapsNetConfig.from_dict({**cfg.model, "conv_channels": 8}))
     with pytest.raises(CheckpointError, match="conv_channels"):
         load_weights(model, tmp_path / "run" / "checkpoint.npz")
@@ -76,10 +78,10 @@ def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_pat
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        Trainer(cfg, tmp_path / "empty", progress=False).run(resume=True)
-    Trainer(cfg, tmp_path / "run", progress=False).run()
+        CapsNetTrainer(cfg, tmp_path / "empty", progress=False).fit(resume=True)
+    CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
     with pytest.raises(CheckpointError, match="--resume"):
-        Trainer(cfg, tmp_path / "run", progress=False).run()
+        CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
@@ -144,3 +146,33 @@ def test_help_explains_the_options(capsys):
                  "--recon-weight", "--data-dir", "--out", "--seed", "--dtype", "--resume", "--train-limit",
                  "--test-limit"):
         assert flag in text
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def test_a_run_folder_from_capsnet_0_1_resumes_to_the_same_weights(mnist_dir, tmp_path):
+    """tests/data/run-v0.1 was written by capsnet 0.1's MNIST-only trainer (commit 84771ba):
+    a tiny CapsNet stopped by Ctrl-C after step 3 of epoch 1. uninterrupted-weights.npz
+    holds that version's weights at the end of the same run without the stop."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.npz", "config.json"):
+        shutil.copy(DATA / "run-v0.1" / name, run / name)
+    assert train_cli.main(["--out", str(run), "--resume", "--data-dir", str(mnist_dir), "--no-progress"]) == 0
+    _, state, _ = load_checkpoint(run / "checkpoint.npz")
+    with np.load(DATA / "run-v0.1" / "uninterrupted-weights.npz") as expected:
+        assert sorted(expected.files) == sorted(state)
+        for name in expected.files:
+            np.testing.assert_array_equal(state[name], expected[name], err_msg=name)
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_checkpoint_from_an_unknown_loop_version_is_refused_with_the_reason(mnist_dir, tmp_path):
+    cfg = small_config(mnist_dir, epochs=1)
+    CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
+    header, model_state, optim_state = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    save_checkpoint(tmp_path / "run" / "checkpoint.npz", model_state=model_state, optimizer_state=optim_state,
+                    header={**header, "loop_version": 99})
+    with pytest.raises(CheckpointError, match="loop_version 99"):
+        CapsNetTrainer(small_config(mnist_dir, epochs=2), tmp_path / "run", progress=False).fit(resume=True)

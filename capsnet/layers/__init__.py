@@ -1,6 +1,6 @@
 """Layers: a Module class for each, and beside it the pure forward/backward functions.
 
-The submodules are ``base`` (Parameter, Module, Sequential), ``dense`` (Linear),
+The submodules are ``base`` (Parameter, Module, Sequential), ``dense`` (Linear, Flatten),
 ``activation`` (ReLU, Sigmoid), ``conv`` (Conv2d, im2col), ``fourier`` (the
 Fourier-domain convolution), ``capsule`` (squash, PrimaryCaps, DigitCaps, routing)
 and ``loss``. No name below is also the name of a submodule, so
@@ -27,7 +27,7 @@ from capsnet.layers.capsule import (
     squash_backward,
 )
 from capsnet.layers.conv import Conv2d, col2im, conv2d, conv2d_backward, im2col
-from capsnet.layers.dense import Linear, linear, linear_backward
+from capsnet.layers.dense import Flatten, Linear, linear, linear_backward
 from capsnet.layers.loss import (
     MarginLoss,
     ReconstructionLoss,
@@ -41,6 +41,7 @@ __all__ = [
     "CapsuleLength",
     "Conv2d",
     "DigitCaps",
+    "Flatten",
     "Linear",
     "MarginLoss",
     "Mask",

@@ -1,4 +1,4 @@
-"""The fully connected layer: ``linear`` / ``linear_backward`` and ``Linear``."""
+"""The fully connected layer (``linear`` / ``linear_backward`` and ``Linear``) and ``Flatten``."""
 from __future__ import annotations
 
 import math
@@ -53,4 +53,23 @@ class Linear(Module):
         return gx
 
 
-__all__ = ["Linear", "linear", "linear_backward"]
+
+
+class Flatten(Module):
+    """(B, d1, d2, ...) -> (B, d1 * d2 * ...): the bridge from images to Linear layers.
+
+    backward reshapes the gradient back to the input's shape.
+    """
+
+    def forward(self, x: Any) -> Any:
+        if not hasattr(x, "shape") or len(x.shape) < 1:
+            raise ValueError(f"Flatten expected an array with a batch axis, got {getattr(x, 'shape', type(x))}")
+        self._save(tuple(x.shape))
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out: Any) -> Any:
+        (shape,) = self._pop()
+        return grad_out.reshape(shape)
+
+
+__all__ = ["Flatten", "Linear", "linear", "linear_backward"]

@@ -156,21 +156,23 @@ class CapsNet(Module):
         return recon
 
 
-class CapsNetLoss:
+class CapsNetLoss(Module):
     """Total loss: margin loss on the lengths plus the weighted reconstruction loss.
 
     ``loss = criterion(lengths, recon, labels, images)`` returns a 0-d array and
     keeps both parts in ``.margin`` and ``.reconstruction``; ``criterion.backward()``
-    returns (dL/dlengths, dL/drecon) for :meth:`CapsNet.backward`.
+    returns (dL/dlengths, dL/drecon) for :meth:`CapsNet.backward`. Like every
+    module it caches its inputs for the backward in training mode only.
     """
 
     def __init__(self, recon_weight: float = 0.0005, m_plus: float = 0.9, m_minus: float = 0.1,
                  lam: float = 0.5):
+        super().__init__()
         self.margin_loss = MarginLoss(m_plus, m_minus, lam)
         self.recon_loss = ReconstructionLoss(recon_weight)
         self.margin = self.reconstruction = None
 
-    def __call__(self, lengths: Any, recon: Any, labels: Any, images: Any) -> Any:
+    def forward(self, lengths: Any, recon: Any, labels: Any, images: Any) -> Any:
         self.margin = self.margin_loss(lengths, labels)
         self.reconstruction = self.recon_loss(recon, images)
         return self.margin + self.reconstruction

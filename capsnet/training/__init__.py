@@ -1,6 +1,45 @@
-"""Training, evaluation and checkpoints."""
-from capsnet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from capsnet.training.trainer import Trainer, TrainConfig, evaluate, load_model, load_weights
+"""Training, evaluation and checkpoints.
 
-__all__ = ["CheckpointError", "TrainConfig", "Trainer", "evaluate", "load_checkpoint", "load_model",
-           "load_weights", "save_checkpoint"]
+:mod:`capsnet.training.loop` is the general loop (:class:`Trainer`, :func:`evaluate`,
+tasks and metrics); :mod:`capsnet.training.capsnet_mnist` is the paper's CapsNet on
+MNIST built on it (what ``python -m capsnet.train`` runs).
+"""
+from capsnet.training.capsnet_mnist import (
+    CapsNetTrainer,
+    TrainConfig,
+    build_optimizer,
+    evaluate_mnist,
+    load_model,
+    load_weights,
+    train_config_of,
+)
+from capsnet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from capsnet.training.loop import (
+    CapsNetTask,
+    SupervisedTask,
+    Trainer,
+    confusion_counts,
+    count_correct,
+    evaluate,
+    scores_of,
+)
+
+__all__ = [
+    "CapsNetTask",
+    "CapsNetTrainer",
+    "CheckpointError",
+    "SupervisedTask",
+    "TrainConfig",
+    "Trainer",
+    "build_optimizer",
+    "confusion_counts",
+    "count_correct",
+    "evaluate",
+    "evaluate_mnist",
+    "load_checkpoint",
+    "load_model",
+    "load_weights",
+    "save_checkpoint",
+    "scores_of",
+    "train_config_of",
+]

@@ -1,0 +1,185 @@
+"""The paper's CapsNet on MNIST, as one use of the general loop (:mod:`capsnet.training.loop`).
+
+This is what ``python -m capsnet.train`` runs: :class:`TrainConfig` holds every
+setting, :class:`CapsNetTrainer` builds the model, optimizer, schedule and data from
+it and trains with :class:`~capsnet.training.loop.Trainer`. Run folders written by
+capsnet 0.1 (before the general loop) resume too: their checkpoint header is
+brought to the new form on reading.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from capsnet import backend
+from capsnet.data import ArrayDataset, load_mnist, random_shift, to_float
+from capsnet.models.capsnet import CapsNet, CapsNetConfig
+from capsnet.optim import SGD, Adam, ExponentialLR
+from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
+from capsnet.training.loop import LOOP_VERSION, CapsNetTask, Trainer, confusion_counts, count_correct, evaluate
+
+__all__ = ["CapsNetTrainer", "TrainConfig", "build_optimizer", "evaluate_mnist", "load_model", "load_weights",
+           "train_config_of"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. ``model`` holds CapsNetConfig's fields."""
+
+    backend: str = "numpy"
+    dtype: str = "float32"
+    epochs: int = 10
+    batch_size: int = 100
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    lr_decay: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    recon_weight: float = 0.0005
+    max_shift: int = 2
+    seed: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    data_dir: str | None = None
+    log_every: int = 10
+    model: dict[str, Any] = field(default_factory=lambda: CapsNetConfig().as_dict())
+
+    # What a resumed run must share with its checkpoint (the rest may change:
+    # more epochs, another data folder, another backend).
+    FIXED = ("dtype", "batch_size", "optimizer", "lr", "lr_decay", "momentum", "weight_decay",
+             "recon_weight", "max_shift", "seed", "train_limit", "model")
+
+    def validate(self) -> "TrainConfig":
+        if self.backend not in backend.BACKENDS:
+            raise backend.BackendError(f"unknown backend {self.backend!r}: expected one of {backend.BACKENDS}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not (self.lr > 0 and self.lr_decay > 0 and self.recon_weight >= 0 and self.max_shift >= 0):
+            raise ValueError("lr and lr_decay must be > 0, recon_weight and max_shift >= 0")
+        CapsNetConfig.from_dict(self.model)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fixed_items(self) -> dict[str, Any]:
+        """The FIXED settings, with the model's fields spelled out one by one."""
+        out = {k: getattr(self, k) for k in self.FIXED if k != "model"}
+        out.update(CapsNetConfig.from_dict(self.model).as_dict())
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}")
+        return cls(**d)
+
+
+def build_optimizer(cfg: TrainConfig, model: CapsNet):
+    if cfg.optimizer == "adam":
+        return Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def evaluate_mnist(model: CapsNet, images: Any, labels: Any, *, batch_size: int = 100,
+                   recon_weight: float = 0.0005, progress: bool = False, desc: str = "test") -> dict[str, Any]:
+    """Accuracy, mean total loss, per-class accuracy and the confusion matrix (rows: true
+    class) of a CapsNet on images already on its device. The test set is never
+    augmented; the decoder sees the longest capsule, as at test time."""
+    k = model.config.n_classes
+    result = evaluate(model, CapsNetTask(recon_weight), ArrayDataset(images, labels), batch_size=batch_size,
+                      metrics={"accuracy": count_correct, "confusion": confusion_counts(k)}, progress=progress,
+                      desc=desc)
+    conf = np.rint(np.asarray(result["totals"]["confusion"])).astype(np.int64)
+    per_class = conf.diagonal() / np.maximum(conf.sum(axis=1), 1)
+    return {"accuracy": result["accuracy"], "loss": result["loss"], "per_class_accuracy": per_class.tolist(),
+            "confusion": conf.tolist(), "n": result["n"]}
+
+
+class CapsNetTrainer(Trainer):
+    """Trains (or resumes) the CapsNet described by ``cfg`` on MNIST in ``run_dir``.
+
+    The model is seeded with ``cfg.seed``, the data stream (order and shifts) with
+    ``cfg.seed + 1``. ``on_step(trainer, epoch, step)`` as in the general loop.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log: bool = True,
+                 on_step: Callable[[Trainer, int, int], None] | None = None):
+        self.cfg = cfg = cfg.validate()
+        data = load_mnist(cfg.data_dir, progress=progress)
+        ntr = min(cfg.train_limit or len(data.train_labels), len(data.train_labels))
+        nte = min(cfg.test_limit or len(data.test_labels), len(data.test_labels))
+        with backend.use(cfg.backend) as xp:
+            model = CapsNet(CapsNetConfig.from_dict(cfg.model), dtype=cfg.dtype, seed=cfg.seed)
+            shift = cfg.max_shift
+            train = ArrayDataset(to_float(data.train_images[:ntr], cfg.dtype, xp), xp.asarray(data.train_labels[:ntr]),
+                                 augment=lambda x, rng: random_shift(x, shift, rng))
+            test = ArrayDataset(to_float(data.test_images[:nte], cfg.dtype, xp), xp.asarray(data.test_labels[:nte]))
+        optimizer = build_optimizer(cfg, model)
+        super().__init__(model, CapsNetTask(cfg.recon_weight), optimizer, train, run_dir, epochs=cfg.epochs,
+                         batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay),
+                         metrics={"accuracy": count_correct}, seed=cfg.seed + 1, log_every=cfg.log_every,
+                         config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
+                         progress=progress, log=log, on_step=on_step)
+
+    def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Also reads the checkpoints of capsnet 0.1's MNIST trainer (no ``loop_version``)."""
+        if "loop_version" not in header and "train_config" in header:
+            return upgrade_v01_header(header)
+        return super().upgrade_header(header, path)
+
+
+def upgrade_v01_header(header: dict[str, Any]) -> dict[str, Any]:
+    """A capsnet 0.1 checkpoint header in the general loop's form: the same state,
+    renamed (running "correct" becomes the accuracy metric's sum)."""
+    old = dict(header)
+    cfg = old.pop("train_config")
+    running = old.pop("running")
+    best = old.pop("best_accuracy")
+    return {**old, "loop_version": LOOP_VERSION, "config": cfg,
+            "must_match": TrainConfig.from_dict(cfg).fixed_items(),
+            "running": {"loss": running["loss"], "seen": running["seen"],
+                        "metrics": {"accuracy": float(running["correct"])} if running["seen"] else {}},
+            "best": None if best < 0 else best, "best_key": "test_accuracy"}
+
+
+def train_config_of(header: dict[str, Any], path: str | Path) -> TrainConfig:
+    """The TrainConfig in a checkpoint header, from this version or capsnet 0.1."""
+    cfg = header.get("config") if "loop_version" in header else header.get("train_config")
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise CheckpointError(f"{path} was not written by capsnet.train (no CapsNet configuration in its header)")
+    return TrainConfig.from_dict(cfg)
+
+
+def load_model(path: str | Path, backend_name: str | None = None) -> tuple[CapsNet, dict[str, Any]]:
+    """A CapsNet rebuilt from a checkpoint's configuration, with its weights."""
+    header, model_state, _ = load_checkpoint(path)
+    cfg = train_config_of(header, path)
+    with backend.use(backend_name or backend.get_backend()):
+        model = CapsNet(CapsNetConfig.from_dict(cfg.model), dtype=cfg.dtype)
+    model.load_state_dict(model_state)
+    return model, header
+
+
+def load_weights(model: CapsNet, path: str | Path) -> None:
+    """Load a checkpoint's weights into ``model``; the configurations must match."""
+    header, model_state, _ = load_checkpoint(path)
+    saved = train_config_of(header, path).model
+    diffs = config_differences(saved, model.config.as_dict())
+    if diffs:
+        raise CheckpointError(f"{path} was trained with a different model configuration: " + "; ".join(diffs))
+    model.load_state_dict(model_state)

@@ -1,0 +1,464 @@
+"""A training loop for any model built from :mod:`capsnet.layers`.
+
+:class:`Trainer` trains a model, with a task (its loss), on a data source, in a run
+folder: ``checkpoint.npz`` (written atomically after every epoch and on Ctrl-C,
+mid-epoch included), ``best.npz`` (the best evaluation so far), ``metrics.jsonl``
+(one JSON line per epoch) and ``config.json``. ``fit(resume=True)`` continues
+from the checkpoint and replays the data order and augmentation exactly, so on
+the CPU a resumed run ends with the same weights, bit for bit, as one that never
+stopped. The protocols it asks for:
+
+- **model**: a :class:`~capsnet.layers.Module` (``forward``, ``backward``,
+  ``parameters``, ``state_dict``/``load_state_dict``, ``train``/``eval``, ``release``).
+- **task**: ``task.forward(model, batch) -> (loss, outputs)``, with ``loss`` a 0-d
+  array, caching what the backward needs only when the model is in training
+  mode; ``task.backward(model)`` backpropagates that loss into the parameters'
+  gradients. :class:`SupervisedTask` makes one from any loss module
+  (``loss(outputs, targets)``, ``loss.backward()``), :class:`CapsNetTask` is the
+  paper's (margin plus reconstruction loss, decoder masked by the label).
+- **data**: a :class:`~capsnet.data.DataSource` (``len``, ``order(rng)``,
+  ``batch(indices, rng)``), batches ``(inputs, targets, ...)`` on the model's device.
+- **metrics**: ``{name: fn}``, with ``fn(outputs, batch)`` the *sum* over the
+  batch's examples of the quantity (a 0-d array, or any shape: a confusion matrix
+  of counts), computed on the device; the loop reports the mean per example as
+  ``train_<name>`` and ``test_<name>``. :func:`count_correct` gives accuracy.
+
+The loop's only host synchronisation is every ``log_every`` steps, when the
+running loss and metric sums are brought to the host.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from capsnet import backend
+from capsnet.layers.base import Module
+from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "CapsNetTask",
+    "Metric",
+    "SupervisedTask",
+    "Trainer",
+    "confusion_counts",
+    "count_correct",
+    "evaluate",
+    "scores_of",
+]
+
+Metric = Callable[[Any, tuple], Any]
+
+# Written into every checkpoint the loop saves; a checkpoint without it is from
+# capsnet 0.1's MNIST-only trainer (see Trainer.upgrade_header).
+LOOP_VERSION = 2
+
+
+def scores_of(outputs: Any) -> Any:
+    """The class scores in a model's outputs: the outputs, or the first of a tuple
+    (CapsNet gives (lengths, reconstructions))."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
+
+
+def count_correct(outputs: Any, batch: tuple) -> Any:
+    """How many examples of the batch have their largest score at the label (``batch[1]``)."""
+    return (scores_of(outputs).argmax(axis=1) == batch[1]).sum()
+
+
+def confusion_counts(n_classes: int) -> Metric:
+    """A metric summing the (n_classes, n_classes) confusion counts, rows the true class."""
+    def confusion(outputs: Any, batch: tuple) -> Any:
+        xp = backend.get_array_module(batch[1])
+        pred = scores_of(outputs).argmax(axis=1)
+        return xp.bincount(batch[1] * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes,
+                                                                                                 n_classes)
+    return confusion
+
+
+def _backward(model: Module, grad: Any) -> None:
+    if isinstance(grad, tuple):
+        model.backward(*grad)
+    else:
+        model.backward(grad)
+
+
+class SupervisedTask:
+    """A task from a loss module: ``outputs = model(batch[0])``, loss ``loss(outputs, batch[1])``.
+
+    ``loss.backward()`` gives the gradient of the outputs, passed on to
+    ``model.backward`` (unpacked when it is a tuple). The loss caches its inputs
+    only while the model is in training mode.
+    """
+
+    def __init__(self, loss: Module):
+        if not (hasattr(loss, "forward") and hasattr(loss, "backward")):
+            raise TypeError(f"SupervisedTask needs a loss with forward and backward, got {type(loss).__name__}")
+        self.loss = loss
+
+    def forward(self, model: Module, batch: tuple) -> tuple[Any, Any]:
+        if isinstance(self.loss, Module):
+            self.loss.train(model.training)
+        outputs = model(batch[0])
+        return self.loss(outputs, batch[1]), outputs
+
+    def backward(self, model: Module) -> None:
+        _backward(model, self.loss.backward())
+
+
+class CapsNetTask:
+    """The paper's objective for a :class:`~capsnet.models.CapsNet`: margin loss on the
+    capsule lengths plus ``recon_weight`` times the reconstruction loss. The decoder
+    sees the capsule of the label in training and the longest one in evaluation."""
+
+    def __init__(self, recon_weight: float = 0.0005):
+        from capsnet.models.capsnet import CapsNetLoss  # noqa: PLC0415 - models import training's protocols
+
+        self.criterion = CapsNetLoss(recon_weight)
+
+    def forward(self, model: Module, batch: tuple) -> tuple[Any, Any]:
+        x, y = batch[0], batch[1]
+        self.criterion.train(model.training)
+        lengths, recon = model(x, y)
+        return self.criterion(lengths, recon, y, x), (lengths, recon)
+
+    def backward(self, model: Module) -> None:
+        model.backward(*self.criterion.backward())
+
+
+def _host(value: Any) -> float | list:
+    """A device sum as a JSON-able host value: a float, or nested lists."""
+    arr = backend.to_numpy(value)
+    return float(arr) if arr.ndim == 0 else arr.astype(float).tolist()
+
+
+def _add(total: float | list | None, value: float | list) -> float | list:
+    if total is None:
+        return value
+    if isinstance(value, list):
+        return (np.asarray(total) + np.asarray(value)).tolist()
+    return total + value
+
+
+def _mean(total: float | list, n: int) -> float | list:
+    if isinstance(total, list):
+        return (np.asarray(total) / max(n, 1)).tolist()
+    return total / max(n, 1)
+
+
+def evaluate(model: Module, task: Any, data: Any, *, batch_size: int = 100,
+             metrics: Mapping[str, Metric] | None = None, progress: bool = False,
+             desc: str = "test") -> dict[str, Any]:
+    """Mean loss and metrics of ``model`` on all of ``data``, unaugmented, in eval mode.
+
+    Returns ``{"loss": mean, name: mean per example, ..., "n": examples}`` (a metric of
+    any shape comes back as nested lists), and ``"totals"``: each metric's plain sum.
+    The model is left as it was found: its mode is restored, and what evaluation
+    allocated (the Fourier convolution's scratch and weight spectrum) is released.
+    """
+    metrics = dict(metrics if metrics is not None else {"accuracy": count_correct})
+    n = len(data)
+    if n < 1:
+        raise ValueError("evaluate: the data source is empty")
+    was_training = model.training
+    model.eval()
+    try:
+        xp = backend.get_array_module(model.parameters()[0].data) if model.parameters() else np
+        loss_sum = xp.zeros((), dtype=xp.float64)
+        sums: dict[str, Any] = {}
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
+            idx = np.arange(start, min(start + batch_size, n), dtype=np.int64)
+            batch = data.batch(idx, None)
+            loss, outputs = task.forward(model, batch)
+            loss_sum += loss * len(idx)
+            for name, fn in metrics.items():
+                value = fn(outputs, batch)
+                sums[name] = value if name not in sums else sums[name] + value
+        totals = {name: _host(value) for name, value in sums.items()}
+        result: dict[str, Any] = {"loss": float(backend.to_numpy(loss_sum)) / n}
+        result.update({name: _mean(total, n) for name, total in totals.items()})
+        result["n"] = n
+        result["totals"] = totals
+        return result
+    finally:
+        model.train(was_training)
+        model.release()
+
+
+class Trainer:
+    """Trains ``model`` with ``task`` on ``train_data`` for ``epochs``, in ``run_dir``.
+
+    Arguments besides the protocols of the module docstring:
+
+    - ``task``: a task, or a loss module, which is wrapped in :class:`SupervisedTask`.
+    - ``optimizer``: a :class:`capsnet.optim.Optimizer` over the model's parameters;
+      ``schedule``: an :class:`capsnet.optim.LRSchedule` stepped after every epoch.
+    - ``eval_data``: evaluated after every epoch (``test_loss``, ``test_<metric>``,
+      with ``eval_name`` in place of "test"); ``best`` names the record entry that
+      picks ``best.npz`` (default: ``test_accuracy`` when there is an accuracy
+      metric, else ``test_loss``; entries ending in "loss" or "error" are better
+      lower, the rest higher).
+    - ``seed``: seeds the host generator of the data order and augmentation.
+    - ``config``: a JSON-able description of the run, written to ``config.json`` and
+      the checkpoint; ``must_match`` (default: ``config``): what a resumed run must
+      share with its checkpoint, else the resume is refused with the differences.
+    - ``on_step(trainer, epoch, step)``: called after every optimizer step (raising
+      KeyboardInterrupt there acts as Ctrl-C; the tests do).
+    - ``progress``: tqdm bars; ``log``: one summary line per epoch on stdout.
+
+    ``fit(resume=False)`` returns the metrics records of the epochs it ran. The
+    backend is the model's (scoped with ``backend.use`` while fitting).
+    """
+
+    def __init__(self, model: Module, task: Any, optimizer: Any, train_data: Any, run_dir: str | Path, *,
+                 epochs: int, batch_size: int, eval_data: Any = None, schedule: Any = None,
+                 metrics: Mapping[str, Metric] | None = None, seed: int = 0, log_every: int = 10,
+                 config: dict[str, Any] | None = None, must_match: dict[str, Any] | None = None,
+                 best: str | None = None, eval_name: str = "test", progress: bool = True, log: bool = True,
+                 on_step: Callable[["Trainer", int, int], None] | None = None):
+        if not isinstance(model, Module):
+            raise TypeError(f"Trainer needs a capsnet Module as model, got {type(model).__name__}")
+        if isinstance(task, Module):  # a loss module: loss(outputs, targets)
+            task = SupervisedTask(task)
+        elif not (hasattr(task, "forward") and hasattr(task, "backward")):
+            raise TypeError("Trainer needs a task with forward(model, batch) and backward(model), or a loss "
+                            f"module; got {type(task).__name__}")
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Trainer {name} must be an integer >= 1, got {value!r}")
+        for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+            if data is not None and not all(hasattr(data, a) for a in ("__len__", "order", "batch")):
+                raise TypeError(f"Trainer {name} must be a data source with __len__, order(rng) and "
+                                f"batch(indices, rng) (see capsnet.data.DataSource), got {type(data).__name__}")
+        if len(train_data) < 1:
+            raise ValueError("Trainer train_data is empty")
+        self.model, self.task, self.optimizer, self.schedule = model, task, optimizer, schedule
+        self.train_data, self.eval_data = train_data, eval_data
+        self.epochs, self.batch_size, self.log_every, self.seed = epochs, batch_size, log_every, seed
+        self.metrics = dict(metrics if metrics is not None else {"accuracy": count_correct})
+        self.config = config
+        self.must_match = must_match if must_match is not None else config
+        self.eval_name = eval_name
+        if best is None:
+            best = f"{eval_name}_accuracy" if "accuracy" in self.metrics else f"{eval_name}_loss"
+        self.best_key = best
+        self.progress, self.log, self.on_step = progress, log, on_step
+        self.run_dir = Path(run_dir)
+        self.checkpoint_path = self.run_dir / "checkpoint.npz"
+        self.best_path = self.run_dir / "best.npz"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        params = model.parameters()
+        self.backend_name = backend.backend_of(params[0].data) if params else backend.get_backend()
+
+    # -- state ------------------------------------------------------------------
+    def _fresh(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self.epoch, self.step_in_epoch = 0, 0
+        self.epoch_rng_state: dict | None = None
+        self.running: dict[str, Any] = {"loss": 0.0, "seen": 0, "metrics": {}}
+        self.best_value: float | None = None
+
+    def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Bring a checkpoint header written by an older version to this loop's form,
+        or raise CheckpointError saying why it cannot be resumed. Subclasses that
+        know older formats (the MNIST trainer does) override it."""
+        version = header.get("loop_version")
+        if version != LOOP_VERSION:
+            raise CheckpointError(f"{path} was written by a training loop this version cannot resume "
+                                  f"(loop_version {version!r}, expected {LOOP_VERSION}); start a new run folder")
+        return header
+
+    def _resume(self, path: Path) -> None:
+        header, model_state, optim_state = load_checkpoint(path)
+        header = self.upgrade_header(header, path)
+        wanted = json.loads(json.dumps(self.must_match)) if self.must_match is not None else None
+        saved = header.get("must_match")
+        if isinstance(saved, dict) and isinstance(wanted, dict):
+            diffs = config_differences(saved, wanted)
+        else:
+            diffs = [] if saved == wanted else [f"configuration: checkpoint has {saved!r}, asked for {wanted!r}"]
+        if diffs:
+            raise CheckpointError(
+                f"{path} comes from a different configuration: " + "; ".join(diffs)
+                + ". Resume with the checkpoint's settings, or start a new run folder."
+            )
+        self._fresh()
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optim_state)
+            if self.schedule is not None:
+                self.schedule.load_state_dict(header["schedule"])
+            self.rng = np.random.default_rng()
+            self.rng.bit_generator.state = header["rng_state"]
+            self.epoch, self.step_in_epoch = header["epoch"], header["step_in_epoch"]
+            self.epoch_rng_state = header.get("epoch_rng_state")
+            self.running = header["running"]
+            self.best_value = header.get("best")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path} does not fit this model, optimizer or loop: {exc}") from exc
+
+    def _save(self, path: Path) -> None:
+        save_checkpoint(path, model_state=self.model.state_dict(), optimizer_state=self.optimizer.state_dict(),
+                        header={"loop_version": LOOP_VERSION, "config": self.config, "must_match": self.must_match,
+                                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                                "rng_state": self.rng.bit_generator.state, "epoch_rng_state": self.epoch_rng_state,
+                                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                                "running": self.running, "best": self.best_value, "best_key": self.best_key})
+
+    # -- the loop ---------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Train until ``epochs``; returns the metrics records of the epochs run now."""
+        with backend.use(self.backend_name):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                if not self.checkpoint_path.exists():
+                    raise CheckpointError(
+                        f"--resume: no checkpoint in {self.run_dir} (expected {self.checkpoint_path.name})")
+                self._resume(self.checkpoint_path)
+            else:
+                if self.checkpoint_path.exists():
+                    raise CheckpointError(
+                        f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out"
+                    )
+                self._fresh()
+                self.metrics_path.unlink(missing_ok=True)
+            if self.config is not None:
+                (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            history = []
+            try:
+                while self.epoch < self.epochs:
+                    history.append(self._run_epoch())
+            except KeyboardInterrupt:
+                self._save(self.checkpoint_path)
+                print(f"\ninterrupted: state saved to {self.checkpoint_path}; continue with --resume")
+                raise
+            finally:
+                self.model.release()  # no step's cache or spectra outlive the run
+            return history
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        """This epoch's batches of indices; on a mid-epoch resume the order is redrawn
+        from the generator state saved at the epoch's start, and the stream goes on
+        from where the checkpoint left it."""
+        if self.step_in_epoch == 0:
+            self.epoch_rng_state = self.rng.bit_generator.state
+            order = self.train_data.order(self.rng)
+        else:
+            replay = np.random.default_rng()
+            replay.bit_generator.state = self.epoch_rng_state
+            order = self.train_data.order(replay)
+        order = np.asarray(order)
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _run_epoch(self) -> dict[str, Any]:
+        model = self.model
+        xp = backend.xp()
+        batches = self._epoch_batches()
+        model.train()
+        start = time.perf_counter()
+        images_done = 0
+        bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                   unit="batch", disable=not self.progress, leave=False)
+        loss_acc = xp.zeros((), dtype=xp.float64)
+        sums: dict[str, Any] = {}
+        seen_acc = 0
+
+        def flush() -> None:
+            # the only host synchronisation of the loop: every log_every steps
+            nonlocal loss_acc, sums, seen_acc
+            self.running["loss"] += float(backend.to_numpy(loss_acc))
+            for name, value in sums.items():
+                self.running["metrics"][name] = _add(self.running["metrics"].get(name), _host(value))
+            self.running["seen"] += seen_acc
+            loss_acc = xp.zeros((), dtype=xp.float64)
+            sums, seen_acc = {}, 0
+
+        try:
+            for step in range(self.step_in_epoch, len(batches)):
+                idx = batches[step]
+                batch = self.train_data.batch(idx, self.rng)
+                loss, outputs = self.task.forward(model, batch)
+                self.optimizer.zero_grad()
+                self.task.backward(model)
+                self.optimizer.step()
+                loss_acc += loss * len(idx)
+                for name, fn in self.metrics.items():
+                    value = fn(outputs, batch)
+                    sums[name] = value if name not in sums else sums[name] + value
+                seen_acc += len(idx)
+                images_done += len(idx)
+                self.step_in_epoch = step + 1
+                if self.step_in_epoch % self.log_every == 0 or self.step_in_epoch == len(batches):
+                    flush()
+                    bar.set_postfix(self._running_means(), refresh=False)
+                bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(self, self.epoch, step)
+        except KeyboardInterrupt:
+            flush()
+            bar.close()
+            raise
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        seen = self.running["seen"]
+        record: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.lr,
+                                  "train_loss": self.running["loss"] / max(seen, 1)}
+        for name in self.metrics:
+            record[f"train_{name}"] = _mean(self.running["metrics"].get(name, 0.0), seen)
+        if self.eval_data is not None:
+            result = evaluate(model, self.task, self.eval_data, batch_size=self.batch_size, metrics=self.metrics,
+                              progress=self.progress, desc=self.eval_name)
+            record[f"{self.eval_name}_loss"] = result["loss"]
+            for name in self.metrics:
+                record[f"{self.eval_name}_{name}"] = result[name]
+        record["train_seconds"] = train_seconds
+        record["train_images_per_second"] = images_done / train_seconds if train_seconds > 0 else math.nan
+        record["epoch_seconds"] = time.perf_counter() - start
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_rng_state = None
+        self.running = {"loss": 0.0, "seen": 0, "metrics": {}}
+        if self.schedule is not None:
+            self.schedule.step()
+        improved = self._improved(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._save(self.checkpoint_path)
+        if improved:
+            self._save(self.best_path)
+        if self.log:
+            tqdm.write(self._summary(record))
+        return record
+
+    def _running_means(self) -> dict[str, str]:
+        seen = max(self.running["seen"], 1)
+        out = {"loss": f"{self.running['loss'] / seen:.4f}"}
+        for name, total in self.running["metrics"].items():
+            if not isinstance(total, list):
+                out[name] = f"{total / seen:.4f}"
+        return out
+
+    def _improved(self, record: dict[str, Any]) -> bool:
+        value = record.get(self.best_key)
+        if not isinstance(value, (int, float)):
+            return False
+        lower = self.best_key.endswith(("loss", "error"))
+        if self.best_value is None or (value < self.best_value if lower else value > self.best_value):
+            self.best_value = value
+            return True
+        return False
+
+    def _summary(self, record: dict[str, Any]) -> str:
+        parts = [f"epoch {record['epoch']}/{self.epochs}"]
+        for prefix in ("train", self.eval_name):
+            values = [f"{key[len(prefix) + 1:]} {value:.4f}" for key, value in record.items()
+                      if key.startswith(prefix + "_") and isinstance(value, float) and "second" not in key]
+            if values:
+                parts.append(prefix + " " + " ".join(values))
+        parts.append(f"{record['epoch_seconds']:.1f} s, {record['train_images_per_second']:.1f} img/s")
+        return " | ".join(parts)
