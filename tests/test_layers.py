@@ -19,6 +19,7 @@ from capsnet.layers import (
     CapsuleLength,
     Conv2d,
     DigitCaps,
+    Flatten,
     Linear,
     Mask,
     MarginLoss,
@@ -49,7 +50,7 @@ from capsnet.layers import (
     squash,
     squash_backward,
 )
-from capsnet.models import CapsNet, CapsNetLoss
+from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss
 
 F64 = "float64"
 
@@ -890,3 +891,48 @@ def test_routing_backward_may_overwrite_u_hat_and_predictions_take_out(xp, host_
     got = dynamic_routing_backward(gv, u_hat, state, out=u_hat)
     assert got is u_hat
     np.testing.assert_allclose(host(got), expected, rtol=1e-12, atol=1e-14)
+
+
+# -- empty batches and dtype hints ---------------------------------------------
+def _empty_refused():
+    small = dict(conv_channels=4, primary_types=2, primary_dim=4, digit_dim=4, decoder_hidden=(8,))
+    return [
+        ("Conv2d", lambda: Conv2d(1, 2, 3, dtype="float64"), [(0, 1, 5, 5)]),
+        ("Linear", lambda: Linear(4, 3, dtype="float64"), [(0, 4)]),
+        ("PrimaryCaps", lambda: PrimaryCaps(4, 2, 4, 3, 2, dtype="float64"), [(0, 4, 7, 7)]),
+        ("DigitCaps", lambda: DigitCaps(6, 4, 3, 2, dtype="float64"), [(0, 6, 4)]),
+        ("Mask", Mask, [(0, 3, 4)]),
+        ("MarginLoss", MarginLoss, [(0, 10), "labels"]),
+        ("ReconstructionLoss", ReconstructionLoss, [(0, 1, 4, 4), (0, 1, 4, 4)]),
+        ("CapsNet", lambda: CapsNet(CapsNetConfig(**small), dtype="float64"), [(0, 1, 28, 28), "labels"]),
+    ]
+
+
+@pytest.mark.parametrize("name,make,shapes", _empty_refused(), ids=[c[0] for c in _empty_refused()])
+def test_an_empty_batch_is_refused_with_the_library_message(xp, name, make, shapes):
+    args = [dev(np.zeros(0, dtype=np.int64)) if s == "labels" else dev(np.zeros(s)) for s in shapes]
+    with pytest.raises(ValueError, match=f"{name} got an empty batch"):
+        make()(*args)
+
+
+@pytest.mark.parametrize("layer,shape", [(ReLU(), (0, 3)), (Sigmoid(), (0, 3)), (Squash(), (0, 5, 4)),
+                                         (CapsuleLength(), (0, 5, 4)), (Flatten(), (0, 2, 3))],
+                         ids=["ReLU", "Sigmoid", "Squash", "CapsuleLength", "Flatten"])
+def test_element_wise_layers_pass_an_empty_batch_through(xp, layer, shape):
+    y = layer(dev(np.zeros(shape)))
+    assert y.shape[0] == 0
+    assert layer.backward(xp.zeros(y.shape)).shape == shape
+
+
+def test_the_dtype_hint_offers_only_casts_that_work(xp):
+    layer = Linear(4, 3)  # float32
+    with pytest.raises(TypeError) as exc:
+        layer(dev(np.zeros((2, 4), dtype=np.uint8)))
+    message = str(exc.value)
+    assert ".astype('float32')" in message and "to_float" in message
+    assert "module with .astype('uint8')" not in message
+    with pytest.raises(TypeError, match=r"or the module with \.astype\('float64'\)"):
+        layer(dev(np.zeros((2, 4))))
+    with pytest.raises(TypeError) as exc:
+        layer(dev(np.zeros((2, 4), dtype=np.int32)))
+    assert "module" not in str(exc.value)

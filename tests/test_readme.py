@@ -35,3 +35,19 @@ def test_readme_benchmark_table_matches_the_recorded_run():
             peaks = [r[fw]["train"]["memory"]["peak_increase_mb"] for fw in ("ours", "torch")]
             assert cells[5] == f"{peaks[0]:.0f} / {peaks[1]:.0f}"
     assert f"{report['gemm']['median_gflops']:.1f} GFLOP/s" in README.read_text()
+
+
+def test_readme_training_example_runs(mnist_dir, tmp_path, monkeypatch, capsys):
+    """The custom-model example trains one epoch on 5,000 real images and evaluates on 500."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = [b for b in blocks if "Trainer(" in b]
+    assert len(example) == 1, "README.md should hold one training example"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CAPSNET_DATA_DIR", str(mnist_dir))
+    namespace: dict = {}
+    exec(compile(example[0], "README.md", "exec"), namespace)
+    accuracy = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert accuracy == namespace["history"][0]["test_accuracy"]
+    assert accuracy >= 0.85  # 0.934 with NumPy 2.4 on the project's machine
+    assert {p.name for p in (tmp_path / "runs" / "example").iterdir()} >= {"checkpoint.npz", "best.npz",
+                                                                         "metrics.jsonl"}

@@ -265,12 +265,23 @@ def check_input(module: str, x: Any, expected: tuple, dtype: Any, what: str = "i
             ("batch" if k == 0 else "any") if e is None else str(e) for k, e in enumerate(expected)
         ) + ")"
         raise ValueError(f"{module} expected {what} of shape {want}, got {shape}")
+    if expected and expected[0] is None and shape[0] == 0:
+        check_batch(module, shape)
     if dtype is not None and x.dtype != dtype:
-        raise TypeError(
-            f"{module} expected {what} of dtype {np.dtype(dtype)} (its parameters' dtype), got {x.dtype}; "
-            f"cast the input with .astype('{np.dtype(dtype)}') or the module with .astype('{x.dtype}')"
-        )
+        want = np.dtype(dtype)
+        hint = f"cast the input with .astype('{want}')"
+        if np.dtype(x.dtype) in (np.float32, np.float64):
+            hint += f" or the module with .astype('{x.dtype}')"
+        elif np.dtype(x.dtype) == np.uint8:
+            hint += f" (uint8 images: capsnet.data.to_float(images, '{want}') also scales them to [0, 1])"
+        raise TypeError(f"{module} expected {what} of dtype {want} (its parameters' dtype), got {x.dtype}; {hint}")
     return backend.get_array_module(x)
+
+
+def check_batch(module: str, shape: tuple) -> None:
+    """Refuse an empty batch with a message, rather than a reshape error deep inside."""
+    if not shape or shape[0] == 0:
+        raise ValueError(f"{module} got an empty batch (shape {tuple(shape)}): give it at least one example")
 
 
 def as_rng(seed: Any) -> np.random.Generator:

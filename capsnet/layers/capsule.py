@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from capsnet import backend
-from capsnet.layers.base import Module, as_rng, check_input, init_param
+from capsnet.layers.base import Module, as_rng, check_batch, check_input, init_param
 from capsnet.layers.base import conv_output_size
 from capsnet.layers.conv import Conv2d
 
@@ -315,6 +315,7 @@ class Mask(Module):
         xp = backend.get_array_module(v)
         if v.ndim != 3:
             raise ValueError(f"Mask expected capsules of shape (batch, n_caps, dim), got {tuple(v.shape)}")
+        check_batch("Mask", tuple(v.shape))
         b, j, _ = v.shape
         if labels is None:
             index = (v * v).sum(axis=-1).argmax(axis=1)

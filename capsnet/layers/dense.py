@@ -65,7 +65,7 @@ class Flatten(Module):
         if not hasattr(x, "shape") or len(x.shape) < 1:
             raise ValueError(f"Flatten expected an array with a batch axis, got {getattr(x, 'shape', type(x))}")
         self._save(tuple(x.shape))
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: an empty batch keeps its width
 
     def backward(self, grad_out: Any) -> Any:
         (shape,) = self._pop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from capsnet import backend
-from capsnet.layers.base import Module
+from capsnet.layers.base import Module, check_batch
 from capsnet.layers.capsule import check_labels
 
 
@@ -35,6 +35,7 @@ def _one_hot(labels: Any, lengths: Any) -> Any:
     if lengths.ndim != 2:
         raise ValueError(f"margin loss expected lengths of shape (batch, n_classes), got {tuple(lengths.shape)}")
     b, k = lengths.shape
+    check_batch("MarginLoss", tuple(lengths.shape))
     check_labels("MarginLoss", labels, b, k)
     backend.get_array_module(lengths, labels)
     return (xp.arange(k)[None, :] == labels[:, None]).astype(lengths.dtype)
@@ -71,9 +72,11 @@ def reconstruction_loss(recon: Any, target: Any, weight: float = 0.0005) -> Any:
             f"reconstruction loss expected the reconstruction and the target to have one shape, "
             f"got {tuple(recon.shape)} and {tuple(target.shape)}"
         )
+    check_batch("ReconstructionLoss", tuple(recon.shape))
     backend.get_array_module(recon, target)
     diff = recon - target
-    return (diff * diff).sum() * (weight / recon.shape[0])
+    # the factor in the array's own type: NumPy 1.x would promote a float32 sum times a Python float
+    return (diff * diff).sum() * diff.dtype.type(weight / recon.shape[0])
 
 
 def reconstruction_loss_backward(recon: Any, target: Any, weight: float = 0.0005, grad_out: Any = 1.0) -> Any:
