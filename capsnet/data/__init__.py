@@ -1,7 +1,37 @@
 """MNIST loading and download, the image preparation used in training, and data sources."""
-from capsnet.data import mnist
 from capsnet.data.augment import iterate_batches, random_shift, to_float
 from capsnet.data.dataset import ArrayDataset, DataSource
-from capsnet.data.mnist import *  # noqa: F401,F403 - re-exports exactly mnist.__all__
+from capsnet.data.mnist import (
+    FILE_NAMES,
+    MIRRORS,
+    MNIST,
+    SHA256,
+    MNISTDownloadError,
+    MNISTFormatError,
+    MNISTNotFoundError,
+    candidate_dirs,
+    download_mnist,
+    find_file,
+    load_mnist,
+    read_idx,
+)
 
-__all__ = sorted([*mnist.__all__, "ArrayDataset", "DataSource", "iterate_batches", "random_shift", "to_float"])
+__all__ = [
+    "FILE_NAMES",
+    "MIRRORS",
+    "MNIST",
+    "SHA256",
+    "ArrayDataset",
+    "DataSource",
+    "MNISTDownloadError",
+    "MNISTFormatError",
+    "MNISTNotFoundError",
+    "candidate_dirs",
+    "download_mnist",
+    "find_file",
+    "iterate_batches",
+    "load_mnist",
+    "random_shift",
+    "read_idx",
+    "to_float",
+]
