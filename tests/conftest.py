@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,22 +37,41 @@ def host_rng():
     return np.random.default_rng(1234)
 
 
-def mnist_path() -> Path | None:
+MNIST_SUBSET = REPO / "tests" / "data" / "mnist-subset"
+
+
+def _has_mnist(path: Path) -> bool:
+    return (path / "train-images-idx3-ubyte.gz").exists() or (path / "train-images-idx3-ubyte").exists()
+
+
+def mnist_path() -> Path:
+    """$CAPSNET_DATA_DIR when set (the full MNIST), else the subset shipped in tests/data."""
     env = os.environ.get("CAPSNET_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO.parent / "shared" / "data" / "mnist")
-    for path in candidates:
-        if (path / "train-images-idx3-ubyte.gz").exists() or (path / "train-images-idx3-ubyte").exists():
-            return path
-    return None
+    return Path(env) if env else MNIST_SUBSET
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    """The folder with the real MNIST files ($CAPSNET_DATA_DIR, else ../shared/data/mnist)."""
+    """The folder with the real MNIST files the tests read: $CAPSNET_DATA_DIR, else the
+    5,000 + 1,000 image subset in tests/data/mnist-subset (so a fresh clone needs no setup)."""
     path = mnist_path()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set CAPSNET_DATA_DIR to the folder holding the MNIST files")
-        pytest.skip("real MNIST files not found: set CAPSNET_DATA_DIR")
+    if not _has_mnist(path):
+        pytest.fail(f"CAPSNET_DATA_DIR={path} holds no MNIST files (train-images-idx3-ubyte.gz, ...): "
+                    "point it at a folder with the four standard files, or unset it to use the shipped subset")
     return path
+
+
+@pytest.fixture(scope="session")
+def mnist_facts(mnist_dir) -> dict:
+    """What the tests may expect of the files in mnist_dir: image counts and the sha256 of
+    each decompressed file (the library's table for the full set, the subset's README
+    table for the subset)."""
+    from capsnet.data.mnist import SHA256
+
+    if mnist_dir.resolve() != MNIST_SUBSET.resolve():
+        return {"subset": False, "train": 60000, "test": 10000, "sha256": dict(SHA256)}
+    rows = re.findall(r"\|\s*([a-z0-9-]+-ubyte)\s*\|\s*(\d+)\s*\|\s*([0-9a-f]{64})\s*\|",
+                      (MNIST_SUBSET / "README.md").read_text())
+    counts = {name.split("-")[0]: int(n) for name, n, _ in rows}
+    return {"subset": True, "train": counts["train"], "test": counts["t10k"],
+            "sha256": {name: digest for name, _, digest in rows}}

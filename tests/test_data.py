@@ -101,11 +101,12 @@ def mnist(mnist_dir) -> MNIST:
     return load_mnist(mnist_dir, download=False, progress=False)
 
 
-def test_real_mnist_shapes_dtypes_and_labels(mnist):
-    assert mnist.train_images.shape == (60000, 28, 28)
-    assert mnist.train_labels.shape == (60000,)
-    assert mnist.test_images.shape == (10000, 28, 28)
-    assert mnist.test_labels.shape == (10000,)
+def test_real_mnist_shapes_dtypes_and_labels(mnist, mnist_facts):
+    n_train, n_test = mnist_facts["train"], mnist_facts["test"]
+    assert mnist.train_images.shape == (n_train, 28, 28)
+    assert mnist.train_labels.shape == (n_train,)
+    assert mnist.test_images.shape == (n_test, 28, 28)
+    assert mnist.test_labels.shape == (n_test,)
     assert mnist.train_images.dtype == np.uint8 and mnist.test_images.dtype == np.uint8
     assert mnist.train_labels.dtype == np.int64 and mnist.test_labels.dtype == np.int64
     for labels in (mnist.train_labels, mnist.test_labels):
@@ -114,16 +115,16 @@ def test_real_mnist_shapes_dtypes_and_labels(mnist):
     # Known facts of MNIST: the first training digit is a 5, the first test digit a 7.
     assert mnist.train_labels[0] == 5
     assert mnist.test_labels[0] == 7
-    assert "60000" in repr(mnist)
+    assert str(n_train) in repr(mnist)
 
 
-def test_real_files_match_the_sha256_of_their_decompressed_content(mnist_dir):
+def test_real_files_match_the_sha256_of_their_decompressed_content(mnist_dir, mnist_facts):
     for name in FILE_NAMES:
         path = find_file(name, [mnist_dir])
         data = path.read_bytes()
         if path.suffix == ".gz":
             data = gzip.decompress(data)
-        assert hashlib.sha256(data).hexdigest() == SHA256[name], name
+        assert hashlib.sha256(data).hexdigest() == mnist_facts["sha256"][name], name
 
 
 def test_sha256_table_matches_the_data_readme(mnist_dir):
@@ -354,7 +355,10 @@ def real_gz(mnist_dir) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def server(real_gz, isolated_env):
+def server(real_gz, isolated_env, mnist_facts, monkeypatch):
+    # the download checks the content against the table of the files served (the subset's
+    # own when the tests run on the shipped subset)
+    monkeypatch.setattr(mnist_module, "SHA256", mnist_facts["sha256"])
     httpd = _MirrorServer(real_gz)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -367,7 +371,7 @@ def server(real_gz, isolated_env):
     thread.join(timeout=5)
 
 
-def test_download_into_an_empty_folder_then_load(server, isolated_env, real_gz):
+def test_download_into_an_empty_folder_then_load(server, isolated_env, real_gz, mnist_facts):
     dest = isolated_env / "fresh"
     written = download_mnist(dest, mirrors=(f"{server.url}/good/",), progress=True)
     assert sorted(p.name for p in written) == sorted(f"{n}.gz" for n in FILE_NAMES)
@@ -375,7 +379,7 @@ def test_download_into_an_empty_folder_then_load(server, isolated_env, real_gz):
     for name in FILE_NAMES:
         assert (dest / f"{name}.gz").read_bytes() == real_gz[f"{name}.gz"]
     data = load_mnist(dest, download=False, progress=False)
-    assert data.train_images.shape == (60000, 28, 28) and data.train_labels[0] == 5
+    assert data.train_images.shape == (mnist_facts["train"], 28, 28) and data.train_labels[0] == 5
 
     server.requests.clear()
     assert download_mnist(dest, mirrors=(f"{server.url}/good/",), progress=False) == []
@@ -399,7 +403,7 @@ def test_checksum_mismatch_leaves_nothing_behind(server, isolated_env):
         download_mnist(dest, mirrors=(f"{server.url}/sha/",), progress=False, names=LABEL_FILES)
     message = str(info.value)
     assert f"{server.url}/sha/{TRAIN_LABELS}.gz: " in message
-    assert "sha256 mismatch" in message and SHA256[TRAIN_LABELS] in message
+    assert "sha256 mismatch" in message and mnist_module.SHA256[TRAIN_LABELS] in message
     assert leftovers(dest) == []
 
 

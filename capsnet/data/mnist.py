@@ -256,7 +256,7 @@ def _stream(url: str, out, desc: str, progress: bool, timeout: float) -> None:
         received = 0
         with tqdm(
             total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-            disable=not progress, leave=False,
+            disable=None if progress else True, leave=False,
         ) as bar:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)

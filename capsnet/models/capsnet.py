@@ -1,8 +1,12 @@
 """The CapsNet of Sabour, Frosst and Hinton (2017), every size a constructor argument."""
 from __future__ import annotations
 
+import importlib
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from capsnet import backend
@@ -13,6 +17,19 @@ from capsnet.layers.conv import Conv2d, conv2d_flops
 from capsnet.layers.activation import ReLU, Sigmoid
 from capsnet.layers.dense import Linear
 from capsnet.layers.loss import MarginLoss, ReconstructionLoss
+
+
+SAFETENSORS_FORMAT = "capsnet-safetensors-1"
+
+
+def _safetensors(submodule: str | None = None) -> Any:
+    """The optional safetensors package (or one of its submodules), with an install hint."""
+    name = "safetensors" + (f".{submodule}" if submodule else "")
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ImportError(f"reading and writing .safetensors files needs the safetensors package: "
+                          f"pip install 'capsnet[safetensors]' (or pip install safetensors); {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,47 @@ class CapsNet(Module):
         finally:
             self.train(was_training)
         return lengths.argmax(axis=1), lengths
+
+    # -- weights others can read ----------------------------------------------
+    def save_safetensors(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+        """Write the weights to a ``.safetensors`` file (the ``safetensors`` extra), with
+        the configuration in its metadata so :meth:`from_safetensors` (or any reader)
+        can rebuild the network. Names are :meth:`state_dict`'s; written atomically."""
+        numpy_io = _safetensors("numpy")
+        path = Path(path)
+        meta = {"format": SAFETENSORS_FORMAT, "model": "CapsNet", "dtype": str(self.dtype),
+                "config": json.dumps(self.config.as_dict()), **(metadata or {})}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            numpy_io.save_file(dict(self.state_dict()), str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def from_safetensors(cls, path: str | os.PathLike, backend_name: str | None = None) -> "CapsNet":
+        """A CapsNet rebuilt from a file written by :meth:`save_safetensors` (or
+        ``python -m capsnet.export``), on ``backend_name`` (default: the current backend)."""
+        safetensors = _safetensors()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no safetensors file at {path}")
+        try:
+            with safetensors.safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise ValueError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        if meta.get("format") != SAFETENSORS_FORMAT or "config" not in meta:
+            raise ValueError(f"{path} holds no capsnet configuration in its metadata (format "
+                             f"{meta.get('format')!r}, expected {SAFETENSORS_FORMAT!r})")
+        config = CapsNetConfig.from_dict(json.loads(meta["config"]))
+        with backend.use(backend_name or backend.get_backend()):
+            model = cls(config, dtype=meta.get("dtype", "float32"))
+        model.load_state_dict(state)
+        return model
 
     def reconstruct(self, x: Any, labels: Any = None) -> Any:
         """Reconstructions (B, C, H, W) from the capsule of ``labels``, or the longest."""

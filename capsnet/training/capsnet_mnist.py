@@ -162,17 +162,32 @@ def train_config_of(header: dict[str, Any], path: str | Path) -> TrainConfig:
     cfg = header.get("config") if "loop_version" in header else header.get("train_config")
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise CheckpointError(f"{path} was not written by capsnet.train (no CapsNet configuration in its header)")
-    return TrainConfig.from_dict(cfg)
+    try:
+        return TrainConfig.from_dict(cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the training configuration in its header is not valid ({exc})") from exc
 
 
 def load_model(path: str | Path, backend_name: str | None = None) -> tuple[CapsNet, dict[str, Any]]:
     """A CapsNet rebuilt from a checkpoint's configuration, with its weights."""
     header, model_state, _ = load_checkpoint(path)
     cfg = train_config_of(header, path)
+    try:
+        model_config = CapsNetConfig.from_dict(cfg.model)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its CapsNet configuration cannot be built ({exc})") from exc
     with backend.use(backend_name or backend.get_backend()):
-        model = CapsNet(CapsNetConfig.from_dict(cfg.model), dtype=cfg.dtype)
-    model.load_state_dict(model_state)
+        model = CapsNet(model_config, dtype=cfg.dtype)
+    _load_state(model, model_state, path)
     return model, header
+
+
+def _load_state(model: CapsNet, state: dict[str, Any], path: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit the model it describes ({exc}); the file is "
+                              "damaged or was edited: use another checkpoint") from exc
 
 
 def load_weights(model: CapsNet, path: str | Path) -> None:
@@ -182,4 +197,4 @@ def load_weights(model: CapsNet, path: str | Path) -> None:
     diffs = config_differences(saved, model.config.as_dict())
     if diffs:
         raise CheckpointError(f"{path} was trained with a different model configuration: " + "; ".join(diffs))
-    model.load_state_dict(model_state)
+    _load_state(model, model_state, path)

@@ -1,13 +1,18 @@
 """Checkpoints: one .npz holding weights, optimizer state and a JSON header.
 
-Written atomically (a temporary file in the same folder, flushed, then renamed),
-so an interrupted write never leaves a half checkpoint behind.
+Written atomically (a temporary file in the same folder, flushed and fsynced, then
+renamed over the old one, then the folder fsynced so the rename itself survives a
+power cut), so an interrupted write never leaves a half checkpoint behind. Reading
+turns every way a file can be broken (truncated, not a zip, a member missing, a
+header that is not JSON) into a :class:`CheckpointError` naming the file and the cause.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,27 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict[str, np.ndarra
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the file itself is already synced
+    finally:
+        os.close(fd)
+
+
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError)
+_HINT = ("it may be truncated (disk full, a copy cut short) or not a capsnet checkpoint; "
+         "resume from another one (best.npz, a backup) or start a new run folder")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
@@ -53,14 +78,28 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(bytes(data["header"]).decode())
-            model_state = {k[len("model/"):]: data[k] for k in data.files if k.startswith("model/")}
-            optim_state = {k[len("optim/"):]: data[k] for k in data.files if k.startswith("optim/")}
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable capsnet checkpoint ({exc})") from exc
+        # the file opened here, not by np.load, so that it is closed whatever np.load raises
+        with open(path, "rb") as fh:
+            data = np.load(fh, allow_pickle=False)
+            if not hasattr(data, "files"):
+                raise CheckpointError(f"{path} is a single array, not a capsnet checkpoint (an .npz archive)")
+            with data:
+                if "header" not in data.files:
+                    raise CheckpointError(f"{path} has no header member, so it is not a capsnet checkpoint; {_HINT}")
+                header = json.loads(bytes(data["header"]).decode())
+                model_state = {k[len("model/"):]: data[k] for k in data.files if k.startswith("model/")}
+                optim_state = {k[len("optim/"):]: data[k] for k in data.files if k.startswith("optim/")}
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as exc:
+        raise CheckpointError(f"{path} is not a readable capsnet checkpoint ({type(exc).__name__}: {exc}); "
+                              f"{_HINT}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is {type(header).__name__}, not a JSON object; {_HINT}")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {header.get('format')!r}, expected {FORMAT!r}")
+    if not model_state:
+        raise CheckpointError(f"{path} holds no model weights (no model/ members); {_HINT}")
     optim_state.update(header.pop("optimizer_scalars", {}))
     return header, model_state, optim_state
 

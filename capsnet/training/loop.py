@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -171,7 +172,7 @@ def evaluate(model: Module, task: Any, data: Any, *, batch_size: int = 100,
         loss_sum = xp.zeros((), dtype=xp.float64)
         sums: dict[str, Any] = {}
         starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc=desc, leave=False, disable=not progress, unit="batch"):
+        for start in tqdm(starts, desc=desc, leave=False, disable=None if progress else True, unit="batch"):
             idx = np.arange(start, min(start + batch_size, n), dtype=np.int64)
             batch = data.batch(idx, None)
             loss, outputs = task.forward(model, batch)
@@ -209,7 +210,9 @@ class Trainer:
       share with its checkpoint, else the resume is refused with the differences.
     - ``on_step(trainer, epoch, step)``: called after every optimizer step (raising
       KeyboardInterrupt there acts as Ctrl-C; the tests do).
-    - ``progress``: tqdm bars; ``log``: one summary line per epoch on stdout.
+    - ``progress``: tqdm bars, shown only when the output is a terminal (tqdm's
+      ``disable=None``); ``log``: one summary line per epoch on stdout, whatever
+      ``progress`` says (epoch, losses, metrics, seconds, images/s), for log files.
 
     ``fit(resume=False)`` returns the metrics records of the epochs it ran. The
     backend is the model's (scoped with ``backend.use`` while fitting).
@@ -363,7 +366,7 @@ class Trainer:
         start = time.perf_counter()
         images_done = 0
         bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                   unit="batch", disable=not self.progress, leave=False)
+                   unit="batch", disable=None if self.progress else True, leave=False)
         loss_acc = xp.zeros((), dtype=xp.float64)
         sums: dict[str, Any] = {}
         seen_acc = 0
@@ -433,6 +436,7 @@ class Trainer:
             self._save(self.best_path)
         if self.log:
             tqdm.write(self._summary(record))
+            sys.stdout.flush()  # a log file sees each epoch as it ends
         return record
 
     def _running_means(self) -> dict[str, str]:

@@ -1,0 +1,36 @@
+"""Export a checkpoint's weights to safetensors: ``python -m capsnet.export --help``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from capsnet.training import CheckpointError, load_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m capsnet.export",
+        description="Write the weights of a capsnet.train checkpoint (checkpoint.npz or best.npz) to a "
+                    ".safetensors file that other frameworks read, with the CapsNet configuration in its "
+                    "metadata. CapsNet.from_safetensors reads it back. Needs the safetensors package: "
+                    "pip install 'capsnet[safetensors]'.",
+        epilog="example:\n  python -m capsnet.export runs/gpu/best.npz capsnet-mnist.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by python -m capsnet.train")
+    p.add_argument("out", type=Path, help="the .safetensors file to write")
+    args = p.parse_args(argv)
+    try:
+        model, header = load_model(args.checkpoint, "numpy")
+        meta = {"source_checkpoint": args.checkpoint.name, "epoch": str(header.get("epoch", ""))}
+        model.save_safetensors(args.out, meta)
+    except (CheckpointError, ImportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({len(model.parameters())} tensors, {model.dtype}, epoch {meta['epoch']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
