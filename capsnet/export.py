@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         model, header = load_model(args.checkpoint, "numpy")
+        if not hasattr(model, "save_safetensors"):
+            raise CheckpointError(f"{args.checkpoint} holds a {type(model).__name__}; the export writes CapsNet "
+                                  "checkpoints only for now")
         meta = {"source_checkpoint": args.checkpoint.name, "epoch": str(header.get("epoch", ""))}
         model.save_safetensors(args.out, meta)
     except (CheckpointError, ImportError, OSError) as exc:

@@ -1,4 +1,4 @@
-"""Train a CapsNet on MNIST: ``python -m capsnet.train --help``."""
+"""Train a CapsNet (or the paper's baseline CNN) on MNIST: ``python -m capsnet.train --help``."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +8,16 @@ from pathlib import Path
 
 from capsnet import backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
-from capsnet.models.capsnet import CapsNetConfig
-from capsnet.training import CapsNetTrainer, CheckpointError, TrainConfig, train_config_of
+from capsnet.models import BaselineCNNConfig, CapsNetConfig, n_parameters
+from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, train_config_of
 from capsnet.training.checkpoint import load_checkpoint
 
 MODEL_FLAGS = {
     "conv_channels": int, "conv_kernel": int, "primary_types": int, "primary_dim": int,
     "primary_kernel": int, "primary_stride": int, "digit_dim": int, "digit_init_std": float,
 }
+CAPSNET_KEYS = (*MODEL_FLAGS, "routing_iterations", "detach_routing", "decoder_hidden", "decoder")
+CNN_KEYS = {"cnn_channels": "channels", "cnn_fc": "fc", "dropout": "dropout", "pool": "pool"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,15 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = CapsNetConfig()
     p = argparse.ArgumentParser(
         prog="python -m capsnet.train",
-        description="Train the CapsNet of Sabour, Frosst and Hinton (2017) on MNIST. Defaults are the "
-                    "paper's setup: Adam 1e-3 with exponential decay, shifts of up to 2 px, 3 routing "
-                    "iterations, reconstruction weight 0.0005. The run folder gets checkpoint.npz (every "
-                    "epoch and on Ctrl-C), best.npz, metrics.jsonl and config.json.",
+        description="Train the CapsNet of Sabour, Frosst and Hinton (2017) on MNIST, or with --model cnn "
+                    "the paper's baseline CNN. Defaults are the paper's setup: Adam 1e-3 with exponential "
+                    "decay, shifts of up to 2 px, 3 routing iterations, reconstruction weight 0.0005. The run "
+                    "folder gets checkpoint.npz (every epoch and on Ctrl-C), best.npz, metrics.jsonl and "
+                    "config.json; one line per epoch goes to stdout.",
         epilog="examples:\n  python -m capsnet.train --epochs 1 --out runs/cpu\n"
                "  python -m capsnet.train --backend cupy --batch-size 128 --epochs 50 --out runs/gpu\n"
                "  python -m capsnet.train --out runs/gpu --resume        # continue after an interruption\n"
                "  python -m capsnet.train --train-limit 5000 --test-limit 1000 --conv-channels 64 "
-               "--primary-types 8 --epochs 3 --out runs/small",
+               "--primary-types 8 --epochs 3 --out runs/small\n"
+               "  python -m capsnet.train --model cnn --epochs 1 --out runs/cnn   # the baseline CNN",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset options fall back to the checkpoint on --resume
     )
@@ -59,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {d.weight_decay})")
     g.add_argument("--recon-weight", type=float, help=f"reconstruction loss weight (default {d.recon_weight})")
     g = p.add_argument_group("model (defaults: the paper's)")
+    g.add_argument("--model", dest="arch", choices=("capsnet", "cnn"),
+                   help=f"the CapsNet or the paper's baseline CNN (default {d.arch})")
+    g = p.add_argument_group("CapsNet (--model capsnet)")
     g.add_argument("--routing", type=int, dest="routing_iterations",
                    help=f"routing iterations (default {m.routing_iterations})")
     g.add_argument("--detach-routing", action="store_true",
@@ -66,21 +73,38 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in MODEL_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=kind, help=f"(default {getattr(m, name)})")
     g.add_argument("--decoder-hidden", type=int, nargs="+", help=f"decoder hidden sizes (default {list(m.decoder_hidden)})")
+    g.add_argument("--decoder", choices=("fc", "deconv"),
+                   help=f"fully connected decoder, or one of transposed convolutions (default {m.decoder})")
+    c = BaselineCNNConfig()
+    g = p.add_argument_group("baseline CNN (--model cnn)")
+    g.add_argument("--cnn-channels", type=int, nargs="+", help=f"convolution channels (default {list(c.channels)})")
+    g.add_argument("--cnn-fc", type=int, nargs="+", help=f"fully connected sizes (default {list(c.fc)})")
+    g.add_argument("--dropout", type=float, help=f"dropout before the output layer (default {c.dropout})")
+    g.add_argument("--pool", action="store_true", help="2x2 max pooling after the first two convolutions")
     return p
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
     """``base`` overridden by the options given on the command line."""
     values = base.as_dict()
-    model = dict(values["model"])
-    for key, value in vars(args).items():
+    given = vars(args)
+    arch = given.get("arch", base.arch)
+    if arch != base.arch:  # another architecture: its own default sizes
+        values["model"] = None
+    model = dict(values["model"] or {})
+    wrong = [key for key in given if key in (CNN_KEYS if arch == "capsnet" else CAPSNET_KEYS)]
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise ValueError(f"{flags} do{'es' if len(wrong) == 1 else ''} not apply to --model {arch}")
+    for key, value in given.items():
         if key in ("out", "resume", "no_progress"):
             continue
-        if key in MODEL_FLAGS or key in ("routing_iterations", "detach_routing", "decoder_hidden"):
-            model[key] = list(value) if isinstance(value, list) else value
+        if key in CAPSNET_KEYS or key in CNN_KEYS:
+            model[CNN_KEYS.get(key, key)] = list(value) if isinstance(value, list) else value
         else:
             values[key] = value
-    values["model"] = model
+    values["model"] = model or None
+    values["arch"] = arch
     return TrainConfig.from_dict(values)
 
 
@@ -94,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             path = out / "checkpoint.npz"
             base = train_config_of(load_checkpoint(path)[0], path)
         cfg = config_from_args(args, base)
-        history = CapsNetTrainer(cfg, out, progress=not getattr(args, "no_progress", False)).fit(resume=resume)
+        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False))
+        print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters; run folder {out}",
+              flush=True)
+        history = trainer.fit(resume=resume)
     except KeyboardInterrupt:
         return 130
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,

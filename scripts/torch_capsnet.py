@@ -115,7 +115,7 @@ class TorchCapsNet(nn.Module):
                  primary_dim: int = 8, primary_kernel: int = 9, primary_stride: int = 2,
                  digit_dim: int = 16, routing_iterations: int = 3, detach_routing: bool = False,
                  digit_init_std: float | None = None, decoder_hidden: tuple[int, ...] = (512, 1024),
-                 dtype: Any = torch.float32):
+                 decoder: str = "fc", dtype: Any = torch.float32):
         super().__init__()
         c, h, w = input_shape
         self.input_shape = tuple(input_shape)
@@ -125,11 +125,16 @@ class TorchCapsNet(nn.Module):
         self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, primary_kernel, primary_stride)
         self.digit = DigitCaps(primary_types * h2 * w2, primary_dim, n_classes, digit_dim, routing_iterations,
                                detach_routing, digit_init_std)
-        sizes = (n_classes * digit_dim, *decoder_hidden, c * h * w)
         layers: list[nn.Module] = []
-        for k in range(len(sizes) - 1):
-            layers.append(nn.Linear(sizes[k], sizes[k + 1]))
-            layers.append(nn.ReLU() if k < len(sizes) - 2 else nn.Sigmoid())
+        if decoder == "deconv":  # capsnet's CapsNetConfig(decoder="deconv"), layer for layer
+            layers += [nn.Linear(n_classes * digit_dim, 16 * (h // 4) * (w // 4)), nn.ReLU(),
+                       nn.Unflatten(1, (16, h // 4, w // 4)), nn.ConvTranspose2d(16, 64, 4, 2, 1), nn.ReLU(),
+                       nn.ConvTranspose2d(64, c, 4, 2, 1), nn.Sigmoid(), nn.Flatten()]
+        else:
+            sizes = (n_classes * digit_dim, *decoder_hidden, c * h * w)
+            for k in range(len(sizes) - 1):
+                layers.append(nn.Linear(sizes[k], sizes[k + 1]))
+                layers.append(nn.ReLU() if k < len(sizes) - 2 else nn.Sigmoid())
         self.decoder = nn.Sequential(*layers)
         self.to(_torch_dtype(dtype))
 

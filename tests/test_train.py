@@ -10,7 +10,7 @@ import pytest
 
 from capsnet import backend, evaluate as evaluate_cli, train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
-from capsnet.training import CapsNetTrainer, CheckpointError, TrainConfig, load_model, load_weights
+from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, load_model, load_weights
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=[32, 64])
@@ -24,7 +24,7 @@ def small_config(mnist_dir, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def weights(trainer: CapsNetTrainer) -> dict:
+def weights(trainer: MNISTTrainer) -> dict:
     return trainer.model.state_dict()
 
 
@@ -34,7 +34,7 @@ def test_small_capsnet_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path):
     model = {**CapsNetConfig().as_dict(), "conv_channels": 64, "primary_types": 8}
     cfg = TrainConfig(data_dir=str(mnist_dir), epochs=4, batch_size=100, train_limit=5000,
                       test_limit=1000, model=model)
-    history = CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
+    history = MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
     assert history[-1]["test_accuracy"] >= 0.95, history
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
@@ -44,7 +44,7 @@ def test_small_capsnet_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path):
 @pytest.mark.parametrize("stop_at", [(0, 2), (1, 0), (1, 5)])
 def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, stop_at):
     cfg = small_config(mnist_dir)
-    straight = CapsNetTrainer(cfg, tmp_path / "straight", progress=False)
+    straight = MNISTTrainer(cfg, tmp_path / "straight", progress=False)
     straight.fit()
 
     def interrupt(trainer, epoch, step):
@@ -52,8 +52,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        CapsNetTrainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).fit()
-    resumed = CapsNetTrainer(cfg, tmp_path / "resumed", progress=False)
+        MNISTTrainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).fit()
+    resumed = MNISTTrainer(cfg, tmp_path / "resumed", progress=False)
     resumed.fit(resume=True)
     a, b = weights(straight), weights(resumed)
     for name in a:
@@ -66,10 +66,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, 
 
 def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
-    CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
+    MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
     other = small_config(mnist_dir, epochs=2, model={**cfg.model, "digit_dim": 4})
     with pytest.raises(CheckpointError, match="digit_dim: checkpoint has 8, asked for 4"):
-        CapsNetTrainer(other, tmp_path / "run", progress=False).fit(resume=True)
+        MNISTTrainer(other, tmp_path / "run", progress=False).fit(resume=True)
     model = CapsNet(CapsNetConfig.from_dict({**cfg.model, "conv_channels": 8}))
     with pytest.raises(CheckpointError, match="conv_channels"):
         load_weights(model, tmp_path / "run" / "checkpoint.npz")
@@ -78,10 +78,10 @@ def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_pat
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        CapsNetTrainer(cfg, tmp_path / "empty", progress=False).fit(resume=True)
-    CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
+        MNISTTrainer(cfg, tmp_path / "empty", progress=False).fit(resume=True)
+    MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
     with pytest.raises(CheckpointError, match="--resume"):
-        CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
+        MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
@@ -176,9 +176,9 @@ def test_a_run_folder_from_capsnet_0_1_resumes_to_the_same_weights(mnist_dir, tm
 
 def test_a_checkpoint_from_an_unknown_loop_version_is_refused_with_the_reason(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
-    CapsNetTrainer(cfg, tmp_path / "run", progress=False).fit()
+    MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
     header, model_state, optim_state = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     save_checkpoint(tmp_path / "run" / "checkpoint.npz", model_state=model_state, optimizer_state=optim_state,
                     header={**header, "loop_version": 99})
     with pytest.raises(CheckpointError, match="loop_version 99"):
-        CapsNetTrainer(small_config(mnist_dir, epochs=2), tmp_path / "run", progress=False).fit(resume=True)
+        MNISTTrainer(small_config(mnist_dir, epochs=2), tmp_path / "run", progress=False).fit(resume=True)

@@ -31,6 +31,29 @@ class Parameter:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, backend={backend.backend_of(self.data)!r})"
 
 
+class Buffer:
+    """State a module keeps that is not trained: BatchNorm's running statistics, a
+    dropout layer's draw counter. Saved in ``state_dict`` and moved by ``to()`` with
+    the parameters; no gradient, and optimizers never see it."""
+
+    __slots__ = ("data", "host")
+
+    def __init__(self, data: Any, host: bool = False):
+        self.data = data
+        self.host = host  # kept on the host whatever the backend (counters read every step)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self) -> str:
+        return f"Buffer(shape={self.shape}, dtype={self.dtype}, backend={backend.backend_of(self.data)!r})"
+
+
 def _nbytes(value: Any) -> int:
     """Bytes of the arrays in a cache: an array, or tuples, lists and dicts of them
     (a workspace in a cache is skipped: the arrays taken from it are counted)."""
@@ -116,6 +139,17 @@ class Module:
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Buffer]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Buffer):
+                yield prefix + name, value
+            elif isinstance(value, Module):
+                yield from value.named_buffers(prefix + name + ".")
+
+    def _named_state(self) -> list[tuple[str, Any]]:
+        """Parameters, then buffers: everything state_dict saves."""
+        return [*self.named_parameters(), *self.named_buffers()]
+
     def modules(self) -> Iterator["Module"]:
         yield self
         for _, child in self.named_children():
@@ -166,32 +200,39 @@ class Module:
         return params[0].dtype if params else None
 
     def astype(self, dtype: Any) -> "Module":
-        """Cast every parameter (and zero its gradient) to float32 or float64."""
+        """Cast every parameter (and zero its gradient) and every floating buffer to
+        float32 or float64."""
         dt = resolve_dtype(dtype)
         for p in self.parameters():
             p.data = p.data.astype(dt)
             p.grad = p.grad.astype(dt)
+        for _, b in self.named_buffers():
+            if b.data.dtype.kind == "f":
+                b.data = b.data.astype(dt)
         return self
 
     def to(self, backend_name: str) -> "Module":
-        """Move every parameter to 'numpy' or 'cupy'."""
+        """Move every parameter and buffer to 'numpy' or 'cupy'."""
         self.release()
         for p in self.parameters():
             p.data = backend.to_device(p.data, backend_name)
             p.grad = backend.to_device(p.grad, backend_name)
+        for _, b in self.named_buffers():
+            if not b.host:
+                b.data = backend.to_device(b.data, backend_name)
         return self
 
     # -- checkpoints -------------------------------------------------------
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Copies of the parameters as host NumPy arrays, by dotted name."""
-        return OrderedDict((name, backend.to_numpy(p.data).copy()) for name, p in self.named_parameters())
+        """Copies of the parameters, then the buffers, as host NumPy arrays, by dotted name."""
+        return OrderedDict((name, backend.to_numpy(p.data).copy()) for name, p in self._named_state())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load parameters by name; every name must match, with its shape.
+        """Load parameters and buffers by name; every name must match, with its shape.
 
         Values are cast to each parameter's dtype and moved to its device.
         """
-        params = dict(self.named_parameters())
+        params = dict(self._named_state())
         missing = [n for n in params if n not in state]
         unexpected = [n for n in state if n not in params]
         if missing or unexpected:

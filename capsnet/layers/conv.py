@@ -315,14 +315,132 @@ class Conv2d(Module):
         return None if gx is None else gx.transpose(0, 3, 1, 2)
 
 
+def _transpose_geometry(x_shape: tuple, w: Any, stride: int, padding: int, output_padding: int) -> tuple[int, int]:
+    cin, cout, kh, kw = w.shape
+    if x_shape[3] != cin:
+        raise ValueError(f"transposed convolution expected {cin} input channels, got {x_shape[3]}")
+    if not 0 <= output_padding < stride:
+        raise ValueError(f"transposed convolution output_padding must be smaller than the stride ({stride}), "
+                         f"got {output_padding}")
+    ho = (x_shape[1] - 1) * stride - 2 * padding + kh + output_padding
+    wo = (x_shape[2] - 1) * stride - 2 * padding + kw + output_padding
+    if ho < 1 or wo < 1:
+        raise ValueError(f"transposed convolution output would be empty: input {x_shape[1]}x{x_shape[2]}, kernel "
+                         f"{kh}x{kw}, stride {stride}, padding {padding}")
+    return ho, wo
+
+
+def conv_transpose2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0,
+                          output_padding: int = 0) -> Any:
+    """Channels-last transposed convolution, the adjoint of :func:`conv2d_nhwc` in x.
+
+    x (B, H, W, Cin), w (Cin, Cout, KH, KW) (PyTorch's layout), b (Cout,) -> (B, HO, WO, Cout)
+    with HO = (H - 1) stride - 2 padding + KH + output_padding: each input pixel's
+    product with the kernel is added into the output (one GEMM, then col2im).
+    """
+    xp = backend.get_array_module(x_nhwc, w)
+    cin, cout, kh, kw = w.shape
+    ho, wo = _transpose_geometry(tuple(x_nhwc.shape), w, stride, padding, output_padding)
+    w_mat = xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cin, kh * kw * cout)
+    col = x_nhwc.reshape(-1, cin) @ w_mat  # (B*H*W, KH*KW*Cout), the patch order of im2col
+    y = col2im(col, (x_nhwc.shape[0], ho, wo, cout), kh, kw, stride, padding)
+    if b is not None:
+        y = y + b
+    return y
+
+
+def conv_transpose2d_nhwc_backward(grad_y_nhwc: Any, x_nhwc: Any, w: Any, stride: int = 1,
+                                   padding: int = 0) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`conv_transpose2d_nhwc` w.r.t. (x, w, b); grad_y: (B, HO, WO, Cout).
+    The input gradient is a plain convolution of grad_y with the same kernel."""
+    xp = backend.get_array_module(grad_y_nhwc, x_nhwc, w)
+    cin, cout, kh, kw = w.shape
+    col = im2col(grad_y_nhwc, kh, kw, stride, padding)  # (B*H*W, KH*KW*Cout)
+    w_mat = xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(cin, kh * kw * cout)
+    gx = (col @ w_mat.T).reshape(x_nhwc.shape)
+    gw = (x_nhwc.reshape(-1, cin).T @ col).reshape(cin, kh, kw, cout).transpose(0, 3, 1, 2)
+    return gx, gw, grad_y_nhwc.reshape(-1, cout).sum(axis=0)
+
+
+def conv_transpose2d(x: Any, w: Any, b: Any | None = None, stride: int = 1, padding: int = 0,
+                     output_padding: int = 0) -> Any:
+    """Transposed convolution. x: (B, Cin, H, W), w: (Cin, Cout, KH, KW), b: (Cout,) -> (B, Cout, HO, WO)."""
+    return conv_transpose2d_nhwc(x.transpose(0, 2, 3, 1), w, b, stride, padding,
+                                 output_padding).transpose(0, 3, 1, 2)
+
+
+def conv_transpose2d_backward(grad_out: Any, x: Any, w: Any, stride: int = 1,
+                              padding: int = 0) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`conv_transpose2d` w.r.t. (x, w, b); grad_out: (B, Cout, HO, WO)."""
+    gx, gw, gb = conv_transpose2d_nhwc_backward(grad_out.transpose(0, 2, 3, 1), x.transpose(0, 2, 3, 1), w,
+                                                stride, padding)
+    return gx.transpose(0, 3, 1, 2), gw, gb
+
+
+class ConvTranspose2d(Module):
+    """Transposed convolution ("deconvolution"). Input (B, Cin, H, W) -> (B, Cout, HO, WO),
+    HO = (H - 1) stride - 2 padding + kernel + output_padding (output_padding < stride
+    picks among the sizes that a stride-s convolution maps back to H).
+
+    Weights (Cin, Cout, K, K) and bias (Cout,) start uniform in +-1/sqrt(Cout*K*K), as in
+    PyTorch.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 output_padding: int = 0, bias: bool = True, *, dtype: Any = "float32", seed: Any = None):
+        super().__init__()
+        for name, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                                 ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                                 ("output_padding", output_padding, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"ConvTranspose2d {name} must be an integer >= {low}, got {value!r}")
+        if output_padding >= stride:
+            raise ValueError(f"ConvTranspose2d output_padding must be smaller than the stride ({stride}), "
+                             f"got {output_padding}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.output_padding = kernel_size, stride, padding, output_padding
+        bound = 1.0 / math.sqrt(out_channels * kernel_size * kernel_size)
+        rng = as_rng(seed)
+        self.weight = init_param((in_channels, out_channels, kernel_size, kernel_size), bound, dtype, rng)
+        self.bias = init_param((out_channels,), bound, dtype, rng) if bias else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, output_padding={self.output_padding}")
+
+    def forward(self, x: Any) -> Any:
+        check_input("ConvTranspose2d", x, (None, self.in_channels, None, None), self.weight.dtype)
+        xp = backend.get_array_module(x, self.weight.data)
+        x_nhwc = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        b = self.bias.data if self.bias is not None else None
+        y = conv_transpose2d_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, self.output_padding)
+        self._save(x_nhwc)
+        return y.transpose(0, 3, 1, 2)
+
+    def backward(self, grad_out: Any) -> Any:
+        (x_nhwc,) = self._pop()
+        xp = backend.get_array_module(grad_out)
+        gy = xp.ascontiguousarray(grad_out.transpose(0, 2, 3, 1))
+        gx, gw, gb = conv_transpose2d_nhwc_backward(gy, x_nhwc, self.weight.data, self.stride, self.padding)
+        self.weight.grad += gw
+        if self.bias is not None:
+            self.bias.grad += gb
+        return gx.transpose(0, 3, 1, 2)
+
+
 __all__ = [
     "Conv2d",
+    "ConvTranspose2d",
     "col2im",
     "conv2d",
     "conv2d_backward",
     "conv2d_flops",
     "conv2d_nhwc",
     "conv2d_nhwc_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
+    "conv_transpose2d_nhwc",
+    "conv_transpose2d_nhwc_backward",
     "conv_output_size",
     "im2col",
 ]

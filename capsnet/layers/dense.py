@@ -72,4 +72,31 @@ class Flatten(Module):
         return grad_out.reshape(shape)
 
 
-__all__ = ["Flatten", "Linear", "linear", "linear_backward"]
+
+class Reshape(Module):
+    """(B, ...) -> (B, *shape): the bridge from Linear layers back to images (a
+    deconvolution decoder). backward reshapes the gradient back."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(f"Reshape expects positive sizes, e.g. Reshape(16, 7, 7), got {shape}")
+        self.shape = shape
+
+    def extra_repr(self) -> str:
+        return ", ".join(map(str, self.shape))
+
+    def forward(self, x: Any) -> Any:
+        size = math.prod(x.shape[1:]) if hasattr(x, "shape") and len(x.shape) > 1 else None
+        if size != math.prod(self.shape):
+            raise ValueError(f"Reshape{self.shape} expected input of shape (batch, ...) with "
+                             f"{math.prod(self.shape)} values per example, got {tuple(getattr(x, 'shape', ()))}")
+        self._save(tuple(x.shape))
+        return x.reshape(x.shape[0], *self.shape)
+
+    def backward(self, grad_out: Any) -> Any:
+        (shape,) = self._pop()
+        return grad_out.reshape(shape)
+
+
+__all__ = ["Flatten", "Linear", "Reshape", "linear", "linear_backward"]

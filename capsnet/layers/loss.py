@@ -105,3 +105,61 @@ class ReconstructionLoss(Module):
     def backward(self, grad_out: Any = 1.0) -> Any:
         recon, target = self._pop()
         return reconstruction_loss_backward(recon, target, self.weight, grad_out)
+
+
+def _log_softmax(logits: Any) -> Any:
+    """log softmax over the classes (axis 1), by log-sum-exp with the maximum taken out."""
+    xp = backend.get_array_module(logits)
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+
+
+def _targets(logits: Any, labels: Any, label_smoothing: float) -> Any:
+    if logits.ndim != 2:
+        raise ValueError(f"cross-entropy expected logits of shape (batch, n_classes), got {tuple(logits.shape)}")
+    b, k = logits.shape
+    check_batch("CrossEntropyLoss", tuple(logits.shape))
+    check_labels("CrossEntropyLoss", labels, b, k)
+    backend.get_array_module(logits, labels)
+    xp = backend.get_array_module(logits)
+    t = (xp.arange(k)[None, :] == labels[:, None]).astype(logits.dtype)
+    if label_smoothing:
+        t = t * logits.dtype.type(1 - label_smoothing) + logits.dtype.type(label_smoothing / k)
+    return t
+
+
+def cross_entropy(logits: Any, labels: Any, label_smoothing: float = 0.0) -> Any:
+    """-sum_k t_k log softmax(logits)_k, averaged over the batch; t is the one-hot label,
+    smoothed to (1 - s) one_hot + s / K with ``label_smoothing`` s. logits (B, K), labels (B,)."""
+    t = _targets(logits, labels, label_smoothing)
+    return -(t * _log_softmax(logits)).sum(axis=1).mean()
+
+
+def cross_entropy_backward(logits: Any, labels: Any, label_smoothing: float = 0.0, grad_out: Any = 1.0) -> Any:
+    """Gradient of :func:`cross_entropy` w.r.t. the logits, (B, K): (softmax - t) / B."""
+    xp = backend.get_array_module(logits)
+    t = _targets(logits, labels, label_smoothing)
+    return (xp.exp(_log_softmax(logits)) - t) * (grad_out / logits.shape[0])
+
+
+class CrossEntropyLoss(Module):
+    """Softmax cross-entropy on logits, mean over the batch, integer labels; optional label
+    smoothing. forward(logits (B, K), labels (B,)) -> scalar; backward(grad=1) -> (B, K)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"CrossEntropyLoss label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = label_smoothing
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+
+    def forward(self, logits: Any, labels: Any) -> Any:
+        loss = cross_entropy(logits, labels, self.label_smoothing)
+        self._save(logits, labels)
+        return loss
+
+    def backward(self, grad_out: Any = 1.0) -> Any:
+        logits, labels = self._pop()
+        return cross_entropy_backward(logits, labels, self.label_smoothing, grad_out)

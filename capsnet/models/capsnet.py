@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from capsnet import backend
-from capsnet.layers.base import Module, Sequential, as_rng, check_input
-from capsnet.layers.capsule import CapsuleLength, DigitCaps, Mask, PrimaryCaps
-from capsnet.layers.base import conv_output_size
-from capsnet.layers.conv import Conv2d, conv2d_flops
 from capsnet.layers.activation import ReLU, Sigmoid
-from capsnet.layers.dense import Linear
+from capsnet.layers.base import Module, Sequential, as_rng, check_input, conv_output_size
+from capsnet.layers.capsule import CapsuleLength, DigitCaps, Mask, PrimaryCaps
+from capsnet.layers.conv import Conv2d, ConvTranspose2d, conv2d_flops
+from capsnet.layers.dense import Flatten, Linear, Reshape
 from capsnet.layers.loss import MarginLoss, ReconstructionLoss
 
 
@@ -49,6 +48,18 @@ class CapsNetConfig:
     detach_routing: bool = False
     digit_init_std: float | None = None
     decoder_hidden: tuple[int, ...] = field(default=(512, 1024))
+    # "fc": the paper's decoder, fully connected layers of decoder_hidden sizes.
+    # "deconv": a fully connected layer to 16 maps of a quarter of the input size, then
+    # two 4x4 stride-2 transposed convolutions (to 64 maps at half size, then the image),
+    # as the ports that work on smallNORB and CIFAR do; decoder_hidden is not used.
+    decoder: str = "fc"
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("fc", "deconv"):
+            raise ValueError(f"CapsNet decoder must be 'fc' or 'deconv', got {self.decoder!r}")
+        if self.decoder == "deconv" and (self.input_shape[1] % 4 or self.input_shape[2] % 4):
+            raise ValueError(f"the deconv decoder needs an input height and width divisible by 4 (two stride-2 "
+                             f"steps up from a quarter size), got {self.input_shape[1:]}")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -75,6 +86,23 @@ class CapsNetConfig:
     def n_primary_caps(self) -> int:
         _, (h2, w2) = self.feature_sizes
         return self.primary_types * h2 * w2
+
+
+def _decoder(cfg: "CapsNetConfig", dtype: Any, rng: Any) -> Sequential:
+    """Masked capsules (B, K * digit_dim) -> reconstructions (B, C * H * W) in (0, 1)."""
+    c, h, w = cfg.input_shape
+    n_in = cfg.n_classes * cfg.digit_dim
+    layers: list[Module] = []
+    if cfg.decoder == "deconv":
+        layers += [Linear(n_in, 16 * (h // 4) * (w // 4), dtype=dtype, seed=rng), ReLU(), Reshape(16, h // 4, w // 4),
+                   ConvTranspose2d(16, 64, 4, stride=2, padding=1, dtype=dtype, seed=rng), ReLU(),
+                   ConvTranspose2d(64, c, 4, stride=2, padding=1, dtype=dtype, seed=rng), Sigmoid(), Flatten()]
+        return Sequential(*layers)
+    sizes = (n_in, *cfg.decoder_hidden, c * h * w)
+    for k in range(len(sizes) - 1):
+        layers.append(Linear(sizes[k], sizes[k + 1], dtype=dtype, seed=rng))
+        layers.append(ReLU() if k < len(sizes) - 2 else Sigmoid())
+    return Sequential(*layers)
 
 
 class CapsNet(Module):
@@ -104,12 +132,7 @@ class CapsNet(Module):
                                init_std=cfg.digit_init_std, dtype=dtype, seed=rng)
         self.length = CapsuleLength()
         self.mask = Mask()
-        sizes = (cfg.n_classes * cfg.digit_dim, *cfg.decoder_hidden, c * h * w)
-        layers: list[Module] = []
-        for k in range(len(sizes) - 1):
-            layers.append(Linear(sizes[k], sizes[k + 1], dtype=dtype, seed=rng))
-            layers.append(ReLU() if k < len(sizes) - 2 else Sigmoid())
-        self.decoder = Sequential(*layers)
+        self.decoder = _decoder(cfg, dtype, rng)
 
     def extra_repr(self) -> str:
         return str(self.config)
@@ -264,8 +287,12 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     u_hat = n_i * n_j * config.digit_dim * config.primary_dim
     r = config.routing_iterations
     routing = (2 * r - 1) * n_i * n_j * config.digit_dim  # s_j each iteration, agreements between
-    sizes = (n_j * config.digit_dim, *config.decoder_hidden, c * h * w)
-    decoder = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    if config.decoder == "deconv":  # per input pixel of a transposed convolution: Cin * Cout * 4 * 4
+        decoder = (n_j * config.digit_dim * 16 * (h // 4) * (w // 4) + (h // 4) * (w // 4) * 16 * 64 * 16
+                   + (h // 2) * (w // 2) * 64 * c * 16)
+    else:
+        sizes = (n_j * config.digit_dim, *config.decoder_hidden, c * h * w)
+        decoder = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
     forward = conv1 + primary + u_hat + routing + decoder
     # backward: every product twice (weights and inputs), routing ~2x forward,
     # and the first layer's input gradient only on request.

@@ -5,9 +5,11 @@ tasks and metrics); :mod:`capsnet.training.capsnet_mnist` is the paper's CapsNet
 MNIST built on it (what ``python -m capsnet.train`` runs).
 """
 from capsnet.training.capsnet_mnist import (
-    CapsNetTrainer,
+    MNISTTrainer,
     TrainConfig,
+    build_model,
     build_optimizer,
+    build_task,
     evaluate_mnist,
     load_model,
     load_weights,
@@ -26,12 +28,14 @@ from capsnet.training.loop import (
 
 __all__ = [
     "CapsNetTask",
-    "CapsNetTrainer",
     "CheckpointError",
+    "MNISTTrainer",
     "SupervisedTask",
     "TrainConfig",
     "Trainer",
+    "build_model",
     "build_optimizer",
+    "build_task",
     "confusion_counts",
     "count_correct",
     "evaluate",

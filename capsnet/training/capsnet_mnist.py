@@ -1,14 +1,15 @@
-"""The paper's CapsNet on MNIST, as one use of the general loop (:mod:`capsnet.training.loop`).
+"""The paper's CapsNet (and its baseline CNN) on MNIST, as one use of the general loop
+(:mod:`capsnet.training.loop`).
 
 This is what ``python -m capsnet.train`` runs: :class:`TrainConfig` holds every
-setting, :class:`CapsNetTrainer` builds the model, optimizer, schedule and data from
+setting, :class:`MNISTTrainer` builds the model, optimizer, schedule and data from
 it and trains with :class:`~capsnet.training.loop.Trainer`. Run folders written by
 capsnet 0.1 (before the general loop) resume too: their checkpoint header is
 brought to the new form on reading.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,18 +17,31 @@ import numpy as np
 
 from capsnet import backend
 from capsnet.data import ArrayDataset, load_mnist, random_shift, to_float
+from capsnet.layers.base import Module
+from capsnet.layers.loss import CrossEntropyLoss
+from capsnet.models.baseline import BaselineCNN, BaselineCNNConfig
 from capsnet.models.capsnet import CapsNet, CapsNetConfig
 from capsnet.optim import SGD, Adam, ExponentialLR
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
-from capsnet.training.loop import LOOP_VERSION, CapsNetTask, Trainer, confusion_counts, count_correct, evaluate
+from capsnet.training.loop import (
+    LOOP_VERSION,
+    CapsNetTask,
+    SupervisedTask,
+    Trainer,
+    confusion_counts,
+    count_correct,
+    evaluate,
+)
 
-__all__ = ["CapsNetTrainer", "TrainConfig", "build_optimizer", "evaluate_mnist", "load_model", "load_weights",
-           "train_config_of"]
+__all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task", "evaluate_mnist",
+           "load_model", "load_weights", "train_config_of"]
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on. ``model`` holds CapsNetConfig's fields."""
+    """Everything a run depends on. ``arch`` is "capsnet" (the paper's CapsNet) or "cnn"
+    (its baseline CNN); ``model`` holds the fields of CapsNetConfig or BaselineCNNConfig
+    (None: that architecture's defaults)."""
 
     backend: str = "numpy"
     dtype: str = "float32"
@@ -45,12 +59,23 @@ class TrainConfig:
     test_limit: int | None = None
     data_dir: str | None = None
     log_every: int = 10
-    model: dict[str, Any] = field(default_factory=lambda: CapsNetConfig().as_dict())
+    arch: str = "capsnet"
+    model: dict[str, Any] | None = None
 
     # What a resumed run must share with its checkpoint (the rest may change:
     # more epochs, another data folder, another backend).
     FIXED = ("dtype", "batch_size", "optimizer", "lr", "lr_decay", "momentum", "weight_decay",
-             "recon_weight", "max_shift", "seed", "train_limit", "model")
+             "recon_weight", "max_shift", "seed", "train_limit", "arch", "model")
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        if self.model is None:
+            self.model = ARCHS[self.arch]().as_dict()
+
+    def model_config(self) -> CapsNetConfig | BaselineCNNConfig:
+        """The model's configuration object (CapsNetConfig or BaselineCNNConfig)."""
+        return ARCHS[self.arch].from_dict(self.model)
 
     def validate(self) -> "TrainConfig":
         if self.backend not in backend.BACKENDS:
@@ -68,7 +93,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not (self.lr > 0 and self.lr_decay > 0 and self.recon_weight >= 0 and self.max_shift >= 0):
             raise ValueError("lr and lr_decay must be > 0, recon_weight and max_shift >= 0")
-        CapsNetConfig.from_dict(self.model)
+        self.model_config()
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,7 +102,7 @@ class TrainConfig:
     def fixed_items(self) -> dict[str, Any]:
         """The FIXED settings, with the model's fields spelled out one by one."""
         out = {k: getattr(self, k) for k in self.FIXED if k != "model"}
-        out.update(CapsNetConfig.from_dict(self.model).as_dict())
+        out.update(self.model_config().as_dict())
         return out
 
     @classmethod
@@ -89,19 +114,39 @@ class TrainConfig:
         return cls(**d)
 
 
-def build_optimizer(cfg: TrainConfig, model: CapsNet):
+ARCHS: dict[str, Any] = {"capsnet": CapsNetConfig, "cnn": BaselineCNNConfig}
+
+
+def build_model(cfg: TrainConfig) -> CapsNet | BaselineCNN:
+    """The model ``cfg`` describes, seeded with ``cfg.seed``, on the current backend."""
+    model_cfg = cfg.model_config()
+    cls = CapsNet if cfg.arch == "capsnet" else BaselineCNN
+    return cls(model_cfg, dtype=cfg.dtype, seed=cfg.seed)
+
+
+def build_task(cfg: TrainConfig) -> CapsNetTask | SupervisedTask:
+    """The paper's objective for the architecture: margin plus reconstruction loss for the
+    CapsNet, softmax cross-entropy for the baseline."""
+    return CapsNetTask(cfg.recon_weight) if cfg.arch == "capsnet" else SupervisedTask(CrossEntropyLoss())
+
+
+def build_optimizer(cfg: TrainConfig, model: Module):
     if cfg.optimizer == "adam":
         return Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def evaluate_mnist(model: CapsNet, images: Any, labels: Any, *, batch_size: int = 100,
-                   recon_weight: float = 0.0005, progress: bool = False, desc: str = "test") -> dict[str, Any]:
-    """Accuracy, mean total loss, per-class accuracy and the confusion matrix (rows: true
-    class) of a CapsNet on images already on its device. The test set is never
-    augmented; the decoder sees the longest capsule, as at test time."""
+def evaluate_mnist(model: CapsNet | BaselineCNN, images: Any, labels: Any, *, batch_size: int = 100,
+                   recon_weight: float = 0.0005, task: Any = None, progress: bool = False,
+                   desc: str = "test") -> dict[str, Any]:
+    """Accuracy, mean loss, per-class accuracy and the confusion matrix (rows: true class)
+    of a classifier on images already on its device. The test set is never augmented; a
+    CapsNet's decoder sees the longest capsule, as at test time. ``task`` defaults to the
+    model's objective (CapsNetTask(recon_weight), or cross-entropy for the baseline)."""
     k = model.config.n_classes
-    result = evaluate(model, CapsNetTask(recon_weight), ArrayDataset(images, labels), batch_size=batch_size,
+    if task is None:
+        task = CapsNetTask(recon_weight) if isinstance(model, CapsNet) else SupervisedTask(CrossEntropyLoss())
+    result = evaluate(model, task, ArrayDataset(images, labels), batch_size=batch_size,
                       metrics={"accuracy": count_correct, "confusion": confusion_counts(k)}, progress=progress,
                       desc=desc)
     conf = np.rint(np.asarray(result["totals"]["confusion"])).astype(np.int64)
@@ -110,8 +155,9 @@ def evaluate_mnist(model: CapsNet, images: Any, labels: Any, *, batch_size: int 
             "confusion": conf.tolist(), "n": result["n"]}
 
 
-class CapsNetTrainer(Trainer):
-    """Trains (or resumes) the CapsNet described by ``cfg`` on MNIST in ``run_dir``.
+class MNISTTrainer(Trainer):
+    """Trains (or resumes) the model described by ``cfg`` (the CapsNet or the baseline CNN)
+    on MNIST in ``run_dir``.
 
     The model is seeded with ``cfg.seed``, the data stream (order and shifts) with
     ``cfg.seed + 1``. ``on_step(trainer, epoch, step)`` as in the general loop.
@@ -124,13 +170,13 @@ class CapsNetTrainer(Trainer):
         ntr = min(cfg.train_limit or len(data.train_labels), len(data.train_labels))
         nte = min(cfg.test_limit or len(data.test_labels), len(data.test_labels))
         with backend.use(cfg.backend) as xp:
-            model = CapsNet(CapsNetConfig.from_dict(cfg.model), dtype=cfg.dtype, seed=cfg.seed)
+            model = build_model(cfg)
             shift = cfg.max_shift
             train = ArrayDataset(to_float(data.train_images[:ntr], cfg.dtype, xp), xp.asarray(data.train_labels[:ntr]),
                                  augment=lambda x, rng: random_shift(x, shift, rng))
             test = ArrayDataset(to_float(data.test_images[:nte], cfg.dtype, xp), xp.asarray(data.test_labels[:nte]))
         optimizer = build_optimizer(cfg, model)
-        super().__init__(model, CapsNetTask(cfg.recon_weight), optimizer, train, run_dir, epochs=cfg.epochs,
+        super().__init__(model, build_task(cfg), optimizer, train, run_dir, epochs=cfg.epochs,
                          batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay),
                          metrics={"accuracy": count_correct}, seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
@@ -168,21 +214,21 @@ def train_config_of(header: dict[str, Any], path: str | Path) -> TrainConfig:
         raise CheckpointError(f"{path}: the training configuration in its header is not valid ({exc})") from exc
 
 
-def load_model(path: str | Path, backend_name: str | None = None) -> tuple[CapsNet, dict[str, Any]]:
-    """A CapsNet rebuilt from a checkpoint's configuration, with its weights."""
+def load_model(path: str | Path, backend_name: str | None = None) -> tuple[CapsNet | BaselineCNN, dict[str, Any]]:
+    """The model (CapsNet or BaselineCNN) rebuilt from a checkpoint's configuration, with its weights."""
     header, model_state, _ = load_checkpoint(path)
     cfg = train_config_of(header, path)
     try:
-        model_config = CapsNetConfig.from_dict(cfg.model)
+        cfg.model_config()
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its CapsNet configuration cannot be built ({exc})") from exc
+        raise CheckpointError(f"{path}: its model configuration cannot be built ({exc})") from exc
     with backend.use(backend_name or backend.get_backend()):
-        model = CapsNet(model_config, dtype=cfg.dtype)
+        model = build_model(cfg)
     _load_state(model, model_state, path)
     return model, header
 
 
-def _load_state(model: CapsNet, state: dict[str, Any], path: str | Path) -> None:
+def _load_state(model: Module, state: dict[str, Any], path: str | Path) -> None:
     try:
         model.load_state_dict(state)
     except (KeyError, ValueError) as exc:
@@ -190,7 +236,7 @@ def _load_state(model: CapsNet, state: dict[str, Any], path: str | Path) -> None
                               "damaged or was edited: use another checkpoint") from exc
 
 
-def load_weights(model: CapsNet, path: str | Path) -> None:
+def load_weights(model: CapsNet | BaselineCNN, path: str | Path) -> None:
     """Load a checkpoint's weights into ``model``; the configurations must match."""
     header, model_state, _ = load_checkpoint(path)
     saved = train_config_of(header, path).model

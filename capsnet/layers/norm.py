@@ -1,0 +1,125 @@
+"""Batch normalisation (Ioffe and Szegedy, 2015): ``batch_norm`` / ``batch_norm_backward``
+with ``BatchNorm1d`` and ``BatchNorm2d``.
+
+In training each channel is normalised by the mean and the (biased) variance of the
+batch, then scaled by ``weight`` and shifted by ``bias``; the running statistics move
+towards the batch's by ``momentum`` (running = (1 - momentum) running + momentum batch,
+the variance unbiased), as in PyTorch. In eval mode the running statistics are used.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from capsnet import backend
+from capsnet.layers.base import Buffer, Module, check_input, init_param
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm", "batch_norm_backward"]
+
+
+def _axes_and_shape(x: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The reduced axes (all but the channel axis 1) and the broadcast shape of a channel vector."""
+    axes = (0, *range(2, x.ndim))
+    return axes, (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def batch_norm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, mean: Any = None,
+               var: Any = None) -> tuple[Any, tuple]:
+    """x (B, C, ...) -> (y, saved for the backward). Channel statistics of the batch when
+    ``mean`` and ``var`` are None (training), else the given ones (eval). The saved state
+    also holds the batch mean and biased variance, for the running statistics."""
+    xp = backend.get_array_module(x, weight)
+    axes, shape = _axes_and_shape(x)
+    if mean is None:
+        mean = x.mean(axis=axes)
+        var = x.var(axis=axes)
+    inv_std = 1 / xp.sqrt(var + x.dtype.type(eps))
+    xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+    y = xhat * weight.reshape(shape) + bias.reshape(shape)
+    return y, (xhat, inv_std, mean, var)
+
+
+def batch_norm_backward(grad_out: Any, saved: tuple, weight: Any,
+                        batch_statistics: bool = True) -> tuple[Any, Any, Any]:
+    """Gradients (x, weight, bias) of :func:`batch_norm`. With ``batch_statistics`` the
+    mean and variance depend on x (training), else they are constants (eval)."""
+    xhat, inv_std = saved[0], saved[1]
+    axes, shape = _axes_and_shape(grad_out)
+    g_bias = grad_out.sum(axis=axes)
+    g_weight = (grad_out * xhat).sum(axis=axes)
+    scale = (weight * inv_std).reshape(shape)
+    if not batch_statistics:
+        return grad_out * scale, g_weight, g_bias
+    n = grad_out.size // grad_out.shape[1]
+    gx = scale * (grad_out - (g_bias.reshape(shape) + xhat * g_weight.reshape(shape)) / grad_out.dtype.type(n))
+    return gx, g_weight, g_bias
+
+
+class _BatchNorm(Module):
+    _ndims: tuple[int, ...] = ()
+    _layout = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, *, dtype: Any = "float32"):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{name} num_features must be an integer >= 1, got {num_features!r}")
+        if not (0 <= momentum <= 1):
+            raise ValueError(f"{name} momentum must be in [0, 1], got {momentum!r}")
+        if not eps > 0:
+            raise ValueError(f"{name} eps must be > 0, got {eps!r}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = init_param((num_features,), 0.0, dtype, None, kind="zeros")
+        self.weight.data[...] = 1
+        self.bias = init_param((num_features,), 0.0, dtype, None, kind="zeros")
+        self.running_mean = Buffer(init_param((num_features,), 0.0, dtype, None, kind="zeros").data)
+        self.running_var = Buffer(self.weight.data.copy())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+    def forward(self, x: Any) -> Any:
+        name = type(self).__name__
+        if getattr(x, "ndim", None) not in self._ndims:
+            raise ValueError(f"{name} expected input of shape {self._layout}, got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        check_input(name, x, (None, self.num_features) + (None,) * (x.ndim - 2), self.weight.dtype)
+        backend.get_array_module(x, self.weight.data)  # one device
+        if self.training:
+            per_channel = x.size // self.num_features
+            if per_channel < 2:
+                raise ValueError(f"{name} in training mode needs more than one value per channel to take batch "
+                                 f"statistics, got input of shape {tuple(x.shape)}; use a batch of 2 or more, "
+                                 "or call .eval() to use the running statistics")
+            y, saved = batch_norm(x, self.weight.data, self.bias.data, self.eps)
+            m = x.dtype.type(self.momentum)
+            unbiased = saved[3] * x.dtype.type(per_channel / (per_channel - 1))
+            self.running_mean.data *= 1 - m
+            self.running_mean.data += m * saved[2]
+            self.running_var.data *= 1 - m
+            self.running_var.data += m * unbiased
+        else:
+            y, saved = batch_norm(x, self.weight.data, self.bias.data, self.eps, self.running_mean.data,
+                                  self.running_var.data)
+        self._save(saved)
+        return y
+
+    def backward(self, grad_out: Any) -> Any:
+        (saved,) = self._pop()
+        gx, gw, gb = batch_norm_backward(grad_out, saved, self.weight.data)
+        self.weight.grad += gw
+        self.bias.grad += gb
+        return gx
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (B, C) or (B, C, L) inputs, per channel C; weight and bias (C,)."""
+
+    _ndims = (2, 3)
+    _layout = "(batch, C) or (batch, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (B, C, H, W) inputs, per channel C; weight and bias (C,)."""
+
+    _ndims = (4,)
+    _layout = "(batch, C, H, W)"
