@@ -9,49 +9,45 @@ import numpy as np
 from capsnet import backend
 
 
-class Parameter:
+class _Held:
+    """An array a module holds in ``.data``: its shape, dtype and a repr naming its backend."""
+
+    __slots__ = ("data",)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, backend={backend.backend_of(self.data)!r})"
+
+
+class Parameter(_Held):
     """A trainable array and the gradient accumulated into it (same shape, dtype, device)."""
 
-    __slots__ = ("data", "grad")
+    __slots__ = ("grad",)
 
     def __init__(self, data: Any):
         xp = backend.get_array_module(data)
         self.data = data
         self.grad = xp.zeros_like(data)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
 
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    def __repr__(self) -> str:
-        return f"Parameter(shape={self.shape}, dtype={self.dtype}, backend={backend.backend_of(self.data)!r})"
-
-
-class Buffer:
+class Buffer(_Held):
     """State a module keeps that is not trained: BatchNorm's running statistics, a
     dropout layer's draw counter. Saved in ``state_dict`` and moved by ``to()`` with
-    the parameters; no gradient, and optimizers never see it."""
+    the parameters (unless ``host``: kept on the host, for counters read every step);
+    no gradient, and optimizers never see it."""
 
-    __slots__ = ("data", "host")
+    __slots__ = ("host",)
 
     def __init__(self, data: Any, host: bool = False):
         self.data = data
-        self.host = host  # kept on the host whatever the backend (counters read every step)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    def __repr__(self) -> str:
-        return f"Buffer(shape={self.shape}, dtype={self.dtype}, backend={backend.backend_of(self.data)!r})"
+        self.host = host
 
 
 def _nbytes(value: Any) -> int:

@@ -21,7 +21,7 @@ What the text leaves open, and the choices made here:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from capsnet.layers.activation import ReLU
@@ -30,13 +30,16 @@ from capsnet.layers.conv import Conv2d
 from capsnet.layers.dense import Flatten, Linear
 from capsnet.layers.pool import MaxPool2d
 from capsnet.layers.stochastic import Dropout
+from capsnet.models.config import DictConfig
 
 __all__ = ["BaselineCNN", "BaselineCNNConfig"]
 
 
 @dataclass(frozen=True)
-class BaselineCNNConfig:
+class BaselineCNNConfig(DictConfig):
     """Every size of the baseline; the defaults are the paper's MNIST baseline."""
+
+    _what = "BaselineCNN configuration"
 
     input_shape: tuple[int, int, int] = (1, 28, 28)
     n_classes: int = 10
@@ -53,17 +56,6 @@ class BaselineCNNConfig:
             raise ValueError("BaselineCNN needs at least one convolution and one fully connected layer")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"BaselineCNN dropout must be in [0, 1), got {self.dropout}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BaselineCNNConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown BaselineCNN configuration keys {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property
     def feature_size(self) -> tuple[int, int]:

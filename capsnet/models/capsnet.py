@@ -5,7 +5,7 @@ import importlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from capsnet.layers.capsule import CapsuleLength, DigitCaps, Mask, PrimaryCaps
 from capsnet.layers.conv import Conv2d, ConvTranspose2d, conv2d_flops
 from capsnet.layers.dense import Flatten, Linear, Reshape
 from capsnet.layers.loss import MarginLoss, ReconstructionLoss
+from capsnet.models.config import DictConfig
 
 
 SAFETENSORS_FORMAT = "capsnet-safetensors-1"
@@ -32,8 +33,10 @@ def _safetensors(submodule: str | None = None) -> Any:
 
 
 @dataclass(frozen=True)
-class CapsNetConfig:
+class CapsNetConfig(DictConfig):
     """Every size of the network; the defaults are the paper's MNIST model."""
+
+    _what = "CapsNet configuration"
 
     input_shape: tuple[int, int, int] = (1, 28, 28)
     n_classes: int = 10
@@ -60,17 +63,6 @@ class CapsNetConfig:
         if self.decoder == "deconv" and (self.input_shape[1] % 4 or self.input_shape[2] % 4):
             raise ValueError(f"the deconv decoder needs an input height and width divisible by 4 (two stride-2 "
                              f"steps up from a quarter size), got {self.input_shape[1:]}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CapsNetConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CapsNet configuration keys {unknown}; known: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property
     def feature_sizes(self) -> tuple[tuple[int, int], tuple[int, int]]:

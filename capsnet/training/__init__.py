@@ -1,10 +1,10 @@
 """Training, evaluation and checkpoints.
 
 :mod:`capsnet.training.loop` is the general loop (:class:`Trainer`, :func:`evaluate`,
-tasks and metrics); :mod:`capsnet.training.capsnet_mnist` is the paper's CapsNet on
-MNIST built on it (what ``python -m capsnet.train`` runs).
+tasks and metrics); :mod:`capsnet.training.mnist_run` is the paper's CapsNet and its
+baseline CNN on MNIST built on it (what ``python -m capsnet.train`` runs).
 """
-from capsnet.training.capsnet_mnist import (
+from capsnet.training.mnist_run import (
     MNISTTrainer,
     TrainConfig,
     build_model,

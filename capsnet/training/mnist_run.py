@@ -9,7 +9,7 @@ brought to the new form on reading.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +21,7 @@ from capsnet.layers.base import Module
 from capsnet.layers.loss import CrossEntropyLoss
 from capsnet.models.baseline import BaselineCNN, BaselineCNNConfig
 from capsnet.models.capsnet import CapsNet, CapsNetConfig
+from capsnet.models.config import DictConfig
 from capsnet.optim import SGD, Adam, ExponentialLR
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
 from capsnet.training.loop import (
@@ -38,10 +39,12 @@ __all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimiz
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Everything a run depends on. ``arch`` is "capsnet" (the paper's CapsNet) or "cnn"
     (its baseline CNN); ``model`` holds the fields of CapsNetConfig or BaselineCNNConfig
     (None: that architecture's defaults)."""
+
+    _what = "training option"
 
     backend: str = "numpy"
     dtype: str = "float32"
@@ -96,22 +99,11 @@ class TrainConfig:
         self.model_config()
         return self
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def fixed_items(self) -> dict[str, Any]:
         """The FIXED settings, with the model's fields spelled out one by one."""
         out = {k: getattr(self, k) for k in self.FIXED if k != "model"}
         out.update(self.model_config().as_dict())
         return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}")
-        return cls(**d)
 
 
 ARCHS: dict[str, Any] = {"capsnet": CapsNetConfig, "cnn": BaselineCNNConfig}
