@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from capsnet import backend
+from capsnet.training import distributed
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, n_parameters
 from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, train_config_of
@@ -108,27 +109,45 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     return TrainConfig.from_dict(values)
 
 
+def _base_config(out: Path, resume: bool, comm) -> TrainConfig:
+    """The checkpoint's configuration on --resume (read by rank 0, sent to the others)."""
+    payload: tuple = ("ok", None)
+    if comm.rank == 0 and resume and (out / "checkpoint.npz").exists():
+        path = out / "checkpoint.npz"
+        try:
+            payload = ("ok", train_config_of(load_checkpoint(path)[0], path).as_dict())
+        except CheckpointError as exc:
+            payload = ("error", str(exc))
+    kind, value = comm.bcast(payload)
+    if kind == "error":
+        raise CheckpointError(value)
+    return TrainConfig.from_dict(value) if value is not None else TrainConfig()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", Path("runs/capsnet"))
     resume = getattr(args, "resume", False)
-    base = TrainConfig()
+    comm = distributed.world()
     try:
-        if resume and (out / "checkpoint.npz").exists():
-            path = out / "checkpoint.npz"
-            base = train_config_of(load_checkpoint(path)[0], path)
-        cfg = config_from_args(args, base)
-        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False))
-        print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters; run folder {out}",
-              flush=True)
+        cfg = config_from_args(args, _base_config(out, resume, comm))
+        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), comm=comm)
+        if comm.rank == 0:
+            where = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
+            print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{where}; "
+                  f"run folder {out}", flush=True)
         history = trainer.fit(resume=resume)
     except KeyboardInterrupt:
         return 130
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}" if comm.size == 1 else f"error on rank {comm.rank}: {exc}", file=sys.stderr)
+        distributed.fail(comm, exc, 2, trace=False)  # under MPI: end every rank, never a hang
         return 2
-    if history:
+    except Exception as exc:
+        distributed.fail(comm, exc, 1)
+        raise
+    if history and comm.rank == 0:
         print(json.dumps(history[-1]))
     return 0
 

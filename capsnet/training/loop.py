@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
+from capsnet.training.distributed import GradientBuffer, LocalComm, shard
 
 __all__ = [
     "CapsNetTask",
@@ -151,37 +154,52 @@ def _mean(total: float | list, n: int) -> float | list:
     return total / max(n, 1)
 
 
+def _combine(parts: list) -> Any:
+    """Sum per-rank host values (floats, ints or nested lists) in rank order."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = _add(total, part)
+    return total
+
+
 def evaluate(model: Module, task: Any, data: Any, *, batch_size: int = 100,
              metrics: Mapping[str, Metric] | None = None, progress: bool = False,
-             desc: str = "test") -> dict[str, Any]:
+             desc: str = "test", comm: Any = None) -> dict[str, Any]:
     """Mean loss and metrics of ``model`` on all of ``data``, unaugmented, in eval mode.
 
     Returns ``{"loss": mean, name: mean per example, ..., "n": examples}`` (a metric of
     any shape comes back as nested lists), and ``"totals"``: each metric's plain sum.
     The model is left as it was found: its mode is restored, and what evaluation
     allocated (the Fourier convolution's scratch and weight spectrum) is released.
+    Under MPI (``comm``, see :mod:`capsnet.training.distributed`) each rank evaluates
+    its own contiguous share and the sums are combined; every rank gets the result.
     """
+    comm = comm if comm is not None else LocalComm()
     metrics = dict(metrics if metrics is not None else {"accuracy": count_correct})
     n = len(data)
     if n < 1:
         raise ValueError("evaluate: the data source is empty")
+    lo, hi = shard(n, comm.rank, comm.size)
     was_training = model.training
     model.eval()
     try:
         xp = backend.get_array_module(model.parameters()[0].data) if model.parameters() else np
         loss_sum = xp.zeros((), dtype=xp.float64)
         sums: dict[str, Any] = {}
-        starts = range(0, n, batch_size)
+        starts = range(lo, hi, batch_size)
         for start in tqdm(starts, desc=desc, leave=False, disable=None if progress else True, unit="batch"):
-            idx = np.arange(start, min(start + batch_size, n), dtype=np.int64)
+            idx = np.arange(start, min(start + batch_size, hi), dtype=np.int64)
             batch = data.batch(idx, None)
             loss, outputs = task.forward(model, batch)
             loss_sum += loss * len(idx)
             for name, fn in metrics.items():
                 value = fn(outputs, batch)
                 sums[name] = value if name not in sums else sums[name] + value
-        totals = {name: _host(value) for name, value in sums.items()}
-        result: dict[str, Any] = {"loss": float(backend.to_numpy(loss_sum)) / n}
+        local = (float(backend.to_numpy(loss_sum)), {name: _host(value) for name, value in sums.items()})
+        parts = comm.allgather(local)
+        loss_total = _combine([part[0] for part in parts])
+        totals = {name: _combine([part[1][name] for part in parts if name in part[1]]) for name in metrics}
+        result: dict[str, Any] = {"loss": loss_total / n}
         result.update({name: _mean(total, n) for name, total in totals.items()})
         result["n"] = n
         result["totals"] = totals
@@ -213,6 +231,10 @@ class Trainer:
     - ``progress``: tqdm bars, shown only when the output is a terminal (tqdm's
       ``disable=None``); ``log``: one summary line per epoch on stdout, whatever
       ``progress`` says (epoch, losses, metrics, seconds, images/s), for log files.
+    - ``comm``: the MPI communicator for data-parallel training
+      (:func:`capsnet.training.distributed.world`); default one process. Each rank
+      computes its slice of every batch, gradients are summed with one Allreduce per
+      step, evaluation is sharded, and only rank 0 writes files and logs.
 
     ``fit(resume=False)`` returns the metrics records of the epochs it ran. The
     backend is the model's (scoped with ``backend.use`` while fitting).
@@ -223,7 +245,7 @@ class Trainer:
                  metrics: Mapping[str, Metric] | None = None, seed: int = 0, log_every: int = 10,
                  config: dict[str, Any] | None = None, must_match: dict[str, Any] | None = None,
                  best: str | None = None, eval_name: str = "test", progress: bool = True, log: bool = True,
-                 on_step: Callable[["Trainer", int, int], None] | None = None):
+                 on_step: Callable[["Trainer", int, int], None] | None = None, comm: Any = None):
         if not isinstance(model, Module):
             raise TypeError(f"Trainer needs a capsnet Module as model, got {type(model).__name__}")
         if isinstance(task, Module):  # a loss module: loss(outputs, targets)
@@ -250,7 +272,12 @@ class Trainer:
         if best is None:
             best = f"{eval_name}_accuracy" if "accuracy" in self.metrics else f"{eval_name}_loss"
         self.best_key = best
-        self.progress, self.log, self.on_step = progress, log, on_step
+        self.comm = comm if comm is not None else LocalComm()
+        lead = self.comm.rank == 0  # only rank 0 writes files, bars and log lines
+        self.progress, self.log, self.on_step = progress and lead, log and lead, on_step
+        if self.comm.size > batch_size:
+            raise ValueError(f"Trainer batch_size ({batch_size}) must be at least the number of MPI ranks "
+                             f"({self.comm.size}): each rank takes a slice of every batch")
         self.run_dir = Path(run_dir)
         self.checkpoint_path = self.run_dir / "checkpoint.npz"
         self.best_path = self.run_dir / "best.npz"
@@ -276,7 +303,9 @@ class Trainer:
                                   f"(loop_version {version!r}, expected {LOOP_VERSION}); start a new run folder")
         return header
 
-    def _resume(self, path: Path) -> None:
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict, dict]:
+        """(header, model_state, optimizer_state) of the checkpoint, refused with the
+        differences when it comes from another configuration."""
         header, model_state, optim_state = load_checkpoint(path)
         header = self.upgrade_header(header, path)
         wanted = json.loads(json.dumps(self.must_match)) if self.must_match is not None else None
@@ -290,6 +319,9 @@ class Trainer:
                 f"{path} comes from a different configuration: " + "; ".join(diffs)
                 + ". Resume with the checkpoint's settings, or start a new run folder."
             )
+        return header, model_state, optim_state
+
+    def _apply(self, header: dict, model_state: dict, optim_state: dict, path: Path) -> None:
         self._fresh()
         try:
             self.model.load_state_dict(model_state)
@@ -305,44 +337,76 @@ class Trainer:
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path} does not fit this model, optimizer or loop: {exc}") from exc
 
+    def _start(self, resume: bool) -> None:
+        """Rank 0 checks the run folder and reads the checkpoint; every rank then starts
+        from rank 0's state (its weights broadcast on a fresh start, as on a resume)."""
+        payload: tuple = ("fresh",)
+        if self.comm.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if resume:
+                    if not self.checkpoint_path.exists():
+                        raise CheckpointError(
+                            f"--resume: no checkpoint in {self.run_dir} (expected {self.checkpoint_path.name})")
+                    payload = ("resume", *self._read_checkpoint(self.checkpoint_path))
+                else:
+                    if self.checkpoint_path.exists():
+                        raise CheckpointError(f"{self.run_dir} already holds a run: pass --resume to continue it, "
+                                              "or choose another --out")
+                    self.metrics_path.unlink(missing_ok=True)
+                    if self.comm.size > 1:
+                        payload = ("fresh", self.model.state_dict())
+            except CheckpointError as exc:
+                payload = ("error", str(exc))
+        payload = self.comm.bcast(payload)
+        if payload[0] == "error":
+            raise CheckpointError(payload[1])
+        if payload[0] == "resume":
+            self._apply(*payload[1:], self.checkpoint_path)
+        else:
+            self._fresh()
+            if len(payload) > 1:
+                self.model.load_state_dict(payload[1])
+
     def _save(self, path: Path) -> None:
         save_checkpoint(path, model_state=self.model.state_dict(), optimizer_state=self.optimizer.state_dict(),
                         header={"loop_version": LOOP_VERSION, "config": self.config, "must_match": self.must_match,
                                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                                 "rng_state": self.rng.bit_generator.state, "epoch_rng_state": self.epoch_rng_state,
                                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-                                "running": self.running, "best": self.best_value, "best_key": self.best_key})
+                                "running": self.running, "best": self.best_value, "best_key": self.best_key,
+                                "world_size": self.comm.size})
 
     # -- the loop ---------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         """Train until ``epochs``; returns the metrics records of the epochs run now."""
         with backend.use(self.backend_name):
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                if not self.checkpoint_path.exists():
-                    raise CheckpointError(
-                        f"--resume: no checkpoint in {self.run_dir} (expected {self.checkpoint_path.name})")
-                self._resume(self.checkpoint_path)
-            else:
-                if self.checkpoint_path.exists():
-                    raise CheckpointError(
-                        f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out"
-                    )
-                self._fresh()
-                self.metrics_path.unlink(missing_ok=True)
-            if self.config is not None:
+            self._start(resume)
+            if self.config is not None and self.comm.rank == 0:
                 (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+            self._grads = GradientBuffer(self.model.parameters(), self.comm) if self.comm.size > 1 else None
+            self._stop = False
+            previous = signal.getsignal(signal.SIGINT)
+            if self.comm.size > 1 and threading.current_thread() is threading.main_thread():
+                # under MPI a Ctrl-C is only noted: the ranks agree to stop after the same step
+                signal.signal(signal.SIGINT, self._request_stop)
             history = []
             try:
                 while self.epoch < self.epochs:
                     history.append(self._run_epoch())
             except KeyboardInterrupt:
-                self._save(self.checkpoint_path)
-                print(f"\ninterrupted: state saved to {self.checkpoint_path}; continue with --resume")
+                if self.comm.rank == 0:
+                    self._save(self.checkpoint_path)
+                    print(f"\ninterrupted: state saved to {self.checkpoint_path}; continue with --resume")
                 raise
             finally:
+                if self.comm.size > 1 and threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGINT, previous)
                 self.model.release()  # no step's cache or spectra outlive the run
             return history
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stop = True
 
     def _epoch_batches(self) -> list[np.ndarray]:
         """This epoch's batches of indices; on a mid-epoch resume the order is redrawn
@@ -370,30 +434,47 @@ class Trainer:
         loss_acc = xp.zeros((), dtype=xp.float64)
         sums: dict[str, Any] = {}
         seen_acc = 0
+        rank, size = self.comm.rank, self.comm.size
 
         def flush() -> None:
-            # the only host synchronisation of the loop: every log_every steps
+            # the only host synchronisation of the loop: every log_every steps (under MPI,
+            # where the ranks' sums are also combined)
             nonlocal loss_acc, sums, seen_acc
-            self.running["loss"] += float(backend.to_numpy(loss_acc))
-            for name, value in sums.items():
-                self.running["metrics"][name] = _add(self.running["metrics"].get(name), _host(value))
-            self.running["seen"] += seen_acc
+            local = (float(backend.to_numpy(loss_acc)), seen_acc, {name: _host(v) for name, v in sums.items()})
+            parts = self.comm.allgather(local)
+            self.running["loss"] += _combine([part[0] for part in parts])
+            self.running["seen"] += sum(part[1] for part in parts)
+            for name in self.metrics:
+                values = [part[2][name] for part in parts if name in part[2]]
+                if values:
+                    self.running["metrics"][name] = _add(self.running["metrics"].get(name), _combine(values))
             loss_acc = xp.zeros((), dtype=xp.float64)
             sums, seen_acc = {}, 0
 
         try:
             for step in range(self.step_in_epoch, len(batches)):
                 idx = batches[step]
-                batch = self.train_data.batch(idx, self.rng)
-                loss, outputs = self.task.forward(model, batch)
-                self.optimizer.zero_grad()
-                self.task.backward(model)
+                batch = self.train_data.batch(idx, self.rng)  # the whole global batch: the same draws on every rank
+                if size > 1:
+                    lo, hi = shard(len(idx), rank, size)
+                    batch = tuple(a[lo:hi] for a in batch)
+                n_local = len(batch[0])
+                if n_local:
+                    loss, outputs = self.task.forward(model, batch)
+                    self.optimizer.zero_grad()
+                    self.task.backward(model)
+                else:  # a short last batch leaves this rank nothing: it adds zeros to the sum
+                    self.optimizer.zero_grad()
+                stop = False
+                if self._grads is not None:
+                    stop = self._grads.allreduce(n_local / len(idx), self._stop)
                 self.optimizer.step()
-                loss_acc += loss * len(idx)
-                for name, fn in self.metrics.items():
-                    value = fn(outputs, batch)
-                    sums[name] = value if name not in sums else sums[name] + value
-                seen_acc += len(idx)
+                if n_local:
+                    loss_acc += loss * n_local
+                    for name, fn in self.metrics.items():
+                        value = fn(outputs, batch)
+                        sums[name] = value if name not in sums else sums[name] + value
+                seen_acc += n_local
                 images_done += len(idx)
                 self.step_in_epoch = step + 1
                 if self.step_in_epoch % self.log_every == 0 or self.step_in_epoch == len(batches):
@@ -402,6 +483,8 @@ class Trainer:
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(self, self.epoch, step)
+                if stop:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             flush()
             bar.close()
@@ -415,13 +498,14 @@ class Trainer:
             record[f"train_{name}"] = _mean(self.running["metrics"].get(name, 0.0), seen)
         if self.eval_data is not None:
             result = evaluate(model, self.task, self.eval_data, batch_size=self.batch_size, metrics=self.metrics,
-                              progress=self.progress, desc=self.eval_name)
+                              progress=self.progress, desc=self.eval_name, comm=self.comm)
             record[f"{self.eval_name}_loss"] = result["loss"]
             for name in self.metrics:
                 record[f"{self.eval_name}_{name}"] = result[name]
         record["train_seconds"] = train_seconds
         record["train_images_per_second"] = images_done / train_seconds if train_seconds > 0 else math.nan
         record["epoch_seconds"] = time.perf_counter() - start
+        record["world_size"] = self.comm.size
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_rng_state = None
@@ -429,11 +513,12 @@ class Trainer:
         if self.schedule is not None:
             self.schedule.step()
         improved = self._improved(record)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._save(self.checkpoint_path)
-        if improved:
-            self._save(self.best_path)
+        if self.comm.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._save(self.checkpoint_path)
+            if improved:
+                self._save(self.best_path)
         if self.log:
             tqdm.write(self._summary(record))
             sys.stdout.flush()  # a log file sees each epoch as it ends

@@ -156,7 +156,7 @@ class MNISTTrainer(Trainer):
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log: bool = True,
-                 on_step: Callable[[Trainer, int, int], None] | None = None):
+                 on_step: Callable[[Trainer, int, int], None] | None = None, comm: Any = None):
         self.cfg = cfg = cfg.validate()
         data = load_mnist(cfg.data_dir, progress=progress)
         ntr = min(cfg.train_limit or len(data.train_labels), len(data.train_labels))
@@ -172,7 +172,7 @@ class MNISTTrainer(Trainer):
                          batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay),
                          metrics={"accuracy": count_correct}, seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
-                         progress=progress, log=log, on_step=on_step)
+                         progress=progress, log=log, on_step=on_step, comm=comm)
 
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Also reads the checkpoints of capsnet 0.1's MNIST trainer (no ``loop_version``)."""

@@ -1,0 +1,122 @@
+"""Data-parallel training under ``mpiexec -n 2``: the same weights as one process with
+the same global batch, resume with another number of ranks, a failing rank ending the
+job, checkpoints written once. Skipped without mpi4py or mpiexec (the ``mpi`` extra)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsnet.training import load_checkpoint
+from capsnet.training.distributed import LocalComm, launched_by_mpi, shard, world
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "mpi_worker.py"
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+needs_mpi = pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or _mpiexec() is None,
+                               reason="needs mpi4py and mpiexec: pip install 'capsnet[mpi]'")
+
+TINY = ["--conv-channels", "8", "--primary-types", "2", "--primary-dim", "4", "--digit-dim", "4",
+        "--decoder-hidden", "16", "--digit-init-std", "0.05"]
+
+
+def train_args(mnist_dir, out, epochs=2):
+    return ["--data-dir", str(mnist_dir), "--dtype", "float64", "--epochs", str(epochs), "--batch-size", "50",
+            "--train-limit", "230", "--test-limit", "101", "--log-every", "2", *TINY, "--out", str(out),
+            "--no-progress"]
+
+
+def run(ranks: int, args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env.pop("PMI_SIZE", None)
+    cmd = [sys.executable, str(WORKER), *args]
+    if ranks > 0:
+        cmd = [_mpiexec(), "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoint.npz")[1]
+
+
+def assert_same(a: dict, b: dict, rtol: float = 1e-10) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        diff = np.linalg.norm(a[name] - b[name]) / max(np.linalg.norm(b[name]), 1e-300)
+        assert diff <= rtol, f"{name}: relative difference {diff:.2e}"
+
+
+def test_shards_cover_the_batch_in_order():
+    for n in (1, 7, 50, 51):
+        for size in (1, 2, 3):
+            parts = [shard(n, r, size) for r in range(size)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+
+
+def test_one_process_needs_no_mpi():
+    assert launched_by_mpi() == 0 or launched_by_mpi() == 1
+    assert isinstance(world(), LocalComm)
+
+
+@needs_mpi
+def test_two_ranks_end_with_the_weights_of_one_process_with_the_same_global_batch(mnist_dir, tmp_path):
+    one = run(0, ["--", *train_args(mnist_dir, tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run(2, ["--log", str(tmp_path / "saves.txt"), "--", *train_args(mnist_dir, tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    records = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    singles = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in records] == [2, 2] and [r["world_size"] for r in singles] == [1, 1]
+    for a, b in zip(records, singles):
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    assert load_checkpoint(tmp_path / "two" / "checkpoint.npz")[0]["world_size"] == 2
+    saves = (tmp_path / "saves.txt").read_text().splitlines()
+    assert saves and all(line.startswith("rank 0 ") for line in saves)  # written once, by rank 0
+    assert saves.count("rank 0 saved checkpoint.npz") == 2  # once per epoch
+    assert sum("parameters on 2 MPI ranks" in line for line in two.stdout.splitlines()) == 1
+
+
+@needs_mpi
+@pytest.mark.parametrize("first,then", [(2, 0), (0, 2)], ids=["2-ranks-then-1", "1-then-2-ranks"])
+def test_a_run_stopped_and_resumed_with_another_number_of_ranks_matches(mnist_dir, tmp_path, first, then):
+    straight = run(0, ["--", *train_args(mnist_dir, tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr
+    stopped = run(first, ["--stop-at", "0", "2", "--", *train_args(mnist_dir, tmp_path / "run")])
+    assert stopped.returncode == 130, stopped.stderr
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
+    assert (header["epoch"], header["step_in_epoch"]) == (0, 3)
+    resumed = run(then, ["--", "--out", str(tmp_path / "run"), "--resume", "--data-dir", str(mnist_dir),
+                         "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(weights(tmp_path / "run"), weights(tmp_path / "straight"))
+
+
+@needs_mpi
+def test_a_rank_that_fails_ends_the_job_quickly_and_leaves_the_checkpoint(mnist_dir, tmp_path):
+    start = time.monotonic()
+    failed = run(2, ["--fail-on-rank", "1", "1", "1", "--", *train_args(mnist_dir, tmp_path / "run", epochs=3)],
+                 timeout=120)
+    elapsed = time.monotonic() - start
+    assert failed.returncode != 0
+    assert "rank 1 of 2 failed" in failed.stderr and "bad data on this node" in failed.stderr
+    assert elapsed < 60
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]  # the end of epoch 1, intact
+    assert header["epoch"] == 1 and header["step_in_epoch"] == 0
