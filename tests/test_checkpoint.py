@@ -19,7 +19,7 @@ from capsnet import train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
 from capsnet.training import CheckpointError, load_checkpoint, load_model, save_checkpoint
 
-from test_layers import dev, host
+from test_layers import host
 
 TINY = ["--conv-channels", "8", "--primary-types", "2", "--primary-dim", "4", "--digit-dim", "4",
         "--decoder-hidden", "16"]

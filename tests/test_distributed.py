@@ -120,3 +120,26 @@ def test_a_rank_that_fails_ends_the_job_quickly_and_leaves_the_checkpoint(mnist_
     assert elapsed < 60
     header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]  # the end of epoch 1, intact
     assert header["epoch"] == 1 and header["step_in_epoch"] == 0
+
+
+@needs_mpi
+def test_ctrl_c_under_mpiexec_stops_every_rank_after_the_same_step_and_saves(mnist_dir, tmp_path):
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    args = train_args(mnist_dir, tmp_path / "run", epochs=200)
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "capsnet.train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:  # wait for the first epoch, so the loop is running
+            if line.startswith("epoch 1/") or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
+    assert header["world_size"] == 2 and header["epoch"] >= 1

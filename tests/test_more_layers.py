@@ -4,13 +4,10 @@ baseline CNN: float64 gradient checks on every backend, slow loop oracles, PyTor
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from capsnet import backend
 from capsnet import train as train_cli
 from capsnet.gradcheck import check_module
 from capsnet.layers import (
