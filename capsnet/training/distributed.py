@@ -146,10 +146,12 @@ class GradientBuffer:
         sizes = [p.grad.size for p in params]
         self.flat = xp.zeros(sum(sizes) + 1, dtype=dtype)  # the last slot: the stop flag
         offset = 0
+        self._views = []
         for p, n in zip(params, sizes):
             view = self.flat[offset:offset + n].reshape(p.grad.shape)
             view[...] = p.grad
             p.grad = view
+            self._views.append(view)
             offset += n
         self.seconds = 0.0  # time spent in the Allreduce, host copies included
         self.calls = 0
@@ -160,7 +162,7 @@ class GradientBuffer:
 
     def intact(self) -> bool:
         """Whether every parameter's gradient is still a view of the buffer."""
-        return all(p.grad.base is self.flat for p in self.params)
+        return all(p.grad is view for p, view in zip(self.params, self._views))
 
     def allreduce(self, weight: float, stop: bool) -> bool:
         """grad <- sum over ranks of weight_r * grad_r, in place; returns whether any rank
