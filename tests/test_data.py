@@ -637,3 +637,15 @@ def test_iterate_batches_errors():
         iterate_batches(10, 2, shuffle=True)
     with pytest.raises(TypeError, match=r"numpy.random.Generator .*got RandomState"):
         iterate_batches(10, 2, shuffle=True, rng=np.random.RandomState(0))
+
+
+def test_a_fresh_clone_reads_the_shipped_subset_without_setup(monkeypatch):
+    """With CAPSNET_DATA_DIR unset the real-data tests use tests/data/mnist-subset (they were
+    skipped before it shipped)."""
+    import conftest
+
+    monkeypatch.delenv("CAPSNET_DATA_DIR", raising=False)
+    assert conftest.mnist_path() == conftest.MNIST_SUBSET
+    data = load_mnist(conftest.MNIST_SUBSET, download=False, progress=False)
+    assert data.train_images.shape == (5000, 28, 28) and data.test_images.shape == (1000, 28, 28)
+    assert data.train_labels[0] == 5 and data.test_labels[0] == 7

@@ -4,6 +4,8 @@ baseline CNN: float64 gradient checks on every backend, slow loop oracles, PyTor
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,3 +429,30 @@ def test_a_baseline_with_dropout_resumes_bit_exactly(mnist_dir, tmp_path):
     assert any("state" in name for name in a)  # the dropout draw counter is saved
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_capsnet_with_the_deconv_decoder_matches_the_pytorch_reference(torch, host_rng):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from torch_capsnet import TorchCapsNet
+    finally:
+        sys.path.pop(0)
+    cfg = CapsNetConfig(conv_channels=16, primary_types=4, digit_dim=8, decoder="deconv", digit_init_std=0.1)
+    ours = CapsNet(cfg, dtype=F64, seed=0)
+    ref = TorchCapsNet(**cfg.__dict__, dtype=torch.float64)
+    ref.load_from_capsnet(ours.state_dict())
+    x = host_rng.uniform(0, 1, (3, 1, 28, 28))
+    y = np.array([3, 1, 4])
+    ours.train()
+    ref.train()
+    lengths, recon = ours(x, y)
+    t_lengths, t_recon = ref(torch.tensor(x), torch.tensor(y))
+    assert _rel(recon, t_recon.detach().numpy()) < 1e-12 and _rel(lengths, t_lengths.detach().numpy()) < 1e-12
+    g_recon = host_rng.standard_normal(recon.shape)
+    (t_recon * torch.tensor(g_recon)).sum().backward()
+    ours.zero_grad()
+    ours.backward(None, g_recon)
+    torch_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if name.startswith("decoder."):
+            assert _rel(p.grad, torch_params[name].grad.numpy()) < 1e-6, name
