@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
             MNISTFormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"checkpoint {args.checkpoint} (epoch {header['epoch']}), {n} test images")
+    print(f"checkpoint {args.checkpoint} (epoch {header.get('epoch', '?')}), {n} test images")
     print(f"test accuracy {result['accuracy']:.4f}   test loss {result['loss']:.5f}")
     print("per-class accuracy: " + "  ".join(f"{k}:{a:.4f}" for k, a in enumerate(result["per_class_accuracy"])))
     print("confusion matrix (rows: true class, columns: predicted)")
     for k, row in enumerate(result["confusion"]):
         print(f"  {k}: " + " ".join(f"{v:5d}" for v in row))
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "epoch": header["epoch"], **result}, indent=2))
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "epoch": header.get("epoch"), **result},
+                                        indent=2))
     return 0
 
 

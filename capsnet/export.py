@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "checkpoints only for now")
         meta = {"source_checkpoint": args.checkpoint.name, "epoch": str(header.get("epoch", ""))}
         model.save_safetensors(args.out, meta)
-    except (CheckpointError, ImportError, OSError) as exc:
+    except (CheckpointError, ImportError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({len(model.parameters())} tensors, {model.dtype}, epoch {meta['epoch']})")

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
-            MNISTFormatError, ValueError) as exc:
+            MNISTFormatError, ValueError, OSError) as exc:
         print(f"error: {exc}" if comm.size == 1 else f"error on rank {comm.rank}: {exc}", file=sys.stderr)
         distributed.fail(comm, exc, 2, trace=False)  # under MPI: end every rank, never a hang
         return 2

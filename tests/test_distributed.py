@@ -143,3 +143,56 @@ def test_ctrl_c_under_mpiexec_stops_every_rank_after_the_same_step_and_saves(mni
     assert proc.returncode == 130, err
     header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
     assert header["world_size"] == 2 and header["epoch"] >= 1
+
+
+@needs_mpi
+def test_the_baseline_with_dropout_on_two_ranks_matches_one_process(mnist_dir, tmp_path):
+    """Dropout draws the mask of the whole global batch on every rank and keeps its rows."""
+    cnn = ["--data-dir", str(mnist_dir), "--dtype", "float64", "--epochs", "1", "--batch-size", "50",
+           "--train-limit", "150", "--test-limit", "60", "--model", "cnn", "--cnn-channels", "4", "4", "2",
+           "--cnn-fc", "16", "8", "--pool", "--no-progress"]
+    one = run(0, ["--", *cnn, "--out", str(tmp_path / "one")])
+    two = run(2, ["--", *cnn, "--out", str(tmp_path / "two")])
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
+
+
+LIBRARY_FAILURE = """
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from capsnet.data import ArrayDataset, load_mnist, to_float
+from capsnet.layers import Flatten, Linear, MarginLoss, Sequential, Sigmoid
+from capsnet.optim import Adam
+from capsnet.training import SupervisedTask, Trainer
+from capsnet.training.distributed import world
+
+comm = world()
+data = load_mnist({data!r}, download=False, progress=False)
+model = Sequential(Flatten(), Linear(784, 10, seed=0), Sigmoid())
+task = SupervisedTask(MarginLoss())
+forward = task.forward
+calls = [0]
+def failing(model, batch):
+    calls[0] += 1
+    if comm.rank == 1 and calls[0] == 3:
+        raise RuntimeError("bad data on this node")
+    return forward(model, batch)
+task.forward = failing
+train = ArrayDataset(to_float(data.train_images[:400]), data.train_labels[:400])
+Trainer(model, task, Adam(model.parameters()), train, {out!r}, epochs=5, batch_size=20, progress=False,
+        log=False, comm=comm).fit()
+"""
+
+
+@needs_mpi
+def test_a_failing_rank_ends_a_job_that_uses_the_trainer_as_a_library(mnist_dir, tmp_path):
+    script = tmp_path / "library.py"
+    script.write_text(LIBRARY_FAILURE.format(repo=str(HERE.parent), data=str(mnist_dir), out=str(tmp_path / "run")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1 of 2 failed" in proc.stderr and "bad data on this node" in proc.stderr
+    assert time.monotonic() - start < 60

@@ -248,3 +248,53 @@ def test_only_backend_py_mentions_cupy_in_code():
             if re.search(r"import cupy|xp\.cuda\b|\bcupy\.[A-Za-z_]", code):
                 offenders.append(f"{path.relative_to(root)}: {line.strip()}")
     assert offenders == []
+
+
+def test_a_ctrl_c_in_the_middle_of_a_step_still_resumes_bit_exactly(mnist_slice, tmp_path, monkeypatch):
+    """The signal is noted, the step under way finishes, then the loop stops and saves."""
+    import signal
+
+    straight = make_trainer(mnist_slice, tmp_path / "straight")
+    straight.fit()
+    trainer = make_trainer(mnist_slice, tmp_path / "resumed")
+    calls = {"n": 0}
+    original = trainer.task.backward
+
+    def backward_with_ctrl_c(model):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGINT)  # arrives while the step's backward runs
+        original(model)
+
+    monkeypatch.setattr(trainer.task, "backward", backward_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    resumed = make_trainer(mnist_slice, tmp_path / "resumed")
+    resumed.fit(resume=True)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_confusion_counts_do_not_wrap_with_small_label_types(xp):
+    from capsnet.training import confusion_counts
+
+    scores = np.zeros((2, 20))
+    scores[0, 19] = scores[1, 0] = 1
+    counts = host(confusion_counts(20)(dev(scores), (None, dev(np.array([19, 18], dtype=np.uint8)))))
+    assert counts[19, 19] == 1 and counts[18, 0] == 1 and counts.sum() == 2
+
+
+def test_dropout_masks_of_slices_are_rows_of_the_whole_batch_mask(xp, host_rng):
+    from capsnet.layers import Dropout
+    from capsnet.layers.stochastic import batch_slice
+
+    x = dev(np.ones((7, 5)))
+    whole = host(Dropout(0.5, seed=4)(x))
+    parts = []
+    for lo, hi in ((0, 4), (4, 7)):
+        layer = Dropout(0.5, seed=4)
+        with batch_slice(7, lo, hi):
+            parts.append(host(layer(x[lo:hi])))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)

@@ -322,6 +322,23 @@ def test_max_pool_parity_with_pytorch(torch, host_rng, k, s, p, batch):
     _parity(torch, MaxPool2d(k, s, p), torch.nn.MaxPool2d(k, s, p), x)
 
 
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_pool_matches_pytorch_on_nan_and_minus_infinity(torch, host_rng, k, s, p):
+    """A NaN wins its window; windows of -inf next to the padding keep their gradient."""
+    x = np.round(host_rng.standard_normal((2, 2, 7, 8)) * 2) / 2
+    x[0, 0, 0, 1] = x[0, 1, 3, 3] = np.nan
+    x[1, 1] = -np.inf
+    layer = MaxPool2d(k, s, p)
+    y = layer(x)
+    g = host_rng.standard_normal(y.shape)
+    gx = layer.backward(g)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, k, s, p)
+    yt.backward(torch.tensor(g))
+    np.testing.assert_array_equal(y, yt.detach().numpy())
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("s,p,op", [(1, 0, 0), (2, 1, 1), (2, 0, 0), (3, 2, 1)])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_conv_transpose_parity_with_pytorch(torch, host_rng, s, p, op, batch):

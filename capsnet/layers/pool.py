@@ -3,12 +3,14 @@
 Built from strided views, one per kernel offset (a loop over the kernel, never over
 pixels). Ties: when several inputs of a window hold its maximum, the first in
 row-major order within the window (smallest ky, then smallest kx) takes it and
-receives the whole gradient, as in PyTorch's CPU kernel. Padding is implicit
--infinity, so padded positions never win.
+receives the whole gradient, as in PyTorch's CPU kernel; a NaN wins its window, as
+there. Padded positions never win, even against -inf.
 """
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from capsnet import backend
 from capsnet.layers.base import Module, check_input, conv_output_size
@@ -30,9 +32,16 @@ def _windows(x_pad: Any, kernel: int, stride: int, oh: int, ow: int):
                                      slice(kx, kx + stride * ow, stride))
 
 
+def _in_bounds(xp: Any, size: int, out: int, offset: int, stride: int, padding: int) -> Any:
+    """Which of the ``out`` window positions of kernel offset ``offset`` fall inside the input."""
+    pos = offset + stride * np.arange(out)
+    return xp.asarray((pos >= padding) & (pos < padding + size))
+
+
 def max_pool2d(x: Any, kernel: int, stride: int | None = None, padding: int = 0) -> tuple[Any, Any]:
     """x (B, C, H, W) -> (y (B, C, OH, OW), argmax (B, C, OH, OW)): the maximum of each
-    kernel x kernel window and which offset of the window (ky * kernel + kx) held it."""
+    kernel x kernel window and which offset of the window (ky * kernel + kx) held it.
+    A NaN in a window wins it (as in PyTorch); padded positions never do."""
     xp = backend.get_array_module(x)
     stride = kernel if stride is None else stride
     oh, ow = _geometry(tuple(x.shape), kernel, stride, padding)
@@ -40,16 +49,27 @@ def max_pool2d(x: Any, kernel: int, stride: int | None = None, padding: int = 0)
     if padding:
         pads = ((0, 0), (0, 0), (padding, padding), (padding, padding))
         x_pad = xp.pad(x, pads, constant_values=-xp.inf)
-    y = arg = None
+    y = arg = on_pad = None
     for index, where in _windows(x_pad, kernel, stride, oh, ow):
         window = x_pad[where]
+        inside = None
+        if padding:
+            ky, kx = divmod(index, kernel)
+            inside = (_in_bounds(xp, x.shape[2], oh, ky, stride, padding)[:, None]
+                      & _in_bounds(xp, x.shape[3], ow, kx, stride, padding)[None, :])
         if y is None:
             y = window.copy()
             arg = xp.zeros(y.shape, dtype=xp.int32)
+            # where the best so far is a padded cell (only with padding)
+            on_pad = None if inside is None else xp.broadcast_to(~inside, y.shape).copy()
             continue
-        better = window > y  # strict: an equal value later in the window does not take over
+        # strict: an equal value later in the window does not take over; a NaN does
+        better = (window > y) | xp.isnan(window)
+        if on_pad is not None:  # a real cell beats a padded best; a padded cell never wins
+            better = (better | on_pad) & inside
+            on_pad &= ~better
         xp.copyto(y, window, where=better)
-        arg[better] = index
+        arg = xp.where(better, xp.int32(index), arg)  # not arg[better] = ...: no host sync on CuPy
     return y, arg
 
 

@@ -8,20 +8,42 @@ a resumed run draws the masks it would have drawn.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import numpy as np
 
 from capsnet import backend
 from capsnet.layers.base import Buffer, Module
 
-__all__ = ["Dropout", "dropout", "dropout_backward"]
+__all__ = ["Dropout", "batch_slice", "dropout", "dropout_backward"]
+
+_slice = threading.local()
 
 
-def dropout(x: Any, p: float, rng: np.random.Generator) -> tuple[Any, Any]:
+@contextlib.contextmanager
+def batch_slice(total: int, lo: int, hi: int) -> Iterator[None]:
+    """Inside the block, the batches the layers see are rows [lo, hi) of a batch of ``total``
+    (a data-parallel rank's share of the global batch). Dropout then draws the mask of the
+    whole batch and keeps those rows, so its masks do not depend on the number of ranks."""
+    previous = getattr(_slice, "rows", None)
+    _slice.rows = (total, lo, hi)
+    try:
+        yield
+    finally:
+        _slice.rows = previous
+
+
+def dropout(x: Any, p: float, rng: np.random.Generator, rows: tuple[int, int, int] | None = None) -> tuple[Any, Any]:
     """x (any shape) -> (x * mask, mask), mask 0 with probability p, else 1 / (1 - p),
-    drawn on the host with ``rng`` and moved to x's device."""
-    keep = rng.random(x.shape) >= p
+    drawn on the host with ``rng`` and moved to x's device. With ``rows`` = (total, lo,
+    hi), x is rows [lo, hi) of a batch of ``total``: the whole batch's mask is drawn and
+    those rows kept."""
+    if rows is not None and rows[2] - rows[1] == x.shape[0]:
+        keep = (rng.random((rows[0], *x.shape[1:])) >= p)[rows[1]:rows[2]]
+    else:
+        keep = rng.random(x.shape) >= p
     mask = (keep / (1 - p)).astype(x.dtype)
     mask = backend.to_device(mask, backend.backend_of(x))
     return x * mask, mask
@@ -58,9 +80,15 @@ class Dropout(Module):
             return x
         seed, draws = (int(v) for v in self.state.data)
         self.state.data[1] = draws + 1
-        y, mask = dropout(x, self.p, np.random.default_rng([seed, draws]))
+        y, mask = dropout(x, self.p, np.random.default_rng([seed, draws]), getattr(_slice, "rows", None))
         self._save(mask)
         return y
+
+    def advance(self) -> None:
+        """Count a draw for a forward this process does not run (a data-parallel rank left
+        without examples in a short last batch), so the ranks' draw counters stay equal."""
+        if self.training and self.p > 0:
+            self.state.data[1] += 1
 
     def backward(self, grad_out: Any) -> Any:
         (mask,) = self._pop()

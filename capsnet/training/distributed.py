@@ -5,9 +5,11 @@ come from one seeded host generator, the same on every rank), computes the loss 
 own contiguous slice of it, and the gradients meet in one flat buffer summed by a single
 in-place ``Allreduce`` per step. Each rank's gradient is weighted by its share of the
 global batch, so the sum is the gradient of the global batch's mean loss: a run's result
-does not depend on the number of ranks beyond floating-point summation order (layers
-that mix examples, BatchNorm's batch statistics and Dropout's masks, are the exception:
-they see each rank's slice). Every rank then takes the same optimizer step.
+does not depend on the number of ranks beyond rounding (summation order, and the
+convolution method picked for the per-rank batch). Dropout draws the whole batch's mask
+and keeps its rows (:func:`capsnet.layers.stochastic.batch_slice`); BatchNorm alone sees
+only its rank's slice, and its running statistics are averaged over the ranks before
+each evaluation and checkpoint. Every rank then takes the same optimizer step.
 
 MPI comes from ``mpi4py`` (the ``mpi`` extra: ``pip install 'capsnet[mpi]'`` brings
 mpi4py and an MPICH to run it; on a cluster, build mpi4py against the system's MPI).

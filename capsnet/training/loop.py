@@ -28,6 +28,7 @@ running loss and metric sums are brought to the host.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -43,7 +44,8 @@ from tqdm.auto import tqdm
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
-from capsnet.training.distributed import GradientBuffer, LocalComm, shard
+from capsnet.layers.stochastic import batch_slice
+from capsnet.training.distributed import GradientBuffer, LocalComm, fail, shard
 
 __all__ = [
     "CapsNetTask",
@@ -79,8 +81,8 @@ def confusion_counts(n_classes: int) -> Metric:
     def confusion(outputs: Any, batch: tuple) -> Any:
         xp = backend.get_array_module(batch[1])
         pred = scores_of(outputs).argmax(axis=1)
-        return xp.bincount(batch[1] * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes,
-                                                                                                 n_classes)
+        cells = batch[1].astype(xp.int64) * n_classes + pred  # int64: small label types would wrap
+        return xp.bincount(cells, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     return confusion
 
 
@@ -204,6 +206,9 @@ def evaluate(model: Module, task: Any, data: Any, *, batch_size: int = 100,
         result["n"] = n
         result["totals"] = totals
         return result
+    except Exception as exc:
+        fail(comm, exc)  # under MPI: the other ranks would wait in the allgather
+        raise
     finally:
         model.train(was_training)
         model.release()
@@ -386,27 +391,51 @@ class Trainer:
                 (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
             self._grads = GradientBuffer(self.model.parameters(), self.comm) if self.comm.size > 1 else None
             self._stop = False
+            main_thread = threading.current_thread() is threading.main_thread()
             previous = signal.getsignal(signal.SIGINT)
-            if self.comm.size > 1 and threading.current_thread() is threading.main_thread():
-                # under MPI a Ctrl-C is only noted: the ranks agree to stop after the same step
+            if main_thread:
+                # A Ctrl-C is only noted: the step under way finishes (under MPI every rank
+                # agrees to stop after the same step), so the checkpoint holds the state
+                # between two steps and the resume is exact. A second Ctrl-C stops at once.
                 signal.signal(signal.SIGINT, self._request_stop)
             history = []
             try:
                 while self.epoch < self.epochs:
                     history.append(self._run_epoch())
+                    if self._stop and self.comm.size == 1 and self.epoch < self.epochs:
+                        raise KeyboardInterrupt  # noted during the evaluation at the epoch's end
             except KeyboardInterrupt:
+                self._sync_buffers()
                 if self.comm.rank == 0:
                     self._save(self.checkpoint_path)
                     print(f"\ninterrupted: state saved to {self.checkpoint_path}; continue with --resume")
                 raise
+            except Exception as exc:
+                fail(self.comm, exc)  # under MPI: end every rank, never leave them waiting
+                raise
             finally:
-                if self.comm.size > 1 and threading.current_thread() is threading.main_thread():
+                if main_thread:
                     signal.signal(signal.SIGINT, previous)
                 self.model.release()  # no step's cache or spectra outlive the run
             return history
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C raises at once
+
+    def _sync_buffers(self) -> None:
+        """Under MPI, average the floating buffers (BatchNorm's running statistics, which
+        each rank updates from its own slice) over the ranks, so that evaluation and the
+        checkpoint see one set."""
+        if self.comm.size == 1:
+            return
+        for _, buf in self.model.named_buffers():
+            if buf.data.dtype.kind != "f" or buf.host:
+                continue
+            host = np.ascontiguousarray(backend.to_numpy(buf.data), dtype=np.float64)
+            self.comm.allreduce_(host)
+            host /= self.comm.size
+            buf.data[...] = backend.to_device(host.astype(buf.data.dtype), backend.backend_of(buf.data))
 
     def _epoch_batches(self) -> list[np.ndarray]:
         """This epoch's batches of indices; on a mid-epoch resume the order is redrawn
@@ -460,12 +489,16 @@ class Trainer:
                     batch = tuple(a[lo:hi] for a in batch)
                 n_local = len(batch[0])
                 if n_local:
-                    loss, outputs = self.task.forward(model, batch)
+                    with batch_slice(len(idx), lo, hi) if size > 1 else contextlib.nullcontext():
+                        loss, outputs = self.task.forward(model, batch)
                     self.optimizer.zero_grad()
                     self.task.backward(model)
                 else:  # a short last batch leaves this rank nothing: it adds zeros to the sum
                     self.optimizer.zero_grad()
-                stop = False
+                    for m in model.modules():
+                        if hasattr(m, "advance"):  # keep dropout's draw count in step with the others
+                            m.advance()
+                stop = self._stop
                 if self._grads is not None:
                     stop = self._grads.allreduce(n_local / len(idx), self._stop)
                 self.optimizer.step()
@@ -496,6 +529,7 @@ class Trainer:
                                   "train_loss": self.running["loss"] / max(seen, 1)}
         for name in self.metrics:
             record[f"train_{name}"] = _mean(self.running["metrics"].get(name, 0.0), seen)
+        self._sync_buffers()
         if self.eval_data is not None:
             result = evaluate(model, self.task, self.eval_data, batch_size=self.batch_size, metrics=self.metrics,
                               progress=self.progress, desc=self.eval_name, comm=self.comm)

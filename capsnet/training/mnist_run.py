@@ -177,7 +177,11 @@ class MNISTTrainer(Trainer):
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Also reads the checkpoints of capsnet 0.1's MNIST trainer (no ``loop_version``)."""
         if "loop_version" not in header and "train_config" in header:
-            return upgrade_v01_header(header)
+            try:
+                return upgrade_v01_header(header)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path} looks like a capsnet 0.1 checkpoint but its header is damaged "
+                                      f"({type(exc).__name__}: {exc}); resume from another checkpoint") from exc
         return super().upgrade_header(header, path)
 
 
@@ -211,11 +215,10 @@ def load_model(path: str | Path, backend_name: str | None = None) -> tuple[CapsN
     header, model_state, _ = load_checkpoint(path)
     cfg = train_config_of(header, path)
     try:
-        cfg.model_config()
+        with backend.use(backend_name or backend.get_backend()):
+            model = build_model(cfg)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its model configuration cannot be built ({exc})") from exc
-    with backend.use(backend_name or backend.get_backend()):
-        model = build_model(cfg)
     _load_state(model, model_state, path)
     return model, header
 
