@@ -1,6 +1,8 @@
-"""MNIST loading and download, the image preparation used in training, and data sources."""
+"""MNIST loading and download, the image preparation used in training, data sources, and
+MultiMNIST."""
 from capsnet.data.augment import iterate_batches, random_shift, to_float
 from capsnet.data.dataset import ArrayDataset, DataSource
+from capsnet.data.multimnist import MultiMNIST, both_right
 from capsnet.data.mnist import (
     FILE_NAMES,
     MIRRORS,
@@ -26,6 +28,8 @@ __all__ = [
     "MNISTDownloadError",
     "MNISTFormatError",
     "MNISTNotFoundError",
+    "MultiMNIST",
+    "both_right",
     "candidate_dirs",
     "download_mnist",
     "find_file",
