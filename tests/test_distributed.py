@@ -128,8 +128,10 @@ def test_ctrl_c_under_mpiexec_stops_every_rank_after_the_same_step_and_saves(mni
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     args = train_args(mnist_dir, tmp_path / "run", epochs=200)
+    # SIGINT as in a terminal, even where this test runs as a background job that ignores it
     proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "capsnet.train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         for line in proc.stdout:  # wait for the first epoch, so the loop is running

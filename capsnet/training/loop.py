@@ -391,8 +391,11 @@ class Trainer:
                 (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
             self._grads = GradientBuffer(self.model.parameters(), self.comm) if self.comm.size > 1 else None
             self._stop = False
-            main_thread = threading.current_thread() is threading.main_thread()
             previous = signal.getsignal(signal.SIGINT)
+            # only where Ctrl-C would raise KeyboardInterrupt (not where it is ignored, as for
+            # a shell's background job, nor off the main thread, where handlers cannot be set)
+            main_thread = (threading.current_thread() is threading.main_thread()
+                           and previous is signal.default_int_handler)
             if main_thread:
                 # A Ctrl-C is only noted: the step under way finishes (under MPI every rank
                 # agrees to stop after the same step), so the checkpoint holds the state
