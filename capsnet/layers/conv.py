@@ -266,12 +266,6 @@ class Conv2d(Module):
                                              k, self.stride, batch, training=self.training,
                                              input_grad=self.input_grad) else "im2col"
 
-    def flops_per_image(self, height: int, width: int, *, training: bool = True,
-                        algorithm: str = "im2col") -> int:
-        """:func:`conv2d_flops` of this layer for one height x width image."""
-        return conv2d_flops(height, width, self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                            self.padding, training=training, input_grad=self.input_grad, algorithm=algorithm)
-
     def _release_scratch(self) -> None:
         self._fourier.release()
 

@@ -172,9 +172,8 @@ class GradientBuffer:
         if not self.intact():
             raise RuntimeError("a parameter's gradient was rebound since the gradient buffer was built "
                                "(Module.astype or Module.to during fit?): its gradient would not be summed")
-        self.flat[-1] = 0
         self.flat *= self.flat.dtype.type(weight)
-        self.flat[-1] = 1 if stop else 0
+        self.flat[-1] = 1 if stop else 0  # overwrites the scaled flag of the last step
         start = time.perf_counter()
         if backend.is_cupy_array(self.flat):
             host = backend.to_numpy(self.flat)

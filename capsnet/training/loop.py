@@ -156,6 +156,13 @@ def _mean(total: float | list, n: int) -> float | list:
     return total / max(n, 1)
 
 
+def _accumulate(sums: dict[str, Any], metrics: Mapping[str, Metric], outputs: Any, batch: tuple) -> None:
+    """Add each metric's sum over this batch into ``sums`` (device arrays: no host sync)."""
+    for name, fn in metrics.items():
+        value = fn(outputs, batch)
+        sums[name] = value if name not in sums else sums[name] + value
+
+
 def _combine(parts: list) -> Any:
     """Sum per-rank host values (floats, ints or nested lists) in rank order."""
     total = parts[0]
@@ -194,9 +201,7 @@ def evaluate(model: Module, task: Any, data: Any, *, batch_size: int = 100,
             batch = data.batch(idx, None)
             loss, outputs = task.forward(model, batch)
             loss_sum += loss * len(idx)
-            for name, fn in metrics.items():
-                value = fn(outputs, batch)
-                sums[name] = value if name not in sums else sums[name] + value
+            _accumulate(sums, metrics, outputs, batch)
         local = (float(backend.to_numpy(loss_sum)), {name: _host(value) for name, value in sums.items()})
         parts = comm.allgather(local)
         loss_total = _combine([part[0] for part in parts])
@@ -507,9 +512,7 @@ class Trainer:
                 self.optimizer.step()
                 if n_local:
                     loss_acc += loss * n_local
-                    for name, fn in self.metrics.items():
-                        value = fn(outputs, batch)
-                        sums[name] = value if name not in sums else sums[name] + value
+                    _accumulate(sums, self.metrics, outputs, batch)
                 seen_acc += n_local
                 images_done += len(idx)
                 self.step_in_epoch = step + 1
