@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = CapsNetConfig()
     p = argparse.ArgumentParser(
         prog="python -m capsnet.train",
-        description="Train the CapsNet of Sabour, Frosst and Hinton (2017) on MNIST, or with --model cnn "
-                    "the paper's baseline CNN. Defaults are the paper's setup: Adam 1e-3 with exponential "
+        description="Train the CapsNet of Sabour, Frosst and Hinton (2017) on MNIST, expanded MNIST or "
+                    "MultiMNIST, or with --model cnn the paper's baseline CNN. Defaults are the paper's setup: Adam 1e-3 with exponential "
                     "decay, shifts of up to 2 px, 3 routing iterations, reconstruction weight 0.0005. The run "
                     "folder gets checkpoint.npz (every epoch and on Ctrl-C), best.npz, metrics.jsonl and "
                     "config.json; one line per epoch goes to stdout.",
@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m capsnet.train --out runs/gpu --resume        # continue after an interruption\n"
                "  python -m capsnet.train --train-limit 5000 --test-limit 1000 --conv-channels 64 "
                "--primary-types 8 --epochs 3 --out runs/small\n"
-               "  python -m capsnet.train --model cnn --epochs 1 --out runs/cnn   # the baseline CNN",
+               "  python -m capsnet.train --model cnn --epochs 1 --out runs/cnn   # the baseline CNN\n"
+               "  python -m capsnet.train --dataset multimnist --epochs 4 --out runs/multimnist\n"
+               "  python -m capsnet.train --dataset expanded --epochs 1 --out runs/expanded   # for capsnet.robustness",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset options fall back to the checkpoint on --resume
     )
@@ -53,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "cache, downloading there if missing)")
     g.add_argument("--train-limit", type=int, help="use only the first N training images")
     g.add_argument("--test-limit", type=int, help="use only the first N test images")
-    g.add_argument("--max-shift", type=int, help=f"random shift of training images in px (default {d.max_shift})")
+    g.add_argument("--dataset", choices=("mnist", "expanded", "multimnist"),
+                   help="mnist (28x28); expanded (expanded MNIST: digits placed at random on 40x40, the training set "
+                        "of the affine-robustness experiment); multimnist (two overlapping digits on 36x36, "
+                        "CapsNet only; reports the error rate: a pair is right when both digits are) "
+                        f"(default {d.dataset})")
+    g.add_argument("--max-shift", type=int, help="random shift of training digits in px (default: 2 for mnist, "
+                                                 "6 for expanded, 4 for multimnist)")
+    g.add_argument("--test-pairs", type=int, help="multimnist: fixed pairs per test image, from a seed of their "
+                                                  f"own (default {d.test_pairs})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"total epochs (default {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
@@ -90,8 +100,11 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     values = base.as_dict()
     given = vars(args)
     arch = given.get("arch", base.arch)
-    if arch != base.arch:  # another architecture: its own default sizes
+    dataset = given.get("dataset", base.dataset)
+    if arch != base.arch or dataset != base.dataset:  # another architecture or input: its own defaults
         values["model"] = None
+    if dataset != base.dataset:
+        values["max_shift"] = None
     model = dict(values["model"] or {})
     wrong = [key for key in given if key in (CNN_KEYS if arch == "capsnet" else CAPSNET_KEYS)]
     if wrong:

@@ -107,7 +107,9 @@ class TorchCapsNet(nn.Module):
     Takes the keyword arguments of ``CapsNetConfig`` plus ``dtype``.
     forward(x (B, C, H, W), labels (B,) or None) -> (lengths (B, K), recon (B, C, H, W));
     the decoder sees the true class's capsule in training mode with labels,
-    otherwise the longest capsule.
+    otherwise the longest capsule. With ``digits=T`` > 1 (MultiMNIST), labels (B, T)
+    and recon (B, T, C, H, W): one decoder run per digit, masked by its capsule (at
+    test time the T longest, in increasing class order).
     """
 
     def __init__(self, *, input_shape: tuple[int, int, int] = (1, 28, 28), n_classes: int = 10,
@@ -115,9 +117,10 @@ class TorchCapsNet(nn.Module):
                  primary_dim: int = 8, primary_kernel: int = 9, primary_stride: int = 2,
                  digit_dim: int = 16, routing_iterations: int = 3, detach_routing: bool = False,
                  digit_init_std: float | None = None, decoder_hidden: tuple[int, ...] = (512, 1024),
-                 decoder: str = "fc", dtype: Any = torch.float32):
+                 decoder: str = "fc", digits: int = 1, dtype: Any = torch.float32):
         super().__init__()
         c, h, w = input_shape
+        self.digits = digits
         self.input_shape = tuple(input_shape)
         h2 = _conv_out(_conv_out(h, conv_kernel, 1), primary_kernel, primary_stride)
         w2 = _conv_out(_conv_out(w, conv_kernel, 1), primary_kernel, primary_stride)
@@ -145,9 +148,18 @@ class TorchCapsNet(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.capsules(x)
         lengths = (v * v).sum(dim=-1).sqrt()
-        index = labels if (self.training and labels is not None) else lengths.argmax(dim=1)
-        mask = F.one_hot(index, v.shape[1]).to(v.dtype)
-        recon = self.decoder((v * mask[..., None]).flatten(1)).view(x.shape)
+        if self.digits == 1:
+            index = labels if (self.training and labels is not None) else lengths.argmax(dim=1)
+            mask = F.one_hot(index, v.shape[1]).to(v.dtype)
+            recon = self.decoder((v * mask[..., None]).flatten(1)).view(x.shape)
+            return lengths, recon
+        if self.training and labels is not None:
+            index = labels
+        else:
+            index = lengths.topk(self.digits, dim=1).indices.sort(dim=1).values
+        mask = F.one_hot(index, v.shape[1]).to(v.dtype)  # (B, T, K)
+        masked = (v[:, None] * mask[..., None]).flatten(2)  # (B, T, K * D)
+        recon = self.decoder(masked.flatten(0, 1)).view(x.shape[0], self.digits, *x.shape[1:])
         return lengths, recon
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +188,11 @@ class TorchCapsNet(nn.Module):
 
 def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
                 lam: float = 0.5) -> torch.Tensor:
-    """Eq. 4, summed over classes, mean over the batch. lengths (B, K), labels (B,)."""
+    """Eq. 4, summed over classes, mean over the batch. lengths (B, K), labels (B,), or
+    (B, T) with every listed class present."""
     t = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
+    if labels.dim() == 2:
+        t = t.amax(dim=1)
     present = F.relu(m_plus - lengths) ** 2
     absent = F.relu(lengths - m_minus) ** 2
     return (t * present + lam * (1 - t) * absent).sum(dim=1).mean()

@@ -179,3 +179,39 @@ def test_float32_reference_runs(batch):
     assert t_lengths.dtype == t_recon.dtype == torch.float32
     np.testing.assert_allclose(lengths, t_lengths.detach().numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(recon, t_recon.detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_two_digit_multimnist_network(mnist_dir):
+    """The MultiMNIST network (36x36, 3,200 primary capsules, two digits per image): lengths,
+    both reconstructions (masked by each digit's label in training, by the two longest
+    capsules at test time), both losses and every parameter gradient, in float64."""
+    from capsnet.data import MultiMNIST  # noqa: PLC0415
+
+    data = load_mnist(mnist_dir, download=False, progress=False)
+    pairs = MultiMNIST(data.test_images[:50], data.test_labels[:50], train=False, dtype="float64")
+    with backend.use("numpy"):
+        x, y, a, b = pairs.batch(np.arange(3))
+    ours = CapsNet(input_shape=(1, 36, 36), digits=2, dtype="float64", seed=1)
+    assert ours.config.n_primary_caps == 3200
+    ref = TorchCapsNet(input_shape=(1, 36, 36), digits=2, dtype=torch.float64)
+    ref.load_from_capsnet(ours.state_dict())
+    targets = np.stack([a, b], axis=1)
+    crit = CapsNetLoss()
+    lengths, recon = ours(x, y)
+    loss = crit(lengths, recon, y, targets)
+    ours.backward(*crit.backward())
+    tx, ty, tt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(targets)
+    ref.train()
+    t_lengths, t_recon = ref(tx, ty)
+    t_loss = total_loss(t_lengths, t_recon, ty, tt)
+    t_loss.backward()
+    assert_close(lengths, t_lengths, "lengths")
+    assert_close(recon, t_recon, "reconstructions")
+    assert_close(loss, t_loss, "total loss")
+    t_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, t_params[name].grad, f"gradient of {name}")
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert_close(ours(x)[1], ref(tx)[1], "test-time reconstructions (two longest capsules)")

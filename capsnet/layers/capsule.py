@@ -305,11 +305,27 @@ DEFAULT_DIGITCAPS_STD = 0.01
 
 # -- masking -----------------------------------------------------------------
 class Mask(Module):
-    """Keep one capsule per example, zero the others, flatten: (B, J, D) -> (B, J * D).
+    """Keep chosen capsules per example, zero the others, flatten.
 
-    With ``labels`` (B,) the capsule of the true class is kept (training); without,
-    the longest capsule (test time). The choice itself passes no gradient.
+    ``Mask()`` (one target): (B, J, D) -> (B, J * D). With ``labels`` (B,) the
+    capsule of the true class is kept (training); without, the longest capsule
+    (test time).
+
+    ``Mask(targets=T)``, T > 1 (MultiMNIST: two digits per image): one masked copy
+    per target, stacked target-major, (B, J, D) -> (T * B, J * D): rows t * B + b
+    keep capsule ``labels[b, t]`` of example b, for labels (B, T); without labels,
+    the T longest capsules, in increasing class order. The choice itself passes no
+    gradient; the backward sums the T copies' gradients.
     """
+
+    def __init__(self, targets: int = 1):
+        super().__init__()
+        if not isinstance(targets, int) or targets < 1:
+            raise ValueError(f"Mask targets must be an integer >= 1, got {targets!r}")
+        self.targets = targets
+
+    def extra_repr(self) -> str:
+        return "" if self.targets == 1 else f"targets={self.targets}"
 
     def forward(self, v: Any, labels: Any = None) -> Any:
         xp = backend.get_array_module(v)
@@ -317,25 +333,35 @@ class Mask(Module):
             raise ValueError(f"Mask expected capsules of shape (batch, n_caps, dim), got {tuple(v.shape)}")
         check_batch("Mask", tuple(v.shape))
         b, j, _ = v.shape
+        t = self.targets
+        if t > j:
+            raise ValueError(f"Mask cannot keep {t} of {j} capsules")
         if labels is None:
-            index = (v * v).sum(axis=-1).argmax(axis=1)
+            norms = (v * v).sum(axis=-1)
+            index = norms.argmax(axis=1)[:, None] if t == 1 else xp.sort(xp.argsort(norms, axis=1)[:, -t:], axis=1)
+        elif t == 1:
+            index = check_labels("Mask", labels, b, j)[:, None]
         else:
-            index = check_labels("Mask", labels, b, j)
-        mask = (xp.arange(j)[None, :] == index[:, None]).astype(v.dtype)
+            index = check_labels("Mask", labels, b, j, targets=t)
+        # (T, B, J): mask[t, b] is one-hot at index[b, t]
+        mask = (xp.arange(j)[None, None, :] == index.T[:, :, None]).astype(v.dtype)
         self._save(mask)
-        return (v * mask[..., None]).reshape(b, -1)
+        return (v[None] * mask[..., None]).reshape(t * b, -1)
 
     def backward(self, grad_out: Any) -> Any:
         (mask,) = self._pop()
-        return grad_out.reshape(*mask.shape, -1) * mask[..., None]
+        t, b, j = mask.shape
+        return (grad_out.reshape(t, b, j, -1) * mask[..., None]).sum(axis=0)
 
 
-def check_labels(who: str, labels: Any, batch: int, n_classes: int) -> Any:
-    """Validate integer class labels (batch,) in [0, n_classes); no host sync on the GPU."""
+def check_labels(who: str, labels: Any, batch: int, n_classes: int, targets: int = 1) -> Any:
+    """Validate integer class labels, (batch,) for one target per example or (batch,
+    targets) for several, in [0, n_classes); no host sync on the GPU."""
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
         raise TypeError(f"{who} expected integer labels, got {getattr(labels, 'dtype', type(labels).__name__)}")
-    if tuple(labels.shape) != (batch,):
-        raise ValueError(f"{who} expected labels of shape ({batch},), got {tuple(labels.shape)}")
+    expected = (batch,) if targets == 1 else (batch, targets)
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"{who} expected labels of shape {expected}, got {tuple(labels.shape)}")
     if backend.backend_of(labels) == "numpy" and labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"{who} expected labels in [0, {n_classes}), got values from {labels.min()} to {labels.max()}")
     return labels

@@ -11,7 +11,8 @@ from capsnet.layers.capsule import check_labels
 def margin_loss(lengths: Any, labels: Any, m_plus: float = 0.9, m_minus: float = 0.1,
                 lam: float = 0.5) -> Any:
     """Eq. 4: sum_k T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2,
-    summed over classes k, averaged over the batch. lengths: (B, K), labels: (B,)."""
+    summed over classes k, averaged over the batch. lengths: (B, K), labels: (B,), or
+    (B, T) for T present classes per example (MultiMNIST: T = 2, both digits positive)."""
     xp = backend.get_array_module(lengths)
     t = _one_hot(labels, lengths)
     present = xp.maximum(m_plus - lengths, 0)
@@ -36,15 +37,22 @@ def _one_hot(labels: Any, lengths: Any) -> Any:
         raise ValueError(f"margin loss expected lengths of shape (batch, n_classes), got {tuple(lengths.shape)}")
     b, k = lengths.shape
     check_batch("MarginLoss", tuple(lengths.shape))
-    check_labels("MarginLoss", labels, b, k)
+    ndim = getattr(labels, "ndim", 1)
+    if ndim not in (1, 2):
+        raise ValueError(f"MarginLoss expected labels of shape ({b},) or ({b}, targets), got {tuple(labels.shape)}")
+    targets = labels.shape[1] if ndim == 2 else 1
+    check_labels("MarginLoss", labels, b, k, targets=targets)
     backend.get_array_module(lengths, labels)
-    return (xp.arange(k)[None, :] == labels[:, None]).astype(lengths.dtype)
+    if targets == 1:
+        return (xp.arange(k)[None, :] == labels[:, None]).astype(lengths.dtype)
+    # T_k = 1 for every class present (a class named twice counts once)
+    return (xp.arange(k)[None, None, :] == labels[:, :, None]).any(axis=1).astype(lengths.dtype)
 
 
 class MarginLoss(Module):
     """Margin loss (eq. 4): m+ = 0.9, m- = 0.1, lambda = 0.5 by default.
 
-    forward(lengths (B, K), labels (B,)) -> scalar; backward(grad=1) -> (B, K).
+    forward(lengths (B, K), labels (B,) or (B, T)) -> scalar; backward(grad=1) -> (B, K).
     """
 
     def __init__(self, m_plus: float = 0.9, m_minus: float = 0.1, lam: float = 0.5):

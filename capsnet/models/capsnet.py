@@ -56,8 +56,15 @@ class CapsNetConfig(DictConfig):
     # two 4x4 stride-2 transposed convolutions (to 64 maps at half size, then the image),
     # as the ports that work on smallNORB and CIFAR do; decoder_hidden is not used.
     decoder: str = "fc"
+    # Digits per image the decoder reconstructs, one at a time: 1 (MNIST) or 2 (MultiMNIST,
+    # section 6: both digits are positives of the margin loss; at test time the two
+    # longest capsules are the prediction).
+    digits: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.digits, int) or not 1 <= self.digits <= self.n_classes:
+            raise ValueError(f"CapsNet digits must be an integer in [1, n_classes={self.n_classes}], "
+                             f"got {self.digits!r}")
         if self.decoder not in ("fc", "deconv"):
             raise ValueError(f"CapsNet decoder must be 'fc' or 'deconv', got {self.decoder!r}")
         if self.decoder == "deconv" and (self.input_shape[1] % 4 or self.input_shape[2] % 4):
@@ -104,6 +111,12 @@ class CapsNet(Module):
     forward(x (B, C, H, W), labels (B,) or None) -> (lengths (B, K), recon (B, C, H, W)).
     In training mode with labels, the decoder sees the capsule of the true class;
     otherwise (test time) the longest capsule.
+
+    With ``digits=T`` > 1 (MultiMNIST), labels are (B, T) and the decoder runs once per
+    digit, masked by that digit's capsule (the T runs go through it as one batch of
+    T * B): recon is (B, T, C, H, W), recon[:, t] the reconstruction of digit t alone.
+    Without labels (test time) the T longest capsules are decoded, in increasing class
+    order.
     """
 
     def __init__(self, config: CapsNetConfig | None = None, *, input_grad: bool = False,
@@ -123,7 +136,7 @@ class CapsNet(Module):
                                cfg.routing_iterations, detach_routing=cfg.detach_routing,
                                init_std=cfg.digit_init_std, dtype=dtype, seed=rng)
         self.length = CapsuleLength()
-        self.mask = Mask()
+        self.mask = Mask(cfg.digits)
         self.decoder = _decoder(cfg, dtype, rng)
 
     def extra_repr(self) -> str:
@@ -143,15 +156,24 @@ class CapsNet(Module):
         v = self.capsules(x)
         lengths = self.length(v)
         masked = self.mask(v, labels if self.training else None)
-        recon = self.decoder(masked).reshape(x.shape)
-        return lengths, recon
+        return lengths, self._images(self.decoder(masked), x.shape)
+
+    def _images(self, flat: Any, shape: tuple) -> Any:
+        """Decoder output (T * B, C * H * W), target-major -> (B, C, H, W), or (B, T, C, H, W)."""
+        t = self.config.digits
+        if t == 1:
+            return flat.reshape(shape)
+        return flat.reshape(t, shape[0], *shape[1:]).swapaxes(0, 1)
 
     def backward(self, grad_lengths: Any, grad_recon: Any = None) -> Any:
         """Backpropagate dL/dlengths and dL/drecon (either may be None); returns
         dL/dx when built with ``input_grad=True``, else None."""
         g_v = self.length.backward(grad_lengths) if grad_lengths is not None else None
         if grad_recon is not None:
-            g_masked = self.decoder.backward(grad_recon.reshape(grad_recon.shape[0], -1))
+            if self.config.digits > 1:  # (B, T, C, H, W) -> target-major rows, as the decoder ran
+                xp = backend.get_array_module(grad_recon)
+                grad_recon = xp.ascontiguousarray(grad_recon.swapaxes(0, 1))
+            g_masked = self.decoder.backward(grad_recon.reshape(-1, self.decoder_outputs))
             g_mask = self.mask.backward(g_masked)
             g_v = g_mask if g_v is None else g_v + g_mask
         else:
@@ -162,6 +184,11 @@ class CapsNet(Module):
         g_h = self.relu.backward(self.primary.backward_nhwc(self.digit.backward(g_v)))
         gx = self.conv1.backward_nhwc(g_h)
         return None if gx is None else gx.transpose(0, 3, 1, 2)
+
+    @property
+    def decoder_outputs(self) -> int:
+        """C * H * W: the size of one reconstruction."""
+        return math.prod(self.config.input_shape)
 
     def predict(self, x: Any) -> tuple[Any, Any]:
         """(classes (B,), lengths (B, K)) without running the decoder; no cache kept.
@@ -218,15 +245,44 @@ class CapsNet(Module):
         return model
 
     def reconstruct(self, x: Any, labels: Any = None) -> Any:
-        """Reconstructions (B, C, H, W) from the capsule of ``labels``, or the longest."""
+        """Reconstructions (B, C, H, W) from the capsule of ``labels``, or the longest
+        ((B, T, C, H, W) from the T digits' capsules with ``digits=T`` > 1)."""
         was_training = self.training
         self.eval()
         try:
             v = self.capsules(x)
-            recon = self.decoder(self.mask(v, labels)).reshape(x.shape)
+            recon = self._images(self.decoder(self.mask(v, labels)), x.shape)
         finally:
             self.train(was_training)
         return recon
+
+    def decode(self, v: Any) -> Any:
+        """Images (B, C, H, W) decoded from capsules v (B, K, digit_dim) as they are
+        (no masking: zero the capsules the decoder should not see); no cache kept."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.decoder(v.reshape(v.shape[0], -1)).reshape(v.shape[0], *self.config.input_shape)
+        finally:
+            self.train(was_training)
+        return out
+
+    def routing(self, x: Any) -> tuple[Any, Any]:
+        """(capsules v (B, K, digit_dim), coupling coefficients c (B, n_primary_caps, K))
+        of the last routing iteration; eval mode, no cache kept. c[b, i] sums to 1 over the
+        classes; primary capsule i = type * OH * OW + y * OW + x (see PrimaryCaps)."""
+        from capsnet.layers.capsule import capsule_predictions, dynamic_routing  # noqa: PLC0415
+
+        was_training = self.training
+        self.eval()
+        try:
+            xp = self._check(x)
+            h = self.relu(self.conv1.forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1))))
+            u = self.primary.forward_nhwc(h)
+            v, state = dynamic_routing(capsule_predictions(u, self.digit.weight.data), self.digit.iterations)
+        finally:
+            self.train(was_training)
+        return v, state.c[-1].swapaxes(1, 2)
 
 
 class CapsNetLoss(Module):
@@ -246,6 +302,8 @@ class CapsNetLoss(Module):
         self.margin = self.reconstruction = None
 
     def forward(self, lengths: Any, recon: Any, labels: Any, images: Any) -> Any:
+        """labels (B,) or (B, T); images, the reconstruction targets, of recon's shape:
+        (B, C, H, W), or (B, T, C, H, W) for one digit alone per target."""
         self.margin = self.margin_loss(lengths, labels)
         self.reconstruction = self.recon_loss(recon, images)
         return self.margin + self.reconstruction

@@ -119,7 +119,15 @@ class SupervisedTask:
 class CapsNetTask:
     """The paper's objective for a :class:`~capsnet.models.CapsNet`: margin loss on the
     capsule lengths plus ``recon_weight`` times the reconstruction loss. The decoder
-    sees the capsule of the label in training and the longest one in evaluation."""
+    sees the capsule of the label in training and the longest one in evaluation.
+
+    For a CapsNet with ``digits=T`` > 1 (MultiMNIST), batches are ``(images, labels
+    (B, T), digit_1, ..., digit_T)``, each digit alone on its canvas: every digit is a
+    positive of the margin loss and the reconstruction loss sums the T digits' squared
+    errors, each against the decoder's run for that digit. In evaluation the decoder
+    sees the T longest capsules in increasing class order, so the targets are put in
+    increasing label order too.
+    """
 
     def __init__(self, recon_weight: float = 0.0005):
         from capsnet.models.capsnet import CapsNetLoss  # noqa: PLC0415 - models import training's protocols
@@ -130,7 +138,24 @@ class CapsNetTask:
         x, y = batch[0], batch[1]
         self.criterion.train(model.training)
         lengths, recon = model(x, y)
-        return self.criterion(lengths, recon, y, x), (lengths, recon)
+        return self.criterion(lengths, recon, y, self.targets(model, batch)), (lengths, recon)
+
+    @staticmethod
+    def targets(model: Module, batch: tuple) -> Any:
+        """What the reconstructions are compared with: the images, or (B, T, C, H, W)."""
+        x, y = batch[0], batch[1]
+        if getattr(y, "ndim", 1) == 1:
+            return x
+        t = y.shape[1]
+        if len(batch) != 2 + t:
+            raise ValueError(f"CapsNetTask with labels of shape {tuple(y.shape)} expected batches (images, labels, "
+                             f"then the {t} digits alone), got {len(batch)} arrays")
+        xp = backend.get_array_module(x)
+        digits = xp.stack(batch[2:], axis=1)
+        if model.training:
+            return digits
+        order = xp.argsort(y, axis=1)  # evaluation: the decoder's runs are in increasing class order
+        return xp.take_along_axis(digits, order.reshape(*order.shape, *(1,) * (digits.ndim - 2)), axis=1)
 
     def backward(self, model: Module) -> None:
         model.backward(*self.criterion.backward())

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from capsnet import backend
-from capsnet.data import ArrayDataset, load_mnist, random_shift, to_float
+from capsnet.data import ArrayDataset, MultiMNIST, both_right, load_mnist, random_shift, to_float
 from capsnet.layers.base import Module
 from capsnet.layers.loss import CrossEntropyLoss
 from capsnet.models.baseline import BaselineCNN, BaselineCNNConfig
@@ -34,7 +34,7 @@ from capsnet.training.loop import (
     evaluate,
 )
 
-__all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task", "evaluate_mnist",
+__all__ = ["ARCHS", "DATASETS", "MNISTTrainer", "data_sources", "expand", "pair_errors", "run_metrics", "TrainConfig", "build_model", "build_optimizer", "build_task", "evaluate_mnist",
            "load_model", "load_weights", "train_config_of"]
 
 
@@ -42,7 +42,14 @@ __all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimiz
 class TrainConfig(DictConfig):
     """Everything a run depends on. ``arch`` is "capsnet" (the paper's CapsNet) or "cnn"
     (its baseline CNN); ``model`` holds the fields of CapsNetConfig or BaselineCNNConfig
-    (None: that architecture's defaults)."""
+    (None: that architecture's defaults, with the input size ``dataset`` needs).
+
+    ``dataset``: "mnist" (28x28, training shifts of up to ``max_shift`` = 2 px),
+    "expanded" (expanded MNIST, the paper's training set for affine robustness: each
+    digit placed at random on a 40x40 canvas, shifts of up to 6 px from the centre;
+    test digits centred) or "multimnist" (two overlapping digits on 36x36, shifts of up
+    to 4 px, ``test_pairs`` fixed pairs per test image; CapsNet only). ``max_shift``
+    None takes the dataset's value."""
 
     _what = "training option"
 
@@ -56,7 +63,7 @@ class TrainConfig(DictConfig):
     momentum: float = 0.9
     weight_decay: float = 0.0
     recon_weight: float = 0.0005
-    max_shift: int = 2
+    max_shift: int | None = None
     seed: int = 0
     train_limit: int | None = None
     test_limit: int | None = None
@@ -64,17 +71,32 @@ class TrainConfig(DictConfig):
     log_every: int = 10
     arch: str = "capsnet"
     model: dict[str, Any] | None = None
+    dataset: str = "mnist"
+    test_pairs: int = 1
 
     # What a resumed run must share with its checkpoint (the rest may change:
     # more epochs, another data folder, another backend).
     FIXED = ("dtype", "batch_size", "optimizer", "lr", "lr_decay", "momentum", "weight_decay",
-             "recon_weight", "max_shift", "seed", "train_limit", "arch", "model")
+             "recon_weight", "max_shift", "seed", "train_limit", "arch", "model", "dataset")
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+        if self.dataset == "multimnist" and self.arch != "capsnet":
+            raise ValueError("the multimnist dataset trains the CapsNet only (two digits per image); "
+                             f"got arch {self.arch!r}")
+        shape, shift = DATASETS[self.dataset]
+        if self.max_shift is None:
+            self.max_shift = shift
+        defaults = {"input_shape": shape}
+        if self.dataset == "multimnist":
+            defaults["digits"] = 2
         if self.model is None:
-            self.model = ARCHS[self.arch]().as_dict()
+            self.model = ARCHS[self.arch](**defaults).as_dict()
+        else:
+            self.model = {**{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, **self.model}
 
     def model_config(self) -> CapsNetConfig | BaselineCNNConfig:
         """The model's configuration object (CapsNetConfig or BaselineCNNConfig)."""
@@ -96,7 +118,20 @@ class TrainConfig(DictConfig):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not (self.lr > 0 and self.lr_decay > 0 and self.recon_weight >= 0 and self.max_shift >= 0):
             raise ValueError("lr and lr_decay must be > 0, recon_weight and max_shift >= 0")
-        self.model_config()
+        if self.test_pairs < 1:
+            raise ValueError(f"test_pairs must be at least 1, got {self.test_pairs}")
+        shape = tuple(DATASETS[self.dataset][0])
+        model = self.model_config()
+        if tuple(model.input_shape) != shape:
+            raise ValueError(f"the {self.dataset} dataset has inputs of shape {shape}, but the model is configured "
+                             f"for {tuple(model.input_shape)}")
+        digits = 2 if self.dataset == "multimnist" else 1
+        if getattr(model, "digits", 1) != digits:
+            raise ValueError(f"the {self.dataset} dataset has {digits} digit(s) per image, but the CapsNet is "
+                             f"configured for digits={model.digits}")
+        if self.dataset == "expanded" and self.max_shift > EXPANDED_PAD:
+            raise ValueError(f"expanded MNIST shifts digits by at most {EXPANDED_PAD} px (the canvas margin), "
+                             f"got max_shift {self.max_shift}")
         return self
 
     def fixed_items(self) -> dict[str, Any]:
@@ -107,6 +142,46 @@ class TrainConfig(DictConfig):
 
 
 ARCHS: dict[str, Any] = {"capsnet": CapsNetConfig, "cnn": BaselineCNNConfig}
+EXPANDED_PAD = 6  # 28x28 digits on a 40x40 canvas
+# dataset: (input shape, default max_shift)
+DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
+    "mnist": ((1, 28, 28), 2), "expanded": ((1, 40, 40), EXPANDED_PAD), "multimnist": ((1, 36, 36), 4)}
+
+
+def expand(images: np.ndarray, pad: int = EXPANDED_PAD) -> np.ndarray:
+    """uint8 digits (N, 28, 28) centred on a (28 + 2 pad)-pixel square canvas of zeros."""
+    return np.pad(np.asarray(images), ((0, 0), (pad, pad), (pad, pad)))
+
+
+def data_sources(cfg: TrainConfig, data: Any, xp: Any) -> tuple[Any, Any]:
+    """(training source, test source) of ``cfg.dataset`` from the MNIST splits in ``data``,
+    on the backend ``xp``; the test source is never augmented."""
+    ntr = min(cfg.train_limit or len(data.train_labels), len(data.train_labels))
+    nte = min(cfg.test_limit or len(data.test_labels), len(data.test_labels))
+    if cfg.dataset == "multimnist":
+        train = MultiMNIST(data.train_images[:ntr], data.train_labels[:ntr], train=True, max_shift=cfg.max_shift,
+                           dtype=cfg.dtype)
+        test = MultiMNIST(data.test_images[:nte], data.test_labels[:nte], train=False, max_shift=cfg.max_shift,
+                          pairs_per_image=cfg.test_pairs, dtype=cfg.dtype)
+        return train, test
+    prepare = expand if cfg.dataset == "expanded" else np.asarray
+    shift = cfg.max_shift
+    train = ArrayDataset(to_float(prepare(data.train_images[:ntr]), cfg.dtype, xp),
+                         xp.asarray(data.train_labels[:ntr]), augment=lambda x, rng: random_shift(x, shift, rng))
+    test = ArrayDataset(to_float(prepare(data.test_images[:nte]), cfg.dtype, xp), xp.asarray(data.test_labels[:nte]))
+    return train, test
+
+
+def pair_errors(outputs: Any, batch: tuple) -> Any:
+    """How many pairs of the batch are not :func:`both_right`: MultiMNIST errors, as a count."""
+    return batch[1].shape[0] - both_right(outputs, batch)
+
+
+def run_metrics(cfg: TrainConfig) -> dict[str, Any]:
+    """The metrics a run of ``cfg`` reports: accuracy, and for MultiMNIST the pair error."""
+    if cfg.dataset == "multimnist":
+        return {"accuracy": both_right, "error": pair_errors}
+    return {"accuracy": count_correct}
 
 
 def build_model(cfg: TrainConfig) -> CapsNet | BaselineCNN:
@@ -159,18 +234,13 @@ class MNISTTrainer(Trainer):
                  on_step: Callable[[Trainer, int, int], None] | None = None, comm: Any = None):
         self.cfg = cfg = cfg.validate()
         data = load_mnist(cfg.data_dir, progress=progress)
-        ntr = min(cfg.train_limit or len(data.train_labels), len(data.train_labels))
-        nte = min(cfg.test_limit or len(data.test_labels), len(data.test_labels))
         with backend.use(cfg.backend) as xp:
             model = build_model(cfg)
-            shift = cfg.max_shift
-            train = ArrayDataset(to_float(data.train_images[:ntr], cfg.dtype, xp), xp.asarray(data.train_labels[:ntr]),
-                                 augment=lambda x, rng: random_shift(x, shift, rng))
-            test = ArrayDataset(to_float(data.test_images[:nte], cfg.dtype, xp), xp.asarray(data.test_labels[:nte]))
+            train, test = data_sources(cfg, data, xp)
         optimizer = build_optimizer(cfg, model)
         super().__init__(model, build_task(cfg), optimizer, train, run_dir, epochs=cfg.epochs,
                          batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay),
-                         metrics={"accuracy": count_correct}, seed=cfg.seed + 1, log_every=cfg.log_every,
+                         metrics=run_metrics(cfg), seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
                          progress=progress, log=log, on_step=on_step, comm=comm)
 
@@ -182,7 +252,12 @@ class MNISTTrainer(Trainer):
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path} looks like a capsnet 0.1 checkpoint but its header is damaged "
                                       f"({type(exc).__name__}: {exc}); resume from another checkpoint") from exc
-        return super().upgrade_header(header, path)
+        header = super().upgrade_header(header, path)
+        if isinstance(header.get("config"), dict) and isinstance(header.get("must_match"), dict):
+            # settings added since the checkpoint was written (dataset, digits) take their defaults
+            header = {**header, "must_match": {**train_config_of(header, path).fixed_items(),
+                                               **header["must_match"]}}
+        return header
 
 
 def upgrade_v01_header(header: dict[str, Any]) -> dict[str, Any]:
