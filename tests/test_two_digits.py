@@ -168,6 +168,14 @@ def test_multimnist_run_learns_and_resumes_exactly(mnist_dir, tmp_path):
         np.testing.assert_array_equal(p.data, q.data, err_msg=name)
     lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
+    # python -m capsnet.evaluate knows the checkpoint's dataset: the same fixed test pairs
+    from capsnet.evaluate import main  # noqa: PLC0415
+
+    out = tmp_path / "eval.json"
+    assert main([str(tmp_path / "whole" / "checkpoint.npz"), "--data-dir", str(mnist_dir), "--test-limit", "200",
+                 "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 400 and result["accuracy"] == pytest.approx(history[-1]["test_accuracy"])
 
 
 def test_dataset_option_checks_the_model_input():
