@@ -34,7 +34,12 @@ The count is the network's, with direct convolution; capsnet's PrimaryCaps
 convolution runs in the Fourier domain at batch sizes where that saves flops
 and then executes fewer (reported beside it), so its percentage can pass 100.
 
+``--network multimnist`` benchmarks the MultiMNIST network instead (36x36 inputs, 3,200
+primary capsules, two digits per image: both positives of the margin loss and the decoder
+run once per digit), on MultiMNIST test pairs, against the same network in PyTorch.
+
 Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--json bench.json]
+       python scripts/bench.py --network multimnist --json bench-multimnist.json
        python scripts/bench.py --quick      # smoke test: batches 1 and 8, 1 repeat
 """
 from __future__ import annotations
@@ -81,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with the MNIST files (else $CAPSNET_DATA_DIR, the per-user cache, "
                         "../shared/data/mnist); random images when none is found")
     p.add_argument("--no-torch", action="store_true", help="measure this library only")
+    p.add_argument("--network", choices=tuple(NETWORKS), default="mnist",
+                   help="mnist: the paper's MNIST CapsNet (28x28, 1,152 primary capsules); multimnist: its "
+                        "MultiMNIST network (36x36, 3,200 primary capsules, two digits per image)")
     p.add_argument("--json", default="bench.json", help="where to write all results")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: batch sizes 1 and 8, 1 warm-up step, 1 repeat, 1 GEMM run "
@@ -89,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", choices=("ours", "torch", "gemm"), help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-data", help=argparse.SUPPRESS)
+    p.add_argument("--worker-network", default="mnist", help=argparse.SUPPRESS)
     p.add_argument("--worker-result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; options given explicitly still win
@@ -202,13 +211,18 @@ def _measure_training(train_step: Callable[[], Any], batch: int, args: argparse.
 
 
 # ------------------------------------------------------------------ workers
+NETWORKS = {"mnist": {}, "multimnist": {"input_shape": (1, 36, 36), "digits": 2}}
+
+
 def _load_batch(path: str, batch: int):
+    """(images (B, 1, H, W) uint8, labels (B,) or (B, 2), targets: None, or the two digits
+    alone (B, 2, 1, H, W) uint8 for the MultiMNIST network)."""
     import numpy as np
 
     with np.load(path) as data:
-        images, labels = data["images"], data["labels"]
-    reps = -(-batch // len(images))
-    return np.tile(images, (reps, 1, 1, 1))[:batch], np.tile(labels, reps)[:batch]
+        arrays = [data["images"], data["labels"], data["digits"] if "digits" in data else None]
+    reps = -(-batch // len(arrays[0]))
+    return tuple(None if a is None else np.concatenate([a] * reps)[:batch] for a in arrays)
 
 
 def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,18 +234,20 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     from capsnet.optim import Adam
 
     backend.set_backend("numpy")
-    images, labels = _load_batch(args.worker_data, args.worker_batch)
+    images, labels, digits = _load_batch(args.worker_data, args.worker_batch)
     x = to_float(images, "float32", xp=np)
     y = labels.astype(np.int64)
+    target = x if digits is None else to_float(digits.reshape(-1, *digits.shape[2:]), "float32", xp=np).reshape(
+        digits.shape)
     memory = PeakMemory()
     memory.before_model()
-    model = CapsNet(dtype="float32", seed=0)
+    model = CapsNet(dtype="float32", seed=0, **NETWORKS[args.worker_network])
     crit = CapsNetLoss()
     opt = Adam(model.parameters(), lr=1e-3)
 
     def train_step() -> None:
         lengths, recon = model(x, y)
-        crit(lengths, recon, y, x)
+        crit(lengths, recon, y, target)
         model.backward(*crit.backward())
         opt.step()
         opt.zero_grad()
@@ -241,10 +257,11 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     model.train()
     conv = model.primary.conv
-    method = {"train": conv.algorithm_for(20, 20, args.worker_batch)}
+    (h1, w1), _ = model.config.feature_sizes
+    method = {"train": conv.algorithm_for(h1, w1, args.worker_batch)}
     train = _measure_training(train_step, args.worker_batch, args, memory)
     conv.eval()
-    method["infer"] = conv.algorithm_for(20, 20, args.worker_batch)
+    method["infer"] = conv.algorithm_for(h1, w1, args.worker_batch)
     conv.train()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
             "primary_conv_method": method, "versions": {"numpy": np.__version__}}
@@ -258,19 +275,20 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
     from torch_capsnet import TorchCapsNet, total_loss
 
     torch.set_num_threads(args.threads)
-    images, labels = _load_batch(args.worker_data, args.worker_batch)
+    images, labels, digits = _load_batch(args.worker_data, args.worker_batch)
     x = torch.from_numpy(images.astype(np.float32) / np.float32(255))
     y = torch.from_numpy(labels.astype(np.int64))
+    target = x if digits is None else torch.from_numpy(digits.astype(np.float32) / np.float32(255))
     memory = PeakMemory()
     memory.before_model()
     torch.manual_seed(0)
-    model = TorchCapsNet(dtype=torch.float32)
+    model = TorchCapsNet(dtype=torch.float32, **NETWORKS[args.worker_network])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def train_step() -> None:
         opt.zero_grad()
         lengths, recon = model(x, y)
-        total_loss(lengths, recon, y, x).backward()
+        total_loss(lengths, recon, y, target).backward()
         opt.step()
 
     def infer() -> None:
@@ -330,6 +348,7 @@ def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
     result = os.path.join(workdir, f"{kind}-{batch}.json")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--worker-result", result,
            "--worker-batch", str(batch), "--worker-data", data, "--threads", str(args.threads),
+           "--worker-network", args.network,
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--min-repeat-time", str(args.min_repeat_time), "--gemm-repeats", str(args.gemm_repeats)]
     proc = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True)
@@ -353,12 +372,27 @@ def prepare_data(args: argparse.Namespace, path: str) -> str:
             data = load_mnist(d, download=False, progress=False)
         except MNISTNotFoundError:
             continue
+        if args.network == "multimnist":
+            from capsnet.data.multimnist import MultiMNIST, overlay, place
+
+            pairs = MultiMNIST(data.test_images, data.test_labels, train=False)
+            first, partner, shifts = pairs.pairs(np.arange(n), None)
+            a = place(data.test_images[first], shifts[:, 0], shifts[:, 1])
+            b = place(data.test_images[partner], shifts[:, 2], shifts[:, 3])
+            np.savez(path, images=overlay(a, b)[:, None], digits=np.stack([a, b], 1)[:, :, None],
+                     labels=np.stack([data.test_labels[first], data.test_labels[partner]], 1).astype(np.int64))
+            return "MultiMNIST test pairs"
         np.savez(path, images=data.test_images[:n, None], labels=data.test_labels[:n])
         return "MNIST test images"
     print("MNIST not found: benchmarking on random images (throughput does not depend on pixel values)")
     rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8),
-             labels=rng.integers(0, 10, n).astype(np.int64))
+    side = 36 if args.network == "multimnist" else 28
+    labels = rng.integers(0, 10, n).astype(np.int64)
+    arrays = {"images": rng.integers(0, 256, (n, 1, side, side), dtype=np.uint8), "labels": labels}
+    if args.network == "multimnist":
+        arrays["labels"] = np.stack([labels, (labels + 1) % 10], 1)
+        arrays["digits"] = rng.integers(0, 256, (n, 2, 1, side, side), dtype=np.uint8)
+    np.savez(path, **arrays)
     return "random images"
 
 
@@ -421,7 +455,8 @@ def _fmt(value: float | None, width: int, spec: str, suffix: str = "") -> str:
 def print_table(report: dict[str, Any]) -> None:
     bound = report["bound_images_per_s"]
     print()
-    print(f"CapsNet (paper size) float32, {report['settings']['threads']} threads, "
+    name = {"mnist": "CapsNet (paper size, MNIST)", "multimnist": "CapsNet (MultiMNIST network, 36x36, two digits)"}
+    print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
           f"median of {report['settings']['repeats']} repeats; GEMM rate "
           f"{report['gemm'].get('median_gflops', float('nan')):.1f} GFLOP/s -> bound "
           f"{_fmt(bound['train'], 0, '.1f')} img/s train, {_fmt(bound['infer'], 0, '.1f')} img/s inference")
@@ -479,14 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     if info["load_average_at_start"][0] > 0.5 * (info["usable_cpus"] or 1):
         print(f"warning: load average {info['load_average_at_start'][0]:.2f} at start; "
               "other work on this machine will distort the numbers")
-    cfg = CapsNetConfig()
+    cfg = CapsNetConfig(**NETWORKS[args.network])
     flops = {"train": flops_per_image(cfg, training=True), "infer": flops_per_image(cfg, training=False)}
     fourier_flops = {mode: flops_per_image(cfg, training=mode == "train", primary_algorithm="fourier")
                      for mode in ("train", "infer")}
     report: dict[str, Any] = {
         "machine": info,
         "settings": {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "min_repeat_time",
-                                                    "threads", "gemm_repeats", "quick")},
+                                                    "threads", "gemm_repeats", "quick", "network")},
         "flops_per_image": flops,
         "flops_per_image_executed_with_fourier_primary_conv": fourier_flops,
         "results": [],

@@ -343,6 +343,7 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
     else:
         sizes = (n_j * config.digit_dim, *config.decoder_hidden, c * h * w)
         decoder = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    decoder *= config.digits  # one decoder run per digit
     forward = conv1 + primary + u_hat + routing + decoder
     # backward: every product twice (weights and inputs), routing ~2x forward,
     # and the first layer's input gradient only on request.
