@@ -319,6 +319,43 @@ def test_conv2d_module_matches_naive_loops(xp, host_rng):
     np.testing.assert_allclose(host(layer.bias.grad), eb, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["rows", "channels"])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (3, 2)])
+def test_both_patch_layouts_match_naive_loops(xp, host_rng, layout, stride, padding):
+    from capsnet.layers.conv import conv2d_nhwc, conv2d_nhwc_backward  # noqa: PLC0415
+
+    x = host_rng.standard_normal((2, 3, 8, 7))
+    w = host_rng.standard_normal((5, 3, 3, 3))
+    b = host_rng.standard_normal(5)
+    x_nhwc = dev(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    y = host(conv2d_nhwc(x_nhwc, dev(w), dev(b), stride, padding, layout=layout)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(y, naive_conv2d(x, w, b, stride, padding), rtol=1e-10, atol=1e-12)
+    gy = host_rng.standard_normal(y.shape)
+    gx, gw, gb = conv2d_nhwc_backward(dev(np.ascontiguousarray(gy.transpose(0, 2, 3, 1))), x_nhwc, dev(w), stride,
+                                      padding, layout=layout)
+    ex, ew, eb = naive_conv2d_backward(gy, x, w, stride, padding)
+    np.testing.assert_allclose(host(gx).transpose(0, 3, 1, 2), ex, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(host(gw), ew, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(host(gb), eb, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        conv2d_nhwc(x_nhwc, dev(w), None, layout="cols")
+
+
+def test_small_batches_take_the_channel_major_layout():
+    from capsnet.layers.conv import _layout  # noqa: PLC0415
+
+    assert _layout("auto", 36, 256, 256) == "channels"  # PrimaryCaps, batch 1: 36 patch rows
+    assert _layout("auto", 7 * 36, 256, 256) == "channels"
+    assert _layout("auto", 8 * 36, 256, 256) == "rows"
+    assert _layout("auto", 400, 256, 1) == "rows"  # one input channel: the orders are the same
+
+
+def test_gradcheck_conv2d_channel_major(xp, host_rng):
+    layer = Conv2d(3, 40, 3, stride=2, padding=1, dtype=F64, seed=0)  # batch 1 of 5x5: 9 patch rows <= 40
+    results = check_module(layer, dev(host_rng.standard_normal((1, 3, 5, 5))))
+    assert [r.name for r in results] == ["input", "weight", "bias"]
+
+
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (3, 2)])
 def test_im2col_col2im_are_adjoint(xp, host_rng, stride, padding):
     x = host_rng.standard_normal((2, 7, 6, 3))  # NHWC

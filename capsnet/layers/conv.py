@@ -4,6 +4,12 @@ Internally the convolution works channels-last: the patch matrix has rows
 (batch, out_y, out_x) and columns (kernel_y, kernel_x, channel), so every copy
 in im2col/col2im moves whole contiguous channel vectors. The public functions
 take and return NCHW arrays like every other image API here.
+
+For small batches the patch matrix is smaller than the weights, and what costs is
+bringing the weights (O, C, KH, KW) to that column order and their gradient back
+(three passes over a transposed 21 MB array for PrimaryCaps). There the columns are
+ordered (channel, kernel_y, kernel_x) instead, the weights' own order, so the
+products read and write them in place (``layout="channels"``; see _layout).
 """
 from __future__ import annotations
 
@@ -66,6 +72,43 @@ def _scatter_add(g_pad: Any, gcol: Any, rows: range, kw: int, stride: int, oh: i
             g_pad[:, ys, kx : kx + stride * ow : stride, :] += gcol[:, :, :, a, kx, :]
 
 
+LAYOUTS = ("auto", "rows", "channels")
+
+
+def _layout(layout: str, rows: int, out_channels: int, in_channels: int) -> str:
+    """The patch-column order for a product of ``rows`` patch rows (B * OH * OW).
+
+    "rows": (ky, kx, c), built a group of kernel rows at a time, whole channel vectors per
+    copy; the weights are brought to that order on each call. "channels": (c, ky, kx), the
+    weights' order, so no weight-sized copy or transpose; its gather moves single values,
+    which pays only while the patch matrix is no larger than the weights (rows <= O).
+    "auto" picks by that rule; with one input channel the two orders are the same."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"convolution layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "auto":
+        return layout
+    return "channels" if in_channels > 1 and rows <= out_channels else "rows"
+
+
+def _gather_channel_major(x_pad: Any, kh: int, kw: int, stride: int, oh: int, ow: int) -> Any:
+    """Patches (B * OH * OW, C * KH * KW), columns ordered (c, ky, kx): one copy from a
+    strided view."""
+    xp = backend.get_array_module(x_pad)
+    b, _, _, c = x_pad.shape
+    sb, sh, sw, sc = x_pad.strides
+    patches = xp.lib.stride_tricks.as_strided(
+        x_pad, shape=(b, oh, ow, c, kh, kw), strides=(sb, stride * sh, stride * sw, sc, sh, sw))
+    return xp.ascontiguousarray(patches).reshape(b * oh * ow, -1)
+
+
+def _scatter_add_channel_major(g_pad: Any, gcol: Any, kh: int, kw: int, stride: int, oh: int, ow: int) -> None:
+    """Adjoint of :func:`_gather_channel_major`; gcol (B, OH, OW, C, KH, KW)."""
+    for ky in range(kh):  # a loop over kernel offsets
+        ys = slice(ky, ky + stride * oh, stride)
+        for kx in range(kw):
+            g_pad[:, ys, kx : kx + stride * ow : stride, :] += gcol[..., ky, kx]
+
+
 def _pad(x_nhwc: Any, padding: int) -> Any:
     if not padding:
         return x_nhwc
@@ -106,15 +149,22 @@ def _geometry(x_nhwc: Any, w: Any, stride: int, padding: int) -> tuple[int, int]
             conv_output_size(x_nhwc.shape[2], kw, stride, padding))
 
 
-def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0) -> Any:
+def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0,
+                layout: str = "auto") -> Any:
     """Channels-last convolution: x (B, H, W, C), w (O, C, KH, KW), b (O,) -> (B, OH, OW, O).
 
     im2col and one matrix product per group of kernel rows (see _row_groups),
-    summed; no Python loop over the batch or pixels.
+    summed; or, for small batches, one product with the weights as they are
+    (``layout``, see _layout). No Python loop over the batch or pixels.
     """
     xp = backend.get_array_module(x_nhwc, w)
     o, c, kh, kw = w.shape
     oh, ow = _geometry(x_nhwc, w, stride, padding)
+    if _layout(layout, x_nhwc.shape[0] * oh * ow, o, c) == "channels":
+        y = _gather_channel_major(_pad(x_nhwc, padding), kh, kw, stride, oh, ow) @ w.reshape(o, -1).T
+        if b is not None:
+            y += b
+        return y.reshape(x_nhwc.shape[0], oh, ow, o)
     w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))  # (KH, KW, C, O): the patch column order
     y = None
     for rows, _, col in _patch_groups(_pad(x_nhwc, padding), kh, kw, stride, oh, ow):
@@ -129,7 +179,8 @@ def conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: in
 
 
 def conv2d_nhwc_backward(
-    grad_y_nhwc: Any, x_nhwc: Any, w: Any, stride: int = 1, padding: int = 0, need_input_grad: bool = True
+    grad_y_nhwc: Any, x_nhwc: Any, w: Any, stride: int = 1, padding: int = 0, need_input_grad: bool = True,
+    layout: str = "auto",
 ) -> tuple[Any | None, Any, Any]:
     """Gradients of :func:`conv2d_nhwc` w.r.t. (x, w, b); grad_y: (B, OH, OW, O).
 
@@ -141,6 +192,16 @@ def conv2d_nhwc_backward(
     oh, ow = _geometry(x_nhwc, w, stride, padding)
     g2 = grad_y_nhwc.reshape(-1, o)
     x_pad = _pad(x_nhwc, padding)
+    if _layout(layout, g2.shape[0], o, c) == "channels":
+        grad_w = (g2.T @ _gather_channel_major(x_pad, kh, kw, stride, oh, ow)).reshape(o, c, kh, kw)
+        grad_x = None
+        if need_input_grad:
+            g_pad = xp.zeros(x_pad.shape, dtype=x_nhwc.dtype)
+            gcol = (g2 @ w.reshape(o, -1)).reshape(x_nhwc.shape[0], oh, ow, c, kh, kw)
+            _scatter_add_channel_major(g_pad, gcol, kh, kw, stride, oh, ow)
+            h, wd = x_nhwc.shape[1:3]
+            grad_x = g_pad[:, padding : h + padding, padding : wd + padding, :] if padding else g_pad
+        return grad_x, grad_w, g2.sum(axis=0)
     w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))
     grad_w_rows = xp.empty((kh, kw, c, o), dtype=w.dtype)
     g_pad = xp.zeros(x_pad.shape, dtype=x_nhwc.dtype) if need_input_grad else None
@@ -256,8 +317,8 @@ class Conv2d(Module):
         flops the Fourier method saves over the batch against transforming the weights
         (in training, every call) or checking that they are unchanged (in inference).
         On the 2-core test machine it picks Fourier for PrimaryCaps in training from
-        batch 8 and in inference at every batch size (batch 1: 15 ms against 20 ms
-        per ``predict``).
+        batch 8 and in inference from batch 3 (below, the direct method reads the
+        weights in place and costs less than checking the cached spectrum).
         """
         if self.algorithm != "auto":
             return self.algorithm

@@ -58,8 +58,12 @@ __all__ = [
 # (and the way back for the weight gradient) every call.
 WEIGHT_TRANSFORM_COST = 100
 # In inference the spectrum is reused while the weights are unchanged; what each
-# call pays is comparing them with the copy, counted per weight.
-WEIGHT_COMPARE_COST = 10
+# call pays is comparing them with the copy, counted per weight. Set against the
+# small-batch direct method, which reads the weights in place (conv's "channels"
+# layout): on the 2-core machine a batch-1 predict takes about 10 ms with it against
+# 23 ms with Fourier, batch 2 21 against 24, batch 4 31 against 24 (measured while
+# another job shared the cores), so the break-even is between 2 and 3 images.
+WEIGHT_COMPARE_COST = 100
 
 
 def fourier_geometry(h: int, w: int, kh: int, kw: int, stride: int) -> dict:
@@ -400,8 +404,8 @@ def fourier_pays_off(h: int, w: int, c: int, o: int, k: int, stride: int, batch:
     of the weights, there and back, counted as WEIGHT_TRANSFORM_COST flops per
     spectrum value; an inference call only the check that the weights are
     unchanged (WEIGHT_COMPARE_COST per weight). On the 2-core test machine this
-    picks Fourier for PrimaryCaps in training from batch 8 and in inference at
-    every batch size. Memory is not weighed: in training the weight spectrum
+    picks Fourier for PrimaryCaps in training from batch 8 and in inference from
+    batch 3. Memory is not weighed: in training the weight spectrum
     (109 MB for PrimaryCaps) is held from forward to backward.
     """
     args = (h, w, c, o, k, k, stride)
