@@ -423,3 +423,45 @@ def test_bad_schedule_arguments_are_rejected():
     saved = StepLR(opt, step_size=2).state_dict()
     with pytest.raises(ValueError, match=r"saved by ExponentialLR, got one from 'StepLR'"):
         ExponentialLR(opt, gamma=0.9).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("make", [lambda ps: Adam(ps, lr=1e-2, weight_decay=1e-3),
+                                  lambda ps: SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3)],
+                         ids=["adam", "sgd"])
+def test_chunked_threaded_updates_equal_one_pass_bit_for_bit(make, monkeypatch):
+    """On the CPU the updates run in chunks on several threads: the same numbers as one
+    call per array on one thread (element-wise work, nothing reduced)."""
+    from capsnet.optim import optimizers  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    shapes = [(3 * optimizers.CHUNK + 17,), (700, 1000), (5,)]
+    data = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+
+    def run(chunk, threads):
+        monkeypatch.setattr(optimizers, "CHUNK", chunk)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+        params = [Parameter(d.copy()) for d in data]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad[...] = g
+            opt.step()
+        opt.zero_grad()
+        assert all(not p.grad.any() for p in params)
+        return [p.data for p in params]
+
+    one = run(1 << 40, 1)
+    assert optimizers.host_threads() == 1
+    for a, b in zip(one, run(1 << 16, 2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_host_threads_follows_the_thread_variables(monkeypatch):
+    from capsnet.optim import host_threads  # noqa: PLC0415
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert host_threads() == 1
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    assert host_threads() >= 1
