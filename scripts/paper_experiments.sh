@@ -53,7 +53,7 @@ cp "$runs/multimnist/metrics.jsonl" "$figures/multimnist-metrics.jsonl"
 echo "== 3. figures"
 viz() { python -m capsnet.visualize "$@"; }
 viz multimnist "$runs/multimnist/checkpoint.npz" -n 10 --out "$figures/multimnist.png"
-viz perturbation "$runs/expanded-capsnet/checkpoint.npz" --index 0 --out "$figures/perturbation.png"
+viz perturbation "$runs/multimnist/checkpoint.npz" --index 0 --out "$figures/perturbation.png"
 viz reconstructions "$runs/expanded-capsnet/checkpoint.npz" -n 10 --out "$figures/reconstructions.png"
 viz routing "$runs/expanded-capsnet/checkpoint.npz" --index 0 --out "$figures/routing.png"
 viz confusion "$runs/expanded-capsnet/checkpoint.npz" --out "$figures/confusion-expanded-capsnet.png"

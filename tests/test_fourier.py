@@ -123,10 +123,12 @@ def test_conv2d_algorithm_choice():
     primary = Conv2d(256, 256, 9, 2)
     assert primary.algorithm_for(20, 20, 100) == "fourier"
     assert primary.algorithm_for(20, 20, 1) == "im2col"
-    primary.eval()  # the weight spectrum is reused between calls: Fourier pays off from three images
+    primary.eval()  # the weight spectrum is reused between calls: Fourier pays off from four images
     assert primary.algorithm_for(20, 20, 100) == "fourier"
-    assert primary.algorithm_for(20, 20, 3) == "fourier"
-    assert primary.algorithm_for(20, 20, 2) == "im2col"
+    assert primary.algorithm_for(20, 20, 4) == "fourier"
+    assert primary.algorithm_for(20, 20, 3) == "im2col"
+    assert primary.algorithm_for(28, 28, 1) == "im2col"  # the MultiMNIST network's grid
+    assert primary.algorithm_for(28, 28, 2) == "fourier"
     conv1 = Conv2d(1, 256, 9)
     assert conv1.algorithm_for(28, 28, 100) == "im2col"
     conv1.eval()

@@ -317,7 +317,7 @@ class Conv2d(Module):
         flops the Fourier method saves over the batch against transforming the weights
         (in training, every call) or checking that they are unchanged (in inference).
         On the 2-core test machine it picks Fourier for PrimaryCaps in training from
-        batch 8 and in inference from batch 3 (below, the direct method reads the
+        batch 8 and in inference from batch 4 (below, the direct method reads the
         weights in place and costs less than checking the cached spectrum).
         """
         if self.algorithm != "auto":

@@ -60,10 +60,12 @@ WEIGHT_TRANSFORM_COST = 100
 # In inference the spectrum is reused while the weights are unchanged; what each
 # call pays is comparing them with the copy, counted per weight. Set against the
 # small-batch direct method, which reads the weights in place (conv's "channels"
-# layout): on the 2-core machine a batch-1 predict takes about 10 ms with it against
-# 23 ms with Fourier, batch 2 21 against 24, batch 4 31 against 24 (measured while
-# another job shared the cores), so the break-even is between 2 and 3 images.
-WEIGHT_COMPARE_COST = 100
+# layout), from predict times on the quiet 2-core machine (scripts: see NOTES.md):
+# the MNIST network (20x20 grid) 4.3 / 6.9 / 10.4 / 12.7 ms with im2col at batches
+# 1-4 against 9.7 / 10.5 / 14.6 / 10.9 with Fourier; the MultiMNIST one (28x28 grid)
+# 8.9 / 16.1 ms against 16.1 / 18.3 at batches 1-2, Fourier ahead from 3-4. 165 puts
+# the switch at batch 4 for the first and batch 2 for the second.
+WEIGHT_COMPARE_COST = 165
 
 
 def fourier_geometry(h: int, w: int, kh: int, kw: int, stride: int) -> dict:
@@ -405,7 +407,7 @@ def fourier_pays_off(h: int, w: int, c: int, o: int, k: int, stride: int, batch:
     spectrum value; an inference call only the check that the weights are
     unchanged (WEIGHT_COMPARE_COST per weight). On the 2-core test machine this
     picks Fourier for PrimaryCaps in training from batch 8 and in inference from
-    batch 3. Memory is not weighed: in training the weight spectrum
+    batch 4 (the MultiMNIST network's: from batch 2). Memory is not weighed: in training the weight spectrum
     (109 MB for PrimaryCaps) is held from forward to backward.
     """
     args = (h, w, c, o, k, k, stride)
