@@ -27,57 +27,17 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from capsnet import backend
 from capsnet.layers.base import Parameter
+from capsnet.parallel import host_threads, run_all as _run_all
 
 __all__ = ["CHUNK", "Adam", "Optimizer", "SGD", "host_threads"]
 
 CHUNK = 1 << 18  # elements per chunk of an update on the CPU: 1 MB of float32 per array
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def host_threads() -> int:
-    """Threads the optimizers' element-wise CPU work may use: the CPUs this process may
-    run on, capped by OMP_NUM_THREADS or OPENBLAS_NUM_THREADS when set (the same limit
-    as the matrix products)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
-            n = min(n, int(value))
-    return max(n, 1)
-
-
-def _run_all(tasks: list[Callable[[], None]]) -> None:
-    """Run the tasks on the shared pool of host_threads() threads (in order, here, if one)."""
-    global _pool, _pool_size
-    threads = min(host_threads(), len(tasks))
-    if threads <= 1:
-        for task in tasks:
-            task()
-        return
-    with _pool_lock:
-        if _pool is None or _pool_size < threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="capsnet-optim"), threads
-        pool = _pool
-    for future in [pool.submit(task) for task in tasks]:
-        future.result()  # re-raises a task's error here
-
 
 def _chunks(arrays: list[Any], numpy_backend: bool) -> list[list[Any]]:
     """The arrays (one parameter's data, grad and state, all of one shape) as lists of
