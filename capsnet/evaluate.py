@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = train_config_of(header, args.checkpoint)
             cfg.test_limit = args.test_limit
             if args.test_pairs is not None:
+                if cfg.dataset != "multimnist":
+                    raise ValueError(f"--test-pairs applies to MultiMNIST checkpoints; this one is {cfg.dataset}")
                 cfg.test_pairs = args.test_pairs
             data = load_mnist(args.data_dir, progress=not args.no_progress)
-            _, test = data_sources(cfg, data, xp)
+            _, test = data_sources(cfg, data, xp, train=False)
             n = len(test)
             if cfg.dataset == "multimnist":
                 result = evaluate(model, CapsNetTask(cfg.recon_weight), test, batch_size=args.batch_size,

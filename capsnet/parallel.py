@@ -6,8 +6,9 @@ run on a few threads instead: NumPy releases the GIL inside those calls. (Splitt
 dynamic routing over the batch the same way was measured and did not speed up the
 training step: NOTES.md.) Each piece computes
 exactly what the whole would for its part (nothing is reduced across pieces), so the
-results are the same bit for bit whatever the split. Only the NumPy backend uses this;
-on CuPy the GPU already runs each call in parallel.
+results are the same bit for bit whatever the split. Only work on NumPy arrays comes
+here (the optimizers run CuPy updates on the calling thread); on CuPy the GPU already runs
+each call in parallel.
 """
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ def host_threads() -> int:
 
 
 def run_all(tasks: list[Callable[[], None]]) -> None:
-    """Run the tasks on a shared pool of host_threads() threads and wait for all; here,
-    in order, with one thread, one task, or when called from inside a pool task."""
+    """Run the tasks on a shared pool of host_threads() threads and wait for all of them
+    (an error is raised once every task has ended); here, in order, with one thread, one
+    task, or when called from inside a pool task. Callers keep device arrays (CuPy) out:
+    a CUDA device and stream belong to the thread that uses them."""
     global _pool, _pool_size
     threads = min(host_threads(), len(tasks))
     if threads <= 1 or getattr(_inside, "active", False):
@@ -48,9 +51,7 @@ def run_all(tasks: list[Callable[[], None]]) -> None:
             task()
         return
     with _pool_lock:
-        if _pool is None or _pool_size < threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+        if _pool is None or _pool_size < threads:  # grow only; an old pool is left to finish its work
             _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="capsnet"), threads
         pool = _pool
 
@@ -63,5 +64,8 @@ def run_all(tasks: list[Callable[[], None]]) -> None:
                 _inside.active = False
         return run
 
-    for future in [pool.submit(inside(task)) for task in tasks]:
-        future.result()  # re-raises a task's error here
+    futures = [pool.submit(inside(task)) for task in tasks]
+    errors = [f.exception() for f in futures]  # waits for every task
+    for error in errors:
+        if error is not None:
+            raise error

@@ -96,8 +96,12 @@ def perturbation(model: Any, image: Any, path: str | Path, steps: Sequence[float
     masked. Returns the decoded images (D, S, H, W): row d is dimension d."""
     xp = backend.get_array_module(image)
     classes, _ = model.predict(image)
+    was_training = model.training
     model.eval()
-    v = model.capsules(image)  # (1, K, D)
+    try:
+        v = model.capsules(image)  # (1, K, D)
+    finally:
+        model.train(was_training)
     k = int(_host(classes)[0])
     kept = xp.zeros_like(v)
     kept[:, k] = v[:, k]
@@ -255,7 +259,7 @@ def _test_batch(checkpoint: Path, n: int, start: int, data_dir: str | None, back
     cfg.test_limit = None
     data = load_mnist(data_dir or cfg.data_dir, progress=False)
     with backend.use(backend_name) as xp:
-        _, test = data_sources(cfg, data, xp)
+        _, test = data_sources(cfg, data, xp, train=False)
         if not 0 <= start < len(test):
             raise ValueError(f"--index must be in [0, {len(test)}), got {start}")
         batch = test.batch(np.arange(start, min(start + n, len(test))))

@@ -465,3 +465,42 @@ def test_host_threads_follows_the_thread_variables(monkeypatch):
     assert host_threads() == 1
     monkeypatch.delenv("OPENBLAS_NUM_THREADS")
     assert host_threads() >= 1
+
+
+def test_each_chunk_updates_with_its_own_state_names(monkeypatch):
+    """The state of every parameter is matched by name even when the dicts list their
+    arrays in different orders (as a loaded state may)."""
+    rng = np.random.default_rng(1)
+    data = [rng.standard_normal((50,)).astype(np.float32) for _ in range(2)]
+    grad = [rng.standard_normal((50,)).astype(np.float32) for _ in range(2)]
+    results = []
+    for reorder in (False, True):
+        params = [Parameter(d.copy()) for d in data]
+        opt = Adam(params, lr=0.1)
+        for p, g in zip(params, grad):
+            p.grad[...] = g
+        opt.step()
+        if reorder:
+            opt.state[params[0]] = dict(reversed(list(opt.state[params[0]].items())))
+        opt.step()
+        results.append([p.data.copy() for p in params])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_device_arrays_are_updated_on_the_calling_thread(monkeypatch):
+    """Updates of parameters that are not on NumPy run on the caller's thread (a CUDA
+    device and stream belong to a thread): simulated by reporting every array as CuPy."""
+    import threading  # noqa: PLC0415
+
+    from capsnet.optim import optimizers  # noqa: PLC0415
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    params = [Parameter(np.ones(10, np.float32)) for _ in range(4)]
+    opt = Adam(params)
+    seen = set()
+    update = opt._update
+    monkeypatch.setattr(opt, "_update", lambda *a: (seen.add(threading.current_thread().name), update(*a)))
+    monkeypatch.setattr(optimizers.backend, "backend_of", lambda array: "cupy")
+    opt.step()
+    assert seen == {threading.current_thread().name}

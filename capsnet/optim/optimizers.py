@@ -142,7 +142,7 @@ class Optimizer:
         for p in self.params:
             for (g,) in _chunks([p.grad], backend.backend_of(p.grad) == "numpy"):
                 tasks.append(lambda g=g: g.fill(0))
-        _run_all(tasks)
+        self._run(tasks)
 
     def step(self) -> None:
         """Update every ``p.data`` in place from ``p.grad``."""
@@ -162,8 +162,17 @@ class Optimizer:
             keys = list(state)
             for data, grad, *values in _chunks([p.data, p.grad, *state.values()],
                                                backend.backend_of(p.data) == "numpy"):
-                tasks.append(lambda d=data, g=grad, v=values, f=fresh: self._update(d, g, dict(zip(keys, v)), f))
-        _run_all(tasks)
+                tasks.append(lambda d=data, g=grad, v=values, f=fresh, k=keys: self._update(d, g, dict(zip(k, v)), f))
+        self._run(tasks)
+
+    def _run(self, tasks: list) -> None:
+        """The update tasks on the host threads when every parameter is on NumPy; here, in
+        order, otherwise (CuPy's current device and stream belong to the calling thread)."""
+        if all(backend.backend_of(p.data) == "numpy" for p in self.params):
+            _run_all(tasks)
+        else:
+            for task in tasks:
+                task()
 
     def _check_param(self, i: int, p: Parameter) -> None:
         if tuple(p.grad.shape) != tuple(p.data.shape) or p.grad.dtype != p.data.dtype:

@@ -129,6 +129,9 @@ class TrainConfig(DictConfig):
         if getattr(model, "digits", 1) != digits:
             raise ValueError(f"the {self.dataset} dataset has {digits} digit(s) per image, but the CapsNet is "
                              f"configured for digits={model.digits}")
+        if self.dataset == "multimnist" and self.max_shift > 4:
+            raise ValueError(f"MultiMNIST shifts digits by at most 4 px on its 36x36 canvas, got max_shift "
+                             f"{self.max_shift}")
         if self.dataset == "expanded" and self.max_shift > EXPANDED_PAD:
             raise ValueError(f"expanded MNIST shifts digits by at most {EXPANDED_PAD} px (the canvas margin), "
                              f"got max_shift {self.max_shift}")
@@ -153,23 +156,33 @@ def expand(images: np.ndarray, pad: int = EXPANDED_PAD) -> np.ndarray:
     return np.pad(np.asarray(images), ((0, 0), (pad, pad), (pad, pad)))
 
 
-def data_sources(cfg: TrainConfig, data: Any, xp: Any) -> tuple[Any, Any]:
+def data_sources(cfg: TrainConfig, data: Any, xp: Any, train: bool = True) -> tuple[Any, Any]:
     """(training source, test source) of ``cfg.dataset`` from the MNIST splits in ``data``,
-    on the backend ``xp``; the test source is never augmented."""
+    on the backend ``xp``; the test source is never augmented. ``train=False``: (None,
+    test source), without building the training set."""
     ntr = min(cfg.train_limit or len(data.train_labels), len(data.train_labels))
     nte = min(cfg.test_limit or len(data.test_labels), len(data.test_labels))
+    if not train:
+        return None, _test_source(cfg, data, xp, nte)
+    return _train_source(cfg, data, xp, ntr), _test_source(cfg, data, xp, nte)
+
+
+def _train_source(cfg: TrainConfig, data: Any, xp: Any, ntr: int) -> Any:
     if cfg.dataset == "multimnist":
-        train = MultiMNIST(data.train_images[:ntr], data.train_labels[:ntr], train=True, max_shift=cfg.max_shift,
-                           dtype=cfg.dtype)
-        test = MultiMNIST(data.test_images[:nte], data.test_labels[:nte], train=False, max_shift=cfg.max_shift,
-                          pairs_per_image=cfg.test_pairs, dtype=cfg.dtype)
-        return train, test
+        return MultiMNIST(data.train_images[:ntr], data.train_labels[:ntr], train=True, max_shift=cfg.max_shift,
+                          dtype=cfg.dtype)
     prepare = expand if cfg.dataset == "expanded" else np.asarray
     shift = cfg.max_shift
-    train = ArrayDataset(to_float(prepare(data.train_images[:ntr]), cfg.dtype, xp),
-                         xp.asarray(data.train_labels[:ntr]), augment=lambda x, rng: random_shift(x, shift, rng))
-    test = ArrayDataset(to_float(prepare(data.test_images[:nte]), cfg.dtype, xp), xp.asarray(data.test_labels[:nte]))
-    return train, test
+    return ArrayDataset(to_float(prepare(data.train_images[:ntr]), cfg.dtype, xp), xp.asarray(data.train_labels[:ntr]),
+                        augment=lambda x, rng: random_shift(x, shift, rng))
+
+
+def _test_source(cfg: TrainConfig, data: Any, xp: Any, nte: int) -> Any:
+    if cfg.dataset == "multimnist":
+        return MultiMNIST(data.test_images[:nte], data.test_labels[:nte], train=False, max_shift=cfg.max_shift,
+                          pairs_per_image=cfg.test_pairs, dtype=cfg.dtype)
+    prepare = expand if cfg.dataset == "expanded" else np.asarray
+    return ArrayDataset(to_float(prepare(data.test_images[:nte]), cfg.dtype, xp), xp.asarray(data.test_labels[:nte]))
 
 
 def pair_errors(outputs: Any, batch: tuple) -> Any:
