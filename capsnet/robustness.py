@@ -142,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 sweeps = "  ".join(f"{k} " + "/".join(f"{p['accuracy']:.3f}" for p in v) for k, v in run["sweeps"].items())
                 print(f"{path}: mixed {run['mixed']:.4f}" + (f", affNIST {run['affnist']:.4f}" if "affnist" in run else "")
                       + f" | {sweeps} ({run['seconds']:.0f} s)", flush=True)
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError, MNISTFormatError,
-            ValueError, OSError) as exc:
+    except (ImportError, backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
+            MNISTFormatError, ValueError, OSError) as exc:  # a missing extra, bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = {"test_digits": n, "transforms": {k: list(s) for k, (_, s) in TRANSFORMS.items()},

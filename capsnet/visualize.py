@@ -347,11 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                     perturbation(model, batch[0][:1], args.out)
                 else:
                     routing(model, batch[0][:1], args.out)
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError, MNISTFormatError,
-            ValueError, OSError) as exc:
+    except (ImportError, backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
+            MNISTFormatError, ValueError, OSError) as exc:  # a missing extra, bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

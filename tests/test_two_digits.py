@@ -190,3 +190,14 @@ def test_dataset_option_checks_the_model_input():
         TrainConfig(dataset="expanded", model={"input_shape": [1, 28, 28]}).validate()
     with pytest.raises(ValueError, match="at most 6 px"):
         TrainConfig(dataset="expanded", max_shift=7).validate()
+
+
+def test_flop_count_runs_the_decoder_once_per_digit():
+    from capsnet.models import CapsNetConfig  # noqa: PLC0415
+    from capsnet.models.capsnet import flops_per_image  # noqa: PLC0415
+
+    one, two = CapsNetConfig(input_shape=(1, 36, 36)), CapsNetConfig(input_shape=(1, 36, 36), digits=2)
+    decoder = 160 * 512 + 512 * 1024 + 1024 * 36 * 36  # multiply-adds of one run
+    # forward once, then the weight and input gradients: 3 products, 2 flops per multiply-add
+    assert flops_per_image(two) - flops_per_image(one) == 2 * 3 * decoder
+    assert flops_per_image(two, training=False) - flops_per_image(one, training=False) == 2 * decoder

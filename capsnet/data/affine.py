@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from capsnet.data.augment import shift_by
+
 __all__ = ["AFFNIST_RANGES", "TRANSFORMS", "affine_matrix", "bounding_boxes", "random_affine", "read_affnist",
            "sweep", "translate", "warp"]
 
@@ -130,12 +132,9 @@ def bounding_boxes(images: np.ndarray, threshold: float = 0.0) -> np.ndarray:
 def translate(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Each image (N, H, W) moved by its own whole-pixel offset (down, right), zero fill."""
     images = np.asarray(images)
-    n, h, w = images.shape
-    rows = np.arange(h)[None, :] - np.asarray(dy)[:, None]  # out[y] = in[y - dy]
-    cols = np.arange(w)[None, :] - np.asarray(dx)[:, None]
-    valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    out = images[np.arange(n)[:, None, None], np.clip(rows, 0, h - 1)[:, :, None], np.clip(cols, 0, w - 1)[:, None, :]]
-    return np.where(valid, out, 0).astype(images.dtype)
+    reach = max(images.shape[1:])  # a move of the whole canvas or more leaves nothing
+    offsets = np.clip(np.stack([np.asarray(dy), np.asarray(dx)], axis=1), -reach, reach)
+    return shift_by(images[:, None], offsets, int(np.abs(offsets).max(initial=0)))[:, 0]
 
 
 def sweep(images: np.ndarray, transform: str, strength: float, canvas: int | None = None) -> np.ndarray:

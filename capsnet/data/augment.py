@@ -17,7 +17,7 @@ import numpy
 from capsnet import backend
 from capsnet.backend import get_array_module, to_numpy
 
-__all__ = ["iterate_batches", "random_shift", "to_float"]
+__all__ = ["iterate_batches", "random_shift", "shift_by", "to_float"]
 
 
 def _int_at_least(name: str, value: Any, minimum: int) -> int:
@@ -80,12 +80,18 @@ def random_shift(images: Any, max_shift: int, rng: numpy.random.Generator) -> An
     if shift == 0:
         return images.copy()
     xp = get_array_module(images)
+    return shift_by(images, xp.asarray(rng.integers(-shift, shift + 1, size=(images.shape[0], 2))), shift)
+
+
+def shift_by(images: Any, offsets: Any, pad: int) -> Any:
+    """Each image (N, C, H, W) moved by its own whole-pixel offset, ``offsets`` (N, 2) =
+    (down, right) on the images' backend, each in [-pad, pad]; zero fill."""
+    xp = get_array_module(images)
     n, _, height, width = images.shape
-    offsets = xp.asarray(rng.integers(-shift, shift + 1, size=(n, 2)))
-    padded = xp.pad(images, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
-    # out[i, :, y, x] = images[i, :, y - dy, x - dx] = padded[i, :, y - dy + s, x - dx + s]
-    rows = xp.arange(height)[None, :] - offsets[:, :1] + shift  # (N, H)
-    cols = xp.arange(width)[None, :] - offsets[:, 1:] + shift  # (N, W)
+    padded = xp.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    # out[i, :, y, x] = images[i, :, y - dy, x - dx] = padded[i, :, y - dy + p, x - dx + p]
+    rows = xp.arange(height)[None, :] - offsets[:, :1] + pad  # (N, H)
+    cols = xp.arange(width)[None, :] - offsets[:, 1:] + pad  # (N, W)
     batch = xp.arange(n)[:, None, None, None]
     channel = xp.arange(images.shape[1])[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]

@@ -145,12 +145,16 @@ class CapsNet(Module):
     def _check(self, x: Any) -> Any:
         return check_input("CapsNet", x, (None, *self.config.input_shape), self.conv1.weight.dtype)
 
-    def capsules(self, x: Any) -> Any:
-        """The digit capsules v_j: (B, C, H, W) -> (B, K, digit_dim)."""
+    def _primary_capsules(self, x: Any) -> Any:
+        """The primary capsules u_i: (B, C, H, W) -> (B, n_primary_caps, primary_dim)."""
         xp = self._check(x)
         backend.get_array_module(x, self.conv1.weight.data)
         h = self.relu(self.conv1.forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1))))
-        return self.digit(self.primary.forward_nhwc(h))
+        return self.primary.forward_nhwc(h)
+
+    def capsules(self, x: Any) -> Any:
+        """The digit capsules v_j: (B, C, H, W) -> (B, K, digit_dim)."""
+        return self.digit(self._primary_capsules(x))
 
     def forward(self, x: Any, labels: Any = None) -> tuple[Any, Any]:
         v = self.capsules(x)
@@ -276,9 +280,7 @@ class CapsNet(Module):
         was_training = self.training
         self.eval()
         try:
-            xp = self._check(x)
-            h = self.relu(self.conv1.forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1))))
-            u = self.primary.forward_nhwc(h)
+            u = self._primary_capsules(x)
             v, state = dynamic_routing(capsule_predictions(u, self.digit.weight.data), self.digit.iterations)
         finally:
             self.train(was_training)

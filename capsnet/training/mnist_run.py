@@ -171,9 +171,8 @@ def _train_source(cfg: TrainConfig, data: Any, xp: Any, ntr: int) -> Any:
     if cfg.dataset == "multimnist":
         return MultiMNIST(data.train_images[:ntr], data.train_labels[:ntr], train=True, max_shift=cfg.max_shift,
                           dtype=cfg.dtype)
-    prepare = expand if cfg.dataset == "expanded" else np.asarray
     shift = cfg.max_shift
-    return ArrayDataset(to_float(prepare(data.train_images[:ntr]), cfg.dtype, xp), xp.asarray(data.train_labels[:ntr]),
+    return ArrayDataset(_canvas(cfg, data.train_images[:ntr], xp), xp.asarray(data.train_labels[:ntr]),
                         augment=lambda x, rng: random_shift(x, shift, rng))
 
 
@@ -181,8 +180,12 @@ def _test_source(cfg: TrainConfig, data: Any, xp: Any, nte: int) -> Any:
     if cfg.dataset == "multimnist":
         return MultiMNIST(data.test_images[:nte], data.test_labels[:nte], train=False, max_shift=cfg.max_shift,
                           pairs_per_image=cfg.test_pairs, dtype=cfg.dtype)
-    prepare = expand if cfg.dataset == "expanded" else np.asarray
-    return ArrayDataset(to_float(prepare(data.test_images[:nte]), cfg.dtype, xp), xp.asarray(data.test_labels[:nte]))
+    return ArrayDataset(_canvas(cfg, data.test_images[:nte], xp), xp.asarray(data.test_labels[:nte]))
+
+
+def _canvas(cfg: TrainConfig, digits: np.ndarray, xp: Any) -> Any:
+    """uint8 digits as the model's float inputs: centred on 40x40 for expanded MNIST."""
+    return to_float(expand(digits) if cfg.dataset == "expanded" else digits, cfg.dtype, xp)
 
 
 def pair_errors(outputs: Any, batch: tuple) -> Any:
