@@ -11,10 +11,17 @@ at hand, or of the current backend when it allocates:
 CuPy is imported lazily and guarded, so the library imports and runs on
 machines without it; asking for ``"cupy"`` there raises :class:`BackendError`
 naming the package to install.
+
+With the environment variable ``CAPSNET_EMULATE_CUPY=1`` (and only then), the
+``"cupy"`` backend is an emulated device on the CPU
+(:mod:`capsnet.testing.emulation`): strict where CuPy is strict, and counting
+transfers, synchronisations and kernel launches. :func:`is_emulated` and
+:func:`describe_device` say which one runs.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from types import ModuleType
@@ -24,12 +31,16 @@ import numpy
 
 __all__ = [
     "BACKENDS",
+    "EMULATE_ENV",
     "BackendError",
     "available_backends",
     "cupy_available",
+    "describe_device",
     "device_key",
     "get_array_module",
     "get_backend",
+    "installed_cupy",
+    "is_emulated",
     "rng",
     "set_backend",
     "to_device",
@@ -39,6 +50,7 @@ __all__ = [
 ]
 
 BACKENDS = ("numpy", "cupy")
+EMULATE_ENV = "CAPSNET_EMULATE_CUPY"
 
 _INSTALL_HINT = (
     "install CuPy for your CUDA version: pip install 'capsnet[cuda12]' "
@@ -53,17 +65,36 @@ class BackendError(RuntimeError):
 _cupy: ModuleType | None = None
 _cupy_error: str | None = None
 _cupy_checked = False
+_emulated = False
 _lock = threading.Lock()
 _state = threading.local()
 
 
+def installed_cupy() -> ModuleType | None:
+    """The real ``cupy`` package if it imports (a GPU need not be present), else None.
+
+    For reading CuPy's API (the emulated device checks calls against it); arrays are
+    made through :func:`xp` and :func:`to_device`, never through this."""
+    try:
+        import cupy  # noqa: PLC0415  (guarded, the only CuPy import)
+    except Exception:
+        return None
+    return cupy
+
+
 def _load_cupy() -> ModuleType | None:
-    """Import CuPy once and check that a CUDA device really exists."""
-    global _cupy, _cupy_error, _cupy_checked
+    """Import CuPy once and check that a CUDA device really exists; or, when
+    ``CAPSNET_EMULATE_CUPY=1``, load the emulated device instead."""
+    global _cupy, _cupy_error, _cupy_checked, _emulated
     with _lock:
         if _cupy_checked:
             return _cupy
         _cupy_checked = True
+        if os.environ.get(EMULATE_ENV) == "1":
+            from capsnet.testing import emulation  # noqa: PLC0415  (only on request)
+
+            _cupy, _emulated = emulation.module(), True
+            return _cupy
         try:
             import cupy  # noqa: PLC0415  (guarded, the only CuPy import)
         except Exception as exc:  # ImportError, or a broken CUDA install
@@ -84,6 +115,24 @@ def _load_cupy() -> ModuleType | None:
 def cupy_available() -> bool:
     """True when CuPy imports and at least one CUDA device is present."""
     return _load_cupy() is not None
+
+
+def is_emulated() -> bool:
+    """True when the ``cupy`` backend is the emulated device (``CAPSNET_EMULATE_CUPY=1``)."""
+    _load_cupy()
+    return _emulated
+
+
+def describe_device(name: str | None = None) -> str:
+    """A line for logs and run records: which device ``name`` (default: the current
+    backend) runs on, saying plainly when it is the emulated one."""
+    name = name or get_backend()
+    if name == "numpy":
+        return "numpy (CPU)"
+    if is_emulated():
+        return f"cupy, EMULATED on the CPU ({EMULATE_ENV}=1): no GPU runs"
+    cupy = _module_for(name)
+    return f"cupy on CUDA device {int(cupy.cuda.Device().id)}"
 
 
 def available_backends() -> tuple[str, ...]:

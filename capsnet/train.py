@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if comm.rank == 0:
             where = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
             print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{where}; "
-                  f"run folder {out}", flush=True)
+                  f"run folder {out}; device: {backend.describe_device(cfg.backend)}", flush=True)
         history = trainer.fit(resume=resume)
     except KeyboardInterrupt:
         return 130

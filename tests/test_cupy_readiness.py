@@ -81,7 +81,7 @@ def test_every_array_module_call_of_the_library_exists_in_the_installed_cupy():
 
 def test_asking_for_cupy_without_a_device_gives_the_library_error():
     if backend.cupy_available():
-        pytest.skip("a CUDA device is present: the cupy backend works here")
+        pytest.skip(f"the cupy backend works here: {backend.describe_device('cupy')}")
     with pytest.raises(backend.BackendError) as info:
         backend.set_backend("cupy")
     message = str(info.value)

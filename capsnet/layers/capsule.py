@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from capsnet import backend
+from capsnet import backend, checks
 from capsnet.layers.base import Module, as_rng, check_batch, check_input, init_param
 from capsnet.layers.base import conv_output_size
 from capsnet.layers.conv import Conv2d
@@ -356,12 +356,13 @@ class Mask(Module):
 
 def check_labels(who: str, labels: Any, batch: int, n_classes: int, targets: int = 1) -> Any:
     """Validate integer class labels, (batch,) for one target per example or (batch,
-    targets) for several, in [0, n_classes); no host sync on the GPU."""
+    targets) for several, in [0, n_classes). On the GPU the range is checked without a
+    host sync: the count of labels outside it waits on the device and is raised at the
+    next flush (:mod:`capsnet.checks`)."""
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
         raise TypeError(f"{who} expected integer labels, got {getattr(labels, 'dtype', type(labels).__name__)}")
     expected = (batch,) if targets == 1 else (batch, targets)
     if tuple(labels.shape) != expected:
         raise ValueError(f"{who} expected labels of shape {expected}, got {tuple(labels.shape)}")
-    if backend.backend_of(labels) == "numpy" and labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"{who} expected labels in [0, {n_classes}), got values from {labels.min()} to {labels.max()}")
+    checks.count_out_of_range(who, labels, 0, n_classes)
     return labels

@@ -24,7 +24,8 @@ stopped. The protocols it asks for:
   ``train_<name>`` and ``test_<name>``. :func:`count_correct` gives accuracy.
 
 The loop's only host synchronisation is every ``log_every`` steps, when the
-running loss and metric sums are brought to the host.
+running loss, the metric sums and the pending input checks (:mod:`capsnet.checks`)
+are brought to the host in one transfer.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from capsnet import backend
+from capsnet import backend, checks
 from capsnet.layers.base import Module
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
 from capsnet.layers.stochastic import batch_slice
@@ -161,10 +162,32 @@ class CapsNetTask:
         model.backward(*self.criterion.backward())
 
 
-def _host(value: Any) -> float | list:
-    """A device sum as a JSON-able host value: a float, or nested lists."""
-    arr = backend.to_numpy(value)
+def _host(arr: np.ndarray) -> float | list:
+    """A host sum as a JSON-able value: a float, or nested lists."""
     return float(arr) if arr.ndim == 0 else arr.astype(float).tolist()
+
+
+def _fetch(values: list[Any]) -> list[np.ndarray]:
+    """Device values (0-d or any shape) on the host as float64, in one transfer: the
+    values are packed into one device vector first, so the host waits once."""
+    device = [v for v in values if backend.is_cupy_array(v)]
+    packed = iter(())
+    if device:
+        xp = backend.get_array_module(*device)
+        flat = backend.to_numpy(xp.concatenate([v.reshape(-1) for v in device], dtype=xp.float64))
+        sizes = np.cumsum([v.size for v in device])[:-1]
+        packed = iter(np.split(flat, sizes))
+    return [next(packed).reshape(v.shape) if backend.is_cupy_array(v) else np.asarray(v, dtype=np.float64)
+            for v in values]
+
+
+def _fetch_sums(loss_sum: Any, sums: dict[str, Any]) -> tuple[float, dict[str, float | list]]:
+    """The loss and metric sums on the host, with the pending input checks settled (they
+    raise if an input failed), all in one transfer."""
+    pending = checks.pending()
+    host = _fetch([loss_sum, *sums.values(), *pending])
+    checks.settle([int(n) for n in host[1 + len(sums):]])
+    return float(host[0]), {name: _host(value) for name, value in zip(sums, host[1:1 + len(sums)])}
 
 
 def _add(total: float | list | None, value: float | list) -> float | list:
@@ -227,7 +250,7 @@ def evaluate(model: Module, task: Any, data: Any, *, batch_size: int = 100,
             loss, outputs = task.forward(model, batch)
             loss_sum += loss * len(idx)
             _accumulate(sums, metrics, outputs, batch)
-        local = (float(backend.to_numpy(loss_sum)), {name: _host(value) for name, value in sums.items()})
+        local = _fetch_sums(loss_sum, sums)
         parts = comm.allgather(local)
         loss_total = _combine([part[0] for part in parts])
         totals = {name: _combine([part[1][name] for part in parts if name in part[1]]) for name in metrics}
@@ -258,7 +281,8 @@ class Trainer:
       metric, else ``test_loss``; entries ending in "loss" or "error" are better
       lower, the rest higher).
     - ``seed``: seeds the host generator of the data order and augmentation.
-    - ``config``: a JSON-able description of the run, written to ``config.json`` and
+    - ``config``: a JSON-able description of the run, written to ``config.json`` (with
+      ``"device"``, :func:`capsnet.backend.describe_device`'s line) and
       the checkpoint; ``must_match`` (default: ``config``): what a resumed run must
       share with its checkpoint, else the resume is refused with the differences.
     - ``on_step(trainer, epoch, step)``: called after every optimizer step (raising
@@ -418,7 +442,10 @@ class Trainer:
         with backend.use(self.backend_name):
             self._start(resume)
             if self.config is not None and self.comm.rank == 0:
-                (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+                record = {**self.config, "device": backend.describe_device(self.backend_name)}
+                (self.run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+            if self.log and backend.is_emulated() and self.backend_name == "cupy":
+                print(f"device: {backend.describe_device(self.backend_name)}", flush=True)
             self._grads = GradientBuffer(self.model.parameters(), self.comm) if self.comm.size > 1 else None
             self._stop = False
             previous = signal.getsignal(signal.SIGINT)
@@ -502,7 +529,8 @@ class Trainer:
             # the only host synchronisation of the loop: every log_every steps (under MPI,
             # where the ranks' sums are also combined)
             nonlocal loss_acc, sums, seen_acc
-            local = (float(backend.to_numpy(loss_acc)), seen_acc, {name: _host(v) for name, v in sums.items()})
+            loss_host, sums_host = _fetch_sums(loss_acc, sums)
+            local = (loss_host, seen_acc, sums_host)
             parts = self.comm.allgather(local)
             self.running["loss"] += _combine([part[0] for part in parts])
             self.running["seen"] += sum(part[1] for part in parts)
