@@ -75,3 +75,16 @@ def mnist_facts(mnist_dir) -> dict:
     counts = {name.split("-")[0]: int(n) for name, n, _ in rows}
     return {"subset": True, "train": counts["train"], "test": counts["t10k"],
             "sha256": {name: digest for name, _, digest in rows}}
+
+
+@pytest.fixture
+def emulated_cupy(monkeypatch):
+    """The cupy backend as the emulated device (capsnet.testing.emulation) for one test,
+    whatever this process has: for the tests that count what the device does."""
+    from capsnet.testing import emulation
+
+    monkeypatch.setattr(backend, "_cupy", emulation.module())
+    monkeypatch.setattr(backend, "_emulated", True)
+    monkeypatch.setattr(backend, "_cupy_checked", True)
+    with backend.use("cupy") as module:
+        yield module

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from capsnet import backend
 from capsnet.training import load_checkpoint
 from capsnet.training.distributed import LocalComm, launched_by_mpi, shard, world
 
@@ -92,6 +93,22 @@ def test_two_ranks_end_with_the_weights_of_one_process_with_the_same_global_batc
     assert saves and all(line.startswith("rank 0 ") for line in saves)  # written once, by rank 0
     assert saves.count("rank 0 saved checkpoint.npz") == 2  # once per epoch
     assert sum("parameters on 2 MPI ranks" in line for line in two.stdout.splitlines()) == 1
+
+
+@needs_mpi
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.cupy_available(),
+                    reason="the cupy backend needs CuPy and a CUDA device, or CAPSNET_EMULATE_CUPY=1")
+def test_two_ranks_on_the_device_stage_the_gradients_through_the_host_and_match_one_process(mnist_dir, tmp_path):
+    """On CuPy the gradient buffer is copied to the host around the Allreduce; the ranks
+    inherit CAPSNET_EMULATE_CUPY, so under emulation they run on the emulated device."""
+    args = lambda out: ["--", *train_args(mnist_dir, out), "--backend", "cupy"]  # noqa: E731
+    one = run(0, args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = run(2, args(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["device"] == backend.describe_device("cupy")
 
 
 @needs_mpi
