@@ -37,6 +37,7 @@ __all__ = [
     "cupy_available",
     "describe_device",
     "device_key",
+    "fused",
     "get_array_module",
     "get_backend",
     "installed_cupy",
@@ -269,3 +270,25 @@ def synchronize(array: Any = None) -> None:
     cupy = _imported_cupy()
     if cupy is not None and (array is None or is_cupy_array(array)):
         cupy.cuda.get_current_stream().synchronize()
+
+
+def fused(make: Any) -> Any:
+    """One GPU kernel from backend-generic element-wise code.
+
+    ``make(xp)`` returns a function written with ``xp``'s ufuncs and operators (in-place
+    operators on its array arguments included, reductions at most at the end). On
+    CuPy it is compiled once by ``cupy.fuse`` and runs as one kernel; on NumPy it runs
+    as it is, one pass per operation. The arrays decide: ``fused(make)(a, b, 0.5)``
+    runs on the device of ``a`` and ``b``."""
+    compiled: dict[Any, Any] = {}
+
+    def call(*args: Any) -> Any:
+        module = get_array_module(*[a for a in args if hasattr(a, "shape")])
+        function = compiled.get(module)
+        if function is None:
+            function = compiled[module] = make(module) if module is numpy else module.fuse(make(module))
+        return function(*args)
+
+    call.__name__ = getattr(make, "__name__", "fused")
+    call.__doc__ = make.__doc__
+    return call

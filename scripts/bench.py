@@ -38,7 +38,13 @@ and then executes fewer (reported beside it), so its percentage can pass 100.
 primary capsules, two digits per image: both positives of the margin loss and the decoder
 run once per digit), on MultiMNIST test pairs, against the same network in PyTorch.
 
+``--launches`` counts instead of timing: the operations a GPU would launch per training
+and inference step, capsnet's on the emulated CuPy device and PyTorch's eager kernel
+calls by its profiler, at each batch size (see scripts/launch_counts.py for what each
+count includes). Nothing is timed then.
+
 Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--json bench.json]
+       python scripts/bench.py --launches --json launches.json
        python scripts/bench.py --network multimnist --json bench-multimnist.json
        python scripts/bench.py --quick      # smoke test: batches 1 and 8, 1 repeat
 """
@@ -89,12 +95,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--network", choices=tuple(NETWORKS), default="mnist",
                    help="mnist: the paper's MNIST CapsNet (28x28, 1,152 primary capsules); multimnist: its "
                         "MultiMNIST network (36x36, 3,200 primary capsules, two digits per image)")
+    p.add_argument("--launches", action="store_true",
+                   help="count the device operations per training and inference step (capsnet on the emulated "
+                        "CuPy device, PyTorch by its profiler) instead of timing")
     p.add_argument("--json", default="bench.json", help="where to write all results")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: batch sizes 1 and 8, 1 warm-up step, 1 repeat, 1 GEMM run "
                         "(unless given explicitly)")
     # Internal: the script re-invokes itself as a worker for each measurement.
-    p.add_argument("--worker", choices=("ours", "torch", "gemm"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ours", "torch", "gemm", "launches-ours", "launches-torch"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-data", help=argparse.SUPPRESS)
     p.add_argument("--worker-network", default="mnist", help=argparse.SUPPRESS)
@@ -324,7 +334,18 @@ def worker_gemm(args: argparse.Namespace) -> dict[str, Any]:
     return {"shapes": shapes, "median_gflops": statistics.median(every)}
 
 
-WORKERS = {"ours": worker_ours, "torch": worker_torch, "gemm": worker_gemm}
+def worker_launches(framework: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    def count(args: argparse.Namespace) -> dict[str, Any]:
+        sys.path.insert(0, str(SCRIPTS))
+        import launch_counts
+
+        counter = launch_counts.count_ours if framework == "ours" else launch_counts.count_torch
+        return counter(args.worker_batch, args.worker_network)
+    return count
+
+
+WORKERS = {"ours": worker_ours, "torch": worker_torch, "gemm": worker_gemm,
+           "launches-ours": worker_launches("ours"), "launches-torch": worker_launches("torch")}
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -351,7 +372,10 @@ def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
            "--worker-network", args.network,
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--min-repeat-time", str(args.min_repeat_time), "--gemm-repeats", str(args.gemm_repeats)]
-    proc = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True)
+    env = thread_env(args.threads)
+    if kind == "launches-ours":
+        env["CAPSNET_EMULATE_CUPY"] = "1"  # the emulated device counts what a GPU would launch
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(result):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"error": f"worker exited with status {proc.returncode}", "stderr_tail": tail}
@@ -491,6 +515,36 @@ def print_table(report: dict[str, Any]) -> None:
           "Inference memory is not measured.")
 
 
+def count_launches(args: argparse.Namespace, frameworks: list[str], torch_note: str | None) -> int:
+    """--launches: device operations per step, side by side, written to --json."""
+    report: dict[str, Any] = {"settings": {"batch_sizes": args.batch_sizes, "network": args.network},
+                              "what": "operations a GPU would launch per step: capsnet on the emulated CuPy "
+                                      "device (capsnet.testing), PyTorch eager by torch.profiler on the CPU "
+                                      "(scripts/launch_counts.py)", "results": []}
+    phases = ("forward_and_loss", "backward", "optimizer_step", "zero_grad", "train_step", "inference")
+    with tempfile.TemporaryDirectory(prefix="capsnet-launches-") as work:
+        for batch in args.batch_sizes:
+            row: dict[str, Any] = {"batch": batch}
+            for fw in FRAMEWORKS:
+                row[fw] = spawn(f"launches-{fw}", args, work, batch) if fw in frameworks else {"skipped": torch_note}
+                if "error" in row[fw]:
+                    print(f"batch {batch} {fw} FAILED:\n    " + "\n    ".join(row[fw]["stderr_tail"]))
+            report["results"].append(row)
+    print(f"\nlaunches per step, {args.network} network (capsnet: emulated CuPy; PyTorch: profiler, foreach Adam)")
+    head = f"{'batch':>5}  {'framework':<9}  " + "  ".join(f"{p:>16}" for p in phases)
+    print(head)
+    print("-" * len(head))
+    for row in report["results"]:
+        for fw in FRAMEWORKS:
+            entry = row[fw]
+            cells = ["-".rjust(16) if "error" in entry or "skipped" in entry else f"{entry[p]:>16}" for p in phases]
+            print(f"{row['batch']:>5}  {fw:<9}  " + "  ".join(cells))
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {os.path.abspath(args.json)}")
+    return 1 if any("error" in row[fw] for row in report["results"] for fw in FRAMEWORKS) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -509,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         frameworks.append("torch")
     if torch_note:
         print(f"PyTorch reference {torch_note}")
+    if args.launches:
+        return count_launches(args, frameworks, torch_note)
 
     info = machine_info(args)
     if info["load_average_at_start"][0] > 0.5 * (info["usable_cpus"] or 1):

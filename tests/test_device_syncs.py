@@ -53,3 +53,57 @@ def test_evaluation_makes_at_most_one_transfer_per_batch(emulated_cupy, mnist_di
     assert result["n"] == 90 and np.isfinite(result["loss"])
     assert 1 <= len(counts.d2h) <= batches and len(counts.syncs) <= batches, counts.syncs
     assert counts.h2d == []  # the test set is already on the device; contiguous batches are views
+
+
+def test_fused_kernels_give_numpys_numbers_bit_for_bit(emulated_cupy, host_rng):
+    """Adam's update and squash run as single fused kernels on the device; under emulation
+    their operations and order are NumPy's, so both backends agree exactly."""
+    from capsnet import backend
+    from capsnet.layers import squash, squash_backward
+    from capsnet.layers.base import Parameter
+    from capsnet.optim import Adam
+
+    s = host_rng.standard_normal((4, 10, 16)).astype(np.float32)
+    g = host_rng.standard_normal((4, 10, 16)).astype(np.float32)
+    s[0, 0] = 0  # squash at zero length
+    on_device = emulated_cupy.asarray
+    np.testing.assert_array_equal(backend.to_numpy(squash(on_device(s))), squash(s))
+    np.testing.assert_array_equal(backend.to_numpy(squash_backward(on_device(g), on_device(s))),
+                                  squash_backward(g, s))
+    host = [Parameter(host_rng.standard_normal((3, 5)).astype(np.float32)) for _ in range(2)]
+    device = [Parameter(on_device(p.data)) for p in host]
+    optimizers = [Adam(host, lr=1e-2, weight_decay=1e-3), Adam(device, lr=1e-2, weight_decay=1e-3)]
+    for step in range(3):
+        grads = [host_rng.standard_normal((3, 5)).astype(np.float32) for _ in host]
+        for params in (host, device):
+            for p, grad in zip(params, grads):
+                p.grad[...] = grad if params is host else on_device(grad)
+        with device_counts() as counts:
+            optimizers[1].step()
+        optimizers[0].step()
+        # one kernel per parameter, weight decay included (and the moments' zeros at the first step)
+        assert counts.by_kind == ({"fused": 2, "fill": 4} if step == 0 else {"fused": 2}), counts.by_kind
+        for a, b in zip(host, device):
+            np.testing.assert_array_equal(backend.to_numpy(b.data), a.data)
+
+
+def test_a_training_step_launches_fewer_kernels_than_pytorch_eager(emulated_cupy):
+    """The counts of scripts/launch_counts.py, at a batch of 8 (the same code paths as 100):
+    capsnet's step on the emulated device against PyTorch's profiled eager step."""
+    import importlib.util
+    import sys
+
+    import pytest
+
+    from conftest import REPO
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("the PyTorch count needs torch")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import launch_counts
+
+    ours, theirs = launch_counts.count_ours(8), launch_counts.count_torch(8)
+    assert ours["host_transfers_in_step"] == 0
+    assert ours["optimizer_step"] == 11 and ours["by_kind"]["fused"] >= 11 + 2 * 4
+    assert ours["train_step"] < theirs["train_step"], (ours, theirs)
+    assert ours["inference"] <= theirs["inference"], (ours, theirs)

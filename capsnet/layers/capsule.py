@@ -15,15 +15,52 @@ from capsnet.layers.conv import Conv2d
 
 
 # -- squash (eq. 1) ---------------------------------------------------------
+# Each step of squash and its gradient is one element-wise pass, or one pass and a sum
+# over the capsule's components: on CuPy each function below is one kernel
+# (capsnet.backend.fused), on NumPy the same operations in the same order.
+def _squared_norm_kernel(xp: Any) -> Any:
+    def squared_norm(s):
+        return xp.sum(s * s, axis=-1)
+    return squared_norm
+
+
+def _squash_scale_kernel(xp: Any) -> Any:
+    def squash_scale(s, n2):
+        return s * (xp.sqrt(n2) / (1 + n2))
+    return squash_scale
+
+
+def _radial_kernel(xp: Any) -> Any:
+    def radial(s, g, n2):
+        n = xp.sqrt(n2)
+        return xp.sum(s / xp.where(n > 0, n, 1) * g, axis=-1)
+    return radial
+
+
+def _squash_grad_kernel(xp: Any) -> Any:
+    def squash_grad(s, g, n2, radial):
+        n = xp.sqrt(n2)
+        one_n2 = 1 + n2
+        return g * (n / one_n2) + s / xp.where(n > 0, n, 1) * (radial * n * (1 - n2) / (one_n2 * one_n2))
+    return squash_grad
+
+
+_squared_norm = backend.fused(_squared_norm_kernel)
+_squash_scale = backend.fused(_squash_scale_kernel)
+_radial = backend.fused(_radial_kernel)
+_squash_grad = backend.fused(_squash_grad_kernel)
+
+
 def squash(s: Any, axis: int = -1) -> Any:
     """v = |s|^2 / (1 + |s|^2) * s / |s| (eq. 1), along ``axis``; 0 at s = 0.
 
     |s|^2 is formed directly, so |s| must stay below about 1.8e19 in float32
     (1.3e154 in float64); capsule inputs are many orders of magnitude smaller.
     """
-    xp = backend.get_array_module(s)
-    n2 = (s * s).sum(axis=axis, keepdims=True)
-    return s * (xp.sqrt(n2) / (1 + n2))
+    if axis not in (-1, s.ndim - 1):
+        return squash(s.swapaxes(axis, -1)).swapaxes(axis, -1)
+    n2 = _squared_norm(s)[..., None]
+    return _squash_scale(s, n2)
 
 
 def squash_backward(grad_out: Any, s: Any, axis: int = -1) -> Any:
@@ -33,13 +70,12 @@ def squash_backward(grad_out: Any, s: Any, axis: int = -1) -> Any:
     dL/ds = f g + f'(n) n s_hat (s_hat . g), f'(n) = (1 - n^2) / (1 + n^2)^2.
     Written with the unit vector s_hat so it stays finite (and exactly 0) at s = 0.
     """
-    xp = backend.get_array_module(s, grad_out)
-    n2 = (s * s).sum(axis=axis, keepdims=True)
-    n = xp.sqrt(n2)
-    unit = s / xp.where(n > 0, n, 1)
-    radial = (unit * grad_out).sum(axis=axis, keepdims=True)
-    one_n2 = 1 + n2
-    return grad_out * (n / one_n2) + unit * (radial * n * (1 - n2) / (one_n2 * one_n2))
+    backend.get_array_module(s, grad_out)  # refuses mixed devices
+    if axis not in (-1, s.ndim - 1):
+        return squash_backward(grad_out.swapaxes(axis, -1), s.swapaxes(axis, -1)).swapaxes(axis, -1)
+    n2 = _squared_norm(s)[..., None]
+    radial = _radial(s, grad_out, n2)[..., None]
+    return _squash_grad(s, grad_out, n2, radial)
 
 
 class Squash(Module):

@@ -21,7 +21,8 @@ parameter is cut into chunks of ``CHUNK`` elements (the arrays of one chunk stay
 in cache between the passes of its update), and the chunks are shared among
 :func:`host_threads` threads; NumPy's element-wise calls release the GIL. Nothing
 is reduced across elements, so the result is the same bit for bit whatever the
-chunking. On CuPy one call per array is what the GPU wants.
+chunking. On CuPy one call per array is what the GPU wants, and Adam's update of a
+parameter is one fused kernel (:func:`capsnet.backend.fused`).
 """
 from __future__ import annotations
 
@@ -360,6 +361,38 @@ class SGD(Optimizer):
         data -= delta
 
 
+def _adam_kernel(xp: Any) -> Any:
+    """Adam's update of one parameter as one element-wise function (one fused kernel on
+    CuPy); the operations in the order of :meth:`Adam._update`, so the numbers agree."""
+
+    def adam_update(p, g, m, v, b1, one_b1, b2, one_b2, bias2, eps, step_size):  # noqa: PLR0913
+        m *= b1
+        m += g * one_b1
+        v *= b2
+        v += g * g * one_b2
+        p -= m / (xp.sqrt(v / bias2) + eps) * step_size
+
+    return adam_update
+
+
+def _adam_decay_kernel(xp: Any) -> Any:
+    """:func:`_adam_kernel` with L2 weight decay, g + weight_decay * p, in the same kernel."""
+
+    def adam_update_decayed(p, g, m, v, b1, one_b1, b2, one_b2, bias2, eps, step_size, decay):  # noqa: PLR0913
+        gd = p * decay + g
+        m *= b1
+        m += gd * one_b1
+        v *= b2
+        v += gd * gd * one_b2
+        p -= m / (xp.sqrt(v / bias2) + eps) * step_size
+
+    return adam_update_decayed
+
+
+_adam_fused = backend.fused(_adam_kernel)
+_adam_decay_fused = backend.fused(_adam_decay_kernel)
+
+
 class Adam(Optimizer):
     """Adam (Kingma & Ba, 2015, Algorithm 1) with bias correction.
 
@@ -418,6 +451,13 @@ class Adam(Optimizer):
         xp = backend.get_array_module(data, grad)
         b1, b2, t = self.beta1, self.beta2, self.steps
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        if xp is not np:  # on the GPU: one kernel per parameter instead of thirteen
+            scalars = (b1, 1.0 - b1, b2, 1.0 - b2, 1.0 - b2**t, self.eps, self.lr / (1.0 - b1**t))
+            if self.weight_decay:
+                _adam_decay_fused(data, grad, m, v, *scalars, self.weight_decay)
+            else:
+                _adam_fused(data, grad, m, v, *scalars)
+            return
         g = grad
         if self.weight_decay:
             g = xp.multiply(data, self.weight_decay)

@@ -461,7 +461,7 @@ _HOST_RESULTS = {"shape", "ndim", "size", "isscalar", "result_type", "can_cast",
 _HOST_WRITERS = {"save", "savez", "savez_compressed", "savetxt", "array_repr", "array_str", "array2string"}
 _DATA_DEPENDENT = {"nonzero", "argwhere", "flatnonzero", "unique", "extract", "compress"}
 _FUSABLE_FUNCTIONS = {"sum", "prod", "max", "min", "amax", "amin", "where", "clip", "all", "any", "mean"}
-_FUSABLE_METHODS = {"sum", "prod", "max", "min", "all", "any", "mean", "astype"}
+_FUSABLE_METHODS = {"sum", "prod", "max", "min", "all", "any", "mean", "astype", "copy"}
 _UFUNC_NAMES: set[str] = set()
 
 
