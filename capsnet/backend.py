@@ -257,7 +257,8 @@ def rng(seed: int | None = None, backend: str | None = None) -> Any:
     """A seeded random generator on ``backend`` (default: the current one).
 
     NumPy gives ``numpy.random.Generator``; CuPy gives ``cupy.random.Generator``.
-    Both offer ``standard_normal``, ``uniform``, ``integers`` and ``permutation``.
+    Both offer ``standard_normal``, ``uniform``, ``integers`` and ``random``; CuPy's has
+    no ``permutation``, ``choice`` or ``shuffle`` (draw those on the host).
     """
     module = _module_for(backend or get_backend())
     if module is numpy:
