@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from capsnet import backend
-from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist
+from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
 from capsnet.training.loop import CapsNetTask, evaluate
-from capsnet.training.mnist_run import data_sources, run_metrics
+from capsnet.training.mnist_run import data_sources, load_data, run_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cfg.dataset != "multimnist":
                     raise ValueError(f"--test-pairs applies to MultiMNIST checkpoints; this one is {cfg.dataset}")
                 cfg.test_pairs = args.test_pairs
-            data = load_mnist(args.data_dir, progress=not args.no_progress)
+            data = load_data(cfg, args.data_dir, progress=not args.no_progress)
             _, test = data_sources(cfg, data, xp, train=False)
             n = len(test)
             if cfg.dataset == "multimnist":

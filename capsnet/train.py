@@ -11,6 +11,7 @@ from capsnet.training import distributed
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, n_parameters
 from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, train_config_of
+from capsnet.training.mnist_run import DATASETS, describe_dataset
 from capsnet.training.checkpoint import load_checkpoint
 
 MODEL_FLAGS = {
@@ -19,6 +20,8 @@ MODEL_FLAGS = {
 }
 CAPSNET_KEYS = (*MODEL_FLAGS, "routing_iterations", "detach_routing", "decoder_hidden", "decoder")
 CNN_KEYS = {"cnn_channels": "channels", "cnn_fc": "fc", "dropout": "dropout", "pool": "pool"}
+SAMPLE_HINT = ("To train now with no download, on the MNIST sample installed with capsnet (5,000 training and 1,000 "
+               "test images; a sample, not MNIST): python -m capsnet.train --dataset mnist-sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "decay, shifts of up to 2 px, 3 routing iterations, reconstruction weight 0.0005. The run "
                     "folder gets checkpoint.npz (every epoch and on Ctrl-C), best.npz, metrics.jsonl and "
                     "config.json; one line per epoch goes to stdout.",
-        epilog="examples:\n  python -m capsnet.train --epochs 1 --out runs/cpu\n"
+        epilog="examples:\n  python -m capsnet.train --dataset mnist-sample --epochs 1 --out runs/first   # no download\n"
+               "  python -m capsnet.train --epochs 1 --out runs/cpu\n"
                "  python -m capsnet.train --backend cupy --batch-size 128 --epochs 50 --out runs/gpu\n"
                "  python -m capsnet.train --out runs/gpu --resume        # continue after an interruption\n"
                "  python -m capsnet.train --train-limit 5000 --test-limit 1000 --conv-channels 64 "
@@ -55,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "cache, downloading there if missing)")
     g.add_argument("--train-limit", type=int, help="use only the first N training images")
     g.add_argument("--test-limit", type=int, help="use only the first N test images")
-    g.add_argument("--dataset", choices=("mnist", "expanded", "multimnist"),
-                   help="mnist (28x28); expanded (expanded MNIST: digits placed at random on 40x40, the training set "
+    g.add_argument("--dataset", choices=tuple(DATASETS),
+                   help="mnist (28x28); mnist-sample (the first 5,000 training and 1,000 test images of MNIST, "
+                        "installed with capsnet: trains anywhere with no download; a sample, not MNIST); expanded (expanded MNIST: digits placed at random on 40x40, the training set "
                         "of the affine-robustness experiment); multimnist (two overlapping digits on 36x36, "
                         "CapsNet only; reports the error rate: a pair is right when both digits are) "
                         f"(default {d.dataset})")
@@ -148,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         if comm.rank == 0:
             where = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
             print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{where}; "
-                  f"run folder {out}", flush=True)
+                  f"data {describe_dataset(cfg)}; run folder {out}", flush=True)
         history = trainer.fit(resume=resume)
     except KeyboardInterrupt:
         return 130
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError, OSError) as exc:
+        if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
+            exc = type(exc)(f"{exc}\n{SAMPLE_HINT}")
         print(f"error: {exc}" if comm.size == 1 else f"error on rank {comm.rank}: {exc}", file=sys.stderr)
         distributed.fail(comm, exc, 2, trace=False)  # under MPI: end every rank, never a hang
         return 2

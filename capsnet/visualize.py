@@ -250,14 +250,13 @@ def robustness_plot(table: dict, path: str | Path) -> Path:
 def _test_batch(checkpoint: Path, n: int, start: int, data_dir: str | None, backend_name: str) -> tuple:
     """(model, header, config, batch of n test examples from ``start``) of a checkpoint, on
     its dataset's unaugmented test set."""
-    from capsnet.data import load_mnist  # noqa: PLC0415
     from capsnet.training import load_model, train_config_of  # noqa: PLC0415
-    from capsnet.training.mnist_run import data_sources  # noqa: PLC0415
+    from capsnet.training.mnist_run import data_sources, load_data  # noqa: PLC0415
 
     model, header = load_model(checkpoint, backend_name)
     cfg = train_config_of(header, checkpoint)
     cfg.test_limit = None
-    data = load_mnist(data_dir or cfg.data_dir, progress=False)
+    data = load_data(cfg, data_dir or cfg.data_dir, progress=False)
     with backend.use(backend_name) as xp:
         _, test = data_sources(cfg, data, xp, train=False)
         if not 0 <= start < len(test):
