@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capsnet import backend
+from capsnet import __version__, backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
 from capsnet.training.loop import CapsNetTask, evaluate
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                     "on (MNIST, expanded MNIST with the digits centred, or MultiMNIST's fixed pairs, where a "
                     "pair is right when both digits are), unaugmented.",
     )
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     p.add_argument("checkpoint", type=Path, help="a checkpoint file written by capsnet.train")
     p.add_argument("--backend", choices=backend.BACKENDS, default="numpy")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $CAPSNET_DATA_DIR)")

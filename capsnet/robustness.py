@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from capsnet import backend
+from capsnet import __version__, backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist
 from capsnet.data.affine import AFFNIST_RANGES, TRANSFORMS, random_affine, read_affnist, sweep
 from capsnet.training import CheckpointError, load_model, train_config_of
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m capsnet.robustness runs/expanded-capsnet/best.npz runs/expanded-cnn/best.npz "
                "--out runs/robustness",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoints written by capsnet.train")
     p.add_argument("--out", type=Path, default=Path("robustness"), help="folder for robustness.json and .png")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $CAPSNET_DATA_DIR)")

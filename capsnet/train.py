@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from capsnet import backend
+from capsnet import __version__, backend
 from capsnet.training import distributed
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, n_parameters
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset options fall back to the checkpoint on --resume
     )
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=backend.BACKENDS, help=f"array backend (default {d.backend})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"floating type (default {d.dtype})")

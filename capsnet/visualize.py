@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from capsnet import backend
+from capsnet import __version__, backend
 
 __all__ = ["PERTURBATION_STEPS", "confusion", "curves", "multimnist", "perturbation", "pyplot", "reconstructions",
            "robustness_plot", "routing"]
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m capsnet.visualize confusion runs/cpu/best.npz --out confusion.png\n"
                "  python -m capsnet.visualize routing runs/cpu/best.npz --index 0 --out routing.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     sub = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
     helps = {"reconstructions": "inputs and their reconstructions from the longest capsule",
              "perturbation": "the 16 dimensions of the predicted capsule, each moved from -0.25 to 0.25",

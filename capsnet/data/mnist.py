@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from capsnet import __version__
+
 __all__ = [
     "FILE_NAMES",
     "MIRRORS",
@@ -71,7 +73,7 @@ _MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 _MAGIC_WORDS = {"images": "an IDX image file", "labels": "an IDX label file"}
 _UBYTE = 0x08
 _CHUNK = 1 << 16
-_USER_AGENT = "capsnet-mnist/0.1 (+python urllib)"
+_USER_AGENT = f"capsnet-mnist/{__version__} (+python urllib)"
 
 
 class MNISTFormatError(ValueError):
