@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help=f"seed for weights, data order and shifts (default {d.seed})")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--log-every", type=int, help=f"update the running loss every N steps (default {d.log_every})")
+    g.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="write TensorBoard curves to DIR: the running loss, metrics and learning rate every "
+                        "--log-every steps, each epoch's metrics, a few reconstructions each epoch for CapsNets "
+                        "(needs tensorboardX: pip install 'capsnet[tensorboard]'); view with tensorboard --logdir DIR")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="folder with the MNIST files (else $CAPSNET_DATA_DIR, else a per-user "
                                       "cache, downloading there if missing)")
@@ -117,7 +121,7 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ValueError(f"{flags} do{'es' if len(wrong) == 1 else ''} not apply to --model {arch}")
     for key, value in given.items():
-        if key in ("out", "resume", "no_progress"):
+        if key in ("out", "resume", "no_progress", "tensorboard"):
             continue
         if key in CAPSNET_KEYS or key in CNN_KEYS:
             model[CNN_KEYS.get(key, key)] = list(value) if isinstance(value, list) else value
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     comm = distributed.world()
     try:
         cfg = config_from_args(args, _base_config(out, resume, comm))
-        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), comm=comm)
+        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), comm=comm,
+                               tensorboard=getattr(args, "tensorboard", None))
         if comm.rank == 0:
             where = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
             print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{where}; "
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
-            MNISTFormatError, ValueError, OSError) as exc:
+            MNISTFormatError, ValueError, OSError, ImportError) as exc:
         if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
             exc = type(exc)(f"{exc}\n{SAMPLE_HINT}")
         print(f"error: {exc}" if comm.size == 1 else f"error on rank {comm.rank}: {exc}", file=sys.stderr)

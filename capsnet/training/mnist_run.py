@@ -268,11 +268,13 @@ class MNISTTrainer(Trainer):
     on MNIST in ``run_dir``.
 
     The model is seeded with ``cfg.seed``, the data stream (order and shifts) with
-    ``cfg.seed + 1``. ``on_step(trainer, epoch, step)`` as in the general loop.
+    ``cfg.seed + 1``. ``on_step(trainer, epoch, step)`` and ``tensorboard`` (a folder for
+    TensorBoard curves) as in the general loop.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log: bool = True,
-                 on_step: Callable[[Trainer, int, int], None] | None = None, comm: Any = None):
+                 on_step: Callable[[Trainer, int, int], None] | None = None, comm: Any = None,
+                 tensorboard: str | Path | None = None):
         self.cfg = cfg = cfg.validate()
         data = load_data(cfg, cfg.data_dir, progress=progress)
         with backend.use(cfg.backend) as xp:
@@ -283,7 +285,7 @@ class MNISTTrainer(Trainer):
                          batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay),
                          metrics=run_metrics(cfg), seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
-                         progress=progress, log=log, on_step=on_step, comm=comm)
+                         progress=progress, log=log, on_step=on_step, comm=comm, tensorboard=tensorboard)
 
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Also reads the checkpoints of capsnet 0.1's MNIST trainer (no ``loop_version``)."""
