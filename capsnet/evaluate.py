@@ -16,6 +16,7 @@ from capsnet.training.mnist_run import data_sources, load_data, run_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.evaluate``: returns the exit status (0, or 2 with the error on stderr)."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.evaluate",
         description="Test accuracy, per-class accuracy and the confusion matrix of a checkpoint "

@@ -10,6 +10,7 @@ from capsnet.training import CheckpointError, load_model
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.export``: returns the exit status (0, or 2 with the error on stderr)."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.export",
         description="Write the weights of a capsnet.train checkpoint (checkpoint.npz or best.npz) to a "

@@ -82,6 +82,7 @@ def evaluate_checkpoint(path: Path, digits: np.ndarray, labels: np.ndarray, *, m
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m capsnet.robustness``."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.robustness",
         description="Accuracy of checkpoints (CapsNet or baseline CNN) on MNIST test digits under affine "
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.robustness``: returns the exit status (0, or 2 with the error on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         for path in args.checkpoints:  # before any work

@@ -25,6 +25,7 @@ SAMPLE_HINT = ("To train now with no download, on the MNIST sample installed wit
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m capsnet.train``; unset options stay unset (they come from the checkpoint on --resume)."""
     d = TrainConfig()
     m = CapsNetConfig()
     p = argparse.ArgumentParser(
@@ -148,6 +149,7 @@ def _base_config(out: Path, resume: bool, comm) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.train``: returns the exit status (0; 2 with the error on stderr; 130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", Path("runs/capsnet"))
     resume = getattr(args, "resume", False)

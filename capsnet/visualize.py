@@ -33,6 +33,7 @@ __all__ = ["PERTURBATION_STEPS", "confusion", "curves", "multimnist", "perturbat
            "robustness_plot", "routing"]
 
 PERTURBATION_STEPS = np.round(np.arange(-0.25, 0.2501, 0.05), 2)  # 11 values, as in the paper's figure 4
+"""How far each capsule dimension is moved in :func:`perturbation`: -0.25 to 0.25 by 0.05."""
 
 
 def pyplot() -> Any:
@@ -273,6 +274,7 @@ def _capsnet_only(model: Any, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m capsnet.visualize``: one subcommand per figure."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.visualize",
         description="Figures of trained models, each written as a PNG (needs matplotlib: "
@@ -313,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.visualize``: returns the exit status (0, or 2 with the error on stderr)."""
     args = build_parser().parse_args(argv)
     from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError  # noqa: PLC0415
     from capsnet.training import CheckpointError  # noqa: PLC0415

@@ -52,6 +52,7 @@ TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 FILE_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+"""The four MNIST files, without the ``.gz``: training images and labels, test images and labels."""
 
 # sha256 of the decompressed files, so that recompressed copies verify too.
 SHA256 = {
@@ -60,14 +61,17 @@ SHA256 = {
     TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+"""sha256 of each full MNIST file's decompressed content, checked on download."""
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
+"""The base URLs :func:`download_mnist` tries, in order."""
 
-# The first 5,000 training and 1,000 test images of MNIST, installed with the package.
 SAMPLE_DIR = Path(__file__).resolve().parent / "mnist_sample"
+"""The folder of the MNIST sample installed with the package: the first 5,000 training and
+1,000 test images of MNIST, read by :func:`load_mnist_sample`."""
 
 _MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 _MAGIC_WORDS = {"images": "an IDX image file", "labels": "an IDX label file"}

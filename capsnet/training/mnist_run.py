@@ -239,6 +239,7 @@ def build_task(cfg: TrainConfig) -> CapsNetTask | SupervisedTask:
 
 
 def build_optimizer(cfg: TrainConfig, model: Module):
+    """Adam or SGD (``cfg.optimizer``) over the model's parameters, with ``cfg``'s settings."""
     if cfg.optimizer == "adam":
         return Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

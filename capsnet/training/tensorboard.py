@@ -27,6 +27,7 @@ import numpy as np
 __all__ = ["INSTALL_HINT", "TensorBoardLog", "summary_writer_class"]
 
 INSTALL_HINT = "pip install 'capsnet[tensorboard]'"
+"""How to install what TensorBoard logging needs."""
 
 
 def summary_writer_class() -> type:
