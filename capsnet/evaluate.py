@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from capsnet import backend
-from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist
+from capsnet import __version__, backend
+from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
 from capsnet.training.loop import CapsNetTask, evaluate
-from capsnet.training.mnist_run import data_sources, run_metrics
+from capsnet.training.mnist_run import data_sources, load_data, run_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.evaluate``: returns the exit status (0, or 2 with the error on stderr)."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.evaluate",
         description="Test accuracy, per-class accuracy and the confusion matrix of a checkpoint "
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
                     "on (MNIST, expanded MNIST with the digits centred, or MultiMNIST's fixed pairs, where a "
                     "pair is right when both digits are), unaugmented.",
     )
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     p.add_argument("checkpoint", type=Path, help="a checkpoint file written by capsnet.train")
     p.add_argument("--backend", choices=backend.BACKENDS, default="numpy")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $CAPSNET_DATA_DIR)")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cfg.dataset != "multimnist":
                     raise ValueError(f"--test-pairs applies to MultiMNIST checkpoints; this one is {cfg.dataset}")
                 cfg.test_pairs = args.test_pairs
-            data = load_mnist(args.data_dir, progress=not args.no_progress)
+            data = load_data(cfg, args.data_dir, progress=not args.no_progress)
             _, test = data_sources(cfg, data, xp, train=False)
             n = len(test)
             if cfg.dataset == "multimnist":

@@ -5,10 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from capsnet import __version__
 from capsnet.training import CheckpointError, load_model
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.export``: returns the exit status (0, or 2 with the error on stderr)."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.export",
         description="Write the weights of a capsnet.train checkpoint (checkpoint.npz or best.npz) to a "
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example:\n  python -m capsnet.export runs/gpu/best.npz capsnet-mnist.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     p.add_argument("checkpoint", type=Path, help="a checkpoint written by python -m capsnet.train")
     p.add_argument("out", type=Path, help="the .safetensors file to write")
     args = p.parse_args(argv)

@@ -23,6 +23,9 @@ class GradcheckError(AssertionError):
 
 @dataclass
 class GradcheckResult:
+    """What one check covered: the array's name, ``mode`` ("elements" or "directions"), how many
+    were checked, and the largest absolute and relative errors found."""
+
     name: str
     mode: str  # "elements" or "directions"
     checked: int

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from capsnet import backend
+from capsnet import __version__, backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist
 from capsnet.data.affine import AFFNIST_RANGES, TRANSFORMS, random_affine, read_affnist, sweep
 from capsnet.training import CheckpointError, load_model, train_config_of
@@ -82,6 +82,7 @@ def evaluate_checkpoint(path: Path, digits: np.ndarray, labels: np.ndarray, *, m
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m capsnet.robustness``."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.robustness",
         description="Accuracy of checkpoints (CapsNet or baseline CNN) on MNIST test digits under affine "
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m capsnet.robustness runs/expanded-capsnet/best.npz runs/expanded-cnn/best.npz "
                "--out runs/robustness",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoints written by capsnet.train")
     p.add_argument("--out", type=Path, default=Path("robustness"), help="folder for robustness.json and .png")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $CAPSNET_DATA_DIR)")
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.robustness``: returns the exit status (0, or 2 with the error on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         for path in args.checkpoints:  # before any work

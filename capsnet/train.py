@@ -6,11 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-from capsnet import backend
+from capsnet import __version__, backend
 from capsnet.training import distributed
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, n_parameters
 from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, train_config_of
+from capsnet.training.mnist_run import DATASETS, describe_dataset
 from capsnet.training.checkpoint import load_checkpoint
 
 MODEL_FLAGS = {
@@ -19,9 +20,12 @@ MODEL_FLAGS = {
 }
 CAPSNET_KEYS = (*MODEL_FLAGS, "routing_iterations", "detach_routing", "decoder_hidden", "decoder")
 CNN_KEYS = {"cnn_channels": "channels", "cnn_fc": "fc", "dropout": "dropout", "pool": "pool"}
+SAMPLE_HINT = ("To train now with no download, on the MNIST sample installed with capsnet (5,000 training and 1,000 "
+               "test images; a sample, not MNIST): python -m capsnet.train --dataset mnist-sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m capsnet.train``; unset options stay unset (they come from the checkpoint on --resume)."""
     d = TrainConfig()
     m = CapsNetConfig()
     p = argparse.ArgumentParser(
@@ -31,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "decay, shifts of up to 2 px, 3 routing iterations, reconstruction weight 0.0005. The run "
                     "folder gets checkpoint.npz (every epoch and on Ctrl-C), best.npz, metrics.jsonl and "
                     "config.json; one line per epoch goes to stdout.",
-        epilog="examples:\n  python -m capsnet.train --epochs 1 --out runs/cpu\n"
+        epilog="examples:\n  python -m capsnet.train --dataset mnist-sample --epochs 1 --out runs/first   # no download\n"
+               "  python -m capsnet.train --epochs 1 --out runs/cpu\n"
                "  python -m capsnet.train --backend cupy --batch-size 128 --epochs 50 --out runs/gpu\n"
                "  python -m capsnet.train --out runs/gpu --resume        # continue after an interruption\n"
                "  python -m capsnet.train --train-limit 5000 --test-limit 1000 --conv-channels 64 "
@@ -42,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset options fall back to the checkpoint on --resume
     )
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=backend.BACKENDS, help=f"array backend (default {d.backend})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"floating type (default {d.dtype})")
@@ -50,13 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help=f"seed for weights, data order and shifts (default {d.seed})")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--log-every", type=int, help=f"update the running loss every N steps (default {d.log_every})")
+    g.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="write TensorBoard curves to DIR: the running loss, metrics and learning rate every "
+                        "--log-every steps, each epoch's metrics, a few reconstructions each epoch for CapsNets "
+                        "(needs tensorboardX: pip install 'capsnet[tensorboard]'); view with tensorboard --logdir DIR")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="folder with the MNIST files (else $CAPSNET_DATA_DIR, else a per-user "
                                       "cache, downloading there if missing)")
     g.add_argument("--train-limit", type=int, help="use only the first N training images")
     g.add_argument("--test-limit", type=int, help="use only the first N test images")
-    g.add_argument("--dataset", choices=("mnist", "expanded", "multimnist"),
-                   help="mnist (28x28); expanded (expanded MNIST: digits placed at random on 40x40, the training set "
+    g.add_argument("--dataset", choices=tuple(DATASETS),
+                   help="mnist (28x28); mnist-sample (the first 5,000 training and 1,000 test images of MNIST, "
+                        "installed with capsnet: trains anywhere with no download; a sample, not MNIST); expanded (expanded MNIST: digits placed at random on 40x40, the training set "
                         "of the affine-robustness experiment); multimnist (two overlapping digits on 36x36, "
                         "CapsNet only; reports the error rate: a pair is right when both digits are) "
                         f"(default {d.dataset})")
@@ -111,7 +122,7 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ValueError(f"{flags} do{'es' if len(wrong) == 1 else ''} not apply to --model {arch}")
     for key, value in given.items():
-        if key in ("out", "resume", "no_progress"):
+        if key in ("out", "resume", "no_progress", "tensorboard"):
             continue
         if key in CAPSNET_KEYS or key in CNN_KEYS:
             model[CNN_KEYS.get(key, key)] = list(value) if isinstance(value, list) else value
@@ -138,22 +149,27 @@ def _base_config(out: Path, resume: bool, comm) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.train``: returns the exit status (0; 2 with the error on stderr; 130 after Ctrl-C)."""
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", Path("runs/capsnet"))
     resume = getattr(args, "resume", False)
     comm = distributed.world()
     try:
         cfg = config_from_args(args, _base_config(out, resume, comm))
-        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), comm=comm)
+        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), comm=comm,
+                               tensorboard=getattr(args, "tensorboard", None))
         if comm.rank == 0:
             where = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
             print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{where}; "
-                  f"run folder {out}; device: {backend.describe_device(cfg.backend)}", flush=True)
+                  f"data {describe_dataset(cfg)}; run folder {out}; device: {backend.describe_device(cfg.backend)}",
+                  flush=True)
         history = trainer.fit(resume=resume)
     except KeyboardInterrupt:
         return 130
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
-            MNISTFormatError, ValueError, OSError) as exc:
+            MNISTFormatError, ValueError, OSError, ImportError) as exc:
+        if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
+            exc = type(exc)(f"{exc}\n{SAMPLE_HINT}")
         print(f"error: {exc}" if comm.size == 1 else f"error on rank {comm.rank}: {exc}", file=sys.stderr)
         distributed.fail(comm, exc, 2, trace=False)  # under MPI: end every rank, never a hang
         return 2

@@ -27,12 +27,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from capsnet import backend
+from capsnet import __version__, backend
 
 __all__ = ["PERTURBATION_STEPS", "confusion", "curves", "multimnist", "perturbation", "pyplot", "reconstructions",
            "robustness_plot", "routing"]
 
 PERTURBATION_STEPS = np.round(np.arange(-0.25, 0.2501, 0.05), 2)  # 11 values, as in the paper's figure 4
+"""How far each capsule dimension is moved in :func:`perturbation`: -0.25 to 0.25 by 0.05."""
 
 
 def pyplot() -> Any:
@@ -250,14 +251,13 @@ def robustness_plot(table: dict, path: str | Path) -> Path:
 def _test_batch(checkpoint: Path, n: int, start: int, data_dir: str | None, backend_name: str) -> tuple:
     """(model, header, config, batch of n test examples from ``start``) of a checkpoint, on
     its dataset's unaugmented test set."""
-    from capsnet.data import load_mnist  # noqa: PLC0415
     from capsnet.training import load_model, train_config_of  # noqa: PLC0415
-    from capsnet.training.mnist_run import data_sources  # noqa: PLC0415
+    from capsnet.training.mnist_run import data_sources, load_data  # noqa: PLC0415
 
     model, header = load_model(checkpoint, backend_name)
     cfg = train_config_of(header, checkpoint)
     cfg.test_limit = None
-    data = load_mnist(data_dir or cfg.data_dir, progress=False)
+    data = load_data(cfg, data_dir or cfg.data_dir, progress=False)
     with backend.use(backend_name) as xp:
         _, test = data_sources(cfg, data, xp, train=False)
         if not 0 <= start < len(test):
@@ -274,6 +274,7 @@ def _capsnet_only(model: Any, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m capsnet.visualize``: one subcommand per figure."""
     p = argparse.ArgumentParser(
         prog="python -m capsnet.visualize",
         description="Figures of trained models, each written as a PNG (needs matplotlib: "
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m capsnet.visualize confusion runs/cpu/best.npz --out confusion.png\n"
                "  python -m capsnet.visualize routing runs/cpu/best.npz --index 0 --out routing.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     sub = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
     helps = {"reconstructions": "inputs and their reconstructions from the longest capsule",
              "perturbation": "the 16 dimensions of the predicted capsule, each moved from -0.25 to 0.25",
@@ -313,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m capsnet.visualize``: returns the exit status (0, or 2 with the error on stderr)."""
     args = build_parser().parse_args(argv)
     from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError  # noqa: PLC0415
     from capsnet.training import CheckpointError  # noqa: PLC0415

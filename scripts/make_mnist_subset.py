@@ -1,11 +1,11 @@
-"""Write the MNIST subset that ships in tests/data/mnist-subset, from the full files.
+"""Write the MNIST sample that ships in the package (capsnet/data/mnist_sample), from the full files.
 
 The first 5,000 training and the first 1,000 test images with their labels, in the
 IDX format (the count in each header changed, nothing else), gzip -9 with no time
 stamp, so the output is the same bytes on every run. The sha256 of each decompressed
 file goes into the folder's README.md table, beside the full set's.
 
-Usage: python scripts/make_mnist_subset.py FULL_MNIST_DIR [--out tests/data/mnist-subset]
+Usage: python scripts/make_mnist_subset.py FULL_MNIST_DIR [--out capsnet/data/mnist_sample]
 """
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ from capsnet.data.mnist import FILE_NAMES, SHA256, find_file  # noqa: E402
 
 COUNTS = {"train": 5000, "t10k": 1000}
 
-README = """# A small MNIST subset for the tests
+README = """# The MNIST sample shipped with capsnet
 
 The first {train} training and the first {test} test images of MNIST, with their labels, in
-the standard IDX format (gzip-compressed). The tests use this folder when `CAPSNET_DATA_DIR`
-is not set, so a fresh clone runs every real-data test with no setup and no network; set
-`CAPSNET_DATA_DIR` to a folder with the four full files to run them on all of MNIST.
+the standard IDX format (gzip-compressed), installed with the package as data. It is what
+`python -m capsnet.train --dataset mnist-sample` and `capsnet.data.load_mnist_sample()` read,
+with no download, and what the tests and tutorials train on. It is a sample, not MNIST:
+accuracies measured on it are not MNIST's. The tests use it when `CAPSNET_DATA_DIR` is not
+set; set `CAPSNET_DATA_DIR` to a folder with the four full files to run them on all of MNIST.
 
 MNIST is by Yann LeCun, Corinna Cortes and Christopher J. C. Burges, distributed under the
 Creative Commons Attribution-Share Alike 3.0 licence (CC BY-SA 3.0); this subset is shared
@@ -64,7 +66,7 @@ def cut(raw: bytes, n: int) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/make_mnist_subset.py", description=__doc__.split("\n\n")[0])
     p.add_argument("full_dir", type=Path, help="folder with the four full MNIST files")
-    p.add_argument("--out", type=Path, default=REPO / "tests" / "data" / "mnist-subset")
+    p.add_argument("--out", type=Path, default=REPO / "capsnet" / "data" / "mnist_sample")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     subset_rows, full_rows = [], []

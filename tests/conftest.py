@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from capsnet import backend
+from capsnet.data.mnist import SAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def host_rng():
     return np.random.default_rng(1234)
 
 
-MNIST_SUBSET = REPO / "tests" / "data" / "mnist-subset"
+MNIST_SUBSET = SAMPLE_DIR  # the sample installed with the package: capsnet/data/mnist_sample
 
 
 def _has_mnist(path: Path) -> bool:
@@ -45,7 +46,7 @@ def _has_mnist(path: Path) -> bool:
 
 
 def mnist_path() -> Path:
-    """$CAPSNET_DATA_DIR when set (the full MNIST), else the subset shipped in tests/data."""
+    """$CAPSNET_DATA_DIR when set (the full MNIST), else the sample installed with the package."""
     env = os.environ.get("CAPSNET_DATA_DIR")
     return Path(env) if env else MNIST_SUBSET
 
@@ -53,7 +54,8 @@ def mnist_path() -> Path:
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The folder with the real MNIST files the tests read: $CAPSNET_DATA_DIR, else the
-    5,000 + 1,000 image subset in tests/data/mnist-subset (so a fresh clone needs no setup)."""
+    5,000 + 1,000 image sample installed with the package, capsnet/data/mnist_sample (so a
+    fresh clone needs no setup)."""
     path = mnist_path()
     if not _has_mnist(path):
         pytest.fail(f"CAPSNET_DATA_DIR={path} holds no MNIST files (train-images-idx3-ubyte.gz, ...): "

@@ -640,8 +640,8 @@ def test_iterate_batches_errors():
 
 
 def test_a_fresh_clone_reads_the_shipped_subset_without_setup(monkeypatch):
-    """With CAPSNET_DATA_DIR unset the real-data tests use tests/data/mnist-subset (they were
-    skipped before it shipped)."""
+    """With CAPSNET_DATA_DIR unset the real-data tests use the sample installed with the package
+    (they were skipped before it shipped), the same files load_mnist_sample reads."""
     import conftest
 
     monkeypatch.delenv("CAPSNET_DATA_DIR", raising=False)
@@ -649,3 +649,22 @@ def test_a_fresh_clone_reads_the_shipped_subset_without_setup(monkeypatch):
     data = load_mnist(conftest.MNIST_SUBSET, download=False, progress=False)
     assert data.train_images.shape == (5000, 28, 28) and data.test_images.shape == (1000, 28, 28)
     assert data.train_labels[0] == 5 and data.test_labels[0] == 7
+
+
+def test_the_packaged_sample_loads_with_no_folder_searched(monkeypatch, tmp_path):
+    """load_mnist_sample reads the package's own files: no $CAPSNET_DATA_DIR, no cache, no network."""
+    from capsnet.data import SAMPLE_DIR, load_mnist_sample
+
+    monkeypatch.setenv("CAPSNET_DATA_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-cache"))
+    data = load_mnist_sample()
+    assert data.train_images.shape == (5000, 28, 28) and data.test_images.shape == (1000, 28, 28)
+    assert sorted(np.unique(data.train_labels).tolist()) == list(range(10))
+    assert not (tmp_path / "no-cache").exists()
+    assert SAMPLE_DIR.parent == Path(mnist_module.__file__).resolve().parent  # inside the package
+
+
+def test_an_incomplete_sample_names_the_missing_file_and_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(mnist_module, "SAMPLE_DIR", tmp_path)
+    with pytest.raises(MNISTNotFoundError, match=r"lacks train-images-idx3-ubyte.gz.*reinstall capsnet"):
+        mnist_module.load_mnist_sample()

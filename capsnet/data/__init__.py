@@ -1,5 +1,5 @@
-"""MNIST loading and download, the image preparation used in training, data sources, and
-MultiMNIST."""
+"""MNIST loading and download, the MNIST sample installed with the package, the image
+preparation used in training, data sources, and MultiMNIST."""
 from capsnet.data.augment import iterate_batches, random_shift, to_float
 from capsnet.data.dataset import ArrayDataset, DataSource
 from capsnet.data.multimnist import MultiMNIST, both_right
@@ -7,6 +7,7 @@ from capsnet.data.mnist import (
     FILE_NAMES,
     MIRRORS,
     MNIST,
+    SAMPLE_DIR,
     SHA256,
     MNISTDownloadError,
     MNISTFormatError,
@@ -15,6 +16,7 @@ from capsnet.data.mnist import (
     download_mnist,
     find_file,
     load_mnist,
+    load_mnist_sample,
     read_idx,
 )
 
@@ -22,6 +24,7 @@ __all__ = [
     "FILE_NAMES",
     "MIRRORS",
     "MNIST",
+    "SAMPLE_DIR",
     "SHA256",
     "ArrayDataset",
     "DataSource",
@@ -35,6 +38,7 @@ __all__ = [
     "find_file",
     "iterate_batches",
     "load_mnist",
+    "load_mnist_sample",
     "random_shift",
     "read_idx",
     "to_float",

@@ -37,6 +37,7 @@ __all__ = ["AFFNIST_RANGES", "TRANSFORMS", "affine_matrix", "bounding_boxes", "r
 # shear within 0.2, each axis scaled by 0.8 to 1.2, then a translation that keeps the digit
 # on the 40x40 canvas); each is an option of random_affine and of capsnet.robustness.
 AFFNIST_RANGES = {"rotation": 20.0, "shear": 0.2, "scale": (0.8, 1.2)}
+"""The mixed set's ranges: rotation within 20 degrees, shear within 0.2, each axis scaled by 0.8 to 1.2."""
 
 # The single-transformation sweeps: name -> (keyword of affine_matrix, strengths).
 TRANSFORMS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -44,6 +45,7 @@ TRANSFORMS: dict[str, tuple[str, tuple[float, ...]]] = {
     "scale": ("scale", (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)),
     "shear": ("shear", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)),
 }
+"""The sweeps of capsnet.robustness: name -> (keyword of :func:`affine_matrix`, strengths)."""
 
 
 def affine_matrix(rotation: Any = 0.0, scale: Any = 1.0, shear: Any = 0.0, translation: Any = (0.0, 0.0), *,

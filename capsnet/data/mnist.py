@@ -1,4 +1,4 @@
-"""MNIST: read the IDX files, find them on disk, download them safely.
+"""MNIST: read the IDX files, find them on disk, download them safely; the packaged sample.
 
 The four files (LeCun, Cortes and Burges) are looked for, plain or ``.gz``, in
 ``data_dir``, then ``$CAPSNET_DATA_DIR``, then a per-user cache folder
@@ -6,6 +6,10 @@ The four files (LeCun, Cortes and Burges) are looked for, plain or ``.gz``, in
 Missing files are downloaded into the first of these folders, each one checked
 against the sha256 of its *decompressed* content before it is moved into place,
 so no partial or unverified file is ever left behind.
+
+:func:`load_mnist_sample` reads the 5,000 + 1,000 image sample installed with the
+package (:data:`SAMPLE_DIR`), for a first run, the tutorials and the tests, with no
+download; it is a sample, not MNIST.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from capsnet import __version__
+
 __all__ = [
     "FILE_NAMES",
     "MIRRORS",
@@ -31,11 +37,13 @@ __all__ = [
     "MNISTDownloadError",
     "MNISTFormatError",
     "MNISTNotFoundError",
+    "SAMPLE_DIR",
     "SHA256",
     "candidate_dirs",
     "download_mnist",
     "find_file",
     "load_mnist",
+    "load_mnist_sample",
     "read_idx",
 ]
 
@@ -44,6 +52,7 @@ TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 FILE_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+"""The four MNIST files, without the ``.gz``: training images and labels, test images and labels."""
 
 # sha256 of the decompressed files, so that recompressed copies verify too.
 SHA256 = {
@@ -52,17 +61,23 @@ SHA256 = {
     TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+"""sha256 of each full MNIST file's decompressed content, checked on download."""
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
+"""The base URLs :func:`download_mnist` tries, in order."""
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "mnist_sample"
+"""The folder of the MNIST sample installed with the package: the first 5,000 training and
+1,000 test images of MNIST, read by :func:`load_mnist_sample`."""
 
 _MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 _MAGIC_WORDS = {"images": "an IDX image file", "labels": "an IDX label file"}
 _UBYTE = 0x08
 _CHUNK = 1 << 16
-_USER_AGENT = "capsnet-mnist/0.1 (+python urllib)"
+_USER_AGENT = f"capsnet-mnist/{__version__} (+python urllib)"
 
 
 class MNISTFormatError(ValueError):
@@ -309,7 +324,10 @@ def _offline_hint(dest: Path) -> str:
         f"To work offline, fetch the MNIST files on a machine with internet access "
         f"(from any MNIST mirror, e.g. {MIRRORS[0]}) and put them, gzip-compressed or "
         f"not, in {dest}:\n{names}\n"
-        f"or put them in another folder and pass it with --data-dir or set CAPSNET_DATA_DIR."
+        f"or put them in another folder and pass it with --data-dir or set CAPSNET_DATA_DIR.\n"
+        f"To train with no download at all, use the MNIST sample installed with capsnet "
+        f"(5,000 + 1,000 images, not the full MNIST): python -m capsnet.train --dataset mnist-sample, "
+        f"or capsnet.data.load_mnist_sample()."
     )
 
 
@@ -422,3 +440,21 @@ def load_mnist(
     train_images, train_labels = _load_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
     test_images, test_labels = _load_pair(paths[TEST_IMAGES], paths[TEST_LABELS])
     return MNIST(train_images, train_labels, test_images, test_labels)
+
+
+def load_mnist_sample() -> MNIST:
+    """The MNIST sample installed with capsnet, read from the package with no download.
+
+    The first 5,000 training and the first 1,000 test images of MNIST with their labels
+    (CC BY-SA 3.0, as MNIST): train_images (5000, 28, 28) uint8, test_images (1000, 28, 28).
+    For first runs, tutorials and tests; accuracies on it are not MNIST's. Raises
+    :class:`MNISTNotFoundError` when the installation lacks the files.
+    """
+    missing = [name for name in FILE_NAMES if find_file(name, [SAMPLE_DIR]) is None]
+    if missing:
+        raise MNISTNotFoundError(
+            f"the MNIST sample installed with capsnet is incomplete: {SAMPLE_DIR} lacks "
+            + ", ".join(f"{name}.gz" for name in missing)
+            + "; reinstall capsnet (pip install --force-reinstall capsnet)"
+        )
+    return load_mnist(SAMPLE_DIR, download=False, progress=False)

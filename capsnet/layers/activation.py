@@ -60,6 +60,8 @@ def sigmoid_backward(grad_out: Any, y: Any) -> Any:
 
 
 class Sigmoid(Module):
+    """Element-wise 1 / (1 + exp(-x)), any shape; caches its output for the backward."""
+
     def forward(self, x: Any) -> Any:
         y = sigmoid(x)
         self._save(y)

@@ -76,6 +76,7 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def resolve_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as a NumPy dtype, float32 or float64; any other raises TypeError."""
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):
         raise TypeError(f"capsnet works in float32 or float64, got dtype {dt}")

@@ -168,6 +168,7 @@ class PrimaryCaps(Module):
 
 # -- dynamic routing (Procedure 1) ------------------------------------------
 def softmax(x: Any, axis: int) -> Any:
+    """exp(x) / sum exp(x) along ``axis``, with the maximum taken out first (eq. 3's softmax)."""
     xp = backend.get_array_module(x)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)

@@ -360,4 +360,5 @@ def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bo
 
 
 def n_parameters(model: Module) -> int:
+    """The number of trainable numbers in ``model``'s parameters."""
     return sum(math.prod(p.shape) for p in model.parameters())

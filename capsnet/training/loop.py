@@ -25,7 +25,8 @@ stopped. The protocols it asks for:
 
 The loop's only host synchronisation is every ``log_every`` steps, when the
 running loss, the metric sums and the pending input checks (:mod:`capsnet.checks`)
-are brought to the host in one transfer.
+are brought to the host in one transfer. ``tensorboard=DIR`` writes TensorBoard
+curves of those values (:mod:`capsnet.training.tensorboard`).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from capsnet.layers.base import Module
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
 from capsnet.layers.stochastic import batch_slice
 from capsnet.training.distributed import GradientBuffer, LocalComm, fail, shard
+from capsnet.training.tensorboard import TensorBoardLog, summary_writer_class
 
 __all__ = [
     "CapsNetTask",
@@ -160,6 +162,17 @@ class CapsNetTask:
 
     def backward(self, model: Module) -> None:
         model.backward(*self.criterion.backward())
+
+    @staticmethod
+    def images(model: Module, batch: tuple) -> dict[str, np.ndarray]:
+        """A few inputs and their reconstructions from the longest capsule (the T longest,
+        merged, for T digits), host arrays (N, C, H, W): what TensorBoard shows each epoch.
+        The model's mode is restored."""
+        x = batch[0]
+        recon = model.reconstruct(x)
+        if recon.ndim == 5:  # (B, T, C, H, W): the T digits' reconstructions on one canvas
+            recon = recon.sum(axis=1)
+        return {"inputs": backend.to_numpy(x), "reconstructions": backend.to_numpy(recon)}
 
 
 def _host(arr: np.ndarray) -> float | list:
@@ -294,6 +307,11 @@ class Trainer:
       (:func:`capsnet.training.distributed.world`); default one process. Each rank
       computes its slice of every batch, gradients are summed with one Allreduce per
       step, evaluation is sharded, and only rank 0 writes files and logs.
+    - ``tensorboard``: a folder for TensorBoard event files (the ``tensorboard`` extra,
+      tensorboardX; refused at construction without it): the running loss and metrics
+      and the learning rate every ``log_every`` steps, each epoch's record, and, when the
+      task has ``images(model, batch)`` (:class:`CapsNetTask`), a few reconstructions of
+      the evaluation data each epoch. See :mod:`capsnet.training.tensorboard`.
 
     ``fit(resume=False)`` returns the metrics records of the epochs it ran. The
     backend is the model's (scoped with ``backend.use`` while fitting).
@@ -304,7 +322,8 @@ class Trainer:
                  metrics: Mapping[str, Metric] | None = None, seed: int = 0, log_every: int = 10,
                  config: dict[str, Any] | None = None, must_match: dict[str, Any] | None = None,
                  best: str | None = None, eval_name: str = "test", progress: bool = True, log: bool = True,
-                 on_step: Callable[["Trainer", int, int], None] | None = None, comm: Any = None):
+                 on_step: Callable[["Trainer", int, int], None] | None = None, comm: Any = None,
+                 tensorboard: str | Path | None = None):
         if not isinstance(model, Module):
             raise TypeError(f"Trainer needs a capsnet Module as model, got {type(model).__name__}")
         if isinstance(task, Module):  # a loss module: loss(outputs, targets)
@@ -343,6 +362,10 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         params = model.parameters()
         self.backend_name = backend.backend_of(params[0].data) if params else backend.get_backend()
+        self.tensorboard_dir = Path(tensorboard) if tensorboard is not None else None
+        if self.tensorboard_dir is not None:
+            summary_writer_class()  # on every rank: a missing extra fails them all, at the start
+        self._tb: TensorBoardLog | None = None
 
     # -- state ------------------------------------------------------------------
     def _fresh(self) -> None:
@@ -441,6 +464,10 @@ class Trainer:
         """Train until ``epochs``; returns the metrics records of the epochs run now."""
         with backend.use(self.backend_name):
             self._start(resume)
+            if self.tensorboard_dir is not None and self.comm.rank == 0:
+                # on a resume, TensorBoard drops what the stopped run wrote after its checkpoint
+                start = self.global_step
+                self._tb = TensorBoardLog(self.tensorboard_dir, purge_step=start + 1 if start else None)
             if self.config is not None and self.comm.rank == 0:
                 record = {**self.config, "device": backend.describe_device(self.backend_name)}
                 (self.run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -476,8 +503,21 @@ class Trainer:
             finally:
                 if main_thread:
                     signal.signal(signal.SIGINT, previous)
+                if self._tb is not None:
+                    self._tb.close()
+                    self._tb = None
                 self.model.release()  # no step's cache or spectra outlive the run
             return history
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (the last batch may be short)."""
+        return -(-len(self.train_data) // self.batch_size)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken since the run began (restored on a resume)."""
+        return self.epoch * self.steps_per_epoch + self.step_in_epoch
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop = True
@@ -571,7 +611,10 @@ class Trainer:
                 self.step_in_epoch = step + 1
                 if self.step_in_epoch % self.log_every == 0 or self.step_in_epoch == len(batches):
                     flush()
-                    bar.set_postfix(self._running_means(), refresh=False)
+                    means = self._running_values()
+                    bar.set_postfix({name: f"{value:.4f}" for name, value in means.items()}, refresh=False)
+                    if self._tb is not None:
+                        self._tb.interval(self.global_step, means, self.optimizer.lr)
                 bar.update(1)
                 if self.on_step is not None:
                     self.on_step(self, self.epoch, step)
@@ -606,6 +649,13 @@ class Trainer:
         if self.schedule is not None:
             self.schedule.step()
         improved = self._improved(record)
+        if self._tb is not None:  # before the checkpoint: a resume from it must not lose these
+            self._tb.epoch(self.global_step, record)
+            if self.eval_data is not None and hasattr(self.task, "images"):
+                shown = np.arange(min(8, len(self.eval_data)), dtype=np.int64)
+                self._tb.images(self.global_step, self.task.images(model, self.eval_data.batch(shown, None)))
+                model.release()
+            self._tb.flush()
         if self.comm.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -617,12 +667,13 @@ class Trainer:
             sys.stdout.flush()  # a log file sees each epoch as it ends
         return record
 
-    def _running_means(self) -> dict[str, str]:
+    def _running_values(self) -> dict[str, float]:
+        """The epoch's running mean loss and scalar metrics, from host values."""
         seen = max(self.running["seen"], 1)
-        out = {"loss": f"{self.running['loss'] / seen:.4f}"}
+        out = {"loss": self.running["loss"] / seen}
         for name, total in self.running["metrics"].items():
             if not isinstance(total, list):
-                out[name] = f"{total / seen:.4f}"
+                out[name] = total / seen
         return out
 
     def _improved(self, record: dict[str, Any]) -> bool:

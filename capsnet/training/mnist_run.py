@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from capsnet import backend
-from capsnet.data import ArrayDataset, MultiMNIST, both_right, load_mnist, random_shift, to_float
+from capsnet.data import ArrayDataset, MultiMNIST, both_right, load_mnist, load_mnist_sample, random_shift, to_float
 from capsnet.layers.base import Module
 from capsnet.layers.loss import CrossEntropyLoss
 from capsnet.models.baseline import BaselineCNN, BaselineCNNConfig
@@ -34,8 +34,9 @@ from capsnet.training.loop import (
     evaluate,
 )
 
-__all__ = ["ARCHS", "DATASETS", "MNISTTrainer", "data_sources", "expand", "pair_errors", "run_metrics", "TrainConfig", "build_model", "build_optimizer", "build_task", "evaluate_mnist",
-           "load_model", "load_weights", "train_config_of"]
+__all__ = ["ARCHS", "DATASETS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task",
+           "data_sources", "describe_dataset", "evaluate_mnist", "expand", "load_data", "load_model", "load_weights",
+           "pair_errors", "run_metrics", "train_config_of"]
 
 
 @dataclass
@@ -48,8 +49,9 @@ class TrainConfig(DictConfig):
     "expanded" (expanded MNIST, the paper's training set for affine robustness: each
     digit placed at random on a 40x40 canvas, shifts of up to 6 px from the centre;
     test digits centred) or "multimnist" (two overlapping digits on 36x36, shifts of up
-    to 4 px, ``test_pairs`` fixed pairs per test image; CapsNet only). ``max_shift``
-    None takes the dataset's value."""
+    to 4 px, ``test_pairs`` fixed pairs per test image; CapsNet only), or "mnist-sample"
+    (as "mnist", on the 5,000 + 1,000 image sample installed with the package: no
+    download, for a first run; not MNIST). ``max_shift`` None takes the dataset's value."""
 
     _what = "training option"
 
@@ -148,7 +150,30 @@ ARCHS: dict[str, Any] = {"capsnet": CapsNetConfig, "cnn": BaselineCNNConfig}
 EXPANDED_PAD = 6  # 28x28 digits on a 40x40 canvas
 # dataset: (input shape, default max_shift)
 DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
-    "mnist": ((1, 28, 28), 2), "expanded": ((1, 40, 40), EXPANDED_PAD), "multimnist": ((1, 36, 36), 4)}
+    "mnist": ((1, 28, 28), 2), "expanded": ((1, 40, 40), EXPANDED_PAD), "multimnist": ((1, 36, 36), 4),
+    "mnist-sample": ((1, 28, 28), 2)}
+# What each dataset is, for the log line of a run.
+DATASET_WORDS = {
+    "mnist": "MNIST",
+    "expanded": "expanded MNIST (40x40)",
+    "multimnist": "MultiMNIST (36x36 pairs)",
+    "mnist-sample": "the MNIST sample installed with capsnet (the first 5,000 training and 1,000 test images), "
+                    "not the full MNIST",
+}
+
+
+def describe_dataset(cfg: TrainConfig) -> str:
+    """One line saying what ``cfg`` trains on, e.g. that it is the packaged sample, not MNIST."""
+    return f"{cfg.dataset}: {DATASET_WORDS[cfg.dataset]}"
+
+
+def load_data(cfg: TrainConfig, data_dir: str | None = None, *, progress: bool = True) -> Any:
+    """The MNIST splits ``cfg.dataset`` is made from: the sample installed with the package
+    for ``mnist-sample`` (never a download), else MNIST found by :func:`capsnet.data.load_mnist`
+    from ``data_dir`` (downloaded when missing)."""
+    if cfg.dataset == "mnist-sample":
+        return load_mnist_sample()
+    return load_mnist(data_dir, progress=progress)
 
 
 def expand(images: np.ndarray, pad: int = EXPANDED_PAD) -> np.ndarray:
@@ -214,6 +239,7 @@ def build_task(cfg: TrainConfig) -> CapsNetTask | SupervisedTask:
 
 
 def build_optimizer(cfg: TrainConfig, model: Module):
+    """Adam or SGD (``cfg.optimizer``) over the model's parameters, with ``cfg``'s settings."""
     if cfg.optimizer == "adam":
         return Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -243,13 +269,15 @@ class MNISTTrainer(Trainer):
     on MNIST in ``run_dir``.
 
     The model is seeded with ``cfg.seed``, the data stream (order and shifts) with
-    ``cfg.seed + 1``. ``on_step(trainer, epoch, step)`` as in the general loop.
+    ``cfg.seed + 1``. ``on_step(trainer, epoch, step)`` and ``tensorboard`` (a folder for
+    TensorBoard curves) as in the general loop.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log: bool = True,
-                 on_step: Callable[[Trainer, int, int], None] | None = None, comm: Any = None):
+                 on_step: Callable[[Trainer, int, int], None] | None = None, comm: Any = None,
+                 tensorboard: str | Path | None = None):
         self.cfg = cfg = cfg.validate()
-        data = load_mnist(cfg.data_dir, progress=progress)
+        data = load_data(cfg, cfg.data_dir, progress=progress)
         with backend.use(cfg.backend) as xp:
             model = build_model(cfg)
             train, test = data_sources(cfg, data, xp)
@@ -258,7 +286,7 @@ class MNISTTrainer(Trainer):
                          batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay),
                          metrics=run_metrics(cfg), seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
-                         progress=progress, log=log, on_step=on_step, comm=comm)
+                         progress=progress, log=log, on_step=on_step, comm=comm, tensorboard=tensorboard)
 
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Also reads the checkpoints of capsnet 0.1's MNIST trainer (no ``loop_version``)."""
