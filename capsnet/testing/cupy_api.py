@@ -22,6 +22,7 @@ from typing import Any
 __all__ = ["API_FILE", "CupyApi", "load_api", "read_installed_cupy"]
 
 API_FILE = Path(__file__).with_name("cupy_api.json")
+"""The API list kept beside the emulation, read from an installed CuPy (it names the version)."""
 
 # The namespaces the emulation serves; each is read whole from CuPy.
 MODULES = ("", "fft", "linalg", "random", "lib.stride_tricks")
