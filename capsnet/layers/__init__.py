@@ -4,11 +4,22 @@ The submodules are ``base`` (Parameter, Buffer, Module, Sequential), ``dense`` (
 Flatten, Reshape), ``activation`` (ReLU, Sigmoid), ``conv`` (Conv2d, ConvTranspose2d,
 im2col), ``fourier`` (the Fourier-domain convolution), ``pool`` (MaxPool2d), ``norm``
 (BatchNorm1d, BatchNorm2d), ``stochastic`` (Dropout), ``capsule`` (squash, PrimaryCaps,
-DigitCaps, routing) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
+DigitCaps, routing), ``attention_routing`` (self-attention routing: FCCaps, the squash
+variant, depthwise primary capsules) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
 also the name of a submodule, so ``import capsnet.layers.dense`` and
 ``from capsnet.layers import linear`` each give what they say.
 """
 from capsnet.layers.activation import ReLU, Sigmoid, relu, relu_backward, sigmoid, sigmoid_backward
+from capsnet.layers.attention_routing import (
+    AttentionState,
+    DepthwisePrimaryCaps,
+    EfficientSquash,
+    FCCaps,
+    efficient_squash,
+    efficient_squash_backward,
+    self_attention_routing,
+    self_attention_routing_backward,
+)
 from capsnet.layers.base import Buffer, Module, Parameter, Sequential
 from capsnet.layers.capsule import (
     CapsuleLength,
@@ -54,6 +65,14 @@ from capsnet.layers.pool import MaxPool2d, max_pool2d, max_pool2d_backward
 from capsnet.layers.stochastic import Dropout, dropout, dropout_backward
 
 __all__ = [
+    "AttentionState",
+    "DepthwisePrimaryCaps",
+    "EfficientSquash",
+    "FCCaps",
+    "efficient_squash",
+    "efficient_squash_backward",
+    "self_attention_routing",
+    "self_attention_routing_backward",
     "BatchNorm1d",
     "BatchNorm2d",
     "Buffer",
