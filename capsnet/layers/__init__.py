@@ -5,7 +5,8 @@ Flatten, Reshape), ``activation`` (ReLU, Sigmoid), ``conv`` (Conv2d, ConvTranspo
 im2col), ``fourier`` (the Fourier-domain convolution), ``pool`` (MaxPool2d), ``norm``
 (BatchNorm1d, BatchNorm2d), ``stochastic`` (Dropout), ``capsule`` (squash, PrimaryCaps,
 DigitCaps, routing), ``attention_routing`` (self-attention routing: FCCaps, the squash
-variant, depthwise primary capsules) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
+variant, depthwise primary capsules), ``em_routing`` (matrix capsules with EM routing:
+ConvCaps, ClassCaps, the spread loss) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
 also the name of a submodule, so ``import capsnet.layers.dense`` and
 ``from capsnet.layers import linear`` each give what they say.
 """
@@ -48,6 +49,20 @@ from capsnet.layers.conv import (
     conv_transpose2d_backward,
     im2col,
 )
+from capsnet.layers.em_routing import (
+    ClassCaps,
+    ConvCaps,
+    EMState,
+    MatrixPrimaryCaps,
+    SpreadLoss,
+    em_routing,
+    em_routing_backward,
+    matrix_votes,
+    matrix_votes_backward,
+    spread_loss,
+    spread_loss_backward,
+    spread_margin,
+)
 from capsnet.layers.dense import Flatten, Linear, Reshape, linear, linear_backward
 from capsnet.layers.loss import (
     CrossEntropyLoss,
@@ -73,6 +88,18 @@ __all__ = [
     "efficient_squash_backward",
     "self_attention_routing",
     "self_attention_routing_backward",
+    "ClassCaps",
+    "ConvCaps",
+    "EMState",
+    "MatrixPrimaryCaps",
+    "SpreadLoss",
+    "em_routing",
+    "em_routing_backward",
+    "matrix_votes",
+    "matrix_votes_backward",
+    "spread_loss",
+    "spread_loss_backward",
+    "spread_margin",
     "BatchNorm1d",
     "BatchNorm2d",
     "Buffer",
