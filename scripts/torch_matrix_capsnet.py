@@ -65,7 +65,7 @@ def votes_of(poses: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class ConvCaps(nn.Module):
     def __init__(self, in_caps: int, out_caps: int, kernel_size: int, stride: int, iterations: int,
-                 inverse_temperature: float = 1.0, var_floor: float = 1e-4, detach_routing: bool = False):
+                 inverse_temperature: float = 0.01, var_floor: float = 1e-4, detach_routing: bool = False):
         super().__init__()
         self.k, self.stride, self.iterations = kernel_size, stride, iterations
         self.inverse_temperature, self.var_floor, self.detach = inverse_temperature, var_floor, detach_routing
@@ -89,7 +89,7 @@ class ConvCaps(nn.Module):
 
 
 class ClassCaps(nn.Module):
-    def __init__(self, in_caps: int, n_classes: int, iterations: int, inverse_temperature: float = 1.0,
+    def __init__(self, in_caps: int, n_classes: int, iterations: int, inverse_temperature: float = 0.01,
                  var_floor: float = 1e-4, coordinate_addition: bool = True):
         super().__init__()
         self.iterations, self.inverse_temperature, self.var_floor = iterations, inverse_temperature, var_floor
@@ -131,8 +131,8 @@ class TorchMatrixCapsNet(nn.Module):
 
     def __init__(self, *, input_shape: tuple[int, int, int] = (1, 28, 28), n_classes: int = 10,
                  conv_channels: int = 32, conv_kernel: int = 5, conv_stride: int = 2, primary_types: int = 8,
-                 caps1: int = 16, caps2: int = 16, caps1_stride: int = 2, kernel_size: int = 3,
-                 routing_iterations: int = 3, inverse_temperature: float = 1.0, var_floor: float = 1e-4,
+                 caps1: int = 8, caps2: int = 8, caps1_stride: int = 2, kernel_size: int = 3,
+                 routing_iterations: int = 3, inverse_temperature: float = 0.01, var_floor: float = 1e-4,
                  coordinate_addition: bool = True, dtype: Any = torch.float32):
         super().__init__()
         c = input_shape[0]

@@ -26,6 +26,8 @@ The pitfalls the public reimplementations met, and what is done here:
   the floor variance, not 0 / 0.
 - **Inverse temperature.** lambda_t = lambda (t + 1) / T at iteration t of T: it grows to
   ``inverse_temperature`` at the last M-step, the one whose activations are the output.
+  The default, 0.01, keeps the logistic out of saturation at initialisation (with 1.0 a
+  fresh MNIST network's class activations are all 1 and pass no gradient).
 - **A parent with a single child** (I = 1): mu = V, var = var_floor; finite, and tested.
 - **Normalising the assigned mass.** cost_j is scaled by m_j J / I, the mass relative to an
   even share, so the same lambda fits a layer of 72 children and one of 288.
@@ -106,7 +108,7 @@ def _check_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: 
 
 
 def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int = 3,
-               inverse_temperature: float = 1.0, var_floor: float = 1e-4) -> tuple[Any, Any, EMState]:
+               inverse_temperature: float = 0.01, var_floor: float = 1e-4) -> tuple[Any, Any, EMState]:
     """EM routing for every group at once (see the module docstring for the equations).
 
     votes: (B, I, J, P) V_ij; a_in: (B, I) the children's activations; beta_u, beta_a: (J,).
@@ -280,7 +282,7 @@ class ConvCaps(_EMLayer):
     """
 
     def __init__(self, in_caps: int = 8, out_caps: int = 16, kernel_size: int = 3, stride: int = 1,
-                 iterations: int = 3, *, inverse_temperature: float = 1.0, var_floor: float = 1e-4,
+                 iterations: int = 3, *, inverse_temperature: float = 0.01, var_floor: float = 1e-4,
                  detach_routing: bool = False, init_std: float = 0.5, dtype: Any = "float32", seed: Any = None):
         super().__init__()
         for name, value in (("in_caps", in_caps), ("out_caps", out_caps), ("kernel_size", kernel_size),
@@ -343,7 +345,7 @@ class ClassCaps(_EMLayer):
     """
 
     def __init__(self, in_caps: int = 16, n_classes: int = 10, iterations: int = 3, *,
-                 coordinate_addition: bool = True, inverse_temperature: float = 1.0, var_floor: float = 1e-4,
+                 coordinate_addition: bool = True, inverse_temperature: float = 0.01, var_floor: float = 1e-4,
                  detach_routing: bool = False, init_std: float = 0.5, dtype: Any = "float32", seed: Any = None):
         super().__init__()
         for name, value in (("in_caps", in_caps), ("n_classes", n_classes)):
