@@ -1,5 +1,5 @@
 """A plain PyTorch matrix-capsule network with EM routing (Hinton, Sabour and Frosst, 2018),
-the reference for the parity tests and the benchmark of :mod:`capsnet.layers.em_routing`.
+the reference for the parity tests and the benchmark of :mod:`capsnet.layers.matrix_capsules`.
 
 Written the way a PyTorch user would: votes by ``torch.matmul`` of 4x4 matrices, windows by
 ``Tensor.unfold``, the Gaussian log-density with its 2 pi constant, ``torch.logsumexp`` for

@@ -1,4 +1,4 @@
-"""EM routing (capsnet.layers.em_routing): a per-example loop oracle of Procedure 1, float64
+"""EM routing (capsnet.layers.matrix_capsules): a per-example loop oracle of Procedure 1, float64
 gradient checks on every backend (one and three iterations, detach, a single child, near-zero
 variances, stride 2, coordinate addition), limits that must stay finite, the spread loss by
 hand, errors, and float64 parity with the PyTorch reference (scripts/torch_matrix_capsnet.py)

@@ -5,7 +5,7 @@ Flatten, Reshape), ``activation`` (ReLU, Sigmoid), ``conv`` (Conv2d, ConvTranspo
 im2col), ``fourier`` (the Fourier-domain convolution), ``pool`` (MaxPool2d), ``norm``
 (BatchNorm1d, BatchNorm2d), ``stochastic`` (Dropout), ``capsule`` (squash, PrimaryCaps,
 DigitCaps, routing), ``attention_routing`` (self-attention routing: FCCaps, the squash
-variant, depthwise primary capsules), ``em_routing`` (matrix capsules with EM routing:
+variant, depthwise primary capsules), ``matrix_capsules`` (matrix capsules with EM routing:
 ConvCaps, ClassCaps, the spread loss) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
 also the name of a submodule, so ``import capsnet.layers.dense`` and
 ``from capsnet.layers import linear`` each give what they say.
@@ -49,7 +49,7 @@ from capsnet.layers.conv import (
     conv_transpose2d_backward,
     im2col,
 )
-from capsnet.layers.em_routing import (
+from capsnet.layers.matrix_capsules import (
     ClassCaps,
     ConvCaps,
     EMState,

@@ -17,7 +17,7 @@ from capsnet import backend
 from capsnet.layers.activation import ReLU
 from capsnet.layers.base import Module, as_rng, check_input, conv_output_size
 from capsnet.layers.conv import Conv2d
-from capsnet.layers.em_routing import ClassCaps, ConvCaps, MatrixPrimaryCaps, SpreadLoss
+from capsnet.layers.matrix_capsules import ClassCaps, ConvCaps, MatrixPrimaryCaps, SpreadLoss
 from capsnet.models.config import DictConfig
 
 __all__ = ["MatrixCapsNet", "MatrixCapsNetConfig", "SpreadTask"]
@@ -25,7 +25,7 @@ __all__ = ["MatrixCapsNet", "MatrixCapsNetConfig", "SpreadTask"]
 
 @dataclass(frozen=True)
 class MatrixCapsNetConfig(DictConfig):
-    """Every size of the network and the routing's settings (see capsnet.layers.em_routing)."""
+    """Every size of the network and the routing's settings (see capsnet.layers.matrix_capsules)."""
 
     _what = "MatrixCapsNet configuration"
 
