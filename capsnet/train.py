@@ -9,10 +9,11 @@ from pathlib import Path
 from capsnet import __version__, backend
 from capsnet.training import distributed
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
-from capsnet.models import BaselineCNNConfig, CapsNetConfig, n_parameters
+from capsnet.models import BaselineCNNConfig, CapsNetConfig, MatrixCapsNetConfig, n_parameters
 from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, train_config_of
 from capsnet.training.mnist_run import DATASETS, describe_dataset
 from capsnet.training.checkpoint import load_checkpoint
+from capsnet.training.mnist_run import ARCH_DEFAULTS
 
 MODEL_FLAGS = {
     "conv_channels": int, "conv_kernel": int, "primary_types": int, "primary_dim": int,
@@ -20,6 +21,12 @@ MODEL_FLAGS = {
 }
 CAPSNET_KEYS = (*MODEL_FLAGS, "routing_iterations", "detach_routing", "decoder_hidden", "decoder")
 CNN_KEYS = {"cnn_channels": "channels", "cnn_fc": "fc", "dropout": "dropout", "pool": "pool"}
+EM_KEYS = ("conv_channels", "primary_types", "caps1", "caps2", "routing_iterations", "detach_routing",
+           "inverse_temperature")
+EFFICIENT_KEYS = ("decoder_hidden",)
+# the model flags each architecture takes
+ARCH_KEYS = {"capsnet": CAPSNET_KEYS, "cnn": tuple(CNN_KEYS), "em": EM_KEYS, "efficient": EFFICIENT_KEYS}
+ALL_MODEL_KEYS = {*CAPSNET_KEYS, *CNN_KEYS, *EM_KEYS, *EFFICIENT_KEYS}
 SAMPLE_HINT = ("To train now with no download, on the MNIST sample installed with capsnet (5,000 training and 1,000 "
                "test images; a sample, not MNIST): python -m capsnet.train --dataset mnist-sample")
 
@@ -85,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {d.weight_decay})")
     g.add_argument("--recon-weight", type=float, help=f"reconstruction loss weight (default {d.recon_weight})")
     g = p.add_argument_group("model (defaults: the paper's)")
-    g.add_argument("--model", dest="arch", choices=("capsnet", "cnn"),
-                   help=f"the CapsNet or the paper's baseline CNN (default {d.arch})")
+    g.add_argument("--model", dest="arch", choices=("capsnet", "cnn", "efficient", "em"),
+                   help="the CapsNet, the paper's baseline CNN, Efficient-CapsNet (self-attention routing; "
+                        "default lr 5e-4, decay 0.98, batch 16) or matrix capsules with EM routing (spread loss; "
+                        f"default lr 3e-3, decay 0.96, batch 32) (default {d.arch})")
     g = p.add_argument_group("CapsNet (--model capsnet)")
     g.add_argument("--routing", type=int, dest="routing_iterations",
                    help=f"routing iterations (default {m.routing_iterations})")
@@ -103,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cnn-fc", type=int, nargs="+", help=f"fully connected sizes (default {list(c.fc)})")
     g.add_argument("--dropout", type=float, help=f"dropout before the output layer (default {c.dropout})")
     g.add_argument("--pool", action="store_true", help="2x2 max pooling after the first two convolutions")
+    e = MatrixCapsNetConfig()
+    g = p.add_argument_group("EM routing (--model em; also --conv-channels, --primary-types, --routing, "
+                             "--detach-routing; the paper's smaller network: --conv-channels 64 --caps1 16 "
+                             "--caps2 16)")
+    g.add_argument("--caps1", type=int, help=f"types of the first ConvCaps layer (default {e.caps1})")
+    g.add_argument("--caps2", type=int, help=f"types of the second ConvCaps layer (default {e.caps2})")
+    g.add_argument("--inverse-temperature", type=float,
+                   help=f"lambda of the last EM iteration (default {e.inverse_temperature})")
     return p
 
 
@@ -117,14 +134,16 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     if dataset != base.dataset:
         values["max_shift"] = None
     model = dict(values["model"] or {})
-    wrong = [key for key in given if key in (CNN_KEYS if arch == "capsnet" else CAPSNET_KEYS)]
+    if arch != base.arch:  # the new architecture's own training defaults, under the flags given
+        values.update(ARCH_DEFAULTS.get(arch, {}))
+    wrong = [key for key in given if key in ALL_MODEL_KEYS and key not in ARCH_KEYS[arch]]
     if wrong:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise ValueError(f"{flags} do{'es' if len(wrong) == 1 else ''} not apply to --model {arch}")
     for key, value in given.items():
         if key in ("out", "resume", "no_progress", "tensorboard"):
             continue
-        if key in CAPSNET_KEYS or key in CNN_KEYS:
+        if key in ALL_MODEL_KEYS:
             model[CNN_KEYS.get(key, key)] = list(value) if isinstance(value, list) else value
         else:
             values[key] = value

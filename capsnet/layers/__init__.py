@@ -4,11 +4,23 @@ The submodules are ``base`` (Parameter, Buffer, Module, Sequential), ``dense`` (
 Flatten, Reshape), ``activation`` (ReLU, Sigmoid), ``conv`` (Conv2d, ConvTranspose2d,
 im2col), ``fourier`` (the Fourier-domain convolution), ``pool`` (MaxPool2d), ``norm``
 (BatchNorm1d, BatchNorm2d), ``stochastic`` (Dropout), ``capsule`` (squash, PrimaryCaps,
-DigitCaps, routing) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
+DigitCaps, routing), ``attention_routing`` (self-attention routing: FCCaps, the squash
+variant, depthwise primary capsules), ``matrix_capsules`` (matrix capsules with EM routing:
+ConvCaps, ClassCaps, the spread loss) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
 also the name of a submodule, so ``import capsnet.layers.dense`` and
 ``from capsnet.layers import linear`` each give what they say.
 """
 from capsnet.layers.activation import ReLU, Sigmoid, relu, relu_backward, sigmoid, sigmoid_backward
+from capsnet.layers.attention_routing import (
+    AttentionState,
+    DepthwisePrimaryCaps,
+    EfficientSquash,
+    FCCaps,
+    efficient_squash,
+    efficient_squash_backward,
+    self_attention_routing,
+    self_attention_routing_backward,
+)
 from capsnet.layers.base import Buffer, Module, Parameter, Sequential
 from capsnet.layers.capsule import (
     CapsuleLength,
@@ -37,6 +49,20 @@ from capsnet.layers.conv import (
     conv_transpose2d_backward,
     im2col,
 )
+from capsnet.layers.matrix_capsules import (
+    ClassCaps,
+    ConvCaps,
+    EMState,
+    MatrixPrimaryCaps,
+    SpreadLoss,
+    em_routing,
+    em_routing_backward,
+    matrix_votes,
+    matrix_votes_backward,
+    spread_loss,
+    spread_loss_backward,
+    spread_margin,
+)
 from capsnet.layers.dense import Flatten, Linear, Reshape, linear, linear_backward
 from capsnet.layers.loss import (
     CrossEntropyLoss,
@@ -54,6 +80,26 @@ from capsnet.layers.pool import MaxPool2d, max_pool2d, max_pool2d_backward
 from capsnet.layers.stochastic import Dropout, dropout, dropout_backward
 
 __all__ = [
+    "AttentionState",
+    "DepthwisePrimaryCaps",
+    "EfficientSquash",
+    "FCCaps",
+    "efficient_squash",
+    "efficient_squash_backward",
+    "self_attention_routing",
+    "self_attention_routing_backward",
+    "ClassCaps",
+    "ConvCaps",
+    "EMState",
+    "MatrixPrimaryCaps",
+    "SpreadLoss",
+    "em_routing",
+    "em_routing_backward",
+    "matrix_votes",
+    "matrix_votes_backward",
+    "spread_loss",
+    "spread_loss_backward",
+    "spread_margin",
     "BatchNorm1d",
     "BatchNorm2d",
     "Buffer",

@@ -217,15 +217,77 @@ def conv2d_nhwc_backward(
     return grad_x, grad_w_rows.transpose(3, 2, 0, 1), g2.sum(axis=0)
 
 
-def conv2d(x: Any, w: Any, b: Any | None = None, stride: int = 1, padding: int = 0) -> Any:
-    """2-D cross-correlation. x: (B, C, H, W), w: (O, C, KH, KW), b: (O,) -> (B, O, OH, OW)."""
+def _check_groups(groups: int, channels: int, out_channels: int, who: str = "convolution") -> None:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{who} groups must be an integer >= 1, got {groups!r}")
+    if channels % groups or out_channels % groups:
+        raise ValueError(f"{who} groups={groups} must divide both the input channels ({channels}) and the output "
+                         f"channels ({out_channels}); pick a common divisor (groups=channels is depthwise)")
+
+
+def grouped_conv2d_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0,
+                        groups: int = 1) -> Any:
+    """Grouped (``groups`` = C: depthwise) channels-last convolution.
+
+    x (B, H, W, C), w (O, C / groups, KH, KW), b (O,) -> (B, OH, OW, O). Output channels
+    [g O/G, (g+1) O/G) see only input channels [g C/G, (g+1) C/G), as in PyTorch.
+    Patches in (c, ky, kx) column order, then one batched product over the groups, with
+    the weights read in their own order.
+    """
+    xp = backend.get_array_module(x_nhwc, w)
+    o, cg, kh, kw = w.shape
+    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
+    _check_groups(groups, c, o)
+    if cg * groups != c:
+        raise ValueError(f"grouped convolution expected weights of shape ({o}, {c // groups}, KH, KW) for {c} input "
+                         f"channels in {groups} groups, got {tuple(w.shape)}")
+    oh, ow = conv_output_size(x_nhwc.shape[1], kh, stride, padding), conv_output_size(x_nhwc.shape[2], kw, stride,
+                                                                                     padding)
+    col = _gather_channel_major(_pad(x_nhwc, padding), kh, kw, stride, oh, ow)  # (N, C KH KW)
+    col = col.reshape(-1, groups, cg * kh * kw).transpose(1, 0, 2)  # (G, N, Cg KH KW)
+    y = xp.matmul(col, w.reshape(groups, o // groups, -1).transpose(0, 2, 1))  # (G, N, O/G)
+    y = y.transpose(1, 0, 2).reshape(n, oh, ow, o)
+    if b is not None:
+        y += b
+    return y
+
+
+def grouped_conv2d_nhwc_backward(grad_y_nhwc: Any, x_nhwc: Any, w: Any, stride: int = 1, padding: int = 0,
+                                 groups: int = 1, need_input_grad: bool = True) -> tuple[Any | None, Any, Any]:
+    """Gradients of :func:`grouped_conv2d_nhwc` w.r.t. (x, w, b); grad_y: (B, OH, OW, O)."""
+    xp = backend.get_array_module(grad_y_nhwc, x_nhwc, w)
+    o, cg, kh, kw = w.shape
+    n, h, wd, c = x_nhwc.shape
+    oh, ow = grad_y_nhwc.shape[1:3]
+    x_pad = _pad(x_nhwc, padding)
+    g = grad_y_nhwc.reshape(-1, groups, o // groups).transpose(1, 0, 2)  # (G, N, O/G)
+    col = _gather_channel_major(x_pad, kh, kw, stride, oh, ow).reshape(-1, groups, cg * kh * kw).transpose(1, 0, 2)
+    grad_w = xp.matmul(g.transpose(0, 2, 1), col).reshape(o, cg, kh, kw)
+    grad_x = None
+    if need_input_grad:
+        gcol = xp.matmul(g, w.reshape(groups, o // groups, -1))  # (G, N, Cg KH KW)
+        gcol = gcol.transpose(1, 0, 2).reshape(n, oh, ow, c, kh, kw)
+        g_pad = xp.zeros(x_pad.shape, dtype=x_nhwc.dtype)
+        _scatter_add_channel_major(g_pad, gcol, kh, kw, stride, oh, ow)
+        grad_x = g_pad[:, padding : h + padding, padding : wd + padding, :] if padding else g_pad
+    return grad_x, grad_w, grad_y_nhwc.reshape(-1, o).sum(axis=0)
+
+
+def conv2d(x: Any, w: Any, b: Any | None = None, stride: int = 1, padding: int = 0, groups: int = 1) -> Any:
+    """2-D cross-correlation. x: (B, C, H, W), w: (O, C / groups, KH, KW), b: (O,) -> (B, O, OH, OW)."""
+    if groups != 1:
+        return grouped_conv2d_nhwc(x.transpose(0, 2, 3, 1), w, b, stride, padding, groups).transpose(0, 3, 1, 2)
     return conv2d_nhwc(x.transpose(0, 2, 3, 1), w, b, stride, padding).transpose(0, 3, 1, 2)
 
 
 def conv2d_backward(
-    grad_out: Any, x: Any, w: Any, stride: int = 1, padding: int = 0
+    grad_out: Any, x: Any, w: Any, stride: int = 1, padding: int = 0, groups: int = 1
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`conv2d` w.r.t. (x, w, b); grad_out: (B, O, OH, OW)."""
+    if groups != 1:
+        gx, gw, gb = grouped_conv2d_nhwc_backward(grad_out.transpose(0, 2, 3, 1), x.transpose(0, 2, 3, 1), w, stride,
+                                                  padding, groups)
+        return gx.transpose(0, 3, 1, 2), gw, gb
     gx, gw, gb = conv2d_nhwc_backward(grad_out.transpose(0, 2, 3, 1), x.transpose(0, 2, 3, 1), w, stride, padding)
     return gx.transpose(0, 3, 1, 2), gw, gb
 
@@ -265,6 +327,11 @@ class Conv2d(Module):
     of the direct flops per image), and im2col otherwise (conv1, with one input
     channel; training batches under 8). Both agree to rounding; the attribute may
     be changed between steps.
+
+    ``groups=G`` splits the channels into G groups convolved separately (weights
+    (O, C / G, KH, KW), bound +-1/sqrt(C/G*KH*KW)); ``groups=in_channels`` is a depthwise
+    convolution. Grouped convolutions always take the patch route of
+    :func:`grouped_conv2d_nhwc`.
     """
 
     def __init__(
@@ -276,6 +343,7 @@ class Conv2d(Module):
         padding: int = 0,
         bias: bool = True,
         *,
+        groups: int = 1,
         input_grad: bool = True,
         algorithm: str = "auto",
         dtype: Any = "float32",
@@ -295,18 +363,20 @@ class Conv2d(Module):
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"Conv2d {name} must be an integer >= {low}, got {value!r}")
-        self.in_channels, self.out_channels = in_channels, out_channels
+        _check_groups(groups, in_channels, out_channels, "Conv2d")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.input_grad = input_grad
-        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        bound = 1.0 / math.sqrt(in_channels // groups * kernel_size * kernel_size)
         rng = as_rng(seed)
-        self.weight = init_param((out_channels, in_channels, kernel_size, kernel_size), bound, dtype, rng)
+        self.weight = init_param((out_channels, in_channels // groups, kernel_size, kernel_size), bound, dtype, rng)
         self.bias = init_param((out_channels,), bound, dtype, rng) if bias else None
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}"
+            + (f", groups={self.groups}" if self.groups != 1 else "")
             + (f", algorithm={self.algorithm!r}" if self.algorithm != "auto" else "")
         )
 
@@ -320,6 +390,8 @@ class Conv2d(Module):
         batch 8 and in inference from batch 4 (below, the direct method reads the
         weights in place and costs less than checking the cached spectrum).
         """
+        if self.groups != 1:
+            return "im2col"
         if self.algorithm != "auto":
             return self.algorithm
         k, p = self.kernel_size, self.padding
@@ -341,6 +413,9 @@ class Conv2d(Module):
         backend.get_array_module(x_nhwc, self.weight.data)
         conv_output_size(x_nhwc.shape[1], self.kernel_size, self.stride, self.padding)
         conv_output_size(x_nhwc.shape[2], self.kernel_size, self.stride, self.padding)
+        if self.groups != 1:
+            self._save("grouped", x_nhwc)
+            return grouped_conv2d_nhwc(x_nhwc, self.weight.data, b, self.stride, self.padding, self.groups)
         if self.training:
             self._fourier.start_training()  # memory kept by inference calls goes back before a training step
         if self.algorithm_for(x_nhwc.shape[1], x_nhwc.shape[2], x_nhwc.shape[0]) == "fourier":
@@ -352,8 +427,12 @@ class Conv2d(Module):
 
     def backward_nhwc(self, grad_y: Any) -> Any:
         method, saved = self._pop()
-        args = (grad_y, saved, self.weight.data, self.stride, self.padding, self.input_grad)
-        gx, gw, gb = self._fourier.backward(*args) if method == "fourier" else conv2d_nhwc_backward(*args)
+        if method == "grouped":
+            gx, gw, gb = grouped_conv2d_nhwc_backward(grad_y, saved, self.weight.data, self.stride, self.padding,
+                                                      self.groups, self.input_grad)
+        else:
+            args = (grad_y, saved, self.weight.data, self.stride, self.padding, self.input_grad)
+            gx, gw, gb = self._fourier.backward(*args) if method == "fourier" else conv2d_nhwc_backward(*args)
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb
@@ -497,5 +576,7 @@ __all__ = [
     "conv_transpose2d_nhwc",
     "conv_transpose2d_nhwc_backward",
     "conv_output_size",
+    "grouped_conv2d_nhwc",
+    "grouped_conv2d_nhwc_backward",
     "im2col",
 ]

@@ -22,6 +22,8 @@ from capsnet.layers.loss import CrossEntropyLoss
 from capsnet.models.baseline import BaselineCNN, BaselineCNNConfig
 from capsnet.models.capsnet import CapsNet, CapsNetConfig
 from capsnet.models.config import DictConfig
+from capsnet.models.efficient_capsnet import EfficientCapsNet, EfficientCapsNetConfig
+from capsnet.models.matrix_capsnet import MatrixCapsNet, MatrixCapsNetConfig, SpreadTask
 from capsnet.optim import SGD, Adam, ExponentialLR
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
 from capsnet.training.loop import (
@@ -41,9 +43,10 @@ __all__ = ["ARCHS", "DATASETS", "MNISTTrainer", "TrainConfig", "build_model", "b
 
 @dataclass
 class TrainConfig(DictConfig):
-    """Everything a run depends on. ``arch`` is "capsnet" (the paper's CapsNet) or "cnn"
-    (its baseline CNN); ``model`` holds the fields of CapsNetConfig or BaselineCNNConfig
-    (None: that architecture's defaults, with the input size ``dataset`` needs).
+    """Everything a run depends on. ``arch`` is "capsnet" (the paper's CapsNet), "cnn" (its
+    baseline CNN), "efficient" (Efficient-CapsNet) or "em" (matrix capsules with EM routing);
+    ``model`` holds the fields of that architecture's configuration (None: its defaults, with
+    the input size ``dataset`` needs).
 
     ``dataset``: "mnist" (28x28, training shifts of up to ``max_shift`` = 2 px),
     "expanded" (expanded MNIST, the paper's training set for affine robustness: each
@@ -146,7 +149,14 @@ class TrainConfig(DictConfig):
         return out
 
 
-ARCHS: dict[str, Any] = {"capsnet": CapsNetConfig, "cnn": BaselineCNNConfig}
+ARCHS: dict[str, Any] = {"capsnet": CapsNetConfig, "cnn": BaselineCNNConfig, "efficient": EfficientCapsNetConfig,
+                         "em": MatrixCapsNetConfig}
+MODELS: dict[str, Any] = {"capsnet": CapsNet, "cnn": BaselineCNN, "efficient": EfficientCapsNet, "em": MatrixCapsNet}
+# Training defaults of an architecture where they are not the CapsNet paper's: Efficient-CapsNet's
+# authors train with Adam 5e-4 decayed by 0.98 per epoch on batches of 16; the EM paper's networks
+# with Adam 3e-3 (decay and batch size are not stated: 0.96 and 32 here).
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {"efficient": {"lr": 5e-4, "lr_decay": 0.98, "batch_size": 16},
+                                            "em": {"lr": 3e-3, "lr_decay": 0.96, "batch_size": 32}}
 EXPANDED_PAD = 6  # 28x28 digits on a 40x40 canvas
 # dataset: (input shape, default max_shift)
 DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
@@ -227,15 +237,22 @@ def run_metrics(cfg: TrainConfig) -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig) -> CapsNet | BaselineCNN:
     """The model ``cfg`` describes, seeded with ``cfg.seed``, on the current backend."""
-    model_cfg = cfg.model_config()
-    cls = CapsNet if cfg.arch == "capsnet" else BaselineCNN
-    return cls(model_cfg, dtype=cfg.dtype, seed=cfg.seed)
+    return MODELS[cfg.arch](cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
 
 
-def build_task(cfg: TrainConfig) -> CapsNetTask | SupervisedTask:
+def build_task(cfg: TrainConfig) -> CapsNetTask | SupervisedTask | SpreadTask:
     """The paper's objective for the architecture: margin plus reconstruction loss for the
-    CapsNet, softmax cross-entropy for the baseline."""
-    return CapsNetTask(cfg.recon_weight) if cfg.arch == "capsnet" else SupervisedTask(CrossEntropyLoss())
+    CapsNet and Efficient-CapsNet, the spread loss for EM routing (its margin set by the
+    trainer's clock, see MNISTTrainer), softmax cross-entropy for the baseline."""
+    return task_for(cfg.arch, cfg.recon_weight)
+
+
+def task_for(arch: str, recon_weight: float = 0.0005) -> CapsNetTask | SupervisedTask | SpreadTask:
+    if arch in ("capsnet", "efficient"):
+        return CapsNetTask(recon_weight)
+    if arch == "em":
+        return SpreadTask()
+    return SupervisedTask(CrossEntropyLoss())
 
 
 def build_optimizer(cfg: TrainConfig, model: Module):
@@ -254,7 +271,8 @@ def evaluate_mnist(model: CapsNet | BaselineCNN, images: Any, labels: Any, *, ba
     model's objective (CapsNetTask(recon_weight), or cross-entropy for the baseline)."""
     k = model.config.n_classes
     if task is None:
-        task = CapsNetTask(recon_weight) if isinstance(model, CapsNet) else SupervisedTask(CrossEntropyLoss())
+        arch = next((a for a, cls in MODELS.items() if type(model) is cls), "cnn")
+        task = task_for(arch, recon_weight)
     result = evaluate(model, task, ArrayDataset(images, labels), batch_size=batch_size,
                       metrics={"accuracy": count_correct, "confusion": confusion_counts(k)}, progress=progress,
                       desc=desc)
@@ -287,6 +305,9 @@ class MNISTTrainer(Trainer):
                          metrics=run_metrics(cfg), seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
                          progress=progress, log=log, on_step=on_step, comm=comm, tensorboard=tensorboard)
+        if isinstance(self.task, SpreadTask):  # the spread loss's margin follows the training clock
+            steps = -(-len(train) // cfg.batch_size)
+            self.task.progress = lambda: (self.epoch + self.step_in_epoch / steps) / self.epochs
 
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Also reads the checkpoints of capsnet 0.1's MNIST trainer (no ``loop_version``)."""

@@ -1,0 +1,499 @@
+"""EM routing (Hinton, Sabour and Frosst, "Matrix capsules with EM routing", ICLR 2018):
+``em_routing`` / ``em_routing_backward``, ``matrix_votes``, ``MatrixPrimaryCaps``,
+``ConvCaps``, ``ClassCaps`` and the spread loss.
+
+A capsule is a 4x4 pose matrix M_i and an activation a_i. Child i votes for parent j with
+V_ij = M_i W_ij (W_ij a learned 4x4 transform); the votes' 16 entries are the components h.
+Routing fits one Gaussian per parent to the votes, iterating (Procedure 1 of the paper):
+
+    M-step   r_ij <- R_ij a_i;   m_j = sum_i r_ij
+             mu_jh = sum_i r_ij V_ijh / m_j
+             var_jh = sum_i r_ij (V_ijh - mu_jh)^2 / m_j + var_floor
+             cost_j = sum_h (beta_u + log sigma_jh) (J / I) m_j
+             a_j = logistic(lambda_t (beta_a - cost_j))
+    E-step   log p_ij = -1/2 sum_h (log var_jh + (V_ijh - mu_jh)^2 / var_jh)   (+ a constant)
+             R_ij = softmax over j of (log a_j + log p_ij)
+
+R starts uniform (1/J). The parent's pose is mu_j (as a 4x4 matrix), its activation a_j.
+
+The pitfalls the public reimplementations met, and what is done here:
+
+- **NaN past one iteration.** The E-step runs in log space: log a_j is log-sigmoid (no
+  log 0) and R is a softmax over log-probabilities, so no Gaussian density underflows to
+  0 / 0. The variance has a floor (``var_floor``, added to it) and the cost takes
+  log sigma = 1/2 log var, the variance itself, never sqrt(var), whose gradient is infinite
+  at 0. The mean divides by m_j + 1e-8, so a parent that receives no mass has mean 0 and
+  the floor variance, not 0 / 0.
+- **Inverse temperature.** lambda_t = lambda (t + 1) / T at iteration t of T: it grows to
+  ``inverse_temperature`` at the last M-step, the one whose activations are the output.
+  The default, 0.01, keeps the logistic out of saturation at initialisation (with 1.0 a
+  fresh MNIST network's class activations are all 1 and pass no gradient).
+- **A parent with a single child** (I = 1): mu = V, var = var_floor; finite, and tested.
+- **Normalising the assigned mass.** cost_j is scaled by m_j J / I, the mass relative to an
+  even share, so the same lambda fits a layer of 72 children and one of 288.
+
+Shapes: votes (B, I, J, 16), input activations (B, I), beta_u and beta_a (J,); outputs
+means (B, J, 16) and activations (B, J). Convolutional layers route every output position
+as an independent group (the batch axis holds B * OH * OW groups): a child in two
+overlapping windows is assigned separately in each, as in most public implementations.
+Capsule maps are channels-last: poses (B, H, W, C, 4, 4), activations (B, H, W, C).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from capsnet import backend
+from capsnet.layers.activation import sigmoid
+from capsnet.layers.base import Module, as_rng, check_batch, check_input, conv_output_size, init_param
+from capsnet.layers.capsule import check_labels, softmax
+from capsnet.layers.conv import Conv2d, col2im, im2col
+
+__all__ = [
+    "ClassCaps",
+    "ConvCaps",
+    "EMState",
+    "MatrixPrimaryCaps",
+    "SpreadLoss",
+    "em_routing",
+    "em_routing_backward",
+    "matrix_votes",
+    "matrix_votes_backward",
+    "spread_loss",
+    "spread_loss_backward",
+    "spread_margin",
+]
+
+POSE = 16  # entries of a 4x4 pose matrix
+_MASS_EPS = 1e-8
+
+
+# -- EM routing --------------------------------------------------------------------------------
+class EMState(NamedTuple):
+    """What :func:`em_routing_backward` needs from each iteration t.
+
+    R[t]: assignments before the activation weighting (B, I, J); mass[t]: m_j (B, J);
+    mean[t], var[t]: (B, J, 16); z[t]: the activations' logits (B, J); a[t]: activations
+    (B, J); lam[t]: the inverse temperature.
+    """
+
+    R: list
+    mass: list
+    mean: list
+    var: list
+    z: list
+    a: list
+    lam: list
+
+
+def _log_sigmoid(z: Any) -> Any:
+    """log(logistic(z)) = min(z, 0) - log(1 + e^-|z|), finite for every finite z."""
+    xp = backend.get_array_module(z)
+    return xp.minimum(z, 0) - xp.log1p(xp.exp(-xp.abs(z)))
+
+
+def _check_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int) -> None:
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"EM routing iterations must be an integer >= 1, got {iterations!r}")
+    if getattr(votes, "ndim", None) != 4:
+        raise ValueError(f"em_routing expected votes of shape (batch, in_caps, out_caps, pose), "
+                         f"got {tuple(getattr(votes, 'shape', ()))}")
+    check_batch("em_routing", tuple(votes.shape))
+    b, i, j, _ = votes.shape
+    if tuple(a_in.shape) != (b, i):
+        raise ValueError(f"em_routing expected input activations of shape (batch, in_caps) = {(b, i)}, "
+                         f"got {tuple(a_in.shape)}")
+    for name, beta in (("beta_u", beta_u), ("beta_a", beta_a)):
+        if tuple(beta.shape) != (j,):
+            raise ValueError(f"em_routing expected {name} of shape (out_caps,) = ({j},), got {tuple(beta.shape)}")
+
+
+def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int = 3,
+               inverse_temperature: float = 0.01, var_floor: float = 1e-4) -> tuple[Any, Any, EMState]:
+    """EM routing for every group at once (see the module docstring for the equations).
+
+    votes: (B, I, J, P) V_ij; a_in: (B, I) the children's activations; beta_u, beta_a: (J,).
+    Returns (mean (B, J, P), activations (B, J), the state :func:`em_routing_backward` needs).
+    """
+    _check_routing(votes, a_in, beta_u, beta_a, iterations)
+    xp = backend.get_array_module(votes, a_in, beta_u, beta_a)
+    dt = votes.dtype.type
+    b, i, j, p = votes.shape
+    share, floor, eps = dt(j / i), dt(var_floor), dt(_MASS_EPS)
+    by_parent = votes.transpose(0, 2, 1, 3)  # (B, J, I, P): an I x P matrix per parent
+    R = xp.full((b, i, j), 1.0 / j, dtype=votes.dtype)
+    state = EMState([], [], [], [], [], [], [])
+    for t in range(iterations):
+        lam = dt(inverse_temperature * (t + 1) / iterations)
+        r = R * a_in[:, :, None]
+        mass = r.sum(axis=1)  # (B, J)
+        w = (r / (mass + eps)[:, None, :]).transpose(0, 2, 1)[:, :, None, :]  # (B, J, 1, I)
+        mean = xp.matmul(w, by_parent)[:, :, 0, :]
+        diff = votes - mean[:, None]
+        sq = diff * diff
+        var = xp.matmul(w, sq.transpose(0, 2, 1, 3))[:, :, 0, :] + floor
+        log_var = xp.log(var)
+        cost = (beta_u * dt(p) + dt(0.5) * log_var.sum(axis=2)) * (mass * share)
+        z = lam * (beta_a - cost)
+        a = sigmoid(z)
+        for store, value in zip(state, (R, mass, mean, var, z, a, lam)):
+            store.append(value)
+        if t < iterations - 1:  # E-step
+            log_p = dt(-0.5) * ((sq / var[:, None]).sum(axis=3) + log_var.sum(axis=2)[:, None, :])
+            R = softmax(_log_sigmoid(z)[:, None, :] + log_p, axis=2)
+    return mean, a, state
+
+
+def em_routing_backward(grad_mean: Any, grad_a: Any, votes: Any, a_in: Any, beta_u: Any, state: EMState,
+                        detach: bool = False) -> tuple[Any, Any, Any, Any]:
+    """Gradients of :func:`em_routing` w.r.t. (votes (B, I, J, P), a_in (B, I), beta_u (J,), beta_a (J,)).
+
+    grad_mean: (B, J, P) and grad_a: (B, J); either may be None. The gradient flows through
+    every iteration: through each M-step's mean, variance and cost, and through each E-step's
+    assignments into the M-step before it. With ``detach=True`` it flows only through the last
+    M-step, its assignments R held fixed.
+    """
+    xp = backend.get_array_module(votes, a_in, beta_u)
+    dt = votes.dtype.type
+    b, i, j, p = votes.shape
+    share, eps, half = dt(j / i), dt(_MASS_EPS), dt(0.5)
+    g_votes = xp.zeros_like(votes)
+    g_a_in = xp.zeros_like(a_in)
+    g_beta_u = xp.zeros_like(beta_u)
+    g_beta_a = xp.zeros_like(beta_u)
+    g_R = None  # dL/d(the assignments the E-step after iteration t produced)
+    last = len(state.a) - 1
+    for t in range(last, -1, -1):
+        R, mass, mean, var, z = state.R[t], state.mass[t], state.mean[t], state.var[t], state.z[t]
+        a, lam = state.a[t], state.lam[t]
+        g_mean = grad_mean if t == last and grad_mean is not None else xp.zeros_like(mean)
+        g_z = grad_a * a * sigmoid(-z) if t == last and grad_a is not None else xp.zeros_like(z)
+        diff = votes - mean[:, None]
+        sq = diff * diff
+        inv_var = 1 / var
+        g_var = xp.zeros_like(var)
+        g_diff = None
+        if g_R is not None:  # the E-step: R' = softmax_j(log a_j + log p_ij)
+            R_next = state.R[t + 1]
+            g_logit = R_next * (g_R - (R_next * g_R).sum(axis=2, keepdims=True))  # (B, I, J)
+            total = g_logit.sum(axis=1)  # (B, J)
+            g_z += total * sigmoid(-z)  # d log a / dz = 1 - a
+            weighted_sq = xp.matmul(g_logit.transpose(0, 2, 1)[:, :, None, :], sq.transpose(0, 2, 1, 3))[:, :, 0, :]
+            g_var += half * inv_var * (weighted_sq * inv_var - total[..., None])
+            g_diff = -(g_logit[..., None] * diff) * inv_var[:, None]
+        # a = logistic(z), z = lam (beta_a - cost), cost = (P beta_u + 1/2 sum_h log var) m J / I
+        g_beta_a += lam * g_z.sum(axis=0)
+        g_cost = -lam * g_z * mass * share  # dL/dcost times m J / I
+        g_beta_u += dt(p) * g_cost.sum(axis=0)
+        g_var += (half * g_cost)[..., None] * inv_var
+        g_mass = -lam * g_z * share * (beta_u * dt(p) + half * xp.log(var).sum(axis=2))
+        # var = sum_i w_ij diff_ij^2 + floor and mean = sum_i w_ij V_ij, w = r / (m + eps)
+        w = R * a_in[:, :, None] / (mass + eps)[:, None, :]
+        g_w = (sq * g_var[:, None]).sum(axis=3)
+        through_var = (2 * w)[..., None] * diff * g_var[:, None]
+        g_diff = through_var if g_diff is None else g_diff + through_var
+        g_votes += g_diff  # diff = V - mean
+        g_mean = g_mean - g_diff.sum(axis=1)
+        g_w += (votes * g_mean[:, None]).sum(axis=3)
+        g_votes += w[..., None] * g_mean[:, None]
+        # w = r / (m + eps), m = sum_i r_ij, r = R a_in
+        g_mass = g_mass - (g_w * w).sum(axis=1) / (mass + eps)
+        g_r = g_w / (mass + eps)[:, None, :] + g_mass[:, None, :]
+        g_a_in += (g_r * R).sum(axis=2)
+        if detach or t == 0:
+            break
+        g_R = g_r * a_in[:, :, None]
+    return g_votes, g_a_in, g_beta_u, g_beta_a
+
+
+# -- votes -------------------------------------------------------------------------------------------
+def matrix_votes(poses: Any, w: Any) -> Any:
+    """V_ij = M_i W_ij: poses (N, I, 4, 4), w (I, J, 4, 4) -> votes (N, I, J, 4, 4).
+
+    One batched product over the children i, with the rows of every M_i stacked."""
+    xp = backend.get_array_module(poses, w)
+    n, i = poses.shape[:2]
+    j = w.shape[1]
+    rows = poses.transpose(1, 0, 2, 3).reshape(i, n * 4, 4)
+    out = xp.matmul(rows, w.transpose(0, 2, 1, 3).reshape(i, 4, j * 4))  # (I, N*4, J*4)
+    return out.reshape(i, n, 4, j, 4).transpose(1, 0, 3, 2, 4)
+
+
+def matrix_votes_backward(grad_votes: Any, poses: Any, w: Any) -> tuple[Any, Any]:
+    """Gradients of :func:`matrix_votes` w.r.t. (poses, w)."""
+    xp = backend.get_array_module(grad_votes, poses, w)
+    n, i = poses.shape[:2]
+    j = w.shape[1]
+    g = grad_votes.transpose(1, 0, 3, 2, 4).reshape(i, n * 4, j * 4)
+    rows = poses.transpose(1, 0, 2, 3).reshape(i, n * 4, 4)
+    grad_w = xp.matmul(rows.transpose(0, 2, 1), g).reshape(i, 4, j, 4).transpose(0, 2, 1, 3)
+    grad_rows = xp.matmul(g, w.transpose(0, 2, 1, 3).reshape(i, 4, j * 4).transpose(0, 2, 1))
+    return grad_rows.reshape(i, n, 4, 4).transpose(1, 0, 2, 3), grad_w
+
+
+# -- layers ---------------------------------------------------------------------------------------
+def _check_routing_args(who: str, iterations: int, inverse_temperature: float, var_floor: float) -> None:
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"{who} iterations must be an integer >= 1, got {iterations!r}")
+    if not inverse_temperature > 0:
+        raise ValueError(f"{who} inverse_temperature must be > 0, got {inverse_temperature!r}")
+    if not var_floor > 0:
+        raise ValueError(f"{who} var_floor must be > 0 (it keeps log var finite), got {var_floor!r}")
+
+
+def _check_capsule_map(who: str, poses: Any, activations: Any, channels: int, dtype: Any) -> None:
+    check_input(who, poses, (None, None, None, channels, 4, 4), dtype, "input poses")
+    b, h, w = poses.shape[:3]
+    check_input(who, activations, (b, h, w, channels), dtype, "input activations")
+
+
+class _EMLayer(Module):
+    """What ConvCaps and ClassCaps share: the routing settings and beta_u, beta_a."""
+
+    def _routing_setup(self, who: str, out_caps: int, iterations: int, inverse_temperature: float,
+                       var_floor: float, detach_routing: bool, dtype: Any) -> None:
+        _check_routing_args(who, iterations, inverse_temperature, var_floor)
+        self.iterations, self.inverse_temperature = iterations, inverse_temperature
+        self.var_floor, self.detach_routing = var_floor, detach_routing
+        self.beta_u = init_param((out_caps,), 0.0, dtype, None, "zeros")
+        self.beta_a = init_param((out_caps,), 0.0, dtype, None, "zeros")
+
+    def _route(self, votes: Any, a_in: Any) -> tuple[Any, Any, EMState]:
+        return em_routing(votes, a_in, self.beta_u.data, self.beta_a.data, self.iterations,
+                          self.inverse_temperature, self.var_floor)
+
+    def _route_backward(self, g_mean: Any, g_a: Any, votes: Any, a_in: Any, state: EMState) -> tuple[Any, Any]:
+        g_votes, g_a_in, g_bu, g_ba = em_routing_backward(g_mean, g_a, votes, a_in, self.beta_u.data, state,
+                                                          self.detach_routing)
+        self.beta_u.grad += g_bu
+        self.beta_a.grad += g_ba
+        return g_votes, g_a_in
+
+
+class ConvCaps(_EMLayer):
+    """Convolutional capsules with EM routing: a K x K x in_caps window of children votes for
+    the out_caps parents at each output position.
+
+    forward(poses (B, H, W, in_caps, 4, 4), activations (B, H, W, in_caps)) ->
+    (poses (B, OH, OW, out_caps, 4, 4), activations (B, OH, OW, out_caps)), no padding;
+    backward(grad_poses, grad_activations) -> (grad_poses, grad_activations), either
+    incoming gradient may be None. Transforms W: (K, K, in_caps, out_caps, 4, 4), normal
+    with std 1/2 (a vote entry sums 4 products, so votes keep the poses' scale);
+    beta_u, beta_a: (out_caps,), zeros.
+    """
+
+    def __init__(self, in_caps: int = 8, out_caps: int = 16, kernel_size: int = 3, stride: int = 1,
+                 iterations: int = 3, *, inverse_temperature: float = 0.01, var_floor: float = 1e-4,
+                 detach_routing: bool = False, init_std: float = 0.5, dtype: Any = "float32", seed: Any = None):
+        super().__init__()
+        for name, value in (("in_caps", in_caps), ("out_caps", out_caps), ("kernel_size", kernel_size),
+                            ("stride", stride)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ConvCaps {name} must be an integer >= 1, got {value!r}")
+        self.in_caps, self.out_caps, self.kernel_size, self.stride = in_caps, out_caps, kernel_size, stride
+        self.weight = init_param((kernel_size, kernel_size, in_caps, out_caps, 4, 4), init_std, dtype,
+                                 as_rng(seed), "normal")
+        self._routing_setup("ConvCaps", out_caps, iterations, inverse_temperature, var_floor, detach_routing, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_caps}, {self.out_caps}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"iterations={self.iterations}")
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        k, s = self.kernel_size, self.stride
+        return conv_output_size(height, k, s, 0), conv_output_size(width, k, s, 0)
+
+    def forward(self, poses: Any, activations: Any) -> tuple[Any, Any]:
+        _check_capsule_map("ConvCaps", poses, activations, self.in_caps, self.weight.dtype)
+        xp = backend.get_array_module(poses, activations, self.weight.data)
+        b, h, w = poses.shape[:3]
+        oh, ow = self.output_size(h, w)
+        k, c, d = self.kernel_size, self.in_caps, self.out_caps
+        pose_map = xp.ascontiguousarray(poses).reshape(b, h, w, c * POSE)
+        patches = im2col(pose_map, k, k, self.stride).reshape(-1, k * k * c, 4, 4)  # (N, I, 4, 4), i = (ky, kx, c)
+        a_in = im2col(xp.ascontiguousarray(activations), k, k, self.stride)  # (N, I)
+        weight = self.weight.data.reshape(k * k * c, d, 4, 4)
+        votes = matrix_votes(patches, weight).reshape(-1, k * k * c, d, POSE)
+        mean, a, state = self._route(votes, a_in)
+        self._save(patches, a_in, votes, state, (b, h, w))
+        return mean.reshape(b, oh, ow, d, 4, 4), a.reshape(b, oh, ow, d)
+
+    def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
+        patches, a_in, votes, state, (b, h, w) = self._pop()
+        n, d = votes.shape[0], self.out_caps
+        k, c = self.kernel_size, self.in_caps
+        g_mean = None if grad_poses is None else grad_poses.reshape(n, d, POSE)
+        g_a = None if grad_activations is None else grad_activations.reshape(n, d)
+        g_votes, g_a_in = self._route_backward(g_mean, g_a, votes, a_in, state)
+        g_patches, g_w = matrix_votes_backward(g_votes.reshape(n, k * k * c, d, 4, 4), patches,
+                                               self.weight.data.reshape(k * k * c, d, 4, 4))
+        self.weight.grad += g_w.reshape(self.weight.shape)
+        g_poses = col2im(g_patches.reshape(n, -1), (b, h, w, c * POSE), k, k, self.stride)
+        g_act = col2im(g_a_in, (b, h, w, c), k, k, self.stride)
+        return g_poses.reshape(b, h, w, c, 4, 4), g_act
+
+
+class ClassCaps(_EMLayer):
+    """Class capsules with EM routing and coordinate addition: every capsule of the map votes
+    for every class through the transform of its type, shared across positions, and the
+    scaled centre of its position ((y + 1/2) / H, (x + 1/2) / W) is added to the first two
+    entries of its vote's right-hand column.
+
+    forward(poses (B, H, W, in_caps, 4, 4), activations (B, H, W, in_caps)) ->
+    (poses (B, n_classes, 4, 4), activations (B, n_classes)), the activations being the
+    class scores; backward(grad_poses, grad_activations) as for :class:`ConvCaps`.
+    W: (in_caps, n_classes, 4, 4), normal with std 1/2; beta_u, beta_a: (n_classes,).
+    """
+
+    def __init__(self, in_caps: int = 16, n_classes: int = 10, iterations: int = 3, *,
+                 coordinate_addition: bool = True, inverse_temperature: float = 0.01, var_floor: float = 1e-4,
+                 detach_routing: bool = False, init_std: float = 0.5, dtype: Any = "float32", seed: Any = None):
+        super().__init__()
+        for name, value in (("in_caps", in_caps), ("n_classes", n_classes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ClassCaps {name} must be an integer >= 1, got {value!r}")
+        self.in_caps, self.n_classes, self.coordinate_addition = in_caps, n_classes, coordinate_addition
+        self.weight = init_param((in_caps, n_classes, 4, 4), init_std, dtype, as_rng(seed), "normal")
+        self._routing_setup("ClassCaps", n_classes, iterations, inverse_temperature, var_floor, detach_routing,
+                            dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_caps}, n_classes={self.n_classes}, iterations={self.iterations}, "
+                f"coordinate_addition={self.coordinate_addition}")
+
+    def _coordinates(self, h: int, w: int, xp: Any, dtype: Any) -> Any:
+        """(H * W * in_caps, 1, 16): the scaled centres in entries (0, 3) and (1, 3), zeros elsewhere."""
+        dt = dtype.type
+        rows = (xp.arange(h, dtype=dtype) + dt(0.5)) * dt(1 / h)
+        cols = (xp.arange(w, dtype=dtype) + dt(0.5)) * dt(1 / w)
+        coords = xp.zeros((h, w, self.in_caps, 1, POSE), dtype=dtype)
+        coords[..., 3] = rows[:, None, None, None]
+        coords[..., 7] = cols[None, :, None, None]
+        return coords.reshape(h * w * self.in_caps, 1, POSE)
+
+    def forward(self, poses: Any, activations: Any) -> tuple[Any, Any]:
+        _check_capsule_map("ClassCaps", poses, activations, self.in_caps, self.weight.dtype)
+        xp = backend.get_array_module(poses, activations, self.weight.data)
+        b, h, w, c = poses.shape[:4]
+        flat = xp.ascontiguousarray(poses).reshape(b * h * w, c, 4, 4)
+        votes = matrix_votes(flat, self.weight.data).reshape(b, h * w * c, self.n_classes, POSE)
+        if self.coordinate_addition:
+            votes = votes + self._coordinates(h, w, xp, votes.dtype)
+        a_in = xp.ascontiguousarray(activations).reshape(b, h * w * c)
+        mean, a, state = self._route(votes, a_in)
+        self._save(flat, a_in, votes, state, (b, h, w))
+        return mean.reshape(b, self.n_classes, 4, 4), a
+
+    def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
+        flat, a_in, votes, state, (b, h, w) = self._pop()
+        c, k = self.in_caps, self.n_classes
+        g_mean = None if grad_poses is None else grad_poses.reshape(b, k, POSE)
+        g_votes, g_a_in = self._route_backward(g_mean, grad_activations, votes, a_in, state)
+        g_flat, g_w = matrix_votes_backward(g_votes.reshape(b * h * w, c, k, 4, 4), flat, self.weight.data)
+        self.weight.grad += g_w
+        return g_flat.reshape(b, h, w, c, 4, 4), g_a_in.reshape(b, h, w, c)
+
+
+class MatrixPrimaryCaps(Module):
+    """Primary matrix capsules: a 1x1 convolution from ``in_channels`` maps to ``n_types`` 4x4
+    poses (linear) and ``n_types`` activations (logistic) at every position.
+
+    forward(x (B, in_channels, H, W)) -> (poses (B, H, W, n_types, 4, 4), activations
+    (B, H, W, n_types)); backward(grad_poses, grad_activations) -> (B, in_channels, H, W).
+    Channels [16 t, 16 t + 16) are type t's pose, channel 16 n_types + t its activation's logit.
+    """
+
+    def __init__(self, in_channels: int = 32, n_types: int = 8, *, dtype: Any = "float32", seed: Any = None):
+        super().__init__()
+        self.n_types = n_types
+        self.conv = Conv2d(in_channels, n_types * (POSE + 1), 1, dtype=dtype, seed=seed)
+
+    def extra_repr(self) -> str:
+        return f"{self.conv.in_channels}, n_types={self.n_types}"
+
+    def forward(self, x: Any) -> tuple[Any, Any]:
+        check_input("MatrixPrimaryCaps", x, (None, self.conv.in_channels, None, None), self.conv.weight.dtype)
+        xp = backend.get_array_module(x, self.conv.weight.data)
+        y = self.conv.forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        b, h, w, _ = y.shape
+        split = self.n_types * POSE
+        a = sigmoid(y[..., split:])
+        self._save(a)
+        return y[..., :split].reshape(b, h, w, self.n_types, 4, 4), a
+
+    def backward(self, grad_poses: Any, grad_activations: Any = None) -> Any:
+        (a,) = self._pop()
+        xp = backend.get_array_module(a)
+        b, h, w, t = a.shape
+        g = xp.zeros((b, h, w, t * (POSE + 1)), dtype=a.dtype)
+        if grad_poses is not None:
+            g[..., : t * POSE] = grad_poses.reshape(b, h, w, t * POSE)
+        if grad_activations is not None:
+            g[..., t * POSE:] = grad_activations * a * (1 - a)
+        gx = self.conv.backward_nhwc(g)
+        return None if gx is None else gx.transpose(0, 3, 1, 2)
+
+
+# -- the spread loss --------------------------------------------------------------------------------
+def _spread_terms(a: Any, labels: Any, margin: float) -> tuple[Any, Any]:
+    """The one-hot targets and max(0, m - (a_t - a_i)) for the wrong classes (0 at i = t)."""
+    xp = backend.get_array_module(a)
+    if getattr(a, "ndim", None) != 2:
+        raise ValueError(f"spread loss expected activations of shape (batch, n_classes), "
+                         f"got {tuple(getattr(a, 'shape', ()))}")
+    b, k = a.shape
+    check_batch("SpreadLoss", tuple(a.shape))
+    check_labels("SpreadLoss", labels, b, k)
+    backend.get_array_module(a, labels)
+    target = (xp.arange(k)[None, :] == labels[:, None]).astype(a.dtype)
+    a_t = (a * target).sum(axis=1, keepdims=True)
+    gap = xp.maximum(a.dtype.type(margin) - (a_t - a), 0) * (1 - target)
+    return target, gap
+
+
+def spread_loss(a: Any, labels: Any, margin: float) -> Any:
+    """L = sum_{i != t} max(0, m - (a_t - a_i))^2, averaged over the batch (section 3 of the
+    paper). a: (B, K) class activations, labels: (B,) the targets t; a 0-d array."""
+    _, gap = _spread_terms(a, labels, margin)
+    return (gap * gap).sum(axis=1).mean()
+
+
+def spread_loss_backward(a: Any, labels: Any, margin: float, grad_out: Any = 1.0) -> Any:
+    """Gradient of :func:`spread_loss` w.r.t. a, (B, K)."""
+    target, gap = _spread_terms(a, labels, margin)
+    g = 2 * gap
+    g = g - target * g.sum(axis=1, keepdims=True)
+    return g * (grad_out / a.shape[0])
+
+
+def spread_margin(progress: float, start: float = 0.2, end: float = 0.9) -> float:
+    """The margin after a fraction ``progress`` in [0, 1] of training: linear from 0.2 to 0.9."""
+    return start + (end - start) * min(max(progress, 0.0), 1.0)
+
+
+class SpreadLoss(Module):
+    """Spread loss. forward(a (B, K), labels (B,)) -> scalar; backward(grad=1) -> (B, K).
+
+    ``margin`` starts at 0.2; a training loop raises it with :meth:`set_progress` (to 0.9 at
+    the end, :func:`spread_margin`)."""
+
+    def __init__(self, margin: float = 0.2, start: float = 0.2, end: float = 0.9):
+        super().__init__()
+        if not 0 < start <= end:
+            raise ValueError(f"SpreadLoss needs 0 < start <= end, got start={start}, end={end}")
+        self.margin, self.start, self.end = margin, start, end
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, start={self.start}, end={self.end}"
+
+    def set_progress(self, progress: float) -> None:
+        """Set the margin for a fraction ``progress`` of training done."""
+        self.margin = spread_margin(progress, self.start, self.end)
+
+    def forward(self, a: Any, labels: Any) -> Any:
+        loss = spread_loss(a, labels, self.margin)
+        self._save(a, labels, self.margin)
+        return loss
+
+    def backward(self, grad_out: Any = 1.0) -> Any:
+        a, labels, margin = self._pop()
+        return spread_loss_backward(a, labels, margin, grad_out)
