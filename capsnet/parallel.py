@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "threads"]
+__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "shard", "threads"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -146,6 +146,14 @@ def blas_limit(n: int) -> Iterator[bool]:
     finally:
         if previous != n:
             api[0](previous)
+
+
+def shard(n: int, rank: int, size: int) -> tuple[int, int]:
+    """The contiguous slice [lo, hi) of n items that part ``rank`` of ``size`` takes (an MPI
+    rank's share of a batch, a host thread's): the first n % size parts get one more."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def run_all(tasks: list[Callable[[], None]]) -> None:

@@ -4,7 +4,7 @@ A CPU training step is matrix products, which BLAS spreads over every core, and
 element-wise passes (routing over u_hat, squash, the losses, the im2col gathers, the DFT
 transposes, the adds and copies between), each of which NumPy runs on one core. With
 ``T`` threads, :class:`Replicas` cuts every batch into ``T`` contiguous slices
-(:func:`capsnet.training.distributed.shard`, as MPI ranks do) and runs each through a
+(:func:`capsnet.parallel.shard`, as MPI ranks do) and runs each through a
 replica of the model on its own thread, with BLAS held to one thread per call
 (:func:`capsnet.parallel.blas_limit`): the whole step, element-wise work included, then
 runs on ``T`` cores. NumPy releases the GIL inside its calls on large arrays.
@@ -41,8 +41,7 @@ from typing import Any, Callable
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
-from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all
-from capsnet.training.distributed import shard
+from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all, shard
 
 __all__ = ["Replicas", "replicate", "split_reason"]
 
