@@ -169,6 +169,11 @@ class Replicas:
             run_all([task(k) for k in range(len(jobs))])
         return results
 
+    @property
+    def models(self) -> list[Module]:
+        """The replicas made so far: the model, then its copies (for tools that look inside)."""
+        return [self.model, *self._copies]
+
     # -- what a model answers ------------------------------------------------------
     @property
     def training(self) -> bool:
