@@ -22,6 +22,9 @@ runs on ``T`` cores. NumPy releases the GIL inside its calls on large arrays.
   count, and a resumed run ends where an uninterrupted one does. Against one thread the
   result differs by rounding (the summation order, and the convolution method that
   ``Conv2d``'s automatic choice picks for the smaller slice), as under MPI.
+- **What depends on the weights alone** is made once per step: a layer with a
+  ``share_with_replica(copy)`` method (``Conv2d``: the Fourier method's weight spectrum)
+  hands its copies a holder that the first replica fills.
 - **Buffers.** Dropout draws the mask of the whole batch and keeps the slice's rows
   (:func:`capsnet.layers.stochastic.batch_slice`), so masks do not depend on the thread
   count; copies take the model's buffers before each forward. BatchNorm normalises each
@@ -119,6 +122,7 @@ class Replicas:
         self.model = model
         self.threads = threads
         self._copies: list[Module] = []
+        self._shared: list[Any] = []  # holders of what the replicas share within a step (weight spectra)
         self._slices: list[tuple[int, int]] | None = None  # of the forward awaiting its backward
 
     # -- the replicas -------------------------------------------------------------
@@ -128,10 +132,18 @@ class Replicas:
         memo: dict[int, Any] = {}
         for p in self.model.parameters():
             memo[id(p.data)] = p.data
+        for holder in self._shared:  # shared as they are, never copied
+            memo[id(holder)] = holder
         clone = copy.deepcopy(self.model, memo)
         clone.release()  # scratch copied from the model is not this replica's
         for p in clone.parameters():
             p.grad[...] = 0
+        for mine, theirs in zip(self.model.modules(), clone.modules()):
+            share = getattr(mine, "share_with_replica", None)
+            if share is not None:  # what depends only on the weights is made once per step
+                holder = share(theirs)
+                if all(holder is not h for h in self._shared):
+                    self._shared.append(holder)
         return clone
 
     def _replicas(self, n: int) -> list[Module]:
@@ -225,7 +237,14 @@ class Replicas:
                 with batch_slice(total, base + lo, base + hi):
                     return replica(*args)
             return run
-        outputs = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)])
+        shared = self._shared if training and len(slices) > 1 else []
+        for holder in shared:
+            holder.open()
+        try:
+            outputs = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)])
+        finally:
+            for holder in shared:
+                holder.close()
         if training and len(slices) > 1:
             self._average_buffers(replicas)
         self._slices = slices if training else None

@@ -21,13 +21,14 @@ pytestmark = pytest.mark.skipif(parallel.blas_threads() is None,
 SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=(32, 64))
 
 
-def capsnet_steps(threads, steps=3, batch=12, dtype="float32", seed=0):
+def capsnet_steps(threads, steps=3, batch=12, dtype="float32", seed=0, algorithm="auto"):
     """A small CapsNet after ``steps`` Adam steps on fixed data, run through ``threads`` replicas
     (the model itself for 1); returns (model, last loss, gradients of the last step)."""
     rng = np.random.default_rng(5)
     x = rng.random((batch, 1, 28, 28)).astype(dtype)
     y = np.arange(batch) % 10
     model = CapsNet(CapsNetConfig(**SMALL), dtype=dtype, seed=seed)
+    model.primary.conv.algorithm = algorithm
     crit, opt = CapsNetLoss(), Adam(model.parameters(), lr=1e-3)
     runner = model if threads == 1 else Replicas(model, threads)
     for _ in range(steps):
@@ -53,16 +54,42 @@ def test_the_threaded_step_repeats_bit_for_bit():
 def test_the_threaded_gradient_is_the_one_thread_gradient_to_rounding():
     """In float64 the slices' gradients summed agree with the whole batch's to ~1e-12; in float32
     the weights after three Adam steps agree to rounding (what MPI ranks are held to)."""
-    _, loss1, grads1 = capsnet_steps(1, steps=1, dtype="float64")
-    for threads in (2, 3, 5):
-        _, loss_t, grads_t = capsnet_steps(threads, steps=1, dtype="float64")
-        assert loss_t == pytest.approx(loss1, rel=1e-13)
-        for name, g in grads1.items():
-            np.testing.assert_allclose(grads_t[name], g, rtol=1e-9, atol=1e-14, err_msg=f"{threads} threads, {name}")
+    for algorithm in ("im2col", "fourier"):  # the replicas share one weight spectrum
+        _, loss1, grads1 = capsnet_steps(1, steps=2, dtype="float64", algorithm=algorithm)
+        for threads in (2, 3, 5):
+            _, loss_t, grads_t = capsnet_steps(threads, steps=2, dtype="float64", algorithm=algorithm)
+            assert loss_t == pytest.approx(loss1, rel=1e-12)
+            for name, g in grads1.items():
+                np.testing.assert_allclose(grads_t[name], g, rtol=1e-8, atol=1e-13,
+                                           err_msg=f"{algorithm}, {threads} threads, {name}")
     one, _, _ = capsnet_steps(1)
     two, _, _ = capsnet_steps(2)
     for name, value in one.state_dict().items():
         np.testing.assert_allclose(two.state_dict()[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_the_shared_weight_spectrum_serves_only_replicated_steps():
+    """After a replicated step and an optimizer step, the model used on its own computes the
+    spectrum of its new weights, not the replicas' stale one."""
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 28, 28))
+    y = np.arange(6) % 10
+    model = CapsNet(CapsNetConfig(**SMALL), dtype="float64", seed=1)
+    model.primary.conv.algorithm = "fourier"
+    crit, opt = CapsNetLoss(), Adam(model.parameters(), lr=1e-2)
+    runner = Replicas(model, 2)
+    lengths, recon = runner(x, y)
+    crit(lengths, recon, y, x)
+    runner.backward(*crit.backward())
+    opt.step()
+    fresh = CapsNet(CapsNetConfig(**SMALL), dtype="float64", seed=9)
+    fresh.load_state_dict(model.state_dict())
+    fresh.primary.conv.algorithm = "fourier"
+    np.testing.assert_allclose(model(x, y)[0], fresh(x, y)[0], rtol=1e-12)
+    assert model.held_nbytes() > 0
+    runner.release()
+    model.release()
+    assert all(m.held_nbytes() == 0 for m in runner.models)
 
 
 def test_predict_and_eval_forward_join_the_slices_in_order():
