@@ -49,7 +49,6 @@ from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all, sh
 __all__ = ["Replicas", "replicate", "split_reason"]
 
 CHUNK = 1 << 18  # elements per task of the gradient reduction: 1 MB of float32 per array
-MIN_ROWS = 1  # the fewest examples a replica is given
 
 
 def split_reason(model: Module, threads: int | None = None) -> str | None:
@@ -163,7 +162,7 @@ class Replicas:
         return [self.model, *self._copies[:n - 1]]
 
     def _plan(self, rows: int) -> list[tuple[int, int]]:
-        n = max(1, min(self.threads, rows // MIN_ROWS))
+        n = max(1, min(self.threads, rows))  # every replica gets at least one example
         return [shard(rows, r, n) for r in range(n)]
 
     def _run(self, jobs: list[Callable[[], Any]]) -> list:
