@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from capsnet import backend, parallel
+from capsnet import replicas as replicas_module
 from capsnet.data import ArrayDataset, random_shift
 from capsnet.layers import BatchNorm1d, Dropout, Flatten, Linear, Mask, ReLU, Sequential, Sigmoid
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss
@@ -14,6 +15,14 @@ from capsnet.replicas import Replicas, replicate, split_reason
 from capsnet.training import CapsNetTask, Trainer
 
 from test_loop import conv_net, mnist_slice  # noqa: F401 - the fixture
+
+
+@pytest.fixture(autouse=True)
+def split_small_batches(monkeypatch):
+    """These tests split batches of a few examples; the library splits a training batch only
+    into slices of MIN_TRAIN_SLICE or more (tested below with its own value)."""
+    monkeypatch.setattr(replicas_module, "MIN_TRAIN_SLICE", 1)
+
 
 pytestmark = pytest.mark.skipif(parallel.blas_threads() is None,
                                 reason="the BLAS thread count cannot be controlled here (no OpenBLAS loaded)")
@@ -279,3 +288,22 @@ def test_nothing_threaded_touches_a_device_model(emulated_cupy, mnist_slice, tmp
         history = trainer.fit()
     assert history[-1]["host_threads"] == 1
     assert trainer._runner is model
+
+
+def test_a_training_batch_is_split_only_into_slices_of_the_minimum_size(monkeypatch):
+    monkeypatch.setattr(replicas_module, "MIN_TRAIN_SLICE", 32)
+    model = conv_net(dtype="float64")
+    runner = Replicas(model, 2)
+    model.train()
+    x = np.random.default_rng(0).random((32, 1, 28, 28))
+    runner(x)
+    runner.backward(np.ones((32, 10)))
+    assert len(runner.models) == 1  # 32 examples: one replica, BLAS on every core
+    runner(np.concatenate([x, x]))
+    runner.backward(np.ones((64, 10)))
+    assert len(runner.models) == 2  # 64: two slices of 32
+    model.eval()
+    fresh = Replicas(conv_net(dtype="float64"), 2)
+    fresh.eval()
+    fresh(x[:8])
+    assert len(fresh.models) == 2  # inference splits at any size
