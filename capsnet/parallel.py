@@ -1,10 +1,11 @@
-"""Both CPU cores for NumPy's single-threaded work.
+"""Host threads for NumPy's single-threaded work, and the BLAS thread count around them.
 
 A NumPy element-wise pass runs on one core while OpenBLAS's large products use all of
-them. Work that splits into independent pieces (the chunks of an optimizer update) can
-run on a few threads instead: NumPy releases the GIL inside those calls. (Splitting
-dynamic routing over the batch the same way was measured and did not speed up the
-training step: NOTES.md.) Each piece computes
+them. Work that splits into independent pieces (the chunks of an optimizer update, the
+slices of a batch that :mod:`capsnet.replicas` runs through one model replica each) can
+run on a few threads instead: NumPy releases the GIL inside those calls. Threads that
+each call BLAS must keep it to one thread per call (:func:`blas_limit`), or the
+products queue behind OpenBLAS's lock and the cores are oversubscribed. Each piece computes
 exactly what the whole would for its part (nothing is reduced across pieces), so the
 results are the same bit for bit whatever the split. Only work on NumPy arrays comes
 here (the optimizers run CuPy updates on the calling thread); on CuPy the GPU already runs
@@ -12,12 +13,14 @@ each call in parallel.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["host_threads", "run_all"]
+__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "shard", "threads"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -25,18 +28,132 @@ _pool_lock = threading.Lock()
 _inside = threading.local()
 
 
+_chosen = threading.local()  # set by threads(n): this thread's choice, above the environment's
+
+
+def _local_ranks() -> int:
+    """MPI ranks started on this node (MPICH/Hydra, Open MPI, Slurm), 1 outside mpiexec."""
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def host_threads() -> int:
-    """Threads this work may use: the CPUs the process may run on, capped by
-    OMP_NUM_THREADS or OPENBLAS_NUM_THREADS when set (the matrix products' limit)."""
+    """Threads this work may use: the value of an enclosing :func:`threads` block; else
+    the CPUs the process may run on, capped by OMP_NUM_THREADS or OPENBLAS_NUM_THREADS
+    when set (the matrix products' limit); without either, under mpiexec, the node's
+    CPUs shared out among its ranks."""
+    chosen = getattr(_chosen, "n", None)
+    if chosen is not None:
+        return chosen
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
+    capped = False
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
-            n = min(n, int(value))
+            n, capped = min(n, int(value)), True
+    if not capped:
+        n //= _local_ranks()
     return max(n, 1)
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Inside the block, :func:`host_threads` is ``n`` on this thread (None: back to the
+    environment's count); the caller's setting is restored on the way out."""
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {n!r}")
+    previous = getattr(_chosen, "n", None)
+    _chosen.n = n
+    try:
+        yield
+    finally:
+        _chosen.n = previous
+
+
+# -- the BLAS library's own thread count ------------------------------------------------
+# OpenBLAS (what NumPy's wheels ship, under its own or a scipy_ prefix, with a 64_ suffix
+# for 64-bit integers) is found among the libraries this process has loaded and asked
+# through its C API (ctypes, in the standard library). Another BLAS (MKL, Accelerate) is
+# not controlled: blas_threads() is then None and callers keep to one thread of their own.
+_BLAS_NAMES = [(f"{prefix}openblas_set_num_threads{suffix}", f"{prefix}openblas_get_num_threads{suffix}")
+               for prefix in ("scipy_", "") for suffix in ("64_", "")]
+_blas: tuple | None = None
+_blas_probed = False
+_blas_lock = threading.Lock()
+
+
+def _loaded_openblas() -> list[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return []
+    return sorted(paths)
+
+
+def _blas_api() -> tuple | None:
+    """(set_num_threads, get_num_threads) of the loaded OpenBLAS, or None."""
+    global _blas, _blas_probed
+    if _blas_probed:
+        return _blas
+    import numpy  # noqa: F401, PLC0415 - loads the BLAS NumPy links against
+
+    with _blas_lock:
+        if not _blas_probed:
+            for path in _loaded_openblas():
+                try:
+                    lib = ctypes.CDLL(path)
+                except OSError:
+                    continue
+                for set_name, get_name in _BLAS_NAMES:
+                    if hasattr(lib, set_name) and hasattr(lib, get_name):
+                        setter, getter = getattr(lib, set_name), getattr(lib, get_name)
+                        setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+                        _blas = (setter, getter)
+                        break
+                if _blas is not None:
+                    break
+            _blas_probed = True
+    return _blas
+
+
+def blas_threads() -> int | None:
+    """The thread count of the loaded OpenBLAS, or None when it cannot be controlled."""
+    api = _blas_api()
+    return None if api is None else int(api[1]())
+
+
+@contextlib.contextmanager
+def blas_limit(n: int) -> Iterator[bool]:
+    """Inside the block the BLAS library runs each call on at most ``n`` threads (process
+    wide: enter it on the thread that hands work to the others); yields whether the
+    library could be controlled. The previous count is restored on the way out."""
+    api = _blas_api()
+    if api is None:
+        yield False
+        return
+    previous = int(api[1]())
+    if previous != n:
+        api[0](n)
+    try:
+        yield True
+    finally:
+        if previous != n:
+            api[0](previous)
+
+
+def shard(n: int, rank: int, size: int) -> tuple[int, int]:
+    """The contiguous slice [lo, hi) of n items that part ``rank`` of ``size`` takes (an MPI
+    rank's share of a batch, a host thread's): the first n % size parts get one more."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def run_all(tasks: list[Callable[[], None]]) -> None:

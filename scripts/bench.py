@@ -242,6 +242,7 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     from capsnet.data import to_float
     from capsnet.models.capsnet import CapsNet, CapsNetLoss
     from capsnet.optim import Adam
+    from capsnet.replicas import replicate, split_reason
 
     backend.set_backend("numpy")
     images, labels, digits = _load_batch(args.worker_data, args.worker_batch)
@@ -254,16 +255,17 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     model = CapsNet(dtype="float32", seed=0, **NETWORKS[args.worker_network])
     crit = CapsNetLoss()
     opt = Adam(model.parameters(), lr=1e-3)
+    runner = replicate(model)  # one replica per thread, a slice of the batch each (capsnet.replicas)
 
     def train_step() -> None:
-        lengths, recon = model(x, y)
+        lengths, recon = runner(x, y)
         crit(lengths, recon, y, target)
-        model.backward(*crit.backward())
+        runner.backward(*crit.backward())
         opt.step()
         opt.zero_grad()
 
     def infer() -> None:
-        model.predict(x)
+        runner.predict(x)
 
     model.train()
     conv = model.primary.conv
@@ -274,7 +276,8 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     method["infer"] = conv.algorithm_for(h1, w1, args.worker_batch)
     conv.train()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
-            "primary_conv_method": method, "versions": {"numpy": np.__version__}}
+            "primary_conv_method": method, "versions": {"numpy": np.__version__},
+            "replicas": getattr(runner, "threads", 1), "one_replica_because": split_reason(model)}
 
 
 def worker_torch(args: argparse.Namespace) -> dict[str, Any]:

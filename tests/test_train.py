@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsnet import backend, evaluate as evaluate_cli, train as train_cli
+from capsnet import backend, evaluate as evaluate_cli, parallel, train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
 from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, load_model, load_weights
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
@@ -156,12 +156,14 @@ def test_a_run_folder_from_capsnet_0_1_resumes_to_the_same_weights(mnist_dir, tm
     NumPy 2.4.6): a tiny CapsNet stopped by Ctrl-C after step 3 of epoch 1.
     uninterrupted-weights.npz holds that version's weights at the end of the same run
     without the stop. Resumed here, the run ends where 0.1's did: bit for bit under the
-    NumPy that wrote it, to rounding under another build (other BLAS kernels)."""
+    NumPy that wrote it, to rounding under another build (other BLAS kernels). 0.1 ran each
+    batch on one thread (BLAS's own threads aside), so the resume does too."""
     run = tmp_path / "run"
     run.mkdir()
     for name in ("checkpoint.npz", "config.json"):
         shutil.copy(DATA / "run-v0.1" / name, run / name)
-    assert train_cli.main(["--out", str(run), "--resume", "--data-dir", str(mnist_dir), "--no-progress"]) == 0
+    with parallel.threads(1):
+        assert train_cli.main(["--out", str(run), "--resume", "--data-dir", str(mnist_dir), "--no-progress"]) == 0
     _, state, _ = load_checkpoint(run / "checkpoint.npz")
     same_numpy = np.__version__ == "2.4.6"
     with np.load(DATA / "run-v0.1" / "uninterrupted-weights.npz") as expected:

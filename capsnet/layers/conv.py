@@ -399,6 +399,11 @@ class Conv2d(Module):
                                              k, self.stride, batch, training=self.training,
                                              input_grad=self.input_grad) else "im2col"
 
+    def share_with_replica(self, replica: "Conv2d") -> Any:
+        """Let ``replica`` (this layer in a copy of the model, :mod:`capsnet.replicas`) share
+        this layer's weight spectrum; returns the holder, opened and closed around each step."""
+        return self._fourier.share_weight_spectrum(replica._fourier)
+
     def _release_scratch(self) -> None:
         self._fourier.release()
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from capsnet.layers.base import conv_output_size
 
 __all__ = [
     "FourierConv",
+    "SharedSpectrum",
     "SpectrumCache",
     "Workspace",
     "conv2d_fourier_nhwc",
@@ -423,6 +425,48 @@ def fourier_pays_off(h: int, w: int, c: int, o: int, k: int, stride: int, batch:
     return batch * saving > weight_cost
 
 
+class SharedSpectrum:
+    """One weight spectrum for the replicas of a layer that run a training step side by side
+    (:mod:`capsnet.replicas`): the first replica to ask computes it, under a lock, and the
+    others use it, instead of each holding its own (109 MB for PrimaryCaps). It answers only
+    while open: :meth:`open` before the replicas' forwards, :meth:`close` after, so a call
+    outside a replicated step (the model used on its own) computes its own spectrum."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keep = Workspace()
+        self._spectrum: Any = None
+        self._open = False
+
+    def open(self) -> None:
+        """A new step: the weights may have changed since the last spectrum."""
+        with self._lock:
+            self._spectrum, self._open = None, True
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def get(self, w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
+        with self._lock:
+            if self._spectrum is None:
+                self._spectrum = weight_spectrum(w, stride, plan, g, work, self._keep)
+            return self._spectrum
+
+    def release(self) -> None:
+        with self._lock:
+            self._spectrum = None
+            self._keep.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return self._keep.nbytes
+
+
 class FourierConv:
     """What one convolution layer keeps between calls of the Fourier method, and its release.
 
@@ -441,6 +485,15 @@ class FourierConv:
         self._scratch = Workspace()
         self._weights = SpectrumCache()
         self._spare: Workspace | None = None
+        self._shared: SharedSpectrum | None = None  # the weight spectrum of replicated training steps
+
+    def share_weight_spectrum(self, other: "FourierConv") -> SharedSpectrum:
+        """Let ``other`` (the same layer in a replica of the model) use this layer's weight
+        spectrum in training steps run between the holder's open() and close()."""
+        if self._shared is None:
+            self._shared = SharedSpectrum()
+        other._shared = self._shared
+        return self._shared
 
     def start_training(self) -> None:
         """Free what inference keeps (called by every training forward, whatever its method)."""
@@ -456,7 +509,7 @@ class FourierConv:
             # handed back by its backward, are reused (a forward with no backward in
             # between gets fresh ones)
             work, keep, self._spare = None, self._spare or Workspace(), None
-            weight_cache = None
+            weight_cache = self._shared if self._shared is not None and self._shared.is_open else None
         else:
             work = keep = self._scratch
             weight_cache = self._weights
@@ -473,15 +526,19 @@ class FourierConv:
         return grads
 
     def release(self) -> None:
-        """Free the scratch, the cached weight spectrum and the spare spectra arrays."""
+        """Free the scratch, the cached weight spectrum and the spare spectra arrays (and the
+        spectrum shared with replicas)."""
         self.start_training()
         self._spare = None
+        if self._shared is not None:
+            self._shared.release()
 
     @property
     def nbytes(self) -> int:
         """Bytes held between calls (not counting a forward's state awaiting its backward)."""
         spare = self._spare.nbytes if self._spare is not None else 0
-        return self._scratch.nbytes + self._weights.nbytes + spare
+        shared = self._shared.nbytes if self._shared is not None else 0
+        return self._scratch.nbytes + self._weights.nbytes + spare + shared
 
     @property
     def holds_weight_spectrum(self) -> bool:

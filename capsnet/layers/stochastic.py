@@ -17,7 +17,7 @@ import numpy as np
 from capsnet import backend
 from capsnet.layers.base import Buffer, Module
 
-__all__ = ["Dropout", "batch_slice", "dropout", "dropout_backward"]
+__all__ = ["Dropout", "batch_slice", "current_batch_slice", "dropout", "dropout_backward"]
 
 _slice = threading.local()
 
@@ -33,6 +33,11 @@ def batch_slice(total: int, lo: int, hi: int) -> Iterator[None]:
         yield
     finally:
         _slice.rows = previous
+
+
+def current_batch_slice() -> tuple[int, int, int] | None:
+    """(total, lo, hi) of the enclosing :func:`batch_slice` block on this thread, or None."""
+    return getattr(_slice, "rows", None)
 
 
 def dropout(x: Any, p: float, rng: np.random.Generator, rows: tuple[int, int, int] | None = None) -> tuple[Any, Any]:

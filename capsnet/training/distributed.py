@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from capsnet import backend
+from capsnet.parallel import shard  # the ranks' slices are the host threads' (capsnet.replicas)
 
 __all__ = ["GradientBuffer", "LocalComm", "MPIComm", "launched_by_mpi", "shard", "world"]
 
@@ -41,14 +42,6 @@ def launched_by_mpi() -> int:
         if value and value.isdigit():
             return int(value)
     return 0
-
-
-def shard(n: int, rank: int, size: int) -> tuple[int, int]:
-    """The contiguous slice [lo, hi) of n items that ``rank`` of ``size`` takes: the first
-    n % size ranks get one more."""
-    base, extra = divmod(n, size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
 
 
 class LocalComm:

@@ -47,6 +47,7 @@ from capsnet import backend, checks
 from capsnet.layers.base import Module
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
 from capsnet.layers.stochastic import batch_slice
+from capsnet.replicas import replicate
 from capsnet.training.distributed import GradientBuffer, LocalComm, fail, shard
 from capsnet.training.tensorboard import TensorBoardLog, summary_writer_class
 
@@ -457,7 +458,7 @@ class Trainer:
                                 "rng_state": self.rng.bit_generator.state, "epoch_rng_state": self.epoch_rng_state,
                                 "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                                 "running": self.running, "best": self.best_value, "best_key": self.best_key,
-                                "world_size": self.comm.size})
+                                "world_size": self.comm.size, "host_threads": self._host_threads()})
 
     # -- the loop ---------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
@@ -474,6 +475,9 @@ class Trainer:
             if self.log and backend.is_emulated() and self.backend_name == "cupy":
                 print(f"device: {backend.describe_device(self.backend_name)}", flush=True)
             self._grads = GradientBuffer(self.model.parameters(), self.comm) if self.comm.size > 1 else None
+            # one model replica per host thread, a slice of each batch each (capsnet.replicas);
+            # the model itself with one thread or off NumPy
+            self._runner = replicate(self.model)
             self._stop = False
             previous = signal.getsignal(signal.SIGINT)
             # only where Ctrl-C would raise KeyboardInterrupt (not where it is ignored, as for
@@ -506,7 +510,7 @@ class Trainer:
                 if self._tb is not None:
                     self._tb.close()
                     self._tb = None
-                self.model.release()  # no step's cache or spectra outlive the run
+                self._runner.release()  # no step's cache or spectra outlive the run
             return history
 
     @property
@@ -518,6 +522,10 @@ class Trainer:
     def global_step(self) -> int:
         """Optimizer steps taken since the run began (restored on a resume)."""
         return self.epoch * self.steps_per_epoch + self.step_in_epoch
+
+    def _host_threads(self) -> int:
+        """The threads that split each batch (a resume is bit-exact with the same count)."""
+        return getattr(getattr(self, "_runner", None), "threads", 1)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop = True
@@ -591,9 +599,9 @@ class Trainer:
                 n_local = len(batch[0])
                 if n_local:
                     with batch_slice(len(idx), lo, hi) if size > 1 else contextlib.nullcontext():
-                        loss, outputs = self.task.forward(model, batch)
+                        loss, outputs = self.task.forward(self._runner, batch)
                     self.optimizer.zero_grad()
-                    self.task.backward(model)
+                    self.task.backward(self._runner)
                 else:  # a short last batch leaves this rank nothing: it adds zeros to the sum
                     self.optimizer.zero_grad()
                     for m in model.modules():
@@ -633,7 +641,7 @@ class Trainer:
             record[f"train_{name}"] = _mean(self.running["metrics"].get(name, 0.0), seen)
         self._sync_buffers()
         if self.eval_data is not None:
-            result = evaluate(model, self.task, self.eval_data, batch_size=self.batch_size, metrics=self.metrics,
+            result = evaluate(self._runner, self.task, self.eval_data, batch_size=self.batch_size, metrics=self.metrics,
                               progress=self.progress, desc=self.eval_name, comm=self.comm)
             record[f"{self.eval_name}_loss"] = result["loss"]
             for name in self.metrics:
@@ -642,6 +650,7 @@ class Trainer:
         record["train_images_per_second"] = images_done / train_seconds if train_seconds > 0 else math.nan
         record["epoch_seconds"] = time.perf_counter() - start
         record["world_size"] = self.comm.size
+        record["host_threads"] = self._host_threads()
         self.epoch += 1
         self.step_in_epoch = 0
         self.epoch_rng_state = None

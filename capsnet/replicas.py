@@ -1,0 +1,327 @@
+"""Data parallelism inside one process: a model replica per host thread, a slice of the batch each.
+
+A CPU training step is matrix products, which BLAS spreads over every core, and
+element-wise passes (routing over u_hat, squash, the losses, the im2col gathers, the DFT
+transposes, the adds and copies between), each of which NumPy runs on one core. With
+``T`` threads, :class:`Replicas` cuts every batch into ``T`` contiguous slices
+(:func:`capsnet.parallel.shard`, as MPI ranks do) and runs each through a
+replica of the model on its own thread, with BLAS held to one thread per call
+(:func:`capsnet.parallel.blas_limit`): the whole step, element-wise work included, then
+runs on ``T`` cores. NumPy releases the GIL inside its calls on large arrays.
+
+- **One set of weights.** Replica 0 is the model itself; the others are copies whose
+  parameters are the model's arrays (re-bound before every call, so an optimizer or a
+  ``load_state_dict`` that replaces them is followed) with gradients of their own. A
+  backward adds each copy's gradient into the model's, in replica order, and zeroes it;
+  the optimizer sees only the model's parameters.
+- **The loss over the whole batch.** Outputs are joined along the batch axis, so a
+  task computes its loss (and the gradient of its mean) as for one thread; the output
+  gradient is cut into the same slices for the backward.
+- **Deterministic.** Each replica computes its slice with single-threaded BLAS and the
+  gradients meet in a fixed order, so a run repeats bit for bit with the same thread
+  count, and a resumed run ends where an uninterrupted one does. Against one thread the
+  result differs by rounding (the summation order, and the convolution method that
+  ``Conv2d``'s automatic choice picks for the smaller slice), as under MPI.
+- **What depends on the weights alone** is made once per step: a layer with a
+  ``share_with_replica(copy)`` method (``Conv2d``: the Fourier method's weight spectrum)
+  hands its copies a holder that the first replica fills.
+- **Buffers.** Dropout draws the mask of the whole batch and keeps the slice's rows
+  (:func:`capsnet.layers.stochastic.batch_slice`), so masks do not depend on the thread
+  count; copies take the model's buffers before each forward. BatchNorm normalises each
+  slice with its own statistics; the running statistics are averaged over the replicas
+  after each training forward.
+
+Only NumPy models are split, and only where BLAS's thread count can be controlled
+(OpenBLAS, what NumPy's wheels ship); otherwise, and with one thread,
+:func:`replicate` gives the model back and nothing changes. On CuPy the GPU already
+runs each call in parallel, and a device and stream belong to the calling thread.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from capsnet import backend
+from capsnet.layers.base import Module
+from capsnet.layers.stochastic import batch_slice, current_batch_slice
+from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all, shard
+
+__all__ = ["Replicas", "replicate", "split_reason"]
+
+CHUNK = 1 << 18  # elements per task of the gradient reduction: 1 MB of float32 per array
+# A training batch is split only into slices of at least this many examples. Measured at 2
+# threads on the paper's network (scripts/bench_compare.py, quiet machine): slices of 50
+# (batch 100) trained 1.20x faster than one replica with BLAS on both cores, slices of 16
+# (batch 32) 0.93x. Inference splits at any size (batch 32: 1.20x).
+MIN_TRAIN_SLICE = 32
+
+
+def split_reason(model: Module, threads: int | None = None) -> str | None:
+    """Why ``model`` would run on one thread (a sentence), or None when it can be split."""
+    n = host_threads() if threads is None else threads
+    if n <= 1:
+        return "one host thread (OMP_NUM_THREADS, capsnet.parallel.threads)"
+    params = model.parameters()
+    if not params:
+        return "the model has no parameters"
+    if any(backend.backend_of(p.data) != "numpy" for p in params):
+        return "the model is not on the NumPy backend (the GPU parallelises each call)"
+    if blas_threads() is None:
+        return "the BLAS thread count cannot be controlled (no OpenBLAS loaded)"
+    return None
+
+
+def replicate(model: Module, threads: int | None = None) -> Any:
+    """``model`` run as :class:`Replicas` on ``threads`` host threads (default
+    :func:`~capsnet.parallel.host_threads`), or ``model`` itself where that cannot help
+    (see :func:`split_reason`). Both answer ``__call__``, ``backward``, ``predict``,
+    ``train``, ``eval``, ``training``, ``parameters`` and ``release``."""
+    n = host_threads() if threads is None else threads
+    return model if split_reason(model, n) is not None else Replicas(model, n)
+
+
+def _split(value: Any, rows: int, lo: int, hi: int) -> Any:
+    """Rows [lo, hi) of every array with ``rows`` rows in ``value`` (tuples and lists
+    followed); anything else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_split(v, rows, lo, hi) for v in value)
+    if hasattr(value, "shape") and len(value.shape) >= 1 and value.shape[0] == rows:
+        return value[lo:hi]
+    return value
+
+
+def _join(parts: list, slices: list[tuple[int, int]], what: str) -> Any:
+    """The replicas' results joined along the batch axis (tuples followed; None stays None).
+    Each must have its slice's rows: an output laid out otherwise (a model returning
+    (targets * batch, ...) rows) cannot be joined and is refused."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([p[k] for p in parts], slices, what) for k in range(len(first)))
+    if len(parts) == 1:
+        return first
+    for part, (lo, hi) in zip(parts, slices):
+        if not hasattr(part, "shape") or len(part.shape) == 0 or part.shape[0] != hi - lo:
+            shape = tuple(part.shape) if hasattr(part, "shape") else type(part).__name__
+            raise ValueError(f"Replicas cannot join the replicas' {what}: a slice of {hi - lo} rows gave {shape}, "
+                             "expected the batch along the first axis. Run this model on one thread "
+                             "(OMP_NUM_THREADS=1, or capsnet.parallel.threads(1))")
+    xp = backend.get_array_module(*parts)
+    return xp.concatenate(parts, axis=0)
+
+
+class Replicas:
+    """``model`` run on ``threads`` host threads, one replica and one slice of each batch per
+    thread (see the module docstring). ``replicas(*inputs)`` and ``replicas.backward(*grads)``
+    work as the model's own; ``replicas.map(name, *args)`` calls any batch method (such as
+    ``predict``) slice by slice. ``replicas.model`` is the model."""
+
+    def __init__(self, model: Module, threads: int):
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"Replicas threads must be a positive integer, got {threads!r}")
+        reason = split_reason(model, max(threads, 2))
+        if reason is not None:
+            raise ValueError(f"Replicas cannot split this model: {reason}")
+        self.model = model
+        self.threads = threads
+        self._copies: list[Module] = []
+        self._shared: list[Any] = []  # holders of what the replicas share within a step (weight spectra)
+        self._slices: list[tuple[int, int]] | None = None  # of the forward awaiting its backward
+
+    # -- the replicas -------------------------------------------------------------
+    def _clone(self) -> Module:
+        """A copy of the model sharing its parameter arrays, with its own gradients,
+        buffers, caches and scratch."""
+        memo: dict[int, Any] = {}
+        for p in self.model.parameters():
+            memo[id(p.data)] = p.data
+        for holder in self._shared:  # shared as they are, never copied
+            memo[id(holder)] = holder
+        clone = copy.deepcopy(self.model, memo)
+        clone.release()  # scratch copied from the model is not this replica's
+        for p in clone.parameters():
+            p.grad[...] = 0
+        for mine, theirs in zip(self.model.modules(), clone.modules()):
+            share = getattr(mine, "share_with_replica", None)
+            if share is not None:  # what depends only on the weights is made once per step
+                holder = share(theirs)
+                if all(holder is not h for h in self._shared):
+                    self._shared.append(holder)
+        return clone
+
+    def _replicas(self, n: int) -> list[Module]:
+        """The first ``n`` replicas, their parameters bound to the model's current arrays."""
+        params = self.model.parameters()
+        while len(self._copies) < n - 1:
+            self._copies.append(self._clone())
+        for clone in self._copies[:n - 1]:
+            theirs = clone.parameters()
+            if len(theirs) != len(params) or any(a.shape != b.shape or a.dtype != b.dtype
+                                                 for a, b in zip(theirs, params)):
+                raise RuntimeError("the model's parameters changed shape or dtype since its replicas were made "
+                                   "(Module.astype or a new layer?): build a new Replicas")
+            for mine, theirs_p in zip(theirs, params):
+                mine.data = theirs_p.data
+            clone.train(self.model.training)
+        return [self.model, *self._copies[:n - 1]]
+
+    def _plan(self, rows: int, training: bool = False) -> list[tuple[int, int]]:
+        """The slices of a batch of ``rows``: one per thread, each of at least one example
+        (at least MIN_TRAIN_SLICE in training, below which one replica with BLAS on every
+        core is faster)."""
+        most = rows // MIN_TRAIN_SLICE if training else rows
+        n = max(1, min(self.threads, most))
+        return [shard(rows, r, n) for r in range(n)]
+
+    def _run(self, jobs: list[Callable[[], Any]]) -> list:
+        """The jobs on the host threads, BLAS on one thread each; their results in order."""
+        results: list = [None] * len(jobs)
+
+        def task(k: int) -> Callable[[], None]:
+            def run() -> None:
+                results[k] = jobs[k]()
+            return run
+        if len(jobs) == 1:
+            results[0] = jobs[0]()
+            return results
+        with blas_limit(1):
+            run_all([task(k) for k in range(len(jobs))])
+        return results
+
+    @property
+    def models(self) -> list[Module]:
+        """The replicas made so far: the model, then its copies (for tools that look inside)."""
+        return [self.model, *self._copies]
+
+    # -- what a model answers ------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> "Replicas":
+        self.model.train(mode)
+        for clone in self._copies:
+            clone.train(mode)
+        return self
+
+    def eval(self) -> "Replicas":
+        return self.train(False)
+
+    def parameters(self) -> list:
+        return self.model.parameters()
+
+    def release(self) -> "Replicas":
+        """Drop every replica's caches and scratch (the copies stay, without memory of their own
+        beyond their gradients)."""
+        self.model.release()
+        for clone in self._copies:
+            clone.release()
+        self._slices = None
+        return self
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.forward(*inputs)
+
+    def forward(self, *inputs: Any) -> Any:
+        """The model's forward on each slice of the batch (the first input's rows), joined."""
+        rows = _rows(inputs)
+        training = self.model.training
+        slices = self._plan(rows, training)
+        replicas = self._replicas(len(slices))
+        buffers = [buf for _, buf in self.model.named_buffers()]
+        for clone in replicas[1:]:
+            for mine, theirs in zip((buf for _, buf in clone.named_buffers()), buffers):
+                mine.data[...] = theirs.data
+
+        # rows of the caller's batch, itself perhaps an MPI rank's slice of a global batch
+        total, base = (rows, 0) if (outer := current_batch_slice()) is None else (outer[0], outer[1])
+
+        def job(replica: Module, lo: int, hi: int) -> Callable[[], Any]:
+            def run() -> Any:
+                args = _split(inputs, rows, lo, hi)
+                if len(slices) == 1:
+                    return replica(*args)
+                with batch_slice(total, base + lo, base + hi):
+                    return replica(*args)
+            return run
+        shared = self._shared if training and len(slices) > 1 else []
+        for holder in shared:
+            holder.open()
+        try:
+            outputs = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)])
+        finally:
+            for holder in shared:
+                holder.close()
+        if training and len(slices) > 1:
+            self._average_buffers(replicas)
+        self._slices = slices if training else None
+        return _join(outputs, slices, "outputs")
+
+    def backward(self, *grads: Any) -> Any:
+        """The model's backward, slice by slice, with the copies' parameter gradients added
+        into the model's; returns the input gradient joined (or None)."""
+        if self._slices is None:
+            raise RuntimeError("Replicas.backward called without a training forward before it: call forward "
+                               "in training mode (train()) before each backward")
+        slices, self._slices = self._slices, None
+        rows = slices[-1][1]
+        replicas = self._replicas(len(slices))
+
+        def job(replica: Module, lo: int, hi: int) -> Callable[[], Any]:
+            return lambda: replica.backward(*_split(grads, rows, lo, hi))
+        results = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)])
+        if len(replicas) > 1:
+            self._reduce(replicas)
+        return _join(results, slices, "input gradients")
+
+    def map(self, name: str, *args: Any) -> Any:
+        """``model.<name>(*args)`` run slice by slice on the replicas and joined (for batch
+        methods that keep no cache, such as ``predict``)."""
+        rows = _rows(args)
+        slices = self._plan(rows)
+        replicas = self._replicas(len(slices))
+        jobs = [(lambda r=r, lo=lo, hi=hi: getattr(r, name)(*_split(args, rows, lo, hi)))
+                for r, (lo, hi) in zip(replicas, slices)]
+        return _join(self._run(jobs), slices, f"{name} results")
+
+    def predict(self, x: Any) -> Any:
+        return self.map("predict", x)
+
+    # -- what the replicas share ------------------------------------------------------
+    def _reduce(self, replicas: list[Module]) -> None:
+        """model.grad += each copy's grad, in replica order, and the copies' grads zeroed,
+        in chunks shared by the threads (each element summed in the same order whatever
+        the chunking)."""
+        groups = [r.parameters() for r in replicas]
+        tasks = []
+        for k, p in enumerate(groups[0]):
+            total = p.grad.reshape(-1)
+            parts = [g[k].grad.reshape(-1) for g in groups[1:]]
+            for start in range(0, total.size, CHUNK):
+                def add(total=total, parts=parts, s=slice(start, start + CHUNK)) -> None:
+                    for part in parts:
+                        total[s] += part[s]
+                        part[s] = 0
+                tasks.append(add)
+        run_all(tasks)
+
+    def _average_buffers(self, replicas: list[Module]) -> None:
+        """The model's floating buffers (BatchNorm's running statistics) set to the mean of
+        the replicas', each having updated its own from its slice."""
+        named = [dict(r.named_buffers()) for r in replicas]
+        for name, buf in named[0].items():
+            if buf.data.dtype.kind != "f":
+                continue
+            total = buf.data.copy()
+            for other in named[1:]:
+                total += other[name].data
+            buf.data[...] = total / len(replicas)
+
+
+def _rows(args: tuple) -> int:
+    first = args[0] if args else None
+    if not hasattr(first, "shape") or len(first.shape) == 0:
+        raise TypeError("Replicas needs the batch as the first input (an array with a batch axis), "
+                        f"got {type(first).__name__}")
+    return int(first.shape[0])
