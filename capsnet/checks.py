@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from capsnet import backend
 
-__all__ = ["count_out_of_range", "pending", "raise_pending", "settle"]
+__all__ = ["clear", "count_out_of_range", "pending", "raise_pending", "settle"]
 
 
 class _Pending(threading.local):
@@ -77,3 +77,10 @@ def raise_pending() -> None:
         return
     xp = backend.get_array_module(counts[0])
     settle(backend.to_numpy(xp.stack(counts)).tolist())
+
+
+def clear() -> None:
+    """Drop the pending checks unread (what a test does between cases, or code that abandons
+    a device)."""
+    _state.checks = {}
+    _state.last = {}

@@ -85,8 +85,13 @@ def emulated_cupy(monkeypatch):
     whatever this process has: for the tests that count what the device does."""
     from capsnet.testing import emulation
 
+    from capsnet import checks
+
     monkeypatch.setattr(backend, "_cupy", emulation.module())
     monkeypatch.setattr(backend, "_emulated", True)
     monkeypatch.setattr(backend, "_cupy_checked", True)
-    with backend.use("cupy") as module:
-        yield module
+    try:
+        with backend.use("cupy") as module:
+            yield module
+    finally:
+        checks.clear()  # label checks left on this device stay with it, not with the next test

@@ -213,7 +213,7 @@ def test_a_label_out_of_range_on_the_device_is_raised_at_the_next_flush(cp, monk
     from capsnet.layers import MarginLoss
 
     monkeypatch.setattr(backend, "_cupy", cp)
-    checks.settle([])  # nothing left over from another test
+    checks.clear()  # nothing left over from another test
     lengths = cp.asarray(np.full((2, 10), 0.5))
     with device_counts() as counts:
         MarginLoss()(lengths, cp.asarray(np.array([3, 12])))  # no error yet: no sync either
