@@ -38,6 +38,14 @@ and then executes fewer (reported beside it), so its percentage can pass 100.
 primary capsules, two digits per image: both positives of the margin loss and the decoder
 run once per digit), on MultiMNIST test pairs, against the same network in PyTorch.
 
+``--network efficient`` and ``--network em`` benchmark the routing models instead:
+``EfficientCapsNet`` (margin + reconstruction loss, ``CapsNetLoss``) against
+scripts/torch_efficient_capsnet.py, and the default (small) ``MatrixCapsNet`` (spread loss
+at its final margin, 0.9) against scripts/torch_matrix_capsnet.py, both started from the
+same weights (``load_from_capsnet``), Adam in both; inference is each model's predict path
+(lengths, or class activations) in eval mode. The GEMM rate, the FLOP bound and the
+Fourier columns are the paper CapsNet's and are not computed for them (shown as "-").
+
 ``--launches`` counts instead of timing: the operations a GPU would launch per training
 and inference step, capsnet's on the emulated CuPy device and PyTorch's eager kernel
 calls by its profiler, at each batch size (see scripts/launch_counts.py for what each
@@ -92,9 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with the MNIST files (else $CAPSNET_DATA_DIR, the per-user cache, "
                         "../shared/data/mnist); random images when none is found")
     p.add_argument("--no-torch", action="store_true", help="measure this library only")
-    p.add_argument("--network", choices=tuple(NETWORKS), default="mnist",
+    p.add_argument("--network", choices=(*NETWORKS, *ROUTING_NETWORKS), default="mnist",
                    help="mnist: the paper's MNIST CapsNet (28x28, 1,152 primary capsules); multimnist: its "
-                        "MultiMNIST network (36x36, 3,200 primary capsules, two digits per image)")
+                        "MultiMNIST network (36x36, 3,200 primary capsules, two digits per image); "
+                        "efficient: EfficientCapsNet (self-attention routing); em: the default MatrixCapsNet "
+                        "(EM routing); the last two without the GEMM rate and FLOP bound")
     p.add_argument("--launches", action="store_true",
                    help="count the device operations per training and inference step (capsnet on the emulated "
                         "CuPy device, PyTorch by its profiler) instead of timing")
@@ -122,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup and --min-repeat-time must be >= 0")
     if any(b < 1 for b in args.batch_sizes):
         p.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    if args.launches and args.network in ROUTING_NETWORKS:
+        p.error(f"--launches counts the CapsNet networks only, not --network {args.network}")
     return args
 
 
@@ -222,6 +234,20 @@ def _measure_training(train_step: Callable[[], Any], batch: int, args: argparse.
 
 # ------------------------------------------------------------------ workers
 NETWORKS = {"mnist": {}, "multimnist": {"input_shape": (1, 36, 36), "digits": 2}}
+# The routing models, at their default configurations; no FLOP bound is computed for them.
+ROUTING_NETWORKS = ("efficient", "em")
+SPREAD_MARGIN = 0.9  # the spread loss's margin at the end of training (SpreadTask's default)
+
+
+def routing_model(network: str):
+    """The library's routing model for ``network`` (float32, seed 0, default configuration)."""
+    from capsnet.models import EfficientCapsNet, MatrixCapsNet
+
+    return (EfficientCapsNet if network == "efficient" else MatrixCapsNet)(dtype="float32", seed=0)
+
+
+def _weights_path(data: str) -> str:
+    return os.path.join(os.path.dirname(data), "weights.npz")
 
 
 def _load_batch(path: str, batch: int):
@@ -316,6 +342,117 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
                          "torch_threads": torch.get_num_threads()}}
 
 
+def worker_ours_routing(args: argparse.Namespace) -> dict[str, Any]:
+    """EfficientCapsNet (CapsNetLoss) or MatrixCapsNet (SpreadLoss): one training step and predict."""
+    import numpy as np
+
+    from capsnet import backend
+    from capsnet.data import to_float
+    from capsnet.layers import SpreadLoss
+    from capsnet.models import CapsNetLoss
+    from capsnet.optim import Adam
+    from capsnet.replicas import replicate, split_reason
+
+    backend.set_backend("numpy")
+    images, labels, _ = _load_batch(args.worker_data, args.worker_batch)
+    x = to_float(images, "float32", xp=np)
+    y = labels.astype(np.int64)
+    memory = PeakMemory()
+    memory.before_model()
+    model = routing_model(args.worker_network)
+    opt = Adam(model.parameters(), lr=1e-3)
+    runner = replicate(model)  # as the training loop runs it: one replica per thread
+    if args.worker_network == "efficient":
+        crit = CapsNetLoss()
+
+        def train_step() -> None:
+            lengths, recon = runner(x, y)
+            crit(lengths, recon, y, x)
+            runner.backward(*crit.backward())
+            opt.step()
+            opt.zero_grad()
+    else:
+        spread = SpreadLoss(SPREAD_MARGIN)
+
+        def train_step() -> None:
+            spread(runner(x), y)
+            runner.backward(spread.backward())
+            opt.step()
+            opt.zero_grad()
+
+    def infer() -> None:
+        runner.predict(x)
+
+    model.train()
+    train = _measure_training(train_step, args.worker_batch, args, memory)
+    return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
+            "versions": {"numpy": np.__version__},
+            "replicas": getattr(runner, "threads", 1), "one_replica_because": split_reason(model)}
+
+
+def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
+    """The PyTorch references of the routing models, from the library's weights (weights.npz)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(SCRIPTS))
+    torch.set_num_threads(args.threads)
+    images, labels, _ = _load_batch(args.worker_data, args.worker_batch)
+    x = torch.from_numpy(images.astype(np.float32) / np.float32(255))
+    y = torch.from_numpy(labels.astype(np.int64))
+    memory = PeakMemory()
+    memory.before_model()
+    with np.load(_weights_path(args.worker_data)) as f:
+        state = {k: f[k] for k in f.files}
+    if args.worker_network == "efficient":
+        from torch_efficient_capsnet import TorchEfficientCapsNet
+
+        model = TorchEfficientCapsNet(dtype=torch.float32)
+        model.load_from_capsnet(state)
+        onehot = F.one_hot(y, 10).to(torch.float32)
+
+        def loss() -> torch.Tensor:  # CapsNetLoss: margin (0.9, 0.1, 0.5) + 0.0005 * summed squared error
+            lengths, recon = model(x, y)
+            margin = (onehot * torch.clamp(0.9 - lengths, min=0) ** 2
+                      + 0.5 * (1 - onehot) * torch.clamp(lengths - 0.1, min=0) ** 2).sum(1)
+            return margin.mean() + 0.0005 * ((recon - x) ** 2).sum() / x.shape[0]
+
+        def predict() -> Any:  # as EfficientCapsNet.predict: the lengths, no decoder
+            lengths = model.capsules(x).norm(dim=-1)
+            return lengths.argmax(dim=1), lengths
+    else:
+        from torch_matrix_capsnet import TorchMatrixCapsNet, spread_loss
+
+        model = TorchMatrixCapsNet(dtype=torch.float32)
+        model.load_from_capsnet(state)
+
+        def loss() -> torch.Tensor:
+            return spread_loss(model(x), y, SPREAD_MARGIN)
+
+        def predict() -> Any:
+            a = model(x)
+            return a.argmax(dim=1), a
+    del state
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            predict()
+
+    model.train()
+    train = _measure_training(train_step, args.worker_batch, args, memory)
+    model.eval()
+    return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
+            "versions": {"numpy": np.__version__, "torch": torch.__version__,
+                         "torch_threads": torch.get_num_threads()}}
+
+
 def worker_gemm(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
@@ -352,7 +489,10 @@ WORKERS = {"ours": worker_ours, "torch": worker_torch, "gemm": worker_gemm,
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    result = WORKERS[args.worker](args)
+    worker = WORKERS[args.worker]
+    if args.worker_network in ROUTING_NETWORKS:
+        worker = {"ours": worker_ours_routing, "torch": worker_torch_routing}.get(args.worker, worker)
+    result = worker(args)
     with open(args.worker_result, "w") as f:
         json.dump(result, f)
 
@@ -384,6 +524,17 @@ def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
         return {"error": f"worker exited with status {proc.returncode}", "stderr_tail": tail}
     with open(result) as f:
         return json.load(f)
+
+
+def write_routing_weights(network: str, path: str) -> None:
+    """The library model's initial weights (seed 0), for the PyTorch worker's ``load_from_capsnet``."""
+    import numpy as np
+
+    from capsnet import backend
+
+    with backend.use("numpy"):
+        state = routing_model(network).state_dict()
+    np.savez(path, **{k: backend.to_numpy(v) for k, v in state.items()})
 
 
 def prepare_data(args: argparse.Namespace, path: str) -> str:
@@ -482,11 +633,17 @@ def _fmt(value: float | None, width: int, spec: str, suffix: str = "") -> str:
 def print_table(report: dict[str, Any]) -> None:
     bound = report["bound_images_per_s"]
     print()
-    name = {"mnist": "CapsNet (paper size, MNIST)", "multimnist": "CapsNet (MultiMNIST network, 36x36, two digits)"}
-    print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
-          f"median of {report['settings']['repeats']} repeats; GEMM rate "
-          f"{report['gemm'].get('median_gflops', float('nan')):.1f} GFLOP/s -> bound "
-          f"{_fmt(bound['train'], 0, '.1f')} img/s train, {_fmt(bound['infer'], 0, '.1f')} img/s inference")
+    routing = report["settings"]["network"] in ROUTING_NETWORKS
+    name = {"mnist": "CapsNet (paper size, MNIST)", "multimnist": "CapsNet (MultiMNIST network, 36x36, two digits)",
+            "efficient": "EfficientCapsNet (default, MNIST)", "em": "MatrixCapsNet, EM routing (default small, MNIST)"}
+    if routing:
+        print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
+              f"median of {report['settings']['repeats']} repeats; no GEMM rate or FLOP bound for this network")
+    else:
+        print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
+              f"median of {report['settings']['repeats']} repeats; GEMM rate "
+              f"{report['gemm'].get('median_gflops', float('nan')):.1f} GFLOP/s -> bound "
+              f"{_fmt(bound['train'], 0, '.1f')} img/s train, {_fmt(bound['infer'], 0, '.1f')} img/s inference")
     head = (f"{'batch':>5}  {'mode':<5}  {'ours img/s':>10}  {'torch img/s':>11}  {'ours/torch':>10}  "
             f"{'ours %bound':>11}  {'torch %bound':>12}  {'ours MB':>8}  {'torch MB':>8}  {'MB ours/torch':>13}")
     print(head)
@@ -503,6 +660,11 @@ def print_table(report: dict[str, Any]) -> None:
                   f"{_fmt(None if pct_o is None else 100 * pct_o, 11, '.1f', '%')}  "
                   f"{_fmt(None if pct_t is None else 100 * pct_t, 12, '.1f', '%')}  {_fmt(peak_o, 8, '.0f')}  "
                   f"{_fmt(peak_t, 8, '.0f')}  {_fmt(_ratio(peak_o, peak_t), 13, '.2f')}")
+    if routing:
+        print("peak MB: resident-memory increase during the training steps over the RSS after model, "
+              f"optimizer and batch creation ({report['memory_method']}); the JSON also gives "
+              "peak_increase_over_pre_model_mb. Inference memory is not measured.")
+        return
     executed = report["flops_per_image_executed_with_fourier_primary_conv"]
     flops = report["flops_per_image"]
     methods = sorted({f"batch {row['batch']} {mode}: {row['ours']['primary_conv_method'][mode]}"
@@ -573,10 +735,14 @@ def main(argv: list[str] | None = None) -> int:
     if info["load_average_at_start"][0] > 0.5 * (info["usable_cpus"] or 1):
         print(f"warning: load average {info['load_average_at_start'][0]:.2f} at start; "
               "other work on this machine will distort the numbers")
-    cfg = CapsNetConfig(**NETWORKS[args.network])
-    flops = {"train": flops_per_image(cfg, training=True), "infer": flops_per_image(cfg, training=False)}
-    fourier_flops = {mode: flops_per_image(cfg, training=mode == "train", primary_algorithm="fourier")
-                     for mode in ("train", "infer")}
+    routing = args.network in ROUTING_NETWORKS
+    if routing:  # the FLOP count, the bound and the Fourier figures are the CapsNet's: not computed
+        flops = fourier_flops = None
+    else:
+        cfg = CapsNetConfig(**NETWORKS[args.network])
+        flops = {"train": flops_per_image(cfg, training=True), "infer": flops_per_image(cfg, training=False)}
+        fourier_flops = {mode: flops_per_image(cfg, training=mode == "train", primary_algorithm="fourier")
+                         for mode in ("train", "infer")}
     report: dict[str, Any] = {
         "machine": info,
         "settings": {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "min_repeat_time",
@@ -588,18 +754,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capsnet-bench-") as work:
         data = os.path.join(work, "batch.npz")
         report["settings"]["data"] = prepare_data(args, data)
-        print(f"GEMM rate: numpy float32 matmul {' and '.join('x'.join(map(str, s)) for s in GEMM_SHAPES)}, "
-              f"{args.threads} threads ...", flush=True)
-        gemm = spawn("gemm", args, work)
-        report["gemm"] = gemm
-        rate = gemm.get("median_gflops")
-        if rate is None:
-            print(f"  GEMM measurement failed: {gemm}")
+        if routing:
+            write_routing_weights(args.network, _weights_path(data))
+            report["gemm"] = {"skipped": f"no FLOP bound for --network {args.network}"}
+            report["bound_images_per_s"] = {"train": None, "infer": None}
         else:
-            print(f"  {rate:.1f} GFLOP/s (median)")
-        report["bound_images_per_s"] = {
-            mode: None if rate is None else rate * 1e9 / flops[mode] for mode in ("train", "infer")
-        }
+            print(f"GEMM rate: numpy float32 matmul {' and '.join('x'.join(map(str, s)) for s in GEMM_SHAPES)}, "
+                  f"{args.threads} threads ...", flush=True)
+            gemm = spawn("gemm", args, work)
+            report["gemm"] = gemm
+            rate = gemm.get("median_gflops")
+            if rate is None:
+                print(f"  GEMM measurement failed: {gemm}")
+            else:
+                print(f"  {rate:.1f} GFLOP/s (median)")
+            report["bound_images_per_s"] = {
+                mode: None if rate is None else rate * 1e9 / flops[mode] for mode in ("train", "infer")
+            }
         for batch in args.batch_sizes:
             row: dict[str, Any] = {"batch": batch}
             for fw in FRAMEWORKS:
