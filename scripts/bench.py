@@ -394,7 +394,6 @@ def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
     """The PyTorch references of the routing models, from the library's weights (weights.npz)."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, str(SCRIPTS))
     torch.set_num_threads(args.threads)
@@ -406,17 +405,15 @@ def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
     with np.load(_weights_path(args.worker_data)) as f:
         state = {k: f[k] for k in f.files}
     if args.worker_network == "efficient":
+        from torch_capsnet import total_loss  # CapsNetLoss: the margin plus the reconstruction loss
         from torch_efficient_capsnet import TorchEfficientCapsNet
 
         model = TorchEfficientCapsNet(dtype=torch.float32)
         model.load_from_capsnet(state)
-        onehot = F.one_hot(y, 10).to(torch.float32)
 
-        def loss() -> torch.Tensor:  # CapsNetLoss: margin (0.9, 0.1, 0.5) + 0.0005 * summed squared error
+        def loss() -> torch.Tensor:
             lengths, recon = model(x, y)
-            margin = (onehot * torch.clamp(0.9 - lengths, min=0) ** 2
-                      + 0.5 * (1 - onehot) * torch.clamp(lengths - 0.1, min=0) ** 2).sum(1)
-            return margin.mean() + 0.0005 * ((recon - x) ** 2).sum() / x.shape[0]
+            return total_loss(lengths, recon, y, x)
 
         def predict() -> Any:  # as EfficientCapsNet.predict: the lengths, no decoder
             lengths = model.capsules(x).norm(dim=-1)

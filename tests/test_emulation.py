@@ -145,7 +145,11 @@ def test_a_fused_function_is_one_launch_and_refuses_what_a_kernel_cannot_do(cp):
     x, y = cp.ones(5, dtype=cp.float32), cp.full(5, 2.0, dtype=cp.float32)
     with device_counts() as counts:
         out = axpy(np.float32(3.0), x, y)
-    assert counts.by_kind == {"fused": 1}
+    assert counts.by_kind == {"fused": 1} and counts.by_name == {"fuse:axpy": 1}
+    named = cp.fuse(kernel_name="saxpy")(lambda a, x: a * x)
+    with device_counts() as counts:
+        named(np.float32(2.0), x)
+    assert counts.by_name == {"fuse:saxpy": 1}
     np.testing.assert_array_equal(y.get(), np.full(5, 5.0))
     np.testing.assert_array_equal(out.get(), np.full(5, 25.0))
 

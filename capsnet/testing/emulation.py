@@ -317,7 +317,7 @@ class ndarray:  # noqa: N801  (CuPy's name)
         return complex(self._to_host("complex()"))
 
     def __repr__(self):
-        return repr(self._to_host("repr()")).replace("array(", "array(", 1)
+        return repr(self._to_host("repr()"))
 
     def __str__(self):
         return str(self._to_host("str()"))
@@ -591,8 +591,8 @@ class _Fused:
 
     def __init__(self, func: Callable, kernel_name: str | None):
         self._func = func
-        self.__name__ = kernel_name or func.__name__
         functools.update_wrapper(self, func)
+        self.__name__ = kernel_name or func.__name__  # the launch is counted under this name
 
     def __call__(self, *args):
         for value in args:
