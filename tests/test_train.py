@@ -10,7 +10,7 @@ import pytest
 
 from capsnet import backend, evaluate as evaluate_cli, parallel, train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
-from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, load_model, load_weights
+from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, load_model, load_weights, train_config_of
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=[32, 64])
@@ -153,27 +153,61 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def test_a_run_folder_from_capsnet_0_1_resumes_to_the_same_weights(mnist_dir, tmp_path):
     """tests/data/run-v0.1 was written by capsnet 0.1's MNIST-only trainer (commit 84771ba,
-    NumPy 2.4.6): a tiny CapsNet stopped by Ctrl-C after step 3 of epoch 1.
-    uninterrupted-weights.npz holds that version's weights at the end of the same run
-    without the stop. Resumed here, the run ends where 0.1's did: bit for bit under the
-    NumPy that wrote it, to rounding under another build (other BLAS kernels). 0.1 ran each
-    batch on one thread (BLAS's own threads aside), so the resume does too."""
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("checkpoint.npz", "config.json"):
-        shutil.copy(DATA / "run-v0.1" / name, run / name)
+    NumPy 2.4.6): a tiny CapsNet stopped by Ctrl-C after step 3 of epoch 1 (its data_dir,
+    a path of the machine that wrote it, since set to null in config.json and in the
+    checkpoint's header; nothing else in the files changed). uninterrupted-weights.npz
+    holds 0.1's weights at the end of the same run without the stop.
+
+    Bit for bit, on this machine: the folder resumed straight to the end, and resumed,
+    stopped again mid-epoch 2 and resumed once more, end with the same weights and metrics
+    (the upgraded 0.1 state, saved again in today's format, loses nothing).
+
+    To rounding, against the stored 0.1 weights (computed on another machine, whose BLAS
+    may pick other kernels by CPU and so sum in another order): each of the 5 steps run
+    after the resume rounds every weight to float32 (a difference in the last bit of an
+    update can flip that rounding: 1 ulp, 2**-23 |w|, so 5 steps stay under rtol 1e-6)
+    and moves it by an Adam step of at most about lr = 1e-3, whose float32 gradient is
+    exact to ~1e-5 relative in another summation order (5 x 1e-3 x 1e-5 = 5e-8, under
+    atol 1e-7, for weights near zero). Measured: other OpenBLAS kernels
+    (OPENBLAS_CORETYPE=Prescott, SkylakeX, ...) move weights by 1.5e-8 to 3e-8, under a
+    tenth of the tolerance; a wrong resume (the LR schedule an epoch off, Adam's step
+    count lost, another data order) moves them by 5e-4 or more, over 4,000 times it.
+    0.1 ran each batch on one thread (BLAS's own threads aside), so the resumes do too."""
+    resume = ["--resume", "--data-dir", str(mnist_dir), "--no-progress"]
+    runs = {}
+    for name in ("straight", "stopped"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        for file in ("checkpoint.npz", "config.json"):
+            shutil.copy(DATA / "run-v0.1" / file, runs[name] / file)
+
+    def interrupt(trainer, epoch, step):
+        if (epoch, step) == (1, 1):
+            raise KeyboardInterrupt
+
     with parallel.threads(1):
-        assert train_cli.main(["--out", str(run), "--resume", "--data-dir", str(mnist_dir), "--no-progress"]) == 0
-    _, state, _ = load_checkpoint(run / "checkpoint.npz")
-    same_numpy = np.__version__ == "2.4.6"
+        assert train_cli.main(["--out", str(runs["straight"]), *resume]) == 0
+        header = load_checkpoint(runs["stopped"] / "checkpoint.npz")[0]
+        assert "loop_version" not in header and header["train_config"]["data_dir"] is None
+        cfg = TrainConfig.from_dict({**train_config_of(header, "v0.1").as_dict(), "data_dir": str(mnist_dir)})
+        with pytest.raises(KeyboardInterrupt):
+            MNISTTrainer(cfg, runs["stopped"], progress=False, on_step=interrupt).fit(resume=True)
+        assert load_checkpoint(runs["stopped"] / "checkpoint.npz")[0]["step_in_epoch"] == 2
+        assert train_cli.main(["--out", str(runs["stopped"]), *resume]) == 0
+    states = {name: load_checkpoint(run / "checkpoint.npz")[1] for name, run in runs.items()}
+    assert sorted(states["straight"]) == sorted(states["stopped"])
+    for name in states["straight"]:
+        np.testing.assert_array_equal(states["stopped"][name], states["straight"][name], err_msg=name)
+    strip = lambda run: [{k: v for k, v in json.loads(l).items() if "second" not in k}
+                         for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in strip(runs["straight"])] == [1, 2]
+    assert strip(runs["stopped"]) == [pytest.approx(r, rel=1e-9) for r in strip(runs["straight"])]
+
     with np.load(DATA / "run-v0.1" / "uninterrupted-weights.npz") as expected:
-        assert sorted(expected.files) == sorted(state)
+        assert sorted(expected.files) == sorted(states["straight"])
         for name in expected.files:
-            if same_numpy:
-                np.testing.assert_array_equal(state[name], expected[name], err_msg=name)
-            else:
-                np.testing.assert_allclose(state[name], expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
-    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+            np.testing.assert_allclose(states["straight"][name], expected[name], rtol=1e-6, atol=1e-7,
+                                       err_msg=name)
 
 
 def test_a_checkpoint_from_an_unknown_loop_version_is_refused_with_the_reason(mnist_dir, tmp_path):
