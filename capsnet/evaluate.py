@@ -11,7 +11,8 @@ import numpy as np
 from capsnet import __version__, backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
-from capsnet.training.loop import CapsNetTask, evaluate
+from capsnet.models.capsnet import CapsNetTask
+from capsnet.training.evaluation import evaluate
 from capsnet.training.mnist_run import data_sources, load_data, run_metrics
 
 

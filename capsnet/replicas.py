@@ -208,6 +208,8 @@ class Replicas:
     def eval(self) -> "Replicas":
         return self.train(False)
 
+    evaluating = Module.evaluating  # the same context manager: eval mode inside, the mode restored after
+
     def parameters(self) -> list:
         return self.model.parameters()
 

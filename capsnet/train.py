@@ -5,12 +5,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from capsnet import __version__, backend
 from capsnet.training import distributed
+from capsnet.training.strategy import strategy_for
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, MatrixCapsNetConfig, n_parameters
-from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, train_config_of
+from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
 from capsnet.training.mnist_run import DATASETS, describe_dataset
 from capsnet.training.checkpoint import load_checkpoint
 from capsnet.training.mnist_run import ARCH_DEFAULTS
@@ -152,32 +154,44 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     return TrainConfig.from_dict(values)
 
 
-def _base_config(out: Path, resume: bool, comm) -> TrainConfig:
-    """The checkpoint's configuration on --resume (read by rank 0, sent to the others)."""
-    payload: tuple = ("ok", None)
-    if comm.rank == 0 and resume and (out / "checkpoint.npz").exists():
+def _base_config(out: Path, resume: bool, strategy: Any) -> TrainConfig:
+    """The checkpoint's configuration on --resume (read by the writing process, sent to the others)."""
+    def read() -> dict[str, Any] | None:
         path = out / "checkpoint.npz"
-        try:
-            payload = ("ok", train_config_of(load_checkpoint(path)[0], path).as_dict())
-        except CheckpointError as exc:
-            payload = ("error", str(exc))
-    kind, value = comm.bcast(payload)
-    if kind == "error":
-        raise CheckpointError(value)
+        if resume and path.exists():
+            return train_config_of(load_checkpoint(path)[0], path).as_dict()
+        return None
+
+    value = strategy.on_writer(read)
     return TrainConfig.from_dict(value) if value is not None else TrainConfig()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m capsnet.train``: returns the exit status (0; 2 with the error on stderr; 130 after Ctrl-C)."""
+def cli_message(exc: BaseException, out: Path) -> str:
+    """The library's error in the command line's words: the run folder's refusals name --out and --resume."""
+    if isinstance(exc, RunFolderError) and exc.reason == "occupied":
+        return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+    if isinstance(exc, RunFolderError) and exc.reason == "empty":
+        return f"--resume: no checkpoint in {out} (expected checkpoint.npz)"
+    if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
+        return f"{exc}\n{SAMPLE_HINT}"
+    return str(exc)
+
+
+def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
+    """``python -m capsnet.train``: returns the exit status (0; 2 with the error on stderr; 1 when
+    training diverged; 130 after Ctrl-C). ``extensions`` are added to the trainer
+    (:class:`capsnet.training.Extension`), for programs that run the command line."""
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", Path("runs/capsnet"))
     resume = getattr(args, "resume", False)
     comm = distributed.world()
+    strategy = strategy_for(comm)
     try:
-        cfg = config_from_args(args, _base_config(out, resume, comm))
-        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), comm=comm,
-                               tensorboard=getattr(args, "tensorboard", None))
-        if comm.rank == 0:
+        cfg = config_from_args(args, _base_config(out, resume, strategy))
+        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
+                               tensorboard=getattr(args, "tensorboard", None), extensions=extensions)
+        trainer.checkpointer.resume_hint = "--resume"
+        if strategy.writes:
             where = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
             print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{where}; "
                   f"data {describe_dataset(cfg)}; run folder {out}; device: {backend.describe_device(cfg.backend)}",
@@ -185,17 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         history = trainer.fit(resume=resume)
     except KeyboardInterrupt:
         return 130
+    except TrainingDiverged as exc:  # every rank saw it: no rank is left waiting
+        if strategy.writes:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError, OSError, ImportError) as exc:
-        if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
-            exc = type(exc)(f"{exc}\n{SAMPLE_HINT}")
-        print(f"error: {exc}" if comm.size == 1 else f"error on rank {comm.rank}: {exc}", file=sys.stderr)
+        message = cli_message(exc, out)
+        print(f"error: {message}" if comm.size == 1 else f"error on rank {comm.rank}: {message}", file=sys.stderr)
         distributed.fail(comm, exc, 2, trace=False)  # under MPI: end every rank, never a hang
         return 2
     except Exception as exc:
         distributed.fail(comm, exc, 1)
         raise
-    if history and comm.rank == 0:
+    if history and strategy.writes:
         print(json.dumps(history[-1]))
     return 0
 

@@ -5,7 +5,8 @@ with hooks the tests need. Not a test module itself.
 
 --stop-at raises KeyboardInterrupt after that step on every rank (a Ctrl-C that all ranks
 see at once); --fail-on-rank raises RuntimeError on one rank only; --log appends one line
-"rank R saved NAME" per checkpoint written.
+"rank R saved NAME" per checkpoint written. The hooks are an extension of the trainer
+(capsnet.training.Extension), passed to capsnet.train.main.
 """
 from __future__ import annotations
 
@@ -16,7 +17,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import capsnet.train as train_cli  # noqa: E402
-from capsnet.training import distributed, loop  # noqa: E402
+from capsnet.training import Extension, distributed  # noqa: E402
+
+
+class Hooks(Extension):
+    """The tests' hooks, as an extension of the trainer the command line builds."""
+
+    def __init__(self, args: argparse.Namespace, rank: int):
+        self.args, self.rank = args, rank
+
+    def step(self, trainer) -> None:
+        epoch, step = trainer.epoch, trainer.step_in_epoch - 1
+        if self.args.stop_at and [epoch, step] == self.args.stop_at:
+            raise KeyboardInterrupt
+        if self.args.fail_on_rank and self.rank == self.args.fail_on_rank[0] and [epoch, step] == self.args.fail_on_rank[1:]:
+            raise RuntimeError(f"bad data on this node (epoch {epoch}, step {step})")
+
+    def saved(self, trainer, path) -> None:
+        if self.args.log:
+            with open(self.args.log, "a") as f:
+                f.write(f"rank {self.rank} saved {path.name}\n")
 
 
 def main() -> int:
@@ -27,31 +47,8 @@ def main() -> int:
     p.add_argument("train_args", nargs=argparse.REMAINDER)
     args = p.parse_args()
     rank = distributed.world().rank
-
-    def on_step(trainer, epoch, step):
-        if args.stop_at and [epoch, step] == args.stop_at:
-            raise KeyboardInterrupt
-        if args.fail_on_rank and rank == args.fail_on_rank[0] and [epoch, step] == args.fail_on_rank[1:]:
-            raise RuntimeError(f"bad data on this node (epoch {epoch}, step {step})")
-
-    original = train_cli.MNISTTrainer
-
-    class Hooked(original):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **{**k, "on_step": on_step})
-
-    train_cli.MNISTTrainer = Hooked
-    if args.log:
-        save = loop.save_checkpoint
-
-        def logged(path, **kw):
-            with open(args.log, "a") as f:
-                f.write(f"rank {rank} saved {Path(path).name}\n")
-            return save(path, **kw)
-
-        loop.save_checkpoint = logged
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    return train_cli.main(train_args)
+    return train_cli.main(train_args, extensions=(Hooks(args, rank),))
 
 
 if __name__ == "__main__":

@@ -287,7 +287,7 @@ def test_nothing_threaded_touches_a_device_model(emulated_cupy, mnist_slice, tmp
                           progress=False, log=False)
         history = trainer.fit()
     assert history[-1]["host_threads"] == 1
-    assert trainer._runner is model
+    assert trainer.updater.runner is model
 
 
 def test_a_training_batch_is_split_only_into_slices_of_the_minimum_size(monkeypatch):

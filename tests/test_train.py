@@ -10,7 +10,7 @@ import pytest
 
 from capsnet import backend, evaluate as evaluate_cli, parallel, train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
-from capsnet.training import MNISTTrainer, CheckpointError, TrainConfig, load_model, load_weights, train_config_of
+from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, TrainConfig, load_model, load_weights, train_config_of
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=[32, 64])
@@ -75,13 +75,21 @@ def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_pat
         load_weights(model, tmp_path / "run" / "checkpoint.npz")
 
 
-def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(mnist_dir, tmp_path):
+def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(mnist_dir, tmp_path, capsys):
     cfg = small_config(mnist_dir, epochs=1)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(RunFolderError, match="holds no checkpoint") as empty:
         MNISTTrainer(cfg, tmp_path / "empty", progress=False).fit(resume=True)
     MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
-    with pytest.raises(CheckpointError, match="--resume"):
+    with pytest.raises(RunFolderError, match=r"resume it \(fit\(resume=True\)\)") as occupied:
         MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
+    assert (empty.value.reason, occupied.value.reason) == ("empty", "occupied")
+    assert "--" not in str(empty.value) + str(occupied.value)  # the library names arguments, not flags
+    # the command line words the same refusals with its flags
+    args = ["--data-dir", str(mnist_dir), "--train-limit", "100", "--no-progress"]
+    assert train_cli.main(["--out", str(tmp_path / "run"), *args]) == 2
+    assert "already holds a run: pass --resume to continue it, or choose another --out" in capsys.readouterr().err
+    assert train_cli.main(["--out", str(tmp_path / "none"), "--resume", *args]) == 2
+    assert f"--resume: no checkpoint in {tmp_path / 'none'}" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):

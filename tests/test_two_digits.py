@@ -14,7 +14,7 @@ from capsnet.gradcheck import check_module
 from capsnet.layers import Mask, MarginLoss, Module
 from capsnet.layers.loss import margin_loss
 from capsnet.models import CapsNet, CapsNetLoss
-from capsnet.training.loop import CapsNetTask
+from capsnet.models import CapsNetTask
 
 from test_layers import dev, host
 

@@ -314,6 +314,63 @@ class CapsNetLoss(Module):
         return self.margin_loss.backward(grad_out), self.recon_loss.backward(grad_out)
 
 
+
+class CapsNetTask:
+    """The paper's objective for a :class:`CapsNet` (or an Efficient-CapsNet), as the
+    training loop's task: margin loss on the capsule lengths plus ``recon_weight`` times
+    the reconstruction loss. The decoder sees the capsule of the label in training and the
+    longest one in evaluation.
+
+    ``forward(model, batch) -> (loss, (lengths, reconstructions))`` and
+    ``backward(model)``, the protocol of :class:`capsnet.training.Trainer`. For a CapsNet
+    with ``digits=T`` > 1 (MultiMNIST), batches are ``(images, labels (B, T), digit_1,
+    ..., digit_T)``, each digit alone on its canvas: every digit is a positive of the
+    margin loss and the reconstruction loss sums the T digits' squared errors, each
+    against the decoder's run for that digit. In evaluation the decoder sees the T longest
+    capsules in increasing class order, so the targets are put in increasing label order too.
+    """
+
+    def __init__(self, recon_weight: float = 0.0005):
+        self.criterion = CapsNetLoss(recon_weight)
+
+    def forward(self, model: Module, batch: tuple) -> tuple[Any, Any]:
+        x, y = batch[0], batch[1]
+        self.criterion.train(model.training)
+        lengths, recon = model(x, y)
+        return self.criterion(lengths, recon, y, self.targets(model, batch)), (lengths, recon)
+
+    @staticmethod
+    def targets(model: Module, batch: tuple) -> Any:
+        """What the reconstructions are compared with: the images (B, C, H, W), or the
+        digits alone (B, T, C, H, W)."""
+        x, y = batch[0], batch[1]
+        if getattr(y, "ndim", 1) == 1:
+            return x
+        t = y.shape[1]
+        if len(batch) != 2 + t:
+            raise ValueError(f"CapsNetTask with labels of shape {tuple(y.shape)} expected batches (images, labels, "
+                             f"then the {t} digits alone), got {len(batch)} arrays")
+        xp = backend.get_array_module(x)
+        digits = xp.stack(batch[2:], axis=1)
+        if model.training:
+            return digits
+        order = xp.argsort(y, axis=1)  # evaluation: the decoder's runs are in increasing class order
+        return xp.take_along_axis(digits, order.reshape(*order.shape, *(1,) * (digits.ndim - 2)), axis=1)
+
+    def backward(self, model: Module) -> None:
+        model.backward(*self.criterion.backward())
+
+    @staticmethod
+    def images(model: Module, batch: tuple) -> dict[str, Any]:
+        """A few inputs and their reconstructions from the longest capsule (the T longest,
+        merged, for T digits), host arrays (N, C, H, W): what TensorBoard shows each epoch."""
+        x = batch[0]
+        recon = model.reconstruct(x)
+        if recon.ndim == 5:  # (B, T, C, H, W): the T digits' reconstructions on one canvas
+            recon = recon.sum(axis=1)
+        return {"inputs": backend.to_numpy(x), "reconstructions": backend.to_numpy(recon)}
+
+
 def flops_per_image(config: CapsNetConfig, training: bool = True, input_grad: bool = False,
                     primary_algorithm: str = "im2col") -> int:
     """Multiply-add FLOPs (2 per MAC) of the matrix products for one image.

@@ -1,9 +1,34 @@
-"""Training, evaluation and checkpoints.
+"""Training: a small loop, its step, distribution strategies, extensions and run folders.
 
-:mod:`capsnet.training.loop` is the general loop (:class:`Trainer`, :func:`evaluate`,
-tasks and metrics); :mod:`capsnet.training.mnist_run` is the paper's CapsNet and its
-baseline CNN on MNIST built on it (what ``python -m capsnet.train`` runs).
+- :class:`Trainer` (:mod:`~capsnet.training.trainer`) keeps the clock and takes steps for
+  any model; :class:`Updater` (:mod:`~capsnet.training.updater`) owns a step.
+- :mod:`~capsnet.training.strategy`: one process (:class:`SingleProcess`) or MPI data
+  parallelism (:class:`DataParallel`, over :mod:`~capsnet.training.distributed`).
+- :mod:`~capsnet.training.extensions`: evaluation, checkpoints, the best model, the metrics
+  log, progress bars, the log line, TensorBoard, the stop on divergence, and your own.
+- :mod:`~capsnet.training.run_folder`: the files of a run, held by one process.
+- :mod:`~capsnet.training.evaluation`: metrics and :func:`evaluate`;
+  :mod:`~capsnet.training.tasks`: :class:`SupervisedTask`;
+  :mod:`~capsnet.training.checkpoint`: the checkpoint file.
+- :mod:`~capsnet.training.mnist_run`: the paper's runs (what ``python -m capsnet.train``
+  runs): :class:`TrainConfig` and :class:`MNISTTrainer`.
 """
+from capsnet.models.capsnet import CapsNetTask
+from capsnet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from capsnet.training.evaluation import Metric, confusion_counts, count_correct, evaluate, scores_of
+from capsnet.training.extensions import (
+    BestModel,
+    Checkpoint,
+    Evaluate,
+    Extension,
+    LogLine,
+    MetricsLog,
+    OnStep,
+    ProgressBar,
+    TensorBoard,
+    TerminateOnNaN,
+    TrainingDiverged,
+)
 from capsnet.training.mnist_run import (
     MNISTTrainer,
     TrainConfig,
@@ -15,24 +40,36 @@ from capsnet.training.mnist_run import (
     load_weights,
     train_config_of,
 )
-from capsnet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from capsnet.training.loop import (
-    CapsNetTask,
-    SupervisedTask,
-    Trainer,
-    confusion_counts,
-    count_correct,
-    evaluate,
-    scores_of,
-)
+from capsnet.training.run_folder import RunFolder, RunFolderError
+from capsnet.training.strategy import DataParallel, SingleProcess, strategy_for
+from capsnet.training.tasks import SupervisedTask
+from capsnet.training.trainer import Trainer
+from capsnet.training.updater import Updater
 
 __all__ = [
+    "BestModel",
     "CapsNetTask",
+    "Checkpoint",
     "CheckpointError",
+    "DataParallel",
+    "Evaluate",
+    "Extension",
+    "LogLine",
     "MNISTTrainer",
+    "Metric",
+    "MetricsLog",
+    "OnStep",
+    "ProgressBar",
+    "RunFolder",
+    "RunFolderError",
+    "SingleProcess",
     "SupervisedTask",
+    "TensorBoard",
+    "TerminateOnNaN",
     "TrainConfig",
     "Trainer",
+    "TrainingDiverged",
+    "Updater",
     "build_model",
     "build_optimizer",
     "build_task",
@@ -45,5 +82,6 @@ __all__ = [
     "load_weights",
     "save_checkpoint",
     "scores_of",
+    "strategy_for",
     "train_config_of",
 ]

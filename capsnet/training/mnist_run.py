@@ -1,9 +1,9 @@
 """The paper's CapsNet (and its baseline CNN) on MNIST, as one use of the general loop
-(:mod:`capsnet.training.loop`).
+(:class:`capsnet.training.Trainer`).
 
 This is what ``python -m capsnet.train`` runs: :class:`TrainConfig` holds every
 setting, :class:`MNISTTrainer` builds the model, optimizer, schedule and data from
-it and trains with :class:`~capsnet.training.loop.Trainer`. Run folders written by
+it and trains with :class:`~capsnet.training.Trainer`. Run folders written by
 capsnet 0.1 (before the general loop) resume too: their checkpoint header is
 brought to the new form on reading.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -26,15 +26,10 @@ from capsnet.models.efficient_capsnet import EfficientCapsNet, EfficientCapsNetC
 from capsnet.models.matrix_capsnet import MatrixCapsNet, MatrixCapsNetConfig, SpreadTask
 from capsnet.optim import SGD, Adam, ExponentialLR
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
-from capsnet.training.loop import (
-    LOOP_VERSION,
-    CapsNetTask,
-    SupervisedTask,
-    Trainer,
-    confusion_counts,
-    count_correct,
-    evaluate,
-)
+from capsnet.models.capsnet import CapsNetTask
+from capsnet.training.evaluation import confusion_counts, count_correct, evaluate
+from capsnet.training.tasks import SupervisedTask
+from capsnet.training.trainer import LOOP_VERSION, Trainer
 
 __all__ = ["ARCHS", "DATASETS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task",
            "data_sources", "describe_dataset", "evaluate_mnist", "expand", "load_data", "load_model", "load_weights",
@@ -283,17 +278,17 @@ def evaluate_mnist(model: CapsNet | BaselineCNN, images: Any, labels: Any, *, ba
 
 
 class MNISTTrainer(Trainer):
-    """Trains (or resumes) the model described by ``cfg`` (the CapsNet or the baseline CNN)
-    on MNIST in ``run_dir``.
+    """Trains (or resumes) the model described by ``cfg`` on the dataset it names, in ``run_dir``.
 
     The model is seeded with ``cfg.seed``, the data stream (order and shifts) with
-    ``cfg.seed + 1``. ``on_step(trainer, epoch, step)`` and ``tensorboard`` (a folder for
-    TensorBoard curves) as in the general loop.
+    ``cfg.seed + 1``. The other arguments (``on_step``, ``tensorboard``, ``comm``, ``strategy``,
+    ``extensions``, ``stop_on_nan``) are the general loop's (:class:`~capsnet.training.Trainer`).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, progress: bool = True, log: bool = True,
                  on_step: Callable[[Trainer, int, int], None] | None = None, comm: Any = None,
-                 tensorboard: str | Path | None = None):
+                 tensorboard: str | Path | None = None, extensions: Iterable[Any] = (), stop_on_nan: bool = True,
+                 strategy: Any = None):
         self.cfg = cfg = cfg.validate()
         data = load_data(cfg, cfg.data_dir, progress=progress)
         with backend.use(cfg.backend) as xp:
@@ -304,10 +299,10 @@ class MNISTTrainer(Trainer):
                          batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay),
                          metrics=run_metrics(cfg), seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
-                         progress=progress, log=log, on_step=on_step, comm=comm, tensorboard=tensorboard)
+                         progress=progress, log=log, on_step=on_step, comm=comm, strategy=strategy,
+                         tensorboard=tensorboard, extensions=extensions, stop_on_nan=stop_on_nan)
         if isinstance(self.task, SpreadTask):  # the spread loss's margin follows the training clock
-            steps = -(-len(train) // cfg.batch_size)
-            self.task.progress = lambda: (self.epoch + self.step_in_epoch / steps) / self.epochs
+            self.task.progress = lambda: (self.epoch + self.step_in_epoch / self.steps_per_epoch) / self.epochs
 
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Also reads the checkpoints of capsnet 0.1's MNIST trainer (no ``loop_version``)."""
