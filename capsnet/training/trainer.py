@@ -134,9 +134,18 @@ class Trainer:
         return self
 
     def _fire(self, event: str, *args: Any) -> None:
+        """Call ``event`` on every extension (the writer-only ones on the writing process only).
+        A KeyboardInterrupt from one (a stop asked after this step) is raised after the
+        others have seen the event, so that every extension's state counts the same steps."""
+        interrupt = None
         for extension in self.extensions:
             if self.strategy.writes or not extension.writer_only:
-                getattr(extension, event)(self, *args)
+                try:
+                    getattr(extension, event)(self, *args)
+                except KeyboardInterrupt as exc:
+                    interrupt = exc
+        if interrupt is not None:
+            raise interrupt
 
     # -- the loop ---------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
