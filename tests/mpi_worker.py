@@ -26,6 +26,11 @@ class Hooks(Extension):
     def __init__(self, args: argparse.Namespace, rank: int):
         self.args, self.rank = args, rank
 
+    def start(self, trainer) -> None:
+        if self.args.log:
+            with open(self.args.log, "a") as f:
+                f.write(f"rank {self.rank} holds the run folder: {trainer.folder.locked}\n")
+
     def step(self, trainer) -> None:
         epoch, step = trainer.epoch, trainer.step_in_epoch - 1
         if self.args.stop_at and [epoch, step] == self.args.stop_at:

@@ -89,7 +89,7 @@ def test_two_ranks_end_with_the_weights_of_one_process_with_the_same_global_batc
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-9), key
     assert load_checkpoint(tmp_path / "two" / "checkpoint.npz")[0]["world_size"] == 2
-    saves = (tmp_path / "saves.txt").read_text().splitlines()
+    saves = [line for line in (tmp_path / "saves.txt").read_text().splitlines() if " saved " in line]
     assert saves and all(line.startswith("rank 0 ") for line in saves)  # written once, by rank 0
     assert saves.count("rank 0 saved checkpoint.npz") == 2  # once per epoch
     assert sum("parameters on 2 MPI ranks" in line for line in two.stdout.splitlines()) == 1
@@ -137,6 +137,24 @@ def test_a_rank_that_fails_ends_the_job_quickly_and_leaves_the_checkpoint(mnist_
     assert elapsed < 60
     header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]  # the end of epoch 1, intact
     assert header["epoch"] == 1 and header["step_in_epoch"] == 0
+
+
+@needs_mpi
+def test_under_mpi_rank_0_holds_the_run_folder_and_a_held_folder_refuses_every_rank(mnist_dir, tmp_path):
+    from capsnet.training import RunFolder
+
+    holder = RunFolder(tmp_path / "run").lock()  # this process holds it: the job must not start
+    start = time.monotonic()
+    refused = run(2, ["--", *train_args(mnist_dir, tmp_path / "run", epochs=1)], timeout=120)
+    assert refused.returncode != 0 and time.monotonic() - start < 60
+    assert f"is in use by process {os.getpid()}" in refused.stderr
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+    holder.unlock()
+    done = run(2, ["--log", str(tmp_path / "saves.txt"), "--", *train_args(mnist_dir, tmp_path / "run", epochs=1)])
+    assert done.returncode == 0, done.stderr
+    held = sorted(line for line in (tmp_path / "saves.txt").read_text().splitlines() if "holds" in line)
+    assert held == ["rank 0 holds the run folder: True", "rank 1 holds the run folder: False"]
+    assert RunFolder(tmp_path / "run").lock().locked  # released at the end of the job
 
 
 @needs_mpi

@@ -53,6 +53,39 @@ def test_the_training_example_runs(tmp_path, monkeypatch, capsys):
                                                                          "metrics.jsonl"}
 
 
+def test_the_early_stopping_extension_of_the_training_page_stops_and_resumes(tmp_path, mnist_dir):
+    """The page's EarlyStopping: a run whose test accuracy cannot improve stops after
+    `patience` epochs, saved and resumable, and its count survives the resume."""
+    from capsnet.data import ArrayDataset, load_mnist, to_float
+    from capsnet.layers import Flatten, Linear, MarginLoss, Sequential, Sigmoid
+    from capsnet.optim import SGD
+    from capsnet.training import Trainer, load_checkpoint
+
+    block = [b for b in python_blocks("training.md") if "class EarlyStopping" in b]
+    assert len(block) == 1
+    namespace: dict = {}
+    exec(compile(block[0], "docs/training.md", "exec"), namespace)
+    data = load_mnist(mnist_dir, download=False, progress=False)
+    x, y = to_float(data.train_images[:100]), data.train_labels[:100]
+
+    def run(resume):
+        model = Sequential(Flatten(), Linear(784, 10, seed=0), Sigmoid())
+        stopper = namespace["EarlyStopping"](patience=2)
+        trainer = Trainer(model, MarginLoss(), SGD(model.parameters(), lr=0.0), ArrayDataset(x, y),
+                          tmp_path / "run", epochs=6, batch_size=50, eval_data=ArrayDataset(x, y), progress=False,
+                          log=False, extensions=[stopper])  # lr 0: the accuracy never improves
+        return trainer, stopper
+
+    trainer, stopper = run(False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.epoch == 3 and load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]["early_stopping"][1] == 2
+    trainer, stopper = run(True)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(resume=True)  # still no improvement: it stops after the next epoch
+    assert trainer.epoch == 4 and stopper.waited == 3
+
+
 def test_the_benchmark_tables_match_the_recorded_runs():
     """Every number in the performance page's two benchmark tables (the MNIST network, then
     the MultiMNIST one) is the recorded bench.py output."""
