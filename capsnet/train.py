@@ -184,16 +184,14 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", Path("runs/capsnet"))
     resume = getattr(args, "resume", False)
-    comm = distributed.world()
-    strategy = strategy_for(comm)
+    strategy = strategy_for(distributed.world())
     try:
         cfg = config_from_args(args, _base_config(out, resume, strategy))
         trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
                                tensorboard=getattr(args, "tensorboard", None), extensions=extensions)
         trainer.checkpointer.resume_hint = "--resume"
         if strategy.writes:
-            where = f" on {comm.size} MPI ranks" if comm.size > 1 else ""
-            print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{where}; "
+            print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{strategy.across}; "
                   f"data {describe_dataset(cfg)}; run folder {out}; device: {backend.describe_device(cfg.backend)}",
                   flush=True)
         history = trainer.fit(resume=resume)
@@ -206,11 +204,11 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError, OSError, ImportError) as exc:
         message = cli_message(exc, out)
-        print(f"error: {message}" if comm.size == 1 else f"error on rank {comm.rank}: {message}", file=sys.stderr)
-        distributed.fail(comm, exc, 2, trace=False)  # under MPI: end every rank, never a hang
+        print(f"error{strategy.here}: {message}", file=sys.stderr)
+        strategy.fail(exc, 2, trace=False)  # under MPI: end every rank, never a hang
         return 2
     except Exception as exc:
-        distributed.fail(comm, exc, 1)
+        strategy.fail(exc, 1)
         raise
     if history and strategy.writes:
         print(json.dumps(history[-1]))

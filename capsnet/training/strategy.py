@@ -48,6 +48,16 @@ class SingleProcess:
         """Whether this process writes files, bars and log lines (here: always)."""
         return True
 
+    @property
+    def across(self) -> str:
+        """Where the run runs, for a log line: "" here, " on N MPI ranks" under MPI."""
+        return ""
+
+    @property
+    def here(self) -> str:
+        """Which process speaks, for an error message: "" here, " on rank R" under MPI."""
+        return ""
+
     def setup(self, model: Module) -> None:
         """Prepare for training ``model`` (after its weights are final for the run)."""
 
@@ -85,8 +95,9 @@ class SingleProcess:
     def sync_buffers(self, model: Module) -> None:
         """Make the floating buffers (BatchNorm's statistics) the same on every process."""
 
-    def fail(self, exc: BaseException) -> None:
-        """End every process after ``exc`` on this one (nothing to end here)."""
+    def fail(self, exc: BaseException, code: int = 1, trace: bool = True) -> None:
+        """End every process after ``exc`` on this one, with exit status ``code`` (and the
+        traceback with ``trace``); nothing to end here."""
 
     def __repr__(self) -> str:
         return "SingleProcess()"
@@ -115,6 +126,14 @@ class DataParallel(SingleProcess):
     @property
     def writes(self) -> bool:
         return self.rank == 0
+
+    @property
+    def across(self) -> str:
+        return f" on {self.size} MPI ranks"
+
+    @property
+    def here(self) -> str:
+        return f" on rank {self.rank}"
 
     def setup(self, model: Module) -> None:
         # built at the start of every fit: rebinding p.grad elsewhere (astype, to) breaks its views
@@ -175,8 +194,8 @@ class DataParallel(SingleProcess):
             host /= self.size
             buf.data[...] = backend.to_device(host.astype(buf.data.dtype), backend.backend_of(buf.data))
 
-    def fail(self, exc: BaseException) -> None:
-        fail(self.comm, exc)
+    def fail(self, exc: BaseException, code: int = 1, trace: bool = True) -> None:
+        fail(self.comm, exc, code, trace)
 
     def __repr__(self) -> str:
         return f"DataParallel(rank {self.rank} of {self.size})"
