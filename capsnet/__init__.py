@@ -1,2 +1,2 @@
 """capsnet: Capsule Networks from scratch on NumPy and CuPy."""
-__version__ = "0.2.0"  # the one place the version is set (pyproject.toml reads it)
+__version__ = "0.3.0"  # the one place the version is set (pyproject.toml reads it)
