@@ -97,12 +97,8 @@ def perturbation(model: Any, image: Any, path: str | Path, steps: Sequence[float
     masked. Returns the decoded images (D, S, H, W): row d is dimension d."""
     xp = backend.get_array_module(image)
     classes, _ = model.predict(image)
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         v = model.capsules(image)  # (1, K, D)
-    finally:
-        model.train(was_training)
     k = int(_host(classes)[0])
     kept = xp.zeros_like(v)
     kept[:, k] = v[:, k]

@@ -1,6 +1,7 @@
 """Parameter, Module and Sequential: the state and bookkeeping every layer shares."""
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -185,6 +186,18 @@ class Module:
 
     def eval(self) -> "Module":
         return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator["Module"]:
+        """``with model.evaluating():`` runs the block in evaluation mode, then puts the
+        tree back in the mode ``self`` had (``self.train(was_training)``), also when the
+        block raises. Entering drops the cached forward passes, as :meth:`eval` does."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def zero_grad(self) -> None:
         for p in self.parameters():
