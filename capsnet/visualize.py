@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from capsnet import __version__, backend
+from capsnet.layers.capsule import longest_capsules
 
 __all__ = ["PERTURBATION_STEPS", "confusion", "curves", "multimnist", "perturbation", "pyplot", "reconstructions",
            "robustness_plot", "routing"]
@@ -124,7 +125,7 @@ def multimnist(model: Any, images: Any, path: str | Path) -> tuple[np.ndarray, n
     (B, 2, H, W), predicted class pairs (B, 2))."""
     recon = _host(model.reconstruct(images))[:, :, 0]  # (B, 2, H, W), classes in increasing order
     _, lengths = model.predict(images)
-    pairs = np.sort(np.argsort(_host(lengths), axis=1)[:, -2:], axis=1)
+    pairs = longest_capsules(_host(lengths), 2)
     x = _host(images)[:, 0]
     overlay = np.stack([recon[:, 0], recon[:, 1], np.zeros_like(x)], axis=-1)
     overlay = np.clip(0.35 * x[..., None] + overlay, 0, 1)
