@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError  # noqa: PLC0415
     from capsnet.training import CheckpointError  # noqa: PLC0415
+    from capsnet.training.datasets import dataset  # noqa: PLC0415
 
     try:
         pyplot()
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model, header, cfg, batch = _test_batch(args.checkpoint, args.test_limit or 10**9, 0, args.data_dir,
                                                     args.backend)
-            if cfg.dataset == "multimnist":
+            if dataset(cfg.dataset).digits > 1:
                 raise ValueError("the confusion figure is for one digit per image; this is a MultiMNIST checkpoint")
             with backend.use(args.backend):
                 result = evaluate_mnist(model, batch[0], batch[1], recon_weight=cfg.recon_weight)
@@ -336,17 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             n = getattr(args, "n", 1)
             model, _, cfg, batch = _test_batch(args.checkpoint, n, args.index, args.data_dir, args.backend)
             _capsnet_only(model, args.figure)
+            digits = dataset(cfg.dataset).digits
+            draw = {"reconstructions": multimnist if digits > 1 else reconstructions, "multimnist": multimnist,
+                    "perturbation": lambda m, x, out: perturbation(m, x[:1], out),
+                    "routing": lambda m, x, out: routing(m, x[:1], out)}[args.figure]
+            if draw is multimnist and digits == 1:
+                raise ValueError("the multimnist figure needs a checkpoint trained with --dataset multimnist")
             with backend.use(args.backend):
-                if args.figure == "multimnist" or (args.figure == "reconstructions" and cfg.dataset == "multimnist"):
-                    if cfg.dataset != "multimnist":
-                        raise ValueError("the multimnist figure needs a checkpoint trained with --dataset multimnist")
-                    multimnist(model, batch[0], args.out)
-                elif args.figure == "reconstructions":
-                    reconstructions(model, batch[0], args.out)
-                elif args.figure == "perturbation":
-                    perturbation(model, batch[0][:1], args.out)
-                else:
-                    routing(model, batch[0][:1], args.out)
+                draw(model, batch[0], args.out)
     except (ImportError, backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError, OSError) as exc:  # a missing extra, bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
