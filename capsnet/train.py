@@ -1,4 +1,8 @@
-"""Train a CapsNet (or the paper's baseline CNN) on MNIST: ``python -m capsnet.train --help``."""
+"""``python -m capsnet.train``: train the CapsNet, the paper's baseline CNN, Efficient-CapsNet
+or matrix capsules with EM routing on a registered dataset (MNIST, expanded MNIST, MultiMNIST,
+the packaged sample; :mod:`capsnet.training.datasets`), resumable, on one process or several
+under MPI. The parser (:func:`build_parser`), the step from flags to a TrainConfig on top of a
+checkpoint's (:func:`config_from_args`) and :func:`main`; ``--help`` lists every option."""
 from __future__ import annotations
 
 import argparse

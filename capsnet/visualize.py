@@ -1,4 +1,5 @@
-"""Figures of a trained CapsNet, each a PNG: ``python -m capsnet.visualize --help``.
+"""Figures of trained models and of their runs, each a PNG, as functions and as the command
+``python -m capsnet.visualize`` (one subcommand per figure; ``--help``).
 
 Every figure is a function that computes what it draws (returned as arrays, so it can be
 checked) and writes the PNG with matplotlib, an optional extra (``pip install

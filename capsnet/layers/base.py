@@ -1,4 +1,7 @@
-"""Parameter, Module and Sequential: the state and bookkeeping every layer shares."""
+"""Parameter, Buffer, Module and Sequential: the state and bookkeeping every layer shares
+(train/eval mode, caches, state dicts, dtype and device), and the helpers layers are built
+with: input checks (check_input, check_batch), conv_output_size, resolve_dtype and
+seeded initialisation (as_rng, init_param)."""
 from __future__ import annotations
 
 import contextlib
