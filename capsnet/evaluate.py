@@ -11,8 +11,8 @@ import numpy as np
 from capsnet import __version__, backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
-from capsnet.training.loop import CapsNetTask, evaluate
 from capsnet.training.datasets import dataset
+from capsnet.training.loop import CapsNetTask, evaluate
 from capsnet.training.mnist_run import data_sources, load_data, run_metrics
 
 

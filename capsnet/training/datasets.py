@@ -132,7 +132,8 @@ def unregister(name: str) -> DatasetSpec:
 
 
 # -- the builders the built-in entries share -------------------------------------------------
-EXPANDED_PAD = 6  # 28x28 digits on a 40x40 canvas
+EXPANDED_PAD = 6
+"""The margin of expanded MNIST's canvas: 28x28 digits on 40x40, shifted by at most this."""
 
 
 def expand(images: np.ndarray, pad: int = EXPANDED_PAD) -> np.ndarray:
