@@ -12,6 +12,7 @@ from capsnet import __version__, backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
 from capsnet.models.capsnet import CapsNetTask
+from capsnet.training.datasets import dataset
 from capsnet.training.evaluation import evaluate
 from capsnet.training.mnist_run import data_sources, load_data, run_metrics
 
@@ -41,14 +42,15 @@ def main(argv: list[str] | None = None) -> int:
             model, header = load_model(args.checkpoint, args.backend)
             cfg = train_config_of(header, args.checkpoint)
             cfg.test_limit = args.test_limit
+            spec = dataset(cfg.dataset)
             if args.test_pairs is not None:
-                if cfg.dataset != "multimnist":
+                if not spec.test_pairs:
                     raise ValueError(f"--test-pairs applies to MultiMNIST checkpoints; this one is {cfg.dataset}")
                 cfg.test_pairs = args.test_pairs
             data = load_data(cfg, args.data_dir, progress=not args.no_progress)
             _, test = data_sources(cfg, data, xp, train=False)
             n = len(test)
-            if cfg.dataset == "multimnist":
+            if spec.digits > 1:  # a confusion matrix needs one digit per image
                 result = evaluate(model, CapsNetTask(cfg.recon_weight), test, batch_size=args.batch_size,
                                   metrics=run_metrics(cfg), progress=not args.no_progress)
             else:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             MNISTFormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if cfg.dataset == "multimnist":
+    if spec.digits > 1:
         print(f"checkpoint {args.checkpoint} (epoch {header.get('epoch', '?')}), {n} MultiMNIST test pairs")
         print(f"both digits right {result['accuracy']:.4f}   error {result['error']:.4f}   test loss {result['loss']:.5f}")
         if args.json:

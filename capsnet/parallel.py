@@ -1,4 +1,6 @@
-"""Host threads for NumPy's single-threaded work, and the BLAS thread count around them.
+"""Host threads for NumPy's single-threaded work: how many (host_threads, threads), a shared
+pool that runs a list of tasks (run_all), the slice of n items each part takes (shard), and
+the BLAS thread count around them (blas_threads, blas_limit).
 
 A NumPy element-wise pass runs on one core while OpenBLAS's large products use all of
 them. Work that splits into independent pieces (the chunks of an optimizer update, the

@@ -1,4 +1,8 @@
-"""Train a CapsNet (or the paper's baseline CNN) on MNIST: ``python -m capsnet.train --help``."""
+"""``python -m capsnet.train``: train the CapsNet, the paper's baseline CNN, Efficient-CapsNet
+or matrix capsules with EM routing on a registered dataset (MNIST, expanded MNIST, MultiMNIST,
+the packaged sample; :mod:`capsnet.training.datasets`), resumable, on one process or several
+under MPI. The parser (:func:`build_parser`), the step from flags to a TrainConfig on top of a
+checkpoint's (:func:`config_from_args`) and :func:`main`; ``--help`` lists every option."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +17,9 @@ from capsnet.training.strategy import strategy_for
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, MatrixCapsNetConfig, n_parameters
 from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
-from capsnet.training.mnist_run import DATASETS, describe_dataset
 from capsnet.training.checkpoint import load_checkpoint
-from capsnet.training.mnist_run import ARCH_DEFAULTS
+from capsnet.training.datasets import DATASETS
+from capsnet.training.mnist_run import ARCH_DEFAULTS, describe_dataset
 
 MODEL_FLAGS = {
     "conv_channels": int, "conv_kernel": int, "primary_types": int, "primary_dim": int,
@@ -75,13 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-limit", type=int, help="use only the first N training images")
     g.add_argument("--test-limit", type=int, help="use only the first N test images")
     g.add_argument("--dataset", choices=tuple(DATASETS),
-                   help="mnist (28x28); mnist-sample (the first 5,000 training and 1,000 test images of MNIST, "
-                        "installed with capsnet: trains anywhere with no download; a sample, not MNIST); expanded (expanded MNIST: digits placed at random on 40x40, the training set "
-                        "of the affine-robustness experiment); multimnist (two overlapping digits on 36x36, "
-                        "CapsNet only; reports the error rate: a pair is right when both digits are) "
-                        f"(default {d.dataset})")
-    g.add_argument("--max-shift", type=int, help="random shift of training digits in px (default: 2 for mnist, "
-                                                 "6 for expanded, 4 for multimnist)")
+                   help="; ".join(f"{name} ({spec.help})" for name, spec in DATASETS.items())
+                        + f" (default {d.dataset})")
+    g.add_argument("--max-shift", type=int, help="random shift of training digits in px (default: "
+                   + ", ".join(f"{spec.max_shift} for {name}" for name, spec in DATASETS.items()) + ")")
     g.add_argument("--test-pairs", type=int, help="multimnist: fixed pairs per test image, from a seed of their "
                                                   f"own (default {d.test_pairs})")
     g = p.add_argument_group("optimisation")
@@ -130,10 +131,10 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     values = base.as_dict()
     given = vars(args)
     arch = given.get("arch", base.arch)
-    dataset = given.get("dataset", base.dataset)
-    if arch != base.arch or dataset != base.dataset:  # another architecture or input: its own defaults
+    new_data = given.get("dataset", base.dataset) != base.dataset
+    if arch != base.arch or new_data:  # another architecture or input: its own defaults
         values["model"] = None
-    if dataset != base.dataset:
+    if new_data:  # the new dataset's own shift
         values["max_shift"] = None
     model = dict(values["model"] or {})
     if arch != base.arch:  # the new architecture's own training defaults, under the flags given

@@ -1,4 +1,5 @@
-"""Figures of a trained CapsNet, each a PNG: ``python -m capsnet.visualize --help``.
+"""Figures of trained models and of their runs, each a PNG, as functions and as the command
+``python -m capsnet.visualize`` (one subcommand per figure; ``--help``).
 
 Every figure is a function that computes what it draws (returned as arrays, so it can be
 checked) and writes the PNG with matplotlib, an optional extra (``pip install
@@ -28,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from capsnet import __version__, backend
+from capsnet.layers.capsule import longest_capsules
 
 __all__ = ["PERTURBATION_STEPS", "confusion", "curves", "multimnist", "perturbation", "pyplot", "reconstructions",
            "robustness_plot", "routing"]
@@ -97,12 +99,8 @@ def perturbation(model: Any, image: Any, path: str | Path, steps: Sequence[float
     masked. Returns the decoded images (D, S, H, W): row d is dimension d."""
     xp = backend.get_array_module(image)
     classes, _ = model.predict(image)
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         v = model.capsules(image)  # (1, K, D)
-    finally:
-        model.train(was_training)
     k = int(_host(classes)[0])
     kept = xp.zeros_like(v)
     kept[:, k] = v[:, k]
@@ -128,7 +126,7 @@ def multimnist(model: Any, images: Any, path: str | Path) -> tuple[np.ndarray, n
     (B, 2, H, W), predicted class pairs (B, 2))."""
     recon = _host(model.reconstruct(images))[:, :, 0]  # (B, 2, H, W), classes in increasing order
     _, lengths = model.predict(images)
-    pairs = np.sort(np.argsort(_host(lengths), axis=1)[:, -2:], axis=1)
+    pairs = longest_capsules(_host(lengths), 2)
     x = _host(images)[:, 0]
     overlay = np.stack([recon[:, 0], recon[:, 1], np.zeros_like(x)], axis=-1)
     overlay = np.clip(0.35 * x[..., None] + overlay, 0, 1)
@@ -319,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError  # noqa: PLC0415
     from capsnet.training import CheckpointError  # noqa: PLC0415
+    from capsnet.training.datasets import dataset  # noqa: PLC0415
 
     try:
         pyplot()
@@ -329,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model, header, cfg, batch = _test_batch(args.checkpoint, args.test_limit or 10**9, 0, args.data_dir,
                                                     args.backend)
-            if cfg.dataset == "multimnist":
+            if dataset(cfg.dataset).digits > 1:
                 raise ValueError("the confusion figure is for one digit per image; this is a MultiMNIST checkpoint")
             with backend.use(args.backend):
                 result = evaluate_mnist(model, batch[0], batch[1], recon_weight=cfg.recon_weight)
@@ -339,17 +338,14 @@ def main(argv: list[str] | None = None) -> int:
             n = getattr(args, "n", 1)
             model, _, cfg, batch = _test_batch(args.checkpoint, n, args.index, args.data_dir, args.backend)
             _capsnet_only(model, args.figure)
+            digits = dataset(cfg.dataset).digits
+            draw = {"reconstructions": multimnist if digits > 1 else reconstructions, "multimnist": multimnist,
+                    "perturbation": lambda m, x, out: perturbation(m, x[:1], out),
+                    "routing": lambda m, x, out: routing(m, x[:1], out)}[args.figure]
+            if draw is multimnist and digits == 1:
+                raise ValueError("the multimnist figure needs a checkpoint trained with --dataset multimnist")
             with backend.use(args.backend):
-                if args.figure == "multimnist" or (args.figure == "reconstructions" and cfg.dataset == "multimnist"):
-                    if cfg.dataset != "multimnist":
-                        raise ValueError("the multimnist figure needs a checkpoint trained with --dataset multimnist")
-                    multimnist(model, batch[0], args.out)
-                elif args.figure == "reconstructions":
-                    reconstructions(model, batch[0], args.out)
-                elif args.figure == "perturbation":
-                    perturbation(model, batch[0][:1], args.out)
-                else:
-                    routing(model, batch[0][:1], args.out)
+                draw(model, batch[0], args.out)
     except (ImportError, backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError, OSError) as exc:  # a missing extra, bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)

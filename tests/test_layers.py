@@ -900,6 +900,50 @@ def test_train_eval_recurse():
     assert not any(m.training for m in model.decoder)
 
 
+def test_evaluating_switches_to_eval_and_restores_the_mode():
+    model = small_capsnet()
+    modules = list(model.modules())
+    with model.evaluating() as inside:
+        assert inside is model
+        assert not any(m.training for m in modules)
+        with model.evaluating():  # nested: still eval inside, and eval again after
+            assert not any(m.training for m in modules)
+        assert not any(m.training for m in modules)
+    assert all(m.training for m in modules)
+    model.eval()
+    with model.evaluating():
+        pass
+    assert not any(m.training for m in modules)  # a model in eval mode stays there
+    model.train()
+
+
+def test_evaluating_restores_the_mode_when_the_block_raises():
+    model = small_capsnet()
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.evaluating():
+            assert not model.training
+            raise RuntimeError("inside")
+    assert all(m.training for m in model.modules())
+
+
+def test_predict_runs_in_eval_mode_and_restores_the_mode(xp, host_rng):
+    model = small_capsnet()
+    seen = []
+    forward = model.capsules
+
+    def spy(x):
+        seen.append(model.training)
+        return forward(x)
+
+    model.capsules = spy
+    x = dev(host_rng.random((2, 1, 12, 12)))
+    model.predict(x)
+    assert seen == [False] and model.training
+    model.eval()
+    model.reconstruct(x)
+    assert seen == [False, False] and not model.training
+
+
 def test_inplace_relu_overwrites_and_matches(xp, host_rng):
     x = away_from_zero(host_rng, (3, 4, 5))
     g = host_rng.standard_normal(x.shape)

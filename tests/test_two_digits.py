@@ -11,7 +11,8 @@ import pytest
 
 from capsnet import backend
 from capsnet.gradcheck import check_module
-from capsnet.layers import Mask, MarginLoss, Module
+from capsnet.data import both_right
+from capsnet.layers import Mask, MarginLoss, Module, longest_capsules
 from capsnet.layers.loss import margin_loss
 from capsnet.models import CapsNet, CapsNetLoss
 from capsnet.models import CapsNetTask
@@ -48,6 +49,50 @@ def test_mask_without_labels_keeps_the_two_longest_in_class_order(xp, host_rng):
     kept = np.abs(out).sum(axis=-1) > 0
     assert kept[:, 0].nonzero()[1].tolist() == [0, 3]  # example 0: classes 0 and 3, in increasing order
     assert kept[:, 1].nonzero()[1].tolist() == [1, 2]
+
+
+def longest_oracle(lengths, t):
+    """Per example: the t longest classes in class order; ties as longest_capsules promises
+    (t = 1: the lowest of the longest classes; t > 1: of equal lengths, the higher classes)."""
+    out = []
+    for row in lengths:
+        if t == 1:
+            out.append([min(j for j in range(len(row)) if row[j] == row.max())])
+        else:
+            out.append(sorted(sorted(range(len(row)), key=lambda j: (row[j], j))[-t:]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("classes", [3, 10, 40])  # 40: past the insertion-sort size of NumPy's default sort
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_longest_capsules_match_a_per_example_loop_ties_included(xp, host_rng, classes, t):
+    lengths = host_rng.integers(0, 4, (64, classes)) / 4  # few distinct values: many ties at the cut
+    got = longest_capsules(dev(lengths), t)
+    assert backend.get_array_module(got) is xp and got.shape == (64, t) and got.dtype.kind in "iu"
+    np.testing.assert_array_equal(host(got), longest_oracle(lengths, t))
+    distinct = host_rng.permutation(classes * 64).reshape(64, classes).astype(float)
+    np.testing.assert_array_equal(host(longest_capsules(dev(distinct), t)), longest_oracle(distinct, t))
+
+
+def test_mask_and_both_right_choose_the_longest_capsules(xp, host_rng):
+    v = host_rng.standard_normal((32, 10, 4))
+    v[:, 3] = v[:, 7]  # equal lengths in every example
+    chosen = longest_oracle((v * v).sum(-1), 2)
+    kept = np.abs(host(Mask(2)(dev(v))).reshape(2, 32, 10, 4)).sum(-1) > 0  # (target, example, class)
+    np.testing.assert_array_equal(kept.argmax(-1).T, chosen)
+    scores = host_rng.integers(0, 3, (32, 10)) / 2
+    labels = np.stack([host_rng.permutation(10)[:2] for _ in range(32)])  # the loop builds test data only
+    expected = sum(sorted(labels[b]) == longest_oracle(scores[b:b + 1], 2)[0].tolist() for b in range(32))
+    assert int(host(both_right(dev(scores), (None, dev(labels))))) == expected
+    labels[:, 0], labels[:, 1] = longest_oracle(scores, 2).T
+    assert int(host(both_right(dev(scores), (None, dev(labels[:, ::-1].copy()))))) == 32
+
+
+def test_longest_capsules_refuses_what_it_cannot_choose(xp):
+    with pytest.raises(ValueError, match=r"expected t an integer in \[1, 3\], got 4"):
+        longest_capsules(dev(np.zeros((2, 3))), 4)
+    with pytest.raises(ValueError, match=r"lengths of shape \(batch, n_caps\), got \(2, 3, 4\)"):
+        longest_capsules(dev(np.zeros((2, 3, 4))), 1)
 
 
 def test_gradcheck_two_target_mask(xp, host_rng):

@@ -229,8 +229,8 @@ def _not_found_message(labelled: list[tuple[Path, str]], missing: Sequence[str])
     return (
         f"MNIST files not found. Folders searched, in order:\n{folders}\n"
         f"Missing files:\n{names}\n"
-        f"Put the files in one of these folders, or in another folder passed with "
-        f"--data-dir (load_mnist(data_dir=...)) or named by the CAPSNET_DATA_DIR "
+        f"Put the files in one of these folders, or in another folder passed as "
+        f"load_mnist(data_dir=...) (--data-dir on the command line) or named by the CAPSNET_DATA_DIR "
         f"environment variable; or allow downloading (download=True)."
     )
 
@@ -301,7 +301,7 @@ def _fetch(url: str, dest: Path, name: str, progress: bool, timeout: float) -> P
     except OSError as exc:
         raise MNISTDownloadError(
             f"cannot write a temporary file in {dest}: {exc}; "
-            "choose a writable folder with --data-dir or CAPSNET_DATA_DIR"
+            "choose a writable folder: pass it as data_dir (or dest to download_mnist), or set CAPSNET_DATA_DIR"
         ) from exc
     tmp = Path(tmp_name)
     try:
@@ -324,7 +324,8 @@ def _offline_hint(dest: Path) -> str:
         f"To work offline, fetch the MNIST files on a machine with internet access "
         f"(from any MNIST mirror, e.g. {MIRRORS[0]}) and put them, gzip-compressed or "
         f"not, in {dest}:\n{names}\n"
-        f"or put them in another folder and pass it with --data-dir or set CAPSNET_DATA_DIR.\n"
+        f"or put them in another folder and pass it as data_dir (--data-dir on the command line) or set "
+        f"CAPSNET_DATA_DIR.\n"
         f"To train with no download at all, use the MNIST sample installed with capsnet "
         f"(5,000 + 1,000 images, not the full MNIST): python -m capsnet.train --dataset mnist-sample, "
         f"or capsnet.data.load_mnist_sample()."
@@ -363,7 +364,7 @@ def download_mnist(
     except OSError as exc:
         raise MNISTDownloadError(
             f"cannot create the MNIST folder {dest}: {exc}; "
-            "choose a writable folder with --data-dir or CAPSNET_DATA_DIR"
+            "choose a writable folder: pass it as data_dir (or dest to download_mnist), or set CAPSNET_DATA_DIR"
         ) from exc
 
     written = []

@@ -4,7 +4,7 @@ The submodules are ``base`` (Parameter, Buffer, Module, Sequential), ``dense`` (
 Flatten, Reshape), ``activation`` (ReLU, Sigmoid), ``conv`` (Conv2d, ConvTranspose2d,
 im2col), ``fourier`` (the Fourier-domain convolution), ``pool`` (MaxPool2d), ``norm``
 (BatchNorm1d, BatchNorm2d), ``stochastic`` (Dropout), ``capsule`` (squash, PrimaryCaps,
-DigitCaps, routing), ``attention_routing`` (self-attention routing: FCCaps, the squash
+DigitCaps, routing, Mask and longest_capsules), ``attention_routing`` (self-attention routing: FCCaps, the squash
 variant, depthwise primary capsules), ``matrix_capsules`` (matrix capsules with EM routing:
 ConvCaps, ClassCaps, the spread loss) and ``loss`` (margin, reconstruction, cross-entropy). No name below is
 also the name of a submodule, so ``import capsnet.layers.dense`` and
@@ -35,6 +35,7 @@ from capsnet.layers.capsule import (
     capsule_predictions_backward,
     dynamic_routing,
     dynamic_routing_backward,
+    longest_capsules,
     softmax,
     squash,
     squash_backward,
@@ -144,6 +145,7 @@ __all__ = [
     "im2col",
     "linear",
     "linear_backward",
+    "longest_capsules",
     "margin_loss",
     "margin_loss_backward",
     "max_pool2d",

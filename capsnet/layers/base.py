@@ -1,8 +1,10 @@
-"""Parameter, Module and Sequential: the state and bookkeeping every layer shares."""
+"""Parameter, Buffer, Module and Sequential: the state and bookkeeping every layer shares
+(train/eval mode, caches, state dicts, dtype and device), and the helpers layers are built
+with: input checks (check_input, check_batch), conv_output_size, resolve_dtype and
+seeded initialisation (as_rng, init_param)."""
 from __future__ import annotations
 
 import contextlib
-
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -190,8 +192,9 @@ class Module:
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator["Module"]:
-        """``with model.evaluating():`` runs the block in evaluation mode and restores the
-        mode the model had before, even when the block raises."""
+        """``with model.evaluating():`` runs the block in evaluation mode, then puts the
+        tree back in the mode ``self`` had (``self.train(was_training)``), also when the
+        block raises. Entering drops the cached forward passes, as :meth:`eval` does."""
         was_training = self.training
         self.eval()
         try:

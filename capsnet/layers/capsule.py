@@ -1,4 +1,5 @@
-"""Capsule layers: squash, PrimaryCaps, DigitCaps with dynamic routing, lengths, masking.
+"""Capsule layers: squash, PrimaryCaps, DigitCaps with dynamic routing, lengths, masking
+(and the choice of the longest capsules it makes at test time).
 
 Notation follows Sabour, Frosst and Hinton (2017): input capsules u_i, predictions
 u_hat_{j|i} = W_ij u_i, routing logits b_ij, coupling coefficients c_ij, total
@@ -341,6 +342,26 @@ DEFAULT_DIGITCAPS_STD = 0.01
 
 
 # -- masking -----------------------------------------------------------------
+def longest_capsules(lengths: Any, t: int = 1) -> Any:
+    """The classes of the ``t`` longest capsules of each example, in increasing class
+    order: lengths (B, J) -> integer indices (B, t), on the backend of ``lengths``.
+
+    Any score that grows with the length gives the same answer (squared norms, class
+    scores). Ties: with ``t`` = 1 the lowest class among the longest (``argmax``); with
+    ``t`` > 1 a stable sort decides, so of equal lengths at the cut the higher classes
+    are kept. Used by :class:`Mask` at test time, the MultiMNIST metric
+    (:func:`capsnet.data.both_right`) and the MultiMNIST figure.
+    """
+    if lengths.ndim != 2:
+        raise ValueError(f"longest_capsules expected lengths of shape (batch, n_caps), got {tuple(lengths.shape)}")
+    if not isinstance(t, int) or not 1 <= t <= lengths.shape[1]:
+        raise ValueError(f"longest_capsules expected t an integer in [1, {lengths.shape[1]}], got {t!r}")
+    if t == 1:
+        return lengths.argmax(axis=1)[:, None]
+    xp = backend.get_array_module(lengths)
+    return xp.sort(xp.argsort(lengths, axis=1, kind="stable")[:, -t:], axis=1)
+
+
 class Mask(Module):
     """Keep chosen capsules per example, zero the others, flatten.
 
@@ -374,8 +395,7 @@ class Mask(Module):
         if t > j:
             raise ValueError(f"Mask cannot keep {t} of {j} capsules")
         if labels is None:
-            norms = (v * v).sum(axis=-1)
-            index = norms.argmax(axis=1)[:, None] if t == 1 else xp.sort(xp.argsort(norms, axis=1)[:, -t:], axis=1)
+            index = longest_capsules((v * v).sum(axis=-1), t)  # squared norms: the same order as lengths
         elif t == 1:
             index = check_labels("Mask", labels, b, j)[:, None]
         else:

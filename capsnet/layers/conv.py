@@ -1,9 +1,14 @@
-"""2-D convolution as im2col plus one matrix product.
+"""2-D convolutions: Conv2d (grouped and depthwise too), ConvTranspose2d, their pure
+forward/backward functions in NCHW and NHWC, im2col/col2im and the FLOP count.
+
+They are computed as im2col plus one matrix product; Conv2d can take the Fourier-domain
+route of :mod:`capsnet.layers.fourier` instead (``algorithm``).
 
 Internally the convolution works channels-last: the patch matrix has rows
 (batch, out_y, out_x) and columns (kernel_y, kernel_x, channel), so every copy
-in im2col/col2im moves whole contiguous channel vectors. The public functions
-take and return NCHW arrays like every other image API here.
+in im2col/col2im moves whole contiguous channel vectors. The layers, conv2d and
+conv_transpose2d take and return NCHW arrays like every other image API here; the
+``*_nhwc`` functions are that channels-last core, for callers that keep NHWC.
 
 For small batches the patch matrix is smaller than the weights, and what costs is
 bringing the weights (O, C, KH, KW) to that column order and their gradient back

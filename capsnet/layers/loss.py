@@ -1,4 +1,6 @@
-"""The two CapsNet losses. Each returns a 0-d array (no host sync on the GPU)."""
+"""The losses: the CapsNet's margin loss (eq. 4) and reconstruction loss, and the softmax
+cross-entropy (with label smoothing) of the baseline CNN, each a pure function, its
+``*_backward`` and a Module. Each returns a 0-d array (no host sync on the GPU)."""
 from __future__ import annotations
 
 from typing import Any

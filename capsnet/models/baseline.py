@@ -116,10 +116,6 @@ class BaselineCNN(Module):
 
     def predict(self, x: Any) -> tuple[Any, Any]:
         """(classes (B,), logits (B, K)) in eval mode (no dropout, no cache); the mode is restored."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             logits = self.forward(x)
-        finally:
-            self.train(was_training)
         return logits.argmax(axis=1), logits

@@ -199,12 +199,8 @@ class CapsNet(Module):
 
         It switches to eval mode, which drops the caches: don't call it between a
         training forward and its backward."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             lengths = self.length(self.capsules(x))
-        finally:
-            self.train(was_training)
         return lengths.argmax(axis=1), lengths
 
     # -- weights others can read ----------------------------------------------
@@ -251,25 +247,15 @@ class CapsNet(Module):
     def reconstruct(self, x: Any, labels: Any = None) -> Any:
         """Reconstructions (B, C, H, W) from the capsule of ``labels``, or the longest
         ((B, T, C, H, W) from the T digits' capsules with ``digits=T`` > 1)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             v = self.capsules(x)
-            recon = self._images(self.decoder(self.mask(v, labels)), x.shape)
-        finally:
-            self.train(was_training)
-        return recon
+            return self._images(self.decoder(self.mask(v, labels)), x.shape)
 
     def decode(self, v: Any) -> Any:
         """Images (B, C, H, W) decoded from capsules v (B, K, digit_dim) as they are
         (no masking: zero the capsules the decoder should not see); no cache kept."""
-        was_training = self.training
-        self.eval()
-        try:
-            out = self.decoder(v.reshape(v.shape[0], -1)).reshape(v.shape[0], *self.config.input_shape)
-        finally:
-            self.train(was_training)
-        return out
+        with self.evaluating():
+            return self.decoder(v.reshape(v.shape[0], -1)).reshape(v.shape[0], *self.config.input_shape)
 
     def routing(self, x: Any) -> tuple[Any, Any]:
         """(capsules v (B, K, digit_dim), coupling coefficients c (B, n_primary_caps, K))
@@ -277,13 +263,9 @@ class CapsNet(Module):
         classes; primary capsule i = type * OH * OW + y * OW + x (see PrimaryCaps)."""
         from capsnet.layers.capsule import capsule_predictions, dynamic_routing  # noqa: PLC0415
 
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             u = self._primary_capsules(x)
             v, state = dynamic_routing(capsule_predictions(u, self.digit.weight.data), self.digit.iterations)
-        finally:
-            self.train(was_training)
         return v, state.c[-1].swapaxes(1, 2)
 
 

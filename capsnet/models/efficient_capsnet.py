@@ -130,11 +130,7 @@ class EfficientCapsNet(Module):
 
     def predict(self, x: Any) -> tuple[Any, Any]:
         """(classes (B,), lengths (B, K)) in eval mode, without the decoder; the mode is restored."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             lengths = self.length(self.capsules(x))
-        finally:
-            self.train(was_training)
         xp = backend.get_array_module(lengths)
         return xp.argmax(lengths, axis=1), lengths

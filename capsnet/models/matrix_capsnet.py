@@ -107,12 +107,8 @@ class MatrixCapsNet(Module):
 
     def predict(self, x: Any) -> tuple[Any, Any]:
         """(classes (B,), activations (B, K)) in eval mode; the mode is restored."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             a = self.forward(x)
-        finally:
-            self.train(was_training)
         return backend.get_array_module(a).argmax(a, axis=1), a
 
 

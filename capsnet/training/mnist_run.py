@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from capsnet import backend
-from capsnet.data import ArrayDataset, MultiMNIST, both_right, load_mnist, load_mnist_sample, random_shift, to_float
+from capsnet.data import ArrayDataset
 from capsnet.layers.base import Module
 from capsnet.layers.loss import CrossEntropyLoss
 from capsnet.models.baseline import BaselineCNN, BaselineCNNConfig
@@ -27,13 +27,14 @@ from capsnet.models.matrix_capsnet import MatrixCapsNet, MatrixCapsNetConfig, Sp
 from capsnet.optim import SGD, Adam, ExponentialLR
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
 from capsnet.models.capsnet import CapsNetTask
+from capsnet.training.datasets import DATASETS, EXPANDED_PAD, dataset, expand, pair_errors  # noqa: F401 - re-exported
 from capsnet.training.evaluation import confusion_counts, count_correct, evaluate
 from capsnet.training.tasks import SupervisedTask
 from capsnet.training.trainer import LOOP_VERSION, Trainer
 
-__all__ = ["ARCHS", "DATASETS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task",
-           "data_sources", "describe_dataset", "evaluate_mnist", "expand", "load_data", "load_model", "load_weights",
-           "pair_errors", "run_metrics", "train_config_of"]
+__all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task", "data_sources",
+           "describe_dataset", "evaluate_mnist", "load_data", "load_model", "load_weights", "run_metrics",
+           "train_config_of"]
 
 
 @dataclass
@@ -43,13 +44,15 @@ class TrainConfig(DictConfig):
     ``model`` holds the fields of that architecture's configuration (None: its defaults, with
     the input size ``dataset`` needs).
 
-    ``dataset``: "mnist" (28x28, training shifts of up to ``max_shift`` = 2 px),
-    "expanded" (expanded MNIST, the paper's training set for affine robustness: each
-    digit placed at random on a 40x40 canvas, shifts of up to 6 px from the centre;
-    test digits centred) or "multimnist" (two overlapping digits on 36x36, shifts of up
-    to 4 px, ``test_pairs`` fixed pairs per test image; CapsNet only), or "mnist-sample"
-    (as "mnist", on the 5,000 + 1,000 image sample installed with the package: no
-    download, for a first run; not MNIST). ``max_shift`` None takes the dataset's value."""
+    ``dataset``: a name in :data:`capsnet.training.datasets.DATASETS`, which says what
+    it is: "mnist" (28x28, training shifts of up to ``max_shift`` = 2 px), "expanded"
+    (expanded MNIST, the paper's training set for affine robustness: each digit placed at
+    random on a 40x40 canvas, shifts of up to 6 px from the centre; test digits centred)
+    or "multimnist" (two overlapping digits on 36x36, shifts of up to 4 px,
+    ``test_pairs`` fixed pairs per test image; CapsNet only), or "mnist-sample" (as
+    "mnist", on the 5,000 + 1,000 image sample installed with the package: no download,
+    for a first run; not MNIST), or one you :func:`~capsnet.training.datasets.register`.
+    ``max_shift`` None takes the dataset's value."""
 
     _what = "training option"
 
@@ -82,17 +85,11 @@ class TrainConfig(DictConfig):
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
-        if self.dataset == "multimnist" and self.arch != "capsnet":
-            raise ValueError("the multimnist dataset trains the CapsNet only (two digits per image); "
-                             f"got arch {self.arch!r}")
-        shape, shift = DATASETS[self.dataset]
+        spec = dataset(self.dataset)
+        spec.check_arch(self.arch)
         if self.max_shift is None:
-            self.max_shift = shift
-        defaults = {"input_shape": shape}
-        if self.dataset == "multimnist":
-            defaults["digits"] = 2
+            self.max_shift = spec.max_shift
+        defaults = spec.model_defaults()
         if self.model is None:
             self.model = ARCHS[self.arch](**defaults).as_dict()
         else:
@@ -120,21 +117,16 @@ class TrainConfig(DictConfig):
             raise ValueError("lr and lr_decay must be > 0, recon_weight and max_shift >= 0")
         if self.test_pairs < 1:
             raise ValueError(f"test_pairs must be at least 1, got {self.test_pairs}")
-        shape = tuple(DATASETS[self.dataset][0])
+        spec = dataset(self.dataset)
+        shape = tuple(spec.input_shape)
         model = self.model_config()
         if tuple(model.input_shape) != shape:
             raise ValueError(f"the {self.dataset} dataset has inputs of shape {shape}, but the model is configured "
                              f"for {tuple(model.input_shape)}")
-        digits = 2 if self.dataset == "multimnist" else 1
-        if getattr(model, "digits", 1) != digits:
-            raise ValueError(f"the {self.dataset} dataset has {digits} digit(s) per image, but the CapsNet is "
+        if getattr(model, "digits", 1) != spec.digits:
+            raise ValueError(f"the {self.dataset} dataset has {spec.digits} digit(s) per image, but the CapsNet is "
                              f"configured for digits={model.digits}")
-        if self.dataset == "multimnist" and self.max_shift > 4:
-            raise ValueError(f"MultiMNIST shifts digits by at most 4 px on its 36x36 canvas, got max_shift "
-                             f"{self.max_shift}")
-        if self.dataset == "expanded" and self.max_shift > EXPANDED_PAD:
-            raise ValueError(f"expanded MNIST shifts digits by at most {EXPANDED_PAD} px (the canvas margin), "
-                             f"got max_shift {self.max_shift}")
+        spec.check_shift(self.max_shift)
         return self
 
     def fixed_items(self) -> dict[str, Any]:
@@ -152,82 +144,35 @@ MODELS: dict[str, Any] = {"capsnet": CapsNet, "cnn": BaselineCNN, "efficient": E
 # with Adam 3e-3 (decay and batch size are not stated: 0.96 and 32 here).
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {"efficient": {"lr": 5e-4, "lr_decay": 0.98, "batch_size": 16},
                                             "em": {"lr": 3e-3, "lr_decay": 0.96, "batch_size": 32}}
-EXPANDED_PAD = 6  # 28x28 digits on a 40x40 canvas
-# dataset: (input shape, default max_shift)
-DATASETS: dict[str, tuple[tuple[int, int, int], int]] = {
-    "mnist": ((1, 28, 28), 2), "expanded": ((1, 40, 40), EXPANDED_PAD), "multimnist": ((1, 36, 36), 4),
-    "mnist-sample": ((1, 28, 28), 2)}
-# What each dataset is, for the log line of a run.
-DATASET_WORDS = {
-    "mnist": "MNIST",
-    "expanded": "expanded MNIST (40x40)",
-    "multimnist": "MultiMNIST (36x36 pairs)",
-    "mnist-sample": "the MNIST sample installed with capsnet (the first 5,000 training and 1,000 test images), "
-                    "not the full MNIST",
-}
 
 
 def describe_dataset(cfg: TrainConfig) -> str:
     """One line saying what ``cfg`` trains on, e.g. that it is the packaged sample, not MNIST."""
-    return f"{cfg.dataset}: {DATASET_WORDS[cfg.dataset]}"
+    return f"{cfg.dataset}: {dataset(cfg.dataset).description}"
 
 
 def load_data(cfg: TrainConfig, data_dir: str | None = None, *, progress: bool = True) -> Any:
-    """The MNIST splits ``cfg.dataset`` is made from: the sample installed with the package
-    for ``mnist-sample`` (never a download), else MNIST found by :func:`capsnet.data.load_mnist`
-    from ``data_dir`` (downloaded when missing)."""
-    if cfg.dataset == "mnist-sample":
-        return load_mnist_sample()
-    return load_mnist(data_dir, progress=progress)
-
-
-def expand(images: np.ndarray, pad: int = EXPANDED_PAD) -> np.ndarray:
-    """uint8 digits (N, 28, 28) centred on a (28 + 2 pad)-pixel square canvas of zeros."""
-    return np.pad(np.asarray(images), ((0, 0), (pad, pad), (pad, pad)))
+    """The MNIST splits ``cfg.dataset`` is made from (its entry's ``load``): the sample
+    installed with the package for ``mnist-sample`` (never a download), else MNIST found
+    by :func:`capsnet.data.load_mnist` from ``data_dir`` (downloaded when missing)."""
+    return dataset(cfg.dataset).load(data_dir, progress)
 
 
 def data_sources(cfg: TrainConfig, data: Any, xp: Any, train: bool = True) -> tuple[Any, Any]:
     """(training source, test source) of ``cfg.dataset`` from the MNIST splits in ``data``,
     on the backend ``xp``; the test source is never augmented. ``train=False``: (None,
     test source), without building the training set."""
+    spec = dataset(cfg.dataset)
     ntr = min(cfg.train_limit or len(data.train_labels), len(data.train_labels))
     nte = min(cfg.test_limit or len(data.test_labels), len(data.test_labels))
-    if not train:
-        return None, _test_source(cfg, data, xp, nte)
-    return _train_source(cfg, data, xp, ntr), _test_source(cfg, data, xp, nte)
-
-
-def _train_source(cfg: TrainConfig, data: Any, xp: Any, ntr: int) -> Any:
-    if cfg.dataset == "multimnist":
-        return MultiMNIST(data.train_images[:ntr], data.train_labels[:ntr], train=True, max_shift=cfg.max_shift,
-                          dtype=cfg.dtype)
-    shift = cfg.max_shift
-    return ArrayDataset(_canvas(cfg, data.train_images[:ntr], xp), xp.asarray(data.train_labels[:ntr]),
-                        augment=lambda x, rng: random_shift(x, shift, rng))
-
-
-def _test_source(cfg: TrainConfig, data: Any, xp: Any, nte: int) -> Any:
-    if cfg.dataset == "multimnist":
-        return MultiMNIST(data.test_images[:nte], data.test_labels[:nte], train=False, max_shift=cfg.max_shift,
-                          pairs_per_image=cfg.test_pairs, dtype=cfg.dtype)
-    return ArrayDataset(_canvas(cfg, data.test_images[:nte], xp), xp.asarray(data.test_labels[:nte]))
-
-
-def _canvas(cfg: TrainConfig, digits: np.ndarray, xp: Any) -> Any:
-    """uint8 digits as the model's float inputs: centred on 40x40 for expanded MNIST."""
-    return to_float(expand(digits) if cfg.dataset == "expanded" else digits, cfg.dtype, xp)
-
-
-def pair_errors(outputs: Any, batch: tuple) -> Any:
-    """How many pairs of the batch are not :func:`both_right`: MultiMNIST errors, as a count."""
-    return batch[1].shape[0] - both_right(outputs, batch)
+    training = spec.train_source(data.train_images[:ntr], data.train_labels[:ntr], cfg, xp) if train else None
+    return training, spec.test_source(data.test_images[:nte], data.test_labels[:nte], cfg, xp)
 
 
 def run_metrics(cfg: TrainConfig) -> dict[str, Any]:
-    """The metrics a run of ``cfg`` reports: accuracy, and for MultiMNIST the pair error."""
-    if cfg.dataset == "multimnist":
-        return {"accuracy": both_right, "error": pair_errors}
-    return {"accuracy": count_correct}
+    """The metrics a run of ``cfg`` reports (its dataset's): accuracy, and for MultiMNIST
+    the pair error."""
+    return dict(dataset(cfg.dataset).metrics)
 
 
 def build_model(cfg: TrainConfig) -> CapsNet | BaselineCNN:
