@@ -30,8 +30,8 @@ stray = [n for n in names if not (n.startswith("capsnet/") or ".dist-info/" in n
 if stray:
     sys.exit(f"the wheel should hold only the capsnet package, also holds {stray}")
 in_sdist = tarfile.open(sdist).getnames()
-if any("/tests/data/" in n for n in in_sdist):
-    sys.exit("tests/data (the 0.1 run folder) should stay out of the sdist")
+if any("/tests/fixtures/" in n for n in in_sdist):
+    sys.exit("tests/fixtures (the 0.1 run folder) should stay out of the sdist")
 limit = 2 * 1024 * 1024
 size = wheel.stat().st_size
 print(f"wheel {wheel.name}: {size / 1024:.0f} KiB, {len(names)} files "

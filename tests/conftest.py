@@ -11,8 +11,6 @@ import pytest
 from capsnet import backend
 from capsnet.data.mnist import SAMPLE_DIR
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _backend_params():
     return [
@@ -95,3 +93,9 @@ def emulated_cupy(monkeypatch):
             yield module
     finally:
         checks.clear()  # label checks left on this device stay with it, not with the next test
+
+
+@pytest.fixture
+def torch():
+    """PyTorch, for the parity tests of single layers; they are skipped without it."""
+    return pytest.importorskip("torch", reason="the PyTorch parity tests need torch")

@@ -1,0 +1,96 @@
+"""Helpers the test modules share (not a test module): moving arrays between the host and
+the current backend, the loop-convolution oracle, PyTorch parity of one layer, and a small
+convolutional classifier. Fixtures live in the conftest.py files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from capsnet import backend
+from capsnet.layers import Conv2d, Flatten, Linear, ReLU, Sequential, Sigmoid
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root
+
+
+def dev(array):
+    """Host array -> the current backend (set by the ``xp`` fixture)."""
+    return backend.to_device(array)
+
+
+def host(array):
+    """An array of the current backend -> a NumPy array."""
+    return backend.to_numpy(array)
+
+
+def conv_net(seed=0, dtype="float32"):
+    """A plain convolutional classifier: (B, 1, 28, 28) -> (B, 10) scores in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    return Sequential(Conv2d(1, 8, 5, stride=3, dtype=dtype, seed=rng), ReLU(), Flatten(),
+                      Linear(8 * 8 * 8, 10, dtype=dtype, seed=rng), Sigmoid())
+
+
+# -- convolution oracles ------------------------------------------------------------------
+def naive_conv2d(x, w, b, stride, padding):
+    """Loops over batch, output channels and output pixels."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    oh = (h + 2 * padding - kh) // stride + 1
+    ow = (wd + 2 * padding - kw) // stride + 1
+    y = np.zeros((n, o, oh, ow))
+    for bi in range(n):
+        for oc in range(o):
+            for i in range(oh):
+                for j in range(ow):
+                    patch = xpad[bi, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
+                    y[bi, oc, i, j] = (patch * w[oc]).sum() + (0 if b is None else b[oc])
+    return y
+
+
+def naive_conv2d_backward(gy, x, w, stride, padding):
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    gxpad = np.zeros_like(xpad)
+    gw = np.zeros_like(w)
+    _, _, oh, ow = gy.shape
+    for bi in range(n):
+        for oc in range(o):
+            for i in range(oh):
+                for j in range(ow):
+                    ys, xs = slice(i * stride, i * stride + kh), slice(j * stride, j * stride + kw)
+                    gxpad[bi, :, ys, xs] += gy[bi, oc, i, j] * w[oc]
+                    gw[oc] += gy[bi, oc, i, j] * xpad[bi, :, ys, xs]
+    gx = gxpad[:, :, padding:padding + h, padding:padding + wd]
+    return gx, gw, gy.sum(axis=(0, 2, 3))
+
+
+# -- PyTorch parity of one layer (the ``torch`` fixture of tests/conftest.py) -------
+def rel_error(a, b):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def torch_parity(torch, ours, ref, x, targets=None, loss=False):
+    """Outputs, input gradient and parameter gradients of ours against the torch module ref."""
+    ref.zero_grad(set_to_none=True)
+    xt = torch.tensor(x, requires_grad=True)
+    if loss:
+        yt = ref(xt, torch.tensor(targets))
+        y = ours(x, targets)
+        yt.backward()
+        g = ours.backward()
+        assert rel_error(y, yt.detach().numpy()) < 1e-12
+        assert rel_error(g, xt.grad.numpy()) < 1e-6
+        return
+    y = ours(x)
+    yt = ref(xt)
+    assert rel_error(y, yt.detach().numpy()) < 1e-12
+    g = np.random.default_rng(0).standard_normal(y.shape)
+    yt.backward(torch.tensor(g))
+    ours.zero_grad()
+    assert rel_error(ours.backward(g), xt.grad.numpy()) < 1e-6
+    torch_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert rel_error(p.grad, torch_params[name].grad.numpy()) < 1e-6, name

@@ -1,0 +1,99 @@
+"""capsnet.layers.norm: BatchNorm1d/2d against the formula, float64 gradient checks in
+training and eval mode, running statistics, PyTorch parity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capsnet.gradcheck import check_module
+from capsnet.layers import BatchNorm1d, BatchNorm2d
+
+from tests.helpers import dev, host, rel_error, torch_parity
+
+
+F64 = "float64"
+
+
+def test_batch_norm_matches_the_formula(xp, host_rng):
+    x = host_rng.standard_normal((5, 3, 4, 2)) * 3 + 1
+    layer = BatchNorm2d(3, dtype=F64)
+    layer.weight.data[...] = dev(np.array([1.5, -0.5, 2.0]))
+    y = host(layer(dev(x)))
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = x.var(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5) * np.array([1.5, -0.5, 2.0])[None, :, None, None],
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(host(layer.running_mean.data), 0.1 * mean.ravel(), rtol=1e-12)
+    n = 5 * 4 * 2
+    np.testing.assert_allclose(host(layer.running_var.data), 0.9 + 0.1 * var.ravel() * n / (n - 1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3, 3, 5)])
+def test_gradcheck_batch_norm_1d(xp, host_rng, shape):
+    layer = BatchNorm1d(3, dtype=F64)
+    layer.weight.data[...] = dev(host_rng.uniform(0.5, 2, 3))
+    layer.bias.data[...] = dev(host_rng.standard_normal(3))
+    check_module(layer, dev(host_rng.standard_normal(shape)))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gradcheck_batch_norm_2d(xp, host_rng, batch):
+    layer = BatchNorm2d(2, dtype=F64)
+    layer.weight.data[...] = dev(host_rng.uniform(0.5, 2, 2))
+    check_module(layer, dev(host_rng.standard_normal((batch, 2, 3, 3))))
+
+
+def test_gradcheck_batch_norm_in_eval_mode(xp, host_rng):
+    """With the running statistics (eval), the mean and variance are constants."""
+    from capsnet.gradcheck import check_gradient
+    from capsnet.layers.norm import batch_norm, batch_norm_backward
+
+    layer = BatchNorm2d(2, dtype=F64)
+    layer(dev(host_rng.standard_normal((4, 2, 3, 3)) + 2))  # some running statistics
+    x = dev(host_rng.standard_normal((3, 2, 3, 3)))
+    g = dev(host_rng.standard_normal((3, 2, 3, 3)))
+    stats = (layer.running_mean.data, layer.running_var.data)
+
+    def f():
+        return (batch_norm(x, layer.weight.data, layer.bias.data, 1e-5, *stats)[0] * g).sum()
+
+    _, saved = batch_norm(x, layer.weight.data, layer.bias.data, 1e-5, *stats)
+    gx, gw, gb = batch_norm_backward(g, saved, layer.weight.data, batch_statistics=False)
+    check_gradient(f, x, gx, name="x")
+    check_gradient(f, layer.weight.data, gw, name="weight")
+    check_gradient(f, layer.bias.data, gb, name="bias")
+
+
+def test_batch_norm_eval_uses_running_statistics_and_they_are_in_state_dict(xp, host_rng):
+    layer = BatchNorm1d(3, momentum=0.5, dtype=F64)
+    for _ in range(3):
+        layer(dev(host_rng.standard_normal((8, 3)) * 2 + 5))
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var"}
+    assert np.all(np.abs(state["running_mean"] - 5) < 2)
+    layer.eval()
+    x = host_rng.standard_normal((1, 3))  # a batch of one is fine in eval mode
+    y = host(layer(dev(x)))
+    np.testing.assert_allclose(y, (x - state["running_mean"]) / np.sqrt(state["running_var"] + 1e-5), rtol=1e-12)
+    other = BatchNorm1d(3, dtype=F64)
+    other.load_state_dict(state)
+    other.eval()
+    np.testing.assert_array_equal(host(other(dev(x))), y)
+
+
+@pytest.mark.parametrize("kind,shape", [("1d", (5, 3)), ("1d", (4, 3, 6)), ("2d", (1, 3, 4, 4)), ("2d", (4, 3, 2, 5))])
+def test_batch_norm_parity_with_pytorch_training_and_eval(torch, host_rng, kind, shape):
+    ours = (BatchNorm1d if kind == "1d" else BatchNorm2d)(3, momentum=0.2, dtype=F64)
+    ref = (torch.nn.BatchNorm1d if kind == "1d" else torch.nn.BatchNorm2d)(3, momentum=0.2).double()
+    w = host_rng.uniform(0.5, 2, 3)
+    ours.weight.data[...] = w
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(w))
+    for _ in range(2):
+        torch_parity(torch, ours, ref, host_rng.standard_normal(shape) * 3 + 1)
+    assert rel_error(ours.running_mean.data, ref.running_mean.numpy()) < 1e-12
+    assert rel_error(ours.running_var.data, ref.running_var.numpy()) < 1e-12
+    ours.eval()
+    ref.eval()
+    x = host_rng.standard_normal(shape)
+    assert rel_error(ours(x), ref(torch.tensor(x)).detach().numpy()) < 1e-12

@@ -1,0 +1,206 @@
+"""Data-parallel training under ``mpiexec -n 2``: the same weights as one process with
+the same global batch, resume with another number of ranks, a failing rank ending the
+job, checkpoints written once. Skipped without mpi4py or mpiexec (the ``mpi`` extra)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsnet import backend
+from capsnet.training import load_checkpoint
+from capsnet.training.distributed import LocalComm, launched_by_mpi, shard, world
+
+from tests.helpers import REPO
+from tests.training.mpi import mpiexec, needs_mpi, run, train_args
+
+
+def weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoint.npz")[1]
+
+
+def assert_same(a: dict, b: dict, rtol: float = 1e-10) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        diff = np.linalg.norm(a[name] - b[name]) / max(np.linalg.norm(b[name]), 1e-300)
+        assert diff <= rtol, f"{name}: relative difference {diff:.2e}"
+
+
+def test_shards_cover_the_batch_in_order():
+    for n in (1, 7, 50, 51):
+        for size in (1, 2, 3):
+            parts = [shard(n, r, size) for r in range(size)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+
+
+def test_one_process_needs_no_mpi():
+    assert launched_by_mpi() == 0 or launched_by_mpi() == 1
+    assert isinstance(world(), LocalComm)
+
+
+@needs_mpi
+def test_two_ranks_end_with_the_weights_of_one_process_with_the_same_global_batch(mnist_dir, tmp_path):
+    one = run(0, ["--", *train_args(mnist_dir, tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run(2, ["--log", str(tmp_path / "saves.txt"), "--", *train_args(mnist_dir, tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    records = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    singles = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in records] == [2, 2] and [r["world_size"] for r in singles] == [1, 1]
+    for a, b in zip(records, singles):
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    assert load_checkpoint(tmp_path / "two" / "checkpoint.npz")[0]["world_size"] == 2
+    saves = [line for line in (tmp_path / "saves.txt").read_text().splitlines() if " saved " in line]
+    assert saves and all(line.startswith("rank 0 ") for line in saves)  # written once, by rank 0
+    assert saves.count("rank 0 saved checkpoint.npz") == 2  # once per epoch
+    assert sum("parameters on 2 MPI ranks" in line for line in two.stdout.splitlines()) == 1
+
+
+@needs_mpi
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.cupy_available(),
+                    reason="the cupy backend needs CuPy and a CUDA device, or CAPSNET_EMULATE_CUPY=1")
+def test_two_ranks_on_the_device_stage_the_gradients_through_the_host_and_match_one_process(mnist_dir, tmp_path):
+    """On CuPy the gradient buffer is copied to the host around the Allreduce; the ranks
+    inherit CAPSNET_EMULATE_CUPY, so under emulation they run on the emulated device."""
+    args = lambda out: ["--", *train_args(mnist_dir, out), "--backend", "cupy"]  # noqa: E731
+    one = run(0, args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = run(2, args(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["device"] == backend.describe_device("cupy")
+
+
+@needs_mpi
+@pytest.mark.parametrize("first,then", [(2, 0), (0, 2)], ids=["2-ranks-then-1", "1-then-2-ranks"])
+def test_a_run_stopped_and_resumed_with_another_number_of_ranks_matches(mnist_dir, tmp_path, first, then):
+    straight = run(0, ["--", *train_args(mnist_dir, tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr
+    stopped = run(first, ["--stop-at", "0", "2", "--", *train_args(mnist_dir, tmp_path / "run")])
+    assert stopped.returncode == 130, stopped.stderr
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
+    assert (header["epoch"], header["step_in_epoch"]) == (0, 3)
+    resumed = run(then, ["--", "--out", str(tmp_path / "run"), "--resume", "--data-dir", str(mnist_dir),
+                         "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(weights(tmp_path / "run"), weights(tmp_path / "straight"))
+
+
+@needs_mpi
+def test_a_rank_that_fails_ends_the_job_quickly_and_leaves_the_checkpoint(mnist_dir, tmp_path):
+    start = time.monotonic()
+    failed = run(2, ["--fail-on-rank", "1", "1", "1", "--", *train_args(mnist_dir, tmp_path / "run", epochs=3)],
+                 timeout=120)
+    elapsed = time.monotonic() - start
+    assert failed.returncode != 0
+    assert "rank 1 of 2 failed" in failed.stderr and "bad data on this node" in failed.stderr
+    assert elapsed < 60
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]  # the end of epoch 1, intact
+    assert header["epoch"] == 1 and header["step_in_epoch"] == 0
+
+
+@needs_mpi
+def test_under_mpi_rank_0_holds_the_run_folder_and_a_held_folder_refuses_every_rank(mnist_dir, tmp_path):
+    from capsnet.training import RunFolder
+
+    holder = RunFolder(tmp_path / "run").lock()  # this process holds it: the job must not start
+    start = time.monotonic()
+    refused = run(2, ["--", *train_args(mnist_dir, tmp_path / "run", epochs=1)], timeout=120)
+    assert refused.returncode != 0 and time.monotonic() - start < 60
+    assert f"is in use by process {os.getpid()}" in refused.stderr
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+    holder.unlock()
+    done = run(2, ["--log", str(tmp_path / "saves.txt"), "--", *train_args(mnist_dir, tmp_path / "run", epochs=1)])
+    assert done.returncode == 0, done.stderr
+    held = sorted(line for line in (tmp_path / "saves.txt").read_text().splitlines() if "holds" in line)
+    assert held == ["rank 0 holds the run folder: True", "rank 1 holds the run folder: False"]
+    assert RunFolder(tmp_path / "run").lock().locked  # released at the end of the job
+
+
+@needs_mpi
+def test_ctrl_c_under_mpiexec_stops_every_rank_after_the_same_step_and_saves(mnist_dir, tmp_path):
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    args = train_args(mnist_dir, tmp_path / "run", epochs=200)
+    # SIGINT as in a terminal, even where this test runs as a background job that ignores it
+    proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "capsnet.train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:  # wait for the first epoch, so the loop is running
+            if line.startswith("epoch 1/") or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
+    assert header["world_size"] == 2 and header["epoch"] >= 1
+
+
+@needs_mpi
+def test_the_baseline_with_dropout_on_two_ranks_matches_one_process(mnist_dir, tmp_path):
+    """Dropout draws the mask of the whole global batch on every rank and keeps its rows."""
+    cnn = ["--data-dir", str(mnist_dir), "--dtype", "float64", "--epochs", "1", "--batch-size", "50",
+           "--train-limit", "150", "--test-limit", "60", "--model", "cnn", "--cnn-channels", "4", "4", "2",
+           "--cnn-fc", "16", "8", "--pool", "--no-progress"]
+    one = run(0, ["--", *cnn, "--out", str(tmp_path / "one")])
+    two = run(2, ["--", *cnn, "--out", str(tmp_path / "two")])
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
+
+
+LIBRARY_FAILURE = """
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from capsnet.data import ArrayDataset, load_mnist, to_float
+from capsnet.layers import Flatten, Linear, MarginLoss, Sequential, Sigmoid
+from capsnet.optim import Adam
+from capsnet.training import SupervisedTask, Trainer
+from capsnet.training.distributed import world
+
+comm = world()
+data = load_mnist({data!r}, download=False, progress=False)
+model = Sequential(Flatten(), Linear(784, 10, seed=0), Sigmoid())
+task = SupervisedTask(MarginLoss())
+forward = task.forward
+calls = [0]
+def failing(model, batch):
+    calls[0] += 1
+    if comm.rank == 1 and calls[0] == 3:
+        raise RuntimeError("bad data on this node")
+    return forward(model, batch)
+task.forward = failing
+train = ArrayDataset(to_float(data.train_images[:400]), data.train_labels[:400])
+Trainer(model, task, Adam(model.parameters()), train, {out!r}, epochs=5, batch_size=20, progress=False,
+        log=False, comm=comm).fit()
+"""
+
+
+@needs_mpi
+def test_a_failing_rank_ends_a_job_that_uses_the_trainer_as_a_library(mnist_dir, tmp_path):
+    script = tmp_path / "library.py"
+    script.write_text(LIBRARY_FAILURE.format(repo=str(REPO), data=str(mnist_dir), out=str(tmp_path / "run")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1 of 2 failed" in proc.stderr and "bad data on this node" in proc.stderr
+    assert time.monotonic() - start < 60

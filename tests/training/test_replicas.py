@@ -1,0 +1,309 @@
+"""Replicas (capsnet/replicas.py): a model replica per host thread, a slice of the batch each;
+the thread count and the BLAS thread count (capsnet/parallel.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capsnet import backend, parallel
+from capsnet import replicas as replicas_module
+from capsnet.data import ArrayDataset, random_shift
+from capsnet.layers import BatchNorm1d, Dropout, Flatten, Linear, Mask, ReLU, Sequential, Sigmoid
+from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss
+from capsnet.optim import Adam
+from capsnet.replicas import Replicas, replicate, split_reason
+from capsnet.training import CapsNetTask, Trainer
+
+from tests.helpers import conv_net
+
+
+@pytest.fixture(autouse=True)
+def split_small_batches(monkeypatch):
+    """These tests split batches of a few examples; the library splits a training batch only
+    into slices of MIN_TRAIN_SLICE or more (tested below with its own value)."""
+    monkeypatch.setattr(replicas_module, "MIN_TRAIN_SLICE", 1)
+
+
+pytestmark = pytest.mark.skipif(parallel.blas_threads() is None,
+                                reason="the BLAS thread count cannot be controlled here (no OpenBLAS loaded)")
+
+SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=(32, 64))
+
+
+def capsnet_steps(threads, steps=3, batch=12, dtype="float32", seed=0, algorithm="auto"):
+    """A small CapsNet after ``steps`` Adam steps on fixed data, run through ``threads`` replicas
+    (the model itself for 1); returns (model, last loss, gradients of the last step)."""
+    rng = np.random.default_rng(5)
+    x = rng.random((batch, 1, 28, 28)).astype(dtype)
+    y = np.arange(batch) % 10
+    model = CapsNet(CapsNetConfig(**SMALL), dtype=dtype, seed=seed)
+    model.primary.conv.algorithm = algorithm
+    crit, opt = CapsNetLoss(), Adam(model.parameters(), lr=1e-3)
+    runner = model if threads == 1 else Replicas(model, threads)
+    for _ in range(steps):
+        lengths, recon = runner(x, y)
+        loss = crit(lengths, recon, y, x)
+        opt.zero_grad()
+        runner.backward(*crit.backward())
+        grads = {name: p.grad.copy() for name, p in model.named_parameters()}
+        opt.step()
+    return model, float(loss), grads
+
+
+def test_the_threaded_step_repeats_bit_for_bit():
+    a, loss_a, grads_a = capsnet_steps(2)
+    b, loss_b, grads_b = capsnet_steps(2)
+    assert loss_a == loss_b
+    for name, value in a.state_dict().items():
+        np.testing.assert_array_equal(value, b.state_dict()[name], err_msg=name)
+        if name in grads_a:
+            np.testing.assert_array_equal(grads_a[name], grads_b[name], err_msg=name)
+
+
+def test_the_threaded_gradient_is_the_one_thread_gradient_to_rounding():
+    """In float64 the slices' gradients summed agree with the whole batch's to ~1e-12; in float32
+    the weights after three Adam steps agree to rounding (what MPI ranks are held to)."""
+    for algorithm in ("im2col", "fourier"):  # the replicas share one weight spectrum
+        _, loss1, grads1 = capsnet_steps(1, steps=2, dtype="float64", algorithm=algorithm)
+        for threads in (2, 3, 5):
+            _, loss_t, grads_t = capsnet_steps(threads, steps=2, dtype="float64", algorithm=algorithm)
+            assert loss_t == pytest.approx(loss1, rel=1e-12)
+            for name, g in grads1.items():
+                np.testing.assert_allclose(grads_t[name], g, rtol=1e-8, atol=1e-13,
+                                           err_msg=f"{algorithm}, {threads} threads, {name}")
+    one, _, _ = capsnet_steps(1)
+    two, _, _ = capsnet_steps(2)
+    for name, value in one.state_dict().items():
+        np.testing.assert_allclose(two.state_dict()[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_the_shared_weight_spectrum_serves_only_replicated_steps():
+    """After a replicated step and an optimizer step, the model used on its own computes the
+    spectrum of its new weights, not the replicas' stale one."""
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 28, 28))
+    y = np.arange(6) % 10
+    model = CapsNet(CapsNetConfig(**SMALL), dtype="float64", seed=1)
+    model.primary.conv.algorithm = "fourier"
+    crit, opt = CapsNetLoss(), Adam(model.parameters(), lr=1e-2)
+    runner = Replicas(model, 2)
+    lengths, recon = runner(x, y)
+    crit(lengths, recon, y, x)
+    runner.backward(*crit.backward())
+    opt.step()
+    fresh = CapsNet(CapsNetConfig(**SMALL), dtype="float64", seed=9)
+    fresh.load_state_dict(model.state_dict())
+    fresh.primary.conv.algorithm = "fourier"
+    np.testing.assert_allclose(model(x, y)[0], fresh(x, y)[0], rtol=1e-12)
+    assert model.held_nbytes() > 0
+    runner.release()
+    model.release()
+    assert all(m.held_nbytes() == 0 for m in runner.models)
+
+
+def test_predict_and_eval_forward_join_the_slices_in_order():
+    rng = np.random.default_rng(0)
+    x = rng.random((7, 1, 28, 28)).astype(np.float64)
+    model = CapsNet(CapsNetConfig(**SMALL), dtype="float64", seed=1)
+    classes, lengths = model.predict(x)
+    runner = Replicas(model, 3)
+    r_classes, r_lengths = runner.predict(x)
+    np.testing.assert_array_equal(r_classes, classes)
+    np.testing.assert_allclose(r_lengths, lengths, rtol=1e-12)
+    runner.eval()
+    r_len, r_recon = runner(x)
+    model.eval()
+    m_len, m_recon = model(x)
+    np.testing.assert_allclose(r_len, m_len, rtol=1e-12)
+    np.testing.assert_allclose(r_recon, m_recon, rtol=1e-12, atol=1e-15)
+    assert runner.training is False
+
+
+def test_a_batch_smaller_than_the_thread_count_uses_fewer_replicas():
+    _, loss1, grads1 = capsnet_steps(1, steps=1, batch=2, dtype="float64")
+    _, loss4, grads4 = capsnet_steps(4, steps=1, batch=2, dtype="float64")
+    assert loss4 == pytest.approx(loss1, rel=1e-13)
+    for name, g in grads1.items():
+        np.testing.assert_allclose(grads4[name], g, rtol=1e-9, atol=1e-14, err_msg=name)
+
+
+def test_the_replicas_follow_weights_replaced_in_the_model():
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 28, 28)).astype(np.float32)
+    model = CapsNet(CapsNetConfig(**SMALL), seed=1)
+    runner = Replicas(model, 2)
+    runner.predict(x)  # makes the copies
+    other = CapsNet(CapsNetConfig(**SMALL), seed=2)
+    model.load_state_dict(other.state_dict())
+    for p in model.parameters():  # and a rebinding, as Module.astype or a user might do
+        p.data = p.data.copy()
+    np.testing.assert_allclose(runner.predict(x)[1], other.predict(x)[1], rtol=1e-6)
+
+
+def test_dropout_masks_do_not_depend_on_the_thread_count():
+    def grads(threads):
+        rng = np.random.default_rng(3)
+        x, g = rng.standard_normal((10, 6)), rng.standard_normal((10, 4))
+        model = Sequential(Linear(6, 8, dtype="float64", seed=np.random.default_rng(1)), Dropout(0.5, seed=11),
+                           Linear(8, 4, dtype="float64", seed=np.random.default_rng(2)))
+        runner = model if threads == 1 else Replicas(model, threads)
+        outs = []
+        for _ in range(2):  # the draw counter moves on the same way
+            model.zero_grad()
+            outs.append(runner(x))
+            runner.backward(g)
+        return outs, [p.grad.copy() for p in model.parameters()], model.state_dict()
+    outs1, g1, s1 = grads(1)
+    outs3, g3, s3 = grads(3)
+    for a, b in zip(outs1, outs3):
+        np.testing.assert_allclose(b, a, rtol=1e-13)
+    for a, b in zip(g1, g3):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(s3["1.state"], s1["1.state"])
+
+
+def test_batchnorm_running_statistics_are_the_mean_over_the_slices():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 5))
+    make = lambda: Sequential(BatchNorm1d(5, dtype="float64"))  # noqa: E731
+    model = make()
+    Replicas(model, 2)(x)
+    halves = []
+    for lo, hi in ((0, 4), (4, 8)):
+        alone = make()
+        alone(x[lo:hi])
+        halves.append(alone.state_dict())
+    for name, value in model.state_dict().items():
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(value, (halves[0][name] + halves[1][name]) / 2, rtol=1e-14, err_msg=name)
+
+
+def test_outputs_without_the_batch_first_are_refused_with_the_fix():
+    model = Sequential(Mask(targets=2), Linear(4 * 3, 2, dtype="float64", seed=np.random.default_rng(0)))
+    v = np.random.default_rng(0).random((4, 4, 3))
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS=1"):
+        Replicas(model, 2).forward(v)
+
+
+def test_a_backward_without_a_training_forward_is_refused():
+    runner = Replicas(conv_net(dtype="float64"), 2)
+    with pytest.raises(RuntimeError, match="without a training forward"):
+        runner.backward(np.ones((4, 10)))
+    runner.eval()
+    runner(np.zeros((4, 1, 28, 28)))
+    with pytest.raises(RuntimeError, match="without a training forward"):
+        runner.backward(np.ones((4, 10)))
+
+
+def test_replicate_gives_the_model_back_with_one_thread_or_off_numpy(emulated_cupy):
+    with backend.use("numpy"):
+        host_model = conv_net()
+    assert replicate(host_model, 1) is host_model
+    assert isinstance(replicate(host_model, 2), Replicas)
+    with parallel.threads(1):
+        assert replicate(host_model) is host_model
+    device_model = conv_net().to("cupy")
+    assert replicate(device_model, 4) is device_model
+    assert "NumPy" in split_reason(device_model, 4)
+    with pytest.raises(ValueError, match="not on the NumPy backend"):
+        Replicas(device_model, 2)
+
+
+def test_thread_count_follows_the_scope_the_environment_and_mpi(monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert parallel.host_threads() == 16
+    monkeypatch.setenv("MPI_LOCALNRANKS", "4")
+    assert parallel.host_threads() == 4  # each of 4 ranks on the node gets its share
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert parallel.host_threads() == 3  # an explicit count wins
+    with parallel.threads(5):
+        assert parallel.host_threads() == 5
+        with parallel.threads(None):
+            assert parallel.host_threads() == 3
+        assert parallel.host_threads() == 5
+    assert parallel.host_threads() == 3
+    with pytest.raises(ValueError, match="positive integer"):
+        with parallel.threads(0):
+            pass
+
+
+def test_blas_limit_sets_and_restores_the_library_count():
+    before = parallel.blas_threads()
+    with parallel.blas_limit(1) as controlled:
+        assert controlled
+        assert parallel.blas_threads() == 1
+    assert parallel.blas_threads() == before
+
+
+def capsnet_trainer(mnist_slice, run_dir, on_step=None):
+    x, y, tx, ty = mnist_slice
+    model = CapsNet(CapsNetConfig(**SMALL), seed=0)
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    train = ArrayDataset(x[:120], y[:120], augment=lambda images, rng: random_shift(images, 2, rng))
+    return Trainer(model, CapsNetTask(), optimizer, train, run_dir, epochs=2, batch_size=25,
+                   eval_data=ArrayDataset(tx[:50], ty[:50]), seed=3, log_every=2, progress=False, log=False,
+                   on_step=on_step)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_threaded_run_resumes_bit_for_bit_and_stays_near_the_one_thread_run(mnist_slice, tmp_path,  # noqa: F811
+                                                                              threads):
+    with parallel.threads(threads):
+        straight = capsnet_trainer(mnist_slice, tmp_path / "straight")
+        history = straight.fit()
+
+        def interrupt(trainer, epoch, step):
+            if (epoch, step) == (0, 2):
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            capsnet_trainer(mnist_slice, tmp_path / "resumed", on_step=interrupt).fit()
+        resumed = capsnet_trainer(mnist_slice, tmp_path / "resumed")
+        resumed.fit(resume=True)
+    assert history[-1]["host_threads"] == threads
+    for name, value in straight.model.state_dict().items():
+        np.testing.assert_array_equal(resumed.model.state_dict()[name], value, err_msg=name)
+    with parallel.threads(1):
+        single = capsnet_trainer(mnist_slice, tmp_path / "single")
+        single_history = single.fit()
+    assert single_history[-1]["host_threads"] == 1
+    for name, value in single.model.state_dict().items():
+        np.testing.assert_allclose(straight.model.state_dict()[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
+    assert history[-1]["test_loss"] == pytest.approx(single_history[-1]["test_loss"], rel=1e-3)
+
+
+def test_nothing_threaded_touches_a_device_model(emulated_cupy, mnist_slice, tmp_path):  # noqa: F811
+    """On the (emulated) CuPy backend the loop runs the model itself, whatever the thread count."""
+    x, y, _, _ = mnist_slice
+    model = conv_net().to("cupy")
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    from capsnet.layers import MarginLoss
+
+    data = ArrayDataset(emulated_cupy.asarray(x[:40]), emulated_cupy.asarray(y[:40]))
+    with parallel.threads(4):
+        trainer = Trainer(model, MarginLoss(), optimizer, data, tmp_path / "run", epochs=1, batch_size=20,
+                          progress=False, log=False)
+        history = trainer.fit()
+    assert history[-1]["host_threads"] == 1
+    assert trainer.updater.runner is model
+
+
+def test_a_training_batch_is_split_only_into_slices_of_the_minimum_size(monkeypatch):
+    monkeypatch.setattr(replicas_module, "MIN_TRAIN_SLICE", 32)
+    model = conv_net(dtype="float64")
+    runner = Replicas(model, 2)
+    model.train()
+    x = np.random.default_rng(0).random((32, 1, 28, 28))
+    runner(x)
+    runner.backward(np.ones((32, 10)))
+    assert len(runner.models) == 1  # 32 examples: one replica, BLAS on every core
+    runner(np.concatenate([x, x]))
+    runner.backward(np.ones((64, 10)))
+    assert len(runner.models) == 2  # 64: two slices of 32
+    model.eval()
+    fresh = Replicas(conv_net(dtype="float64"), 2)
+    fresh.eval()
+    fresh(x[:8])
+    assert len(fresh.models) == 2  # inference splits at any size
