@@ -69,3 +69,27 @@ def test_cnn_command_line_resume_and_refusals(mnist_dir, tmp_path, capsys):
     assert "--routing-iterations does not apply to --model cnn" in capsys.readouterr().err
     assert train_cli.main(["--data-dir", str(mnist_dir), "--dropout", "0.3", "--out", str(tmp_path / "y")]) == 2
     assert "--dropout does not apply to --model capsnet" in capsys.readouterr().err
+
+
+def test_a_disk_that_fills_up_in_epoch_2_ends_the_run_with_one_line_and_the_resume_logs_each_epoch_once(
+        mnist_dir, tmp_path, capsys, monkeypatch):
+    from capsnet.training import load_checkpoint, trainer as trainer_module
+
+    real_save = trainer_module.save_checkpoint
+
+    def disk_full_in_epoch_2(path, **kw):
+        if kw["header"]["epoch"] == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(path, **kw)
+
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--data-dir", str(mnist_dir), "--train-limit", "100", "--test-limit", "50",
+            *SMALL_CNN, "--epochs", "3", "--no-progress"]
+    monkeypatch.setattr(trainer_module, "save_checkpoint", disk_full_in_epoch_2)
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: [Errno 28] No space left on device")
+    assert load_checkpoint(out / "checkpoint.npz")[0]["epoch"] == 1  # the loadable epoch-1 state
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    assert train_cli.main([*args, "--resume"]) == 0
+    assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

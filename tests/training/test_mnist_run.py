@@ -179,6 +179,28 @@ def test_a_run_folder_from_capsnet_0_1_resumes_to_the_same_weights(mnist_dir, tm
                                        err_msg=name)
 
 
+def test_a_run_folder_from_capsnet_0_2_resumes_to_the_same_weights(tmp_path):
+    """tests/fixtures/run-v0.2 was written by capsnet 0.2.0 (commit 0a448cf, the last before
+    the training package was split, NumPy 2.4.6), on the MNIST sample, one host thread: a
+    tiny CapsNet stopped by Ctrl-C after step 3 of epoch 1; uninterrupted-weights.npz holds
+    0.2.0's weights at the end of the same run without the stop. Today's loop resumes it and
+    ends there, to the rounding another machine's BLAS may bring (the tolerance of the 0.1
+    test above, for the same reasons: a few float32 Adam steps)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for file in ("checkpoint.npz", "config.json"):
+        shutil.copy(DATA / "run-v0.2" / file, run / file)
+    assert load_checkpoint(run / "checkpoint.npz")[0]["loop_version"] == 2
+    with parallel.threads(1):
+        assert train_cli.main(["--out", str(run), "--resume", "--no-progress"]) == 0
+    state = load_checkpoint(run / "checkpoint.npz")[1]
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    with np.load(DATA / "run-v0.2" / "uninterrupted-weights.npz") as expected:
+        assert sorted(expected.files) == sorted(state)
+        for name in expected.files:
+            np.testing.assert_allclose(state[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def test_a_checkpoint_from_an_unknown_loop_version_is_refused_with_the_reason(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
     MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
