@@ -15,7 +15,13 @@
 """
 from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from capsnet.training.evaluation import Metric, confusion_counts, count_correct, evaluate, scores_of
+from capsnet.training.evaluation import (  # noqa: F401 - Metric is documented in capsnet.training.evaluation
+    Metric,
+    confusion_counts,
+    count_correct,
+    evaluate,
+    scores_of,
+)
 from capsnet.training.extensions import (
     BestModel,
     Checkpoint,
@@ -56,7 +62,6 @@ __all__ = [
     "Extension",
     "LogLine",
     "MNISTTrainer",
-    "Metric",
     "MetricsLog",
     "OnStep",
     "ProgressBar",
