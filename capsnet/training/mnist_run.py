@@ -1,11 +1,15 @@
-"""The paper's CapsNet (and its baseline CNN) on MNIST, as one use of the general loop
-(:class:`capsnet.training.Trainer`).
+"""The runs of ``python -m capsnet.train``: a :class:`TrainConfig`, and :class:`MNISTTrainer`,
+which builds a run from it and trains it with the general loop (:class:`capsnet.training.Trainer`).
 
-This is what ``python -m capsnet.train`` runs: :class:`TrainConfig` holds every
-setting, :class:`MNISTTrainer` builds the model, optimizer, schedule and data from
-it and trains with :class:`~capsnet.training.Trainer`. Run folders written by
-capsnet 0.1 (before the general loop) resume too: their checkpoint header is
-brought to the new form on reading.
+A run is one of the architectures of :data:`ARCHS` (the paper's CapsNet, its baseline CNN,
+Efficient-CapsNet, the EM-routing network) on one of the registered datasets
+(:mod:`capsnet.training.datasets`: MNIST, expanded MNIST, MultiMNIST, the packaged sample,
+all made from MNIST, or one you register). Also here: building the model, task and
+optimizer of a configuration (:func:`build_model`, :func:`build_task`,
+:func:`build_optimizer`), evaluating a classifier (:func:`evaluate_mnist`), and reading a
+checkpoint back as a model (:func:`load_model`, :func:`load_weights`,
+:func:`train_config_of`). Run folders written by capsnet 0.1 (before the general loop)
+resume too: their checkpoint header is brought to the new form on reading.
 """
 from __future__ import annotations
 
