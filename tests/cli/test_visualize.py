@@ -108,13 +108,24 @@ def test_curves_from_metrics_files(runs, tmp_path):
     assert data["mnist"]["test_accuracy"] == [record["test_accuracy"]]
 
 
-def test_confusion_figure(runs, tmp_path, mnist_dir):
+def test_confusion_figure(runs, tmp_path, mnist_dir, monkeypatch):
+    from capsnet.data import load_mnist  # noqa: PLC0415
+
     out = tmp_path / "conf.png"
+    drawn = []
+    draw = visualize.confusion
+    monkeypatch.setattr(visualize, "confusion", lambda matrix, path, title: drawn.append((draw(matrix, path, title),
+                                                                                          title)))
     assert run_cli("confusion", runs / "mnist" / "best.npz", "--out", out, "--test-limit", "100",
                    "--data-dir", mnist_dir) == 0
     png(out)
-    m = visualize.confusion(np.diag(np.arange(10)), tmp_path / "d.png")
-    assert m.shape == (10, 10)
+    (counts, title), = drawn  # the counts the command drew: rows are the true classes of the 100 test images
+    labels = load_mnist(mnist_dir, download=False, progress=False).test_labels[:100]
+    np.testing.assert_array_equal(counts.sum(axis=1), np.bincount(labels, minlength=10))
+    assert f"accuracy {np.trace(counts) / 100:.4f} on 100 test images" in title
+    m = draw(np.diag(np.arange(10)), tmp_path / "d.png")
+    np.testing.assert_array_equal(m, np.diag(np.arange(10)))
+    png(tmp_path / "d.png")
 
 
 def test_routing_maps_sum_to_one_over_classes(runs, mnist_dir, tmp_path):

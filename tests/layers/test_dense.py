@@ -54,11 +54,15 @@ def test_pure_functions_match_the_modules(xp, host_rng):
     np.testing.assert_array_equal(host(relu(x)), host(relu_module.forward(x)))
     np.testing.assert_array_equal(host(relu_backward(g, x)), host(relu_module.backward(g)))
     assert np.all(host(relu_backward(g, x))[0, :2] == 0)
+    # and both agree with the formulas, not only with each other (the module calls the function)
+    np.testing.assert_array_equal(host(relu(x)), np.maximum(host(x), 0))
+    np.testing.assert_array_equal(host(relu_backward(g, x)), host(g) * (host(x) > 0))
     sig = Sigmoid()
     y = sig.forward(x)
     np.testing.assert_array_equal(host(sigmoid(x)), host(y))
     np.testing.assert_allclose(host(sigmoid_backward(g, y)), host(sig.backward(g)), rtol=1e-15)
     np.testing.assert_allclose(host(y), 1 / (1 + np.exp(-host(x))), rtol=1e-14)
+    np.testing.assert_allclose(host(sigmoid_backward(g, y)), host(g) * host(y) * (1 - host(y)), rtol=1e-14)
     layer = Linear(4, 2, dtype=F64, seed=0)
     out = layer.forward(x)
     np.testing.assert_allclose(host(out), host(x) @ host(layer.weight.data).T + host(layer.bias.data), rtol=1e-13)
@@ -67,6 +71,9 @@ def test_pure_functions_match_the_modules(xp, host_rng):
     np.testing.assert_allclose(host(layer.backward(gy)), host(gx), rtol=1e-15)
     np.testing.assert_allclose(host(layer.weight.grad), host(gw), rtol=1e-15)
     np.testing.assert_allclose(host(layer.bias.grad), host(gb), rtol=1e-15)
+    np.testing.assert_allclose(host(gx), host(gy) @ host(layer.weight.data), rtol=1e-13)
+    np.testing.assert_allclose(host(gw), host(gy).T @ host(x), rtol=1e-13)
+    np.testing.assert_allclose(host(gb), host(gy).sum(axis=0), rtol=1e-13)
 
 
 def test_sigmoid_saturates_without_warnings(xp):

@@ -158,8 +158,12 @@ def test_the_source_macro_shows_the_library_code_and_refuses_a_wrong_name():
 
 
 def test_every_source_macro_of_the_site_names_a_real_object():
+    rendered = 0
     for page in DOCS.rglob("*.md"):
-        hooks.SOURCE.sub(hooks._source, page.read_text())  # raises DocsError on a wrong name
+        text = hooks.SOURCE.sub(hooks._source, page.read_text())  # raises DocsError on a wrong name
+        rendered += len(hooks.SOURCE.findall(page.read_text()))
+        assert not re.search(r"\{\{\s*source\s*\(", text), f"{page.name}: a source macro left unrendered"
+    assert rendered >= 10  # the pages show the library's code in many places: the loop above checked them
 
 
 def test_the_tutorials_are_jupytext_percent_scripts():

@@ -41,9 +41,18 @@ def test_shards_cover_the_batch_in_order():
             assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
 
 
-def test_one_process_needs_no_mpi():
-    assert launched_by_mpi() == 0 or launched_by_mpi() == 1
+def test_one_process_needs_no_mpi(monkeypatch):
+    launchers = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
+    for name in launchers:
+        monkeypatch.delenv(name, raising=False)
+    assert launched_by_mpi() == 0  # no launcher in the environment: one process
     assert isinstance(world(), LocalComm)
+    for size, name in enumerate(launchers, 2):  # the world size each launcher announces is read
+        monkeypatch.setenv(name, "not a number")
+        assert launched_by_mpi() == 0, name
+        monkeypatch.setenv(name, str(size))
+        assert launched_by_mpi() == size, name
+        monkeypatch.delenv(name)
 
 
 @needs_mpi
