@@ -28,7 +28,7 @@ from capsnet.layers import (
     squash_backward,
 )
 
-from tests.helpers import dev, host
+from tests.helpers import dev, host, naive_conv2d
 
 
 F64 = "float64"
@@ -132,24 +132,6 @@ def test_squash_matches_equation_1(xp, host_rng):
     expected = norm**2 / (1 + norm**2) * s / norm
     np.testing.assert_allclose(host(squash(dev(s))), expected, rtol=1e-13)
     np.testing.assert_allclose(host(capsule_length(dev(s))), norm[..., 0], rtol=1e-13)
-
-
-# -- convolution oracles ------------------------------------------------------------------
-def naive_conv2d(x, w, b, stride, padding):
-    """Loops over batch, output channels and output pixels."""
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    oh = (h + 2 * padding - kh) // stride + 1
-    ow = (wd + 2 * padding - kw) // stride + 1
-    y = np.zeros((n, o, oh, ow))
-    for bi in range(n):
-        for oc in range(o):
-            for i in range(oh):
-                for j in range(ow):
-                    patch = xpad[bi, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
-                    y[bi, oc, i, j] = (patch * w[oc]).sum() + (0 if b is None else b[oc])
-    return y
 
 
 # -- routing oracle ----------------------------------------------------------------------

@@ -5,28 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capsnet.data import ArrayDataset, load_mnist, random_shift, to_float
-from capsnet.layers import MarginLoss
-from capsnet.optim import Adam
-from capsnet.training import Extension, SingleProcess, Trainer, strategy_for
-
-from tests.helpers import conv_net
-
-
-@pytest.fixture(scope="module")
-def data(mnist_dir):
-    d = load_mnist(mnist_dir, download=False, progress=False)
-    x, y = to_float(d.train_images[:200]), d.train_labels[:200]
-    return (ArrayDataset(x, y, augment=lambda images, rng: random_shift(images, 2, rng)),
-            ArrayDataset(to_float(d.test_images[:100]), d.test_labels[:100]))
-
-
-def trainer(data, run_dir, *, epochs=3, optimizer=None, **kw):
-    model = conv_net()
-    optimizer = optimizer(model) if optimizer is not None else Adam(model.parameters(), lr=3e-3)
-    train, test = data
-    return Trainer(model, MarginLoss(), optimizer, train, run_dir, epochs=epochs, batch_size=50, eval_data=test,
-                   seed=3, log_every=3, progress=False, log=False, **kw)
+from capsnet.training import Extension, SingleProcess, strategy_for
 
 
 # -- extensions, without subclassing ------------------------------------------------
@@ -57,24 +36,24 @@ class StepCounter(Extension):
         self.steps = header.get("counted_steps", 0)
 
 
-def test_an_extension_keeps_its_state_through_a_resume_and_runs_on_every_epoch(data, tmp_path):
+def test_an_extension_keeps_its_state_through_a_resume_and_runs_on_every_epoch(make_trainer, tmp_path):
     def stop(trainer, epoch, step):
         if (epoch, step) == (1, 1):
             raise KeyboardInterrupt
 
     first = StepCounter()
     with pytest.raises(KeyboardInterrupt):
-        trainer(data, tmp_path / "run", extensions=[first], on_step=stop).fit()
+        make_trainer(tmp_path / "run", extensions=[first], on_step=stop).fit()
     assert first.steps == 4 + 2
     second = StepCounter()
-    trainer(data, tmp_path / "run", extensions=[second]).fit(resume=True)
+    make_trainer(tmp_path / "run", extensions=[second]).fit(resume=True)
     assert second.events == [("start", 1, 2)] and second.steps == 3 * 4
     assert sorted(p.name for p in (tmp_path / "run").glob("figure-*.txt")) == [f"figure-{e}.txt" for e in (1, 2, 3)]
 
 
-def test_extend_refuses_what_is_not_an_extension(data, tmp_path):
+def test_extend_refuses_what_is_not_an_extension(make_trainer, tmp_path):
     with pytest.raises(TypeError, match="needs a capsnet.training.Extension, got function"):
-        trainer(data, tmp_path / "run").extend(lambda trainer: None)
+        make_trainer(tmp_path / "run").extend(lambda trainer: None)
 
 
 def test_one_process_is_the_single_process_strategy_whose_hooks_change_nothing():

@@ -9,28 +9,8 @@ import numpy as np
 import pytest
 
 import capsnet.train as train_cli
-from capsnet.data import ArrayDataset, load_mnist, random_shift, to_float
-from capsnet.layers import MarginLoss
-from capsnet.optim import SGD, Adam
-from capsnet.training import Extension, RunFolder, Trainer, TrainingDiverged, load_checkpoint, trainer as trainer_module
-
-from tests.helpers import conv_net
-
-
-@pytest.fixture(scope="module")
-def data(mnist_dir):
-    d = load_mnist(mnist_dir, download=False, progress=False)
-    x, y = to_float(d.train_images[:200]), d.train_labels[:200]
-    return (ArrayDataset(x, y, augment=lambda images, rng: random_shift(images, 2, rng)),
-            ArrayDataset(to_float(d.test_images[:100]), d.test_labels[:100]))
-
-
-def trainer(data, run_dir, *, epochs=3, optimizer=None, **kw):
-    model = conv_net()
-    optimizer = optimizer(model) if optimizer is not None else Adam(model.parameters(), lr=3e-3)
-    train, test = data
-    return Trainer(model, MarginLoss(), optimizer, train, run_dir, epochs=epochs, batch_size=50, eval_data=test,
-                   seed=3, log_every=3, progress=False, log=False, **kw)
+from capsnet.optim import SGD
+from capsnet.training import Extension, RunFolder, TrainingDiverged, load_checkpoint, trainer as trainer_module
 
 
 def epochs_logged(run_dir: Path) -> list[int]:
@@ -51,11 +31,11 @@ class RaiseLearningRate(Extension):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow is the point
-def test_a_diverged_run_stops_at_the_first_read_and_keeps_the_last_finite_state(data, tmp_path, capsys):
+def test_a_diverged_run_stops_at_the_first_read_and_keeps_the_last_finite_state(make_trainer, tmp_path, capsys):
     run = tmp_path / "run"
     sgd = lambda model: SGD(model.parameters(), lr=0.05)  # noqa: E731
     with pytest.raises(TrainingDiverged) as info:
-        trainer(data, run, optimizer=sgd, extensions=[RaiseLearningRate()]).fit()
+        make_trainer(run, optimizer=sgd, extensions=[RaiseLearningRate()]).fit()
     message = str(info.value)
     assert "loss is nan at epoch 2, step 3" in message  # the first read of epoch 2: log_every=3
     assert str(run / "checkpoint.npz") in message
@@ -80,16 +60,16 @@ def test_a_run_that_diverges_in_its_first_epoch_writes_nothing_and_the_cli_says_
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_the_stop_on_divergence_can_be_turned_off(data, tmp_path):
-    history = trainer(data, tmp_path / "run", epochs=2, optimizer=lambda m: SGD(m.parameters(), lr=1e30),
+def test_the_stop_on_divergence_can_be_turned_off(make_trainer, tmp_path):
+    history = make_trainer(tmp_path / "run", epochs=2, optimizer=lambda m: SGD(m.parameters(), lr=1e30),
                       stop_on_nan=False).fit()
     assert [np.isnan(r["train_loss"]) for r in history] == [True, True]
 
 
 # -- the metrics log and the checkpoint agree after any failure --------------------
-def test_a_disk_full_during_a_checkpoint_leaves_a_log_that_agrees_after_the_resume(data, tmp_path, monkeypatch):
+def test_a_disk_full_during_a_checkpoint_leaves_a_log_that_agrees_after_the_resume(make_trainer, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    trainer(data, straight).fit()
+    make_trainer(straight).fit()
     run = tmp_path / "run"
     real_save = trainer_module.save_checkpoint
 
@@ -100,11 +80,11 @@ def test_a_disk_full_during_a_checkpoint_leaves_a_log_that_agrees_after_the_resu
 
     monkeypatch.setattr(trainer_module, "save_checkpoint", disk_full_in_epoch_2)
     with pytest.raises(OSError, match="No space left"):
-        trainer(data, run).fit()
+        make_trainer(run).fit()
     assert load_checkpoint(run / "checkpoint.npz")[0]["epoch"] == 1  # the loadable epoch-1 state
     assert epochs_logged(run) == [1, 2]  # epoch 2's line came first: the checkpoint is the commit point
     monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
-    trainer(data, run).fit(resume=True)
+    make_trainer(run).fit(resume=True)
     assert epochs_logged(run) == [1, 2, 3]  # epoch 2 once: the resume dropped the line the checkpoint lacked
     for name, value in final_weights(straight).items():
         np.testing.assert_array_equal(final_weights(run)[name], value, err_msg=name)  # same machine: bit for bit

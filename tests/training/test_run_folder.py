@@ -10,31 +10,10 @@ from pathlib import Path
 import pytest
 
 import capsnet.train as train_cli
-from capsnet.data import ArrayDataset, load_mnist, random_shift, to_float
-from capsnet.layers import MarginLoss
-from capsnet.optim import Adam
-from capsnet.training import RunFolder, RunFolderError, Trainer
-
-from tests.helpers import conv_net
+from capsnet.training import RunFolder, RunFolderError
 
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data(mnist_dir):
-    d = load_mnist(mnist_dir, download=False, progress=False)
-    x, y = to_float(d.train_images[:200]), d.train_labels[:200]
-    return (ArrayDataset(x, y, augment=lambda images, rng: random_shift(images, 2, rng)),
-            ArrayDataset(to_float(d.test_images[:100]), d.test_labels[:100]))
-
-
-def trainer(data, run_dir, *, epochs=3, optimizer=None, **kw):
-    model = conv_net()
-    optimizer = optimizer(model) if optimizer is not None else Adam(model.parameters(), lr=3e-3)
-    train, test = data
-    return Trainer(model, MarginLoss(), optimizer, train, run_dir, epochs=epochs, batch_size=50, eval_data=test,
-                   seed=3, log_every=3, progress=False, log=False, **kw)
 
 
 # -- one run folder, one process ----------------------------------------------------
@@ -60,14 +39,14 @@ def holder(tmp_path):
     proc.stdout.close()
 
 
-def test_a_second_process_is_refused_with_the_holders_pid_and_kill_9_frees_the_folder(data, tmp_path, holder):
+def test_a_second_process_is_refused_with_the_holders_pid_and_kill_9_frees_the_folder(make_trainer, tmp_path, holder):
     with pytest.raises(RunFolderError, match=f"in use by process {holder.pid}") as info:
-        trainer(data, tmp_path / "run").fit()
+        make_trainer(tmp_path / "run").fit()
     assert info.value.reason == "locked" and info.value.pid == holder.pid
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     holder.send_signal(signal.SIGKILL)  # the kernel drops the lock with the process
     holder.wait()
-    assert [r["epoch"] for r in trainer(data, tmp_path / "run", epochs=1).fit()] == [1]
+    assert [r["epoch"] for r in make_trainer(tmp_path / "run", epochs=1).fit()] == [1]
 
 
 def test_the_command_line_names_the_process_that_holds_the_folder(mnist_dir, tmp_path, holder, capsys):
@@ -77,12 +56,12 @@ def test_the_command_line_names_the_process_that_holds_the_folder(mnist_dir, tmp
     assert f"is in use by process {holder.pid}" in capsys.readouterr().err
 
 
-def test_the_lock_is_released_when_fit_ends_however_it_ends(data, tmp_path):
+def test_the_lock_is_released_when_fit_ends_however_it_ends(make_trainer, tmp_path):
     def stop(trainer, epoch, step):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        trainer(data, tmp_path / "run", on_step=stop).fit()
+        make_trainer(tmp_path / "run", on_step=stop).fit()
     assert RunFolder(tmp_path / "run").lock().locked  # free again: taken here at once
     with pytest.raises(RunFolderError, match="in use by process"):
         RunFolder(tmp_path / "run").lock()  # ... and now held by the object above
