@@ -3,6 +3,7 @@ the current backend, the loop-convolution oracle, PyTorch parity of one layer, a
 convolutional classifier. Fixtures live in the conftest.py files."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,13 @@ def torch_parity(torch, ours, ref, x, targets=None, loss=False):
     torch_params = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
         assert rel_error(p.grad, torch_params[name].grad.numpy()) < 1e-6, name
+
+
+# -- bad labels: (labels for a batch of 2 with 3 classes, the error, its message after "<Layer> expected ")
+LABEL_ERRORS = [
+    (np.array([0, 3]), ValueError, r"labels in \[0, 3\), got values from 0 to 3"),
+    (np.array([-1, 0]), ValueError, r"labels in \[0, 3\), got values from -1 to 0"),
+    (np.array([[0], [1]]), ValueError, re.escape("labels of shape (2,), got (2, 1)")),
+    (np.array([0, 1, 2]), ValueError, re.escape("labels of shape (2,), got (3,)")),
+    (np.array([0.0, 1.0]), TypeError, "integer labels, got float64"),
+]

@@ -4,7 +4,6 @@ longest capsules), float64 gradient checks on every backend, shape errors."""
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from capsnet.layers import (
     squash_backward,
 )
 
-from tests.helpers import dev, host, naive_conv2d
+from tests.helpers import LABEL_ERRORS, dev, host, naive_conv2d
 
 
 F64 = "float64"
@@ -298,15 +297,6 @@ def test_digitcaps_wrong_input_shape_message():
     with pytest.raises(ValueError) as info:
         layer.forward(np.zeros((32, 1152, 16), np.float32))
     assert str(info.value) == "DigitCaps expected input of shape (batch, 1152, 8), got (32, 1152, 16)"
-
-
-LABEL_ERRORS = [
-    (np.array([0, 3]), ValueError, r"labels in \[0, 3\), got values from 0 to 3"),
-    (np.array([-1, 0]), ValueError, r"labels in \[0, 3\), got values from -1 to 0"),
-    (np.array([[0], [1]]), ValueError, re.escape("labels of shape (2,), got (2, 1)")),
-    (np.array([0, 1, 2]), ValueError, re.escape("labels of shape (2,), got (3,)")),
-    (np.array([0.0, 1.0]), TypeError, "integer labels, got float64"),
-]
 
 
 @pytest.mark.parametrize("labels,error,message", LABEL_ERRORS, ids=["too-big", "negative", "2d", "long", "float"])

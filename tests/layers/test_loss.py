@@ -19,9 +19,8 @@ from capsnet.layers import (
     reconstruction_loss,
     reconstruction_loss_backward,
 )
-from capsnet.layers.loss import margin_loss
 
-from tests.helpers import dev, host, torch_parity
+from tests.helpers import LABEL_ERRORS, dev, host, torch_parity
 
 
 def test_gradcheck_margin_loss(xp, host_rng):
@@ -80,15 +79,6 @@ def test_reconstruction_loss_by_hand(xp):
 def test_reconstruction_loss_rejects_mismatched_shapes(xp):
     with pytest.raises(ValueError, match=re.escape("got (2, 4) and (2, 5)")):
         reconstruction_loss(dev(np.zeros((2, 4))), dev(np.zeros((2, 5))))
-
-
-LABEL_ERRORS = [
-    (np.array([0, 3]), ValueError, r"labels in \[0, 3\), got values from 0 to 3"),
-    (np.array([-1, 0]), ValueError, r"labels in \[0, 3\), got values from -1 to 0"),
-    (np.array([[0], [1]]), ValueError, re.escape("labels of shape (2,), got (2, 1)")),
-    (np.array([0, 1, 2]), ValueError, re.escape("labels of shape (2,), got (3,)")),
-    (np.array([0.0, 1.0]), TypeError, "integer labels, got float64"),
-]
 
 
 @pytest.mark.parametrize("labels,error,message", LABEL_ERRORS, ids=["too-big", "negative", "2d", "long", "float"])

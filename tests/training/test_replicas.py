@@ -8,7 +8,7 @@ import pytest
 from capsnet import backend, parallel
 from capsnet import replicas as replicas_module
 from capsnet.data import ArrayDataset, random_shift
-from capsnet.layers import BatchNorm1d, Dropout, Flatten, Linear, Mask, ReLU, Sequential, Sigmoid
+from capsnet.layers import BatchNorm1d, Dropout, Linear, Mask, Sequential
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss
 from capsnet.optim import Adam
 from capsnet.replicas import Replicas, replicate, split_reason
