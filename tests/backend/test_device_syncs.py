@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from capsnet.testing import device_counts
-from capsnet.training import MNISTTrainer, TrainConfig, evaluate
+from capsnet.training import MNISTTrainer, TerminateOnNaN, TrainConfig, evaluate
 
 SMALL = {"conv_channels": 8, "primary_types": 2, "primary_dim": 4, "digit_dim": 4, "decoder_hidden": [16, 32]}
 
@@ -31,6 +31,8 @@ def test_a_training_step_transfers_nothing_to_the_host_but_the_flush(emulated_cu
                       test_limit=60, log_every=4, model=SMALL)
     steps, trainer, counts = _per_step(cfg, tmp_path / "run")
     assert len(steps) == 12
+    # the stop on divergence is on (the default) and reads what the flush brought: no extra sync
+    assert any(isinstance(e, TerminateOnNaN) for e in trainer.extensions)
     flushes = [s for s in range(12) if (s + 1) % 4 == 0]
     for s, (d2h, h2d, syncs) in enumerate(steps):
         # one transfer, one wait at each flush (loss, metrics and label checks packed together), none otherwise
