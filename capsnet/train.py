@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
             MNISTFormatError, ValueError, OSError, ImportError) as exc:
         message = cli_message(exc, out)
         print(f"error{strategy.here}: {message}", file=sys.stderr)
-        strategy.fail(exc, 2, trace=False)  # under MPI: end every rank, never a hang
+        strategy.fail(exc, 2, trace=False, message=message)  # under MPI: end every rank, never a hang
         return 2
     except Exception as exc:
         strategy.fail(exc, 1)

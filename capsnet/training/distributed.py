@@ -108,11 +108,14 @@ def world() -> LocalComm | MPIComm:
     return _WORLD
 
 
-def fail(comm: LocalComm | MPIComm, exc: BaseException, code: int = 1, trace: bool = True) -> None:
-    """Under MPI, report ``exc`` naming this rank, then end the whole job (a failed rank
-    must not leave the others waiting in a collective). Does nothing in one process."""
+def fail(comm: LocalComm | MPIComm, exc: BaseException, code: int = 1, trace: bool = True,
+         message: str | None = None) -> None:
+    """Under MPI, report ``exc`` (in the words of ``message`` when given) naming this rank,
+    then end the whole job (a failed rank must not leave the others waiting in a
+    collective). Does nothing in one process."""
     if comm.size > 1:
-        print(f"capsnet: rank {comm.rank} of {comm.size} failed, ending the job: {type(exc).__name__}: {exc}",
+        words = message if message is not None else str(exc)
+        print(f"capsnet: rank {comm.rank} of {comm.size} failed, ending the job: {type(exc).__name__}: {words}",
               file=sys.stderr)
         if trace:
             traceback.print_exception(exc, file=sys.stderr)

@@ -19,10 +19,15 @@ everything else is an :class:`Extension`, called on these events, in order of
 
 An extension with state that must survive a resume returns it from ``state_dict()``
 (JSON-able entries of the checkpoint header) and reads it back in ``load_state_dict``.
+At the default priority (0) its ``epoch_end`` and ``interrupted`` run before the best
+model and the checkpoint are written, so the state they change is saved with them;
+entries it adds to the record belong in ``observe`` (the metrics log is written first).
 Under MPI, extensions with ``writer_only = True`` (files, bars, log lines) run on the
-process that writes (rank 0) only. Raising ``KeyboardInterrupt`` from ``step`` stops the
-run as Ctrl-C does (state saved, resumable); setting ``trainer.stop_requested = True``
-asks for that stop after the current step.
+process that writes (rank 0) only. Setting ``trainer.stop_requested = True`` stops the
+run as Ctrl-C does (state saved, resumable), after the current step, or at the epoch's
+end; every process agrees on it. Raising ``KeyboardInterrupt`` from ``step`` stops after
+this step; from a writer-only extension it is taken as ``stop_requested``, since one
+process alone cannot stop the others.
 
 The loop's own: :class:`Evaluate`, :class:`TerminateOnNaN` (on by default),
 :class:`BestModel`, :class:`MetricsLog`, :class:`Checkpoint`, :class:`ProgressBar`,
@@ -143,7 +148,7 @@ class BestModel(Extension):
     key's name, see :func:`lower_is_better`). The best value so far is kept in the
     checkpoint (``best``, ``best_key``)."""
 
-    priority = 200  # before the checkpoint, which records the best value
+    priority = -10  # after other extensions' epoch_end (their state is saved), before the checkpoint
     writer_only = True
 
     def __init__(self, key: str, lower: bool | None = None):
@@ -188,7 +193,7 @@ class Checkpoint(Extension):
     """Writes ``checkpoint.npz`` atomically after every epoch, the last of the epoch's
     writes, and on Ctrl-C between two steps (then says where, and ``resume_hint``)."""
 
-    priority = 100
+    priority = -20  # the last write: after every extension's epoch_end, so their state is in it
     writer_only = True
 
     def __init__(self, resume_hint: str = "fit(resume=True)"):

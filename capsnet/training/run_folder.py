@@ -125,7 +125,8 @@ class RunFolder:
         if not self.metrics.exists():
             return 0
         kept, dropped = [], 0
-        for line in self.metrics.read_text().splitlines():
+        text = self.metrics.read_text()
+        for line in text.splitlines():
             try:
                 epoch = json.loads(line).get("epoch")
             except (ValueError, AttributeError):
@@ -134,7 +135,7 @@ class RunFolder:
                 kept.append(line)
             else:
                 dropped += 1
-        if dropped:
+        if dropped or (text and not text.endswith("\n")):  # a whole last line without its newline: add it
             tmp = self.metrics.with_name(self.metrics.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics)

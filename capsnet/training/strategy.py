@@ -32,6 +32,7 @@ from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice
 from capsnet.training.checkpoint import CheckpointError
+from capsnet.training.run_folder import RunFolderError
 from capsnet.training.distributed import GradientBuffer, LocalComm, fail, shard
 
 __all__ = ["DataParallel", "SingleProcess", "strategy_for"]
@@ -95,9 +96,9 @@ class SingleProcess:
     def sync_buffers(self, model: Module) -> None:
         """Make the floating buffers (BatchNorm's statistics) the same on every process."""
 
-    def fail(self, exc: BaseException, code: int = 1, trace: bool = True) -> None:
+    def fail(self, exc: BaseException, code: int = 1, trace: bool = True, message: str | None = None) -> None:
         """End every process after ``exc`` on this one, with exit status ``code`` (and the
-        traceback with ``trace``); nothing to end here."""
+        traceback with ``trace``; ``message``: the words to report it in); nothing to end here."""
 
     def __repr__(self) -> str:
         return "SingleProcess()"
@@ -140,19 +141,29 @@ class DataParallel(SingleProcess):
         self.gradients = GradientBuffer(model.parameters(), self.comm)
 
     def on_writer(self, read: Callable[[], Any]) -> Any:
+        # Whatever rank 0's read raises, the other ranks learn it from the broadcast (none is
+        # left waiting in it) and raise it too: a RunFolderError with its reason and PID, a
+        # CheckpointError, or else a RuntimeError naming rank 0's error.
         payload: tuple = ("ok", None)
-        error: CheckpointError | None = None
+        error: BaseException | None = None
         if self.rank == 0:
             try:
                 payload = ("ok", read())
-            except CheckpointError as exc:
-                error, payload = exc, ("error", str(exc))
-        kind, value = self.comm.bcast(payload)
+            except Exception as exc:  # noqa: BLE001 - sent to the other ranks, then raised here
+                error = exc
+                payload = ("error", type(exc).__name__, str(exc), getattr(exc, "reason", None),
+                           getattr(exc, "folder", None), getattr(exc, "pid", None))
+        payload = self.comm.bcast(payload)
         if error is not None:
             raise error
-        if kind == "error":
-            raise CheckpointError(value)
-        return value
+        if payload[0] == "error":
+            kind, message, reason, folder, pid = payload[1:]
+            if reason is not None:
+                raise RunFolderError(message, reason, folder, pid)
+            if kind in ("CheckpointError", "RunFolderError"):
+                raise CheckpointError(message)
+            raise RuntimeError(f"rank 0 failed to read the run folder: {kind}: {message}")
+        return payload[1]
 
     def share_weights(self, model: Module) -> None:
         state = self.comm.bcast(model.state_dict() if self.rank == 0 else None)
@@ -194,8 +205,8 @@ class DataParallel(SingleProcess):
             host /= self.size
             buf.data[...] = backend.to_device(host.astype(buf.data.dtype), backend.backend_of(buf.data))
 
-    def fail(self, exc: BaseException, code: int = 1, trace: bool = True) -> None:
-        fail(self.comm, exc, code, trace)
+    def fail(self, exc: BaseException, code: int = 1, trace: bool = True, message: str | None = None) -> None:
+        fail(self.comm, exc, code, trace, message)
 
     def __repr__(self) -> str:
         return f"DataParallel(rank {self.rank} of {self.size})"

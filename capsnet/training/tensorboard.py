@@ -35,7 +35,7 @@ def summary_writer_class() -> type:
     try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 - an optional extra
     except ImportError as exc:
-        raise ImportError(f"TensorBoard logging (Trainer(tensorboard=...)) needs the tensorboardX "
+        raise ImportError(f"TensorBoard logging (Trainer(tensorboard=...), --tensorboard on the command line) needs the tensorboardX "
                           f"package, which cannot be imported here ({exc}); install it with {INSTALL_HINT}") from exc
     return SummaryWriter
 

@@ -136,14 +136,19 @@ class Trainer:
     def _fire(self, event: str, *args: Any) -> None:
         """Call ``event`` on every extension (the writer-only ones on the writing process only).
         A KeyboardInterrupt from one (a stop asked after this step) is raised after the
-        others have seen the event, so that every extension's state counts the same steps."""
+        others have seen the event, so that every extension's state counts the same steps;
+        from a writer-only one, which runs on one process, it becomes ``stop_requested``,
+        which every process agrees on."""
         interrupt = None
         for extension in self.extensions:
             if self.strategy.writes or not extension.writer_only:
                 try:
                     getattr(extension, event)(self, *args)
                 except KeyboardInterrupt as exc:
-                    interrupt = exc
+                    if extension.writer_only:  # one process alone cannot stop the others: they agree
+                        self.stop_requested = True  # after the next step, or at the epoch's end
+                    else:
+                        interrupt = exc
         if interrupt is not None:
             raise interrupt
 
@@ -299,19 +304,13 @@ class Trainer:
 
     def _start(self, resume: bool) -> None:
         """The writing process takes the run folder, checks it and reads the checkpoint;
-        every process then starts from its state (its weights shared on a fresh start)."""
+        every process then starts from its state (its weights shared on a fresh start).
+        Only then does the writer touch the folder: the metrics log trimmed to the
+        checkpoint (or cleared), config.json written."""
         def read() -> tuple:
             self.folder.lock()
             self.folder.check_start(resume)
-            payload: tuple = ("fresh",)
-            if resume:
-                payload = ("resume", *self._read_checkpoint(self.folder.checkpoint))
-                self.folder.trim_metrics(payload[1]["epoch"])
-            else:
-                self.folder.clear_metrics()
-            if self.config is not None:
-                self.folder.write_config({**self.config, "device": backend.describe_device(self.backend_name)})
-            return payload
+            return ("resume", *self._read_checkpoint(self.folder.checkpoint)) if resume else ("fresh",)
 
         payload = self.strategy.on_writer(read)
         if payload[0] == "resume":
@@ -319,6 +318,13 @@ class Trainer:
         else:
             self._fresh()
             self.strategy.share_weights(self.model)
+        if self.strategy.writes:
+            if resume:
+                self.folder.trim_metrics(self.epoch)
+            else:
+                self.folder.clear_metrics()
+            if self.config is not None:
+                self.folder.write_config({**self.config, "device": backend.describe_device(self.backend_name)})
 
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Bring a checkpoint header written by an older version to this loop's form,

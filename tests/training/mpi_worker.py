@@ -5,7 +5,8 @@ with hooks the tests need. Not a test module itself.
 
 --stop-at raises KeyboardInterrupt after that step on every rank (a Ctrl-C that all ranks
 see at once); --fail-on-rank raises RuntimeError on one rank only; --log appends one line
-"rank R saved NAME" per checkpoint written. The hooks are an extension of the trainer
+"rank R saved NAME" per checkpoint written; --writer-stop-at raises KeyboardInterrupt from a
+writer-only extension (rank 0 only) after that step. The hooks are an extension of the trainer
 (capsnet.training.Extension), passed to capsnet.train.main.
 """
 from __future__ import annotations
@@ -44,16 +45,31 @@ class Hooks(Extension):
                 f.write(f"rank {self.rank} saved {path.name}\n")
 
 
+class WriterStop(Extension):
+    """Raises KeyboardInterrupt on rank 0 only, after step S of epoch E (--writer-stop-at E S)."""
+
+    writer_only = True
+
+    def __init__(self, at: list[int]):
+        self.at = at
+
+    def step(self, trainer) -> None:
+        if [trainer.epoch, trainer.step_in_epoch - 1] == self.at:
+            raise KeyboardInterrupt
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--stop-at", type=int, nargs=2)
     p.add_argument("--fail-on-rank", type=int, nargs=3)
     p.add_argument("--log")
+    p.add_argument("--writer-stop-at", type=int, nargs=2)
     p.add_argument("train_args", nargs=argparse.REMAINDER)
     args = p.parse_args()
     rank = distributed.world().rank
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    return train_cli.main(train_args, extensions=(Hooks(args, rank),))
+    extensions = (Hooks(args, rank), *([WriterStop(args.writer_stop_at)] if args.writer_stop_at else []))
+    return train_cli.main(train_args, extensions=extensions)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,25 @@ def test_under_mpi_rank_0_holds_the_run_folder_and_a_held_folder_refuses_every_r
     assert done.returncode == 0, done.stderr
     held = sorted(line for line in (tmp_path / "saves.txt").read_text().splitlines() if "holds" in line)
     assert held == ["rank 0 holds the run folder: True", "rank 1 holds the run folder: False"]
-    assert RunFolder(tmp_path / "run").lock().locked  # released at the end of the job
+    free = RunFolder(tmp_path / "run").lock()  # released at the end of the job
+    free.unlock()
+    # a fresh run over it is refused on every rank in the command line's words
+    occupied = run(2, ["--", *train_args(mnist_dir, tmp_path / "run", epochs=1)], timeout=120)
+    assert occupied.returncode != 0
+    # rank 0's error line and its report as it ends the job (and rank 1's line, when it prints
+    # one before the abort reaches it): never the library's wording
+    assert "fit(resume=True)" not in occupied.stderr
+    assert occupied.stderr.count("already holds a run: pass --resume to continue it, or choose another --out") >= 2
+
+
+@needs_mpi
+def test_a_stop_asked_by_a_writer_only_extension_stops_every_rank_after_the_next_step(mnist_dir, tmp_path):
+    """A KeyboardInterrupt from an extension that runs on rank 0 only cannot stop rank 1 by
+    itself: it becomes a stop request, which the ranks agree on in the next step's reduction."""
+    stopped = run(2, ["--writer-stop-at", "0", "1", "--", *train_args(mnist_dir, tmp_path / "run")], timeout=120)
+    assert stopped.returncode == 130, stopped.stderr
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
+    assert (header["epoch"], header["step_in_epoch"], header["world_size"]) == (0, 3, 2)
 
 
 @needs_mpi

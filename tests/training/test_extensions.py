@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capsnet.training import Extension, SingleProcess, strategy_for
+from capsnet.training import Extension, SingleProcess, load_checkpoint, strategy_for
 
 
 # -- extensions, without subclassing ------------------------------------------------
@@ -64,3 +64,45 @@ def test_one_process_is_the_single_process_strategy_whose_hooks_change_nothing()
     assert rows is batch and strategy.shard(7) == (0, 7) and strategy.gather(3) == [3]
     assert strategy.reduce_gradients(1.0, True) is True and strategy.agree(False) is False
     assert strategy.on_writer(lambda: 42) == 42
+
+
+class EpochCounter(Extension):
+    """State changed in epoch_end, at the default priority."""
+
+    def __init__(self):
+        self.epochs = 0
+
+    def epoch_end(self, trainer, record):
+        self.epochs += 1
+
+    def state_dict(self):
+        return {"counted_epochs": self.epochs}
+
+    def load_state_dict(self, header):
+        self.epochs = header.get("counted_epochs", 0)
+
+
+def test_state_an_extension_changes_at_an_epochs_end_is_in_that_epochs_checkpoint(make_trainer, tmp_path):
+    make_trainer(tmp_path / "run", epochs=2, extensions=[EpochCounter()]).fit()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]["counted_epochs"] == 2
+    assert load_checkpoint(tmp_path / "run" / "best.npz")[0]["counted_epochs"] in (1, 2)
+    resumed = EpochCounter()
+    make_trainer(tmp_path / "run", epochs=3, extensions=[resumed]).fit(resume=True)
+    assert resumed.epochs == 3  # as in a run that never stopped
+
+
+class WriterStop(Extension):
+    writer_only = True
+
+    def step(self, trainer):
+        if (trainer.epoch, trainer.step_in_epoch) == (0, 2):
+            raise KeyboardInterrupt
+
+
+def test_a_keyboard_interrupt_from_a_writer_only_extension_is_a_stop_request(make_trainer, tmp_path):
+    """It runs on one process, so it cannot stop the others by raising: the processes agree
+    on the request in the next step, and the run stops, saved, after it."""
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "run", extensions=[WriterStop()]).fit()
+    header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
+    assert (header["epoch"], header["step_in_epoch"]) == (0, 3)

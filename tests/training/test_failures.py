@@ -98,3 +98,17 @@ def test_a_log_line_cut_short_or_ahead_of_the_checkpoint_is_dropped_on_resume(tm
     assert folder.metrics.read_text() == '{"epoch": 1, "x": 1}\n{"epoch": 2, "x": 2}\n'
     assert folder.trim_metrics(1) == 1 and epochs_logged(tmp_path) == [1]
     assert folder.trim_metrics(1) == 0
+
+
+def test_a_checkpoint_header_without_its_clock_is_refused_and_the_log_is_left_alone(make_trainer, tmp_path):
+    from capsnet.training import CheckpointError, save_checkpoint
+
+    run = tmp_path / "run"
+    make_trainer(run, epochs=2).fit()
+    header, weights, optim = load_checkpoint(run / "checkpoint.npz")
+    del header["epoch"]
+    save_checkpoint(run / "checkpoint.npz", model_state=weights, optimizer_state=optim, header=header)
+    log = (run / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="does not fit this model, optimizer or loop: 'epoch'"):
+        make_trainer(run, epochs=3).fit(resume=True)
+    assert (run / "metrics.jsonl").read_text() == log

@@ -2,6 +2,7 @@
 holder's pid, kill -9 frees it, and fit releases the lock however it ends."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -65,3 +66,11 @@ def test_the_lock_is_released_when_fit_ends_however_it_ends(make_trainer, tmp_pa
     assert RunFolder(tmp_path / "run").lock().locked  # free again: taken here at once
     with pytest.raises(RunFolderError, match="in use by process"):
         RunFolder(tmp_path / "run").lock()  # ... and now held by the object above
+
+
+def test_a_whole_last_line_without_its_newline_gets_one_so_the_next_epoch_does_not_join_it(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.metrics.write_text('{"epoch": 1}\n{"epoch": 2}')
+    assert folder.trim_metrics(2) == 0
+    folder.append_metrics({"epoch": 3})
+    assert [json.loads(line)["epoch"] for line in folder.metrics.read_text().splitlines()] == [1, 2, 3]
