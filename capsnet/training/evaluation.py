@@ -67,6 +67,17 @@ def combine(parts: list) -> Any:
     return total
 
 
+def combine_sums(parts: list[tuple[float, int, dict[str, Any]]]) -> tuple[float, int, dict[str, Any]]:
+    """Every process's :meth:`Sums.read` (``(loss sum, examples, {metric: sum})``, in rank
+    order) as one: each part added in rank order; a metric only some processes have (a
+    process without examples has none) is the sum of those that have it."""
+    sums: dict[str, Any] = {}
+    for _, _, part in parts:
+        for name, value in part.items():
+            sums[name] = add(sums.get(name), value)
+    return combine([part[0] for part in parts]), sum(part[1] for part in parts), sums
+
+
 def fetch(values: list[Any]) -> list[np.ndarray]:
     """Device values (0-d or any shape) on the host as float64, in one transfer: the
     values are packed into one device vector first, so the host waits once."""
@@ -157,8 +168,8 @@ def evaluate(model: Module, task: Any, data: Any, *, batch_size: int = 100,
         raise
     finally:
         model.release()
-    totals = {name: combine([part[2][name] for part in parts if name in part[2]]) for name in metrics}
-    result: dict[str, Any] = {"loss": combine([part[0] for part in parts]) / n}
+    loss, _, totals = combine_sums(parts)
+    result: dict[str, Any] = {"loss": loss / n}
     result.update({name: mean(total, n) for name, total in totals.items()})
     result["n"] = n
     result["totals"] = totals

@@ -78,7 +78,8 @@ class RunFolder:
             raise RunFolderError(f"{self.path} is in use by {holder}, which is training in it; wait for it to end, "
                                  "stop it, or use another run folder", "locked", self.path, pid) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
         return self
 
@@ -148,13 +149,15 @@ class RunFolder:
 def _try_lock(fd: int) -> None:
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    else:  # pragma: no cover
+    else:  # pragma: no cover - never run: CI is Linux only
+        os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 
 def _read_pid(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 64, 0).decode().strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 64).decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return int(text) if text.isdigit() else None

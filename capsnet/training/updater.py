@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.replicas import replicate
-from capsnet.training.evaluation import Metric, Sums, combine
+from capsnet.training.evaluation import Metric, Sums, combine_sums
 from capsnet.training.strategy import SingleProcess
 
 __all__ = ["Updater"]
@@ -71,13 +71,7 @@ class Updater:
     def read(self) -> tuple[float, int, dict[str, Any]]:
         """(loss sum, examples, {metric: sum}) of the steps since the last read, over every
         process, on the host: one transfer, which also settles the pending input checks."""
-        parts = self.strategy.gather(self.sums.read())
-        sums = {}
-        for name in self.metrics:
-            values = [part[2][name] for part in parts if name in part[2]]
-            if values:
-                sums[name] = combine(values)
-        return combine([part[0] for part in parts]), sum(part[1] for part in parts), sums
+        return combine_sums(self.strategy.gather(self.sums.read()))
 
     def close(self) -> None:
         """Drop what the steps cached (no step's cache or spectra outlive the run)."""
