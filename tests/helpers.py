@@ -1,9 +1,11 @@
 """Helpers the test modules share (not a test module): moving arrays between the host and
-the current backend, the loop-convolution oracle, PyTorch parity of one layer, and a small
-convolutional classifier. Fixtures live in the conftest.py files."""
+the current backend, the loop-convolution oracle, the PyTorch references of scripts/ and the
+parity of one layer, and a small convolutional classifier. Fixtures live in the conftest.py files."""
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,17 @@ from capsnet import backend
 from capsnet.layers import Conv2d, Flatten, Linear, ReLU, Sequential, Sigmoid
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
+
+
+def reference(name: str):
+    """The PyTorch reference module ``scripts/<name>.py`` (torch_capsnet, torch_efficient_capsnet,
+    torch_matrix_capsnet). Ask for the ``torch`` fixture first: it skips the test without torch."""
+    scripts = str(REPO / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(scripts)
 
 
 def dev(array):

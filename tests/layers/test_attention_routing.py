@@ -5,8 +5,6 @@ parity with the PyTorch reference (scripts/torch_efficient_capsnet.py) when torc
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,13 +22,10 @@ from capsnet.layers import (
     self_attention_routing_backward,
 )
 
-from tests.helpers import dev, host
+from tests.helpers import dev, host, reference
 
 
 F64 = "float64"
-
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 # -- the squash variant ---------------------------------------------------------------------
@@ -173,14 +168,8 @@ def test_fccaps_and_routing_errors():
 
 # -- float64 parity with PyTorch ------------------------------------------------------------------
 @pytest.fixture
-def torch_ref():
-    torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import torch_efficient_capsnet  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return torch, torch_efficient_capsnet
+def torch_ref(torch):
+    return torch, reference("torch_efficient_capsnet")
 
 
 def test_torch_parity_fccaps(torch_ref, host_rng):

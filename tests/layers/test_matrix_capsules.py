@@ -6,8 +6,6 @@ when torch is installed: outputs, loss and every gradient."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,13 +25,10 @@ from capsnet.layers import (
     spread_margin,
 )
 
-from tests.helpers import dev, host
+from tests.helpers import dev, host, reference
 
 
 F64 = "float64"
-
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 # -- the oracle: Procedure 1 for one example, loops and the Gaussian density itself -----------------
@@ -353,14 +348,8 @@ def test_errors():
 
 # -- float64 parity with PyTorch --------------------------------------------------------------------------
 @pytest.fixture
-def torch_ref():
-    torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import torch_matrix_capsnet  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return torch, torch_matrix_capsnet
+def torch_ref(torch):
+    return torch, reference("torch_matrix_capsnet")
 
 
 def _compare(pairs):

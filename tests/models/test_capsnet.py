@@ -4,8 +4,6 @@ decoder once per digit masked by that digit's capsule, its loss gradient, its FL
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from capsnet.gradcheck import check_module
 from capsnet.layers import Module
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss, CapsNetTask
 
-from tests.helpers import dev, host, rel_error
+from tests.helpers import dev, host, reference, rel_error
 
 
 F64 = "float64"
@@ -115,11 +113,7 @@ def test_gradcheck_capsnet_with_the_deconv_decoder(xp, host_rng):
 
 
 def test_capsnet_with_the_deconv_decoder_matches_the_pytorch_reference(torch, host_rng):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    try:
-        from torch_capsnet import TorchCapsNet
-    finally:
-        sys.path.pop(0)
+    TorchCapsNet = reference("torch_capsnet").TorchCapsNet
     cfg = CapsNetConfig(conv_channels=16, primary_types=4, digit_dim=8, decoder="deconv", digit_init_std=0.1)
     ours = CapsNet(cfg, dtype=F64, seed=0)
     ref = TorchCapsNet(**cfg.__dict__, dtype=torch.float64)

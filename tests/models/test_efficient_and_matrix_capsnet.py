@@ -4,8 +4,6 @@ with the PyTorch references (outputs, losses, every gradient), and the command l
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +22,7 @@ from capsnet.models import (
 from capsnet.training import load_model
 from capsnet.training.mnist_run import TrainConfig
 
-from tests.helpers import dev
-
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from tests.helpers import dev, reference
 
 
 F64 = "float64"
@@ -74,15 +69,8 @@ def test_gradcheck_matrix_capsnet(xp, host_rng):
 
 
 @pytest.fixture
-def torch_refs():
-    torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import torch_efficient_capsnet  # noqa: PLC0415
-        import torch_matrix_capsnet  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return torch, torch_efficient_capsnet, torch_matrix_capsnet
+def torch_refs(torch):
+    return torch, reference("torch_efficient_capsnet"), reference("torch_matrix_capsnet")
 
 
 def _close(ours, theirs, what):
@@ -105,9 +93,7 @@ def test_torch_parity_efficient_capsnet(torch_refs, images):
         ours.backward(*crit.backward())
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     t_lengths, t_recon = ref(tx, ty)
-    margin = (torch.nn.functional.one_hot(ty, 10) * torch.clamp(0.9 - t_lengths, min=0) ** 2
-              + 0.5 * (1 - torch.nn.functional.one_hot(ty, 10)) * torch.clamp(t_lengths - 0.1, min=0) ** 2).sum(1)
-    t_loss = margin.mean() + 0.0005 * ((t_recon - tx) ** 2).sum() / x.shape[0]
+    t_loss = reference("torch_capsnet").total_loss(t_lengths, t_recon, ty, tx)  # CapsNetLoss's reference
     t_loss.backward()
     _close(lengths, t_lengths, "lengths")
     _close(recon, t_recon, "reconstructions")

@@ -7,8 +7,6 @@ Adam steps must agree with PyTorch's autograd and torch.optim.Adam.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +18,11 @@ from capsnet.data import load_mnist, to_float  # noqa: E402
 from capsnet.models.capsnet import CapsNet, CapsNetLoss  # noqa: E402
 from capsnet.optim import Adam  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from torch_capsnet import TorchCapsNet, margin_loss, reconstruction_loss, total_loss  # noqa: E402
+from tests.helpers import reference  # noqa: E402
+
+_ref = reference("torch_capsnet")
+TorchCapsNet, margin_loss, reconstruction_loss, total_loss = (_ref.TorchCapsNet, _ref.margin_loss,
+                                                              _ref.reconstruction_loss, _ref.total_loss)
 
 BATCH = 4
 RTOL = 1e-6

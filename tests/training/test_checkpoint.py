@@ -19,7 +19,7 @@ from capsnet import train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
 from capsnet.training import CheckpointError, load_checkpoint, load_model, save_checkpoint
 
-from tests.helpers import host
+from tests.helpers import host, reference
 
 TINY = ["--conv-channels", "8", "--primary-types", "2", "--primary-dim", "4", "--digit-dim", "4",
         "--decoder-hidden", "16"]
@@ -176,11 +176,7 @@ def test_export_writes_weights_and_configuration_that_load_back(run_folder, tmp_
 @needs_safetensors
 def test_the_pytorch_network_reads_the_exported_file_and_agrees(run_folder, mnist_dir, tmp_path):
     torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    try:
-        from torch_capsnet import TorchCapsNet
-    finally:
-        sys.path.pop(0)
+    TorchCapsNet = reference("torch_capsnet").TorchCapsNet
     from safetensors import safe_open
     from safetensors.torch import load_file
 
