@@ -113,7 +113,8 @@ def test_a_suite_cut_at_its_cap_is_summarised_from_the_reports_that_came(tmp_pat
     summary = proof.summarise_reports(reports)
     assert summary["counts"] == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1}
     assert {f["test"]: f["message"] for f in summary["failures"]} == {
-        "tests/a.py::test_bad[cupy]": "AssertionError: 1 != 2", "tests/b.py::test_fixture[cupy]": "RuntimeError: no device"}
+        "tests/a.py::test_bad[cupy]": "AssertionError: 1 != 2",
+        "tests/b.py::test_fixture[cupy]": "RuntimeError: no device"}
     assert summary["skip_reasons"] == {"Skipped: needs mpiexec": 1}
     proof.write_junit(reports, tmp_path / "suite.xml")
     cases = list(ET.parse(tmp_path / "suite.xml").getroot().iter("testcase"))
