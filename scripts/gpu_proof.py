@@ -421,7 +421,7 @@ def _cupy_info() -> dict[str, Any]:
     from capsnet import backend
 
     if backend.is_emulated():
-        from capsnet.testing.cupy_api import api
+        from capsnet.testing.emulation import api
 
         return {"emulated": True, "api_checked_against": f"CuPy {api().version}"}
     cupy = backend.installed_cupy()
@@ -1240,6 +1240,7 @@ def step_epoch(args: argparse.Namespace) -> dict[str, Any]:
         header = load_checkpoint(run_dir / "checkpoint.npz")[0]
         result["cut_at"] = {"epoch": header.get("epoch"), "step_in_epoch": header.get("step_in_epoch")}
         result["headline"] = f"cut by its cap at step {header.get('step_in_epoch')} of the epoch after {wall:.0f} s"
+        result["findings"] = "the epoch did not end within its cap: too slow on this device"
     if not full:
         result["note"] = "smoke: the MNIST sample shipped with capsnet and a small model, not the full MNIST"
     update_json(args.out / "training.json", "epoch", result)

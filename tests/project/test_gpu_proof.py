@@ -47,6 +47,10 @@ def test_the_smoke_run_does_or_skips_every_step_with_its_reason(tmp_path):
                                                             "suite.log", "parity.json", "speed.json",
                                                             "training.json"])
 
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["emulated"] and machine["cupy"]["emulated"] and "version" in machine["numpy"]
+    assert not [name for name, part in machine.items() if isinstance(part, dict) and "error" in part]
+
     suite = ET.parse(out / "suite.xml").getroot()
     assert len(list(suite.iter("testcase"))) > 0 and not list(suite.iter("failure"))
 
