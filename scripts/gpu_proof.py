@@ -840,8 +840,8 @@ def worker_capsnet_speed(args: argparse.Namespace) -> None:
     emulated = backend.is_emulated()
     with backend.use("cupy") as cp:
         sync = cp.cuda.Device().synchronize
-        for name in SPEED_MODELS:
-            for batch in budget["batches"]:
+        for batch in budget["batches"]:  # batch first: both models at the small batches, whatever the time
+            for name in SPEED_MODELS:
                 if time.time() > args.soft_deadline:
                     emit({"framework": "capsnet", "model": name, "batch": batch, "skipped": "the step's cap"})
                     continue
@@ -900,8 +900,8 @@ def worker_emulated_counts(args: argparse.Namespace) -> None:
     budget = BUDGETS[args.budget]
     images, labels = sample_batch(max(budget["count_batches"]))
     with backend.use("cupy") as cp:
-        for name in SPEED_MODELS:
-            for batch in budget["count_batches"]:
+        for batch in budget["count_batches"]:
+            for name in SPEED_MODELS:
                 if time.time() > args.soft_deadline:
                     break
                 def count() -> dict[str, Any]:
@@ -989,8 +989,8 @@ def worker_torch_speed(args: argparse.Namespace) -> None:
         x = torch.from_numpy(images[:batch, None].astype("float32") / 255).to(device)
         return TorchStep(name, budget["sizes"], device, x, torch.from_numpy(labels[:batch]).to(device))
 
-    for name in SPEED_MODELS:
-        for batch in budget["batches"]:
+    for batch in budget["batches"]:  # batch first: both models at the small batches, whatever the time
+        for name in SPEED_MODELS:
             if time.time() > args.soft_deadline:
                 emit({"framework": "torch", "model": name, "batch": batch, "skipped": "the step's cap"})
                 continue
@@ -1054,15 +1054,18 @@ def worker_torch_compile(args: argparse.Namespace) -> None:
 
 
 def stream_worker(kind: str, args: argparse.Namespace, on_record: Callable[[dict], None],
-                  env: dict[str, str] | None = None, watchdog: Callable[[dict | None], str | None] | None = None
-                  ) -> dict[str, Any]:
-    """Run ``--worker kind`` and hand each result line to ``on_record`` as it comes. It is
-    stopped at the soft deadline, or when ``watchdog`` (told each record, or None on a
-    quiet second) returns a reason. Returns its exit status and the tail of its other output."""
-    if time.time() > args.soft_deadline:
+                  env: dict[str, str] | None = None, watchdog: Callable[[dict | None], str | None] | None = None,
+                  share: float = 1.0) -> dict[str, Any]:
+    """Run ``--worker kind`` and hand each result line to ``on_record`` as it comes. It gets
+    ``share`` of the step's time left, so that a slow worker leaves the next its turn, and is
+    stopped past it, or when ``watchdog`` (told each record, or None on a quiet second)
+    returns a reason. Returns its exit status and the tail of its other output."""
+    now = time.time()
+    if now > args.soft_deadline:
         return {"skipped": "the step's cap was reached before it started"}
+    until = now + share * (args.soft_deadline - now)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--budget", args.budget,
-           "--soft-deadline", f"{args.soft_deadline:.1f}", str(args.out), "--work", str(args.work)]
+           "--soft-deadline", f"{until:.1f}", str(args.out), "--work", str(args.work)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env=env or child_env(), start_new_session=True)
     lines: queue.Queue = queue.Queue()
@@ -1087,8 +1090,8 @@ def stream_worker(kind: str, args: argparse.Namespace, on_record: Callable[[dict
             print(line, end="", flush=True)
         elif watchdog:
             stopped = watchdog(None)
-        if stopped is None and time.time() > args.soft_deadline + 3:
-            stopped = "the step's cap was reached"
+        if stopped is None and time.time() > until + 3:
+            stopped = "its share of the step's time was spent"
         if stopped:
             stop(proc, grace=2)
             break
@@ -1128,11 +1131,12 @@ def step_speed(args: argparse.Namespace) -> dict[str, Any]:
         write_json(path, report)
 
     write_json(path, report)
-    report["runs"]["capsnet"] = stream_worker("speed-capsnet", args, keep)
+    # shares of the time left: capsnet 45% of it, then PyTorch 60% of what remains, then the count
+    report["runs"]["capsnet"] = stream_worker("speed-capsnet", args, keep, share=0.45)
     if importlib.util.find_spec("torch") is None:
         report["runs"]["torch"] = {"skipped": "PyTorch is not installed"}
     else:
-        report["runs"]["torch"] = stream_worker("speed-torch", args, keep)
+        report["runs"]["torch"] = stream_worker("speed-torch", args, keep, share=0.6)
     report["runs"]["emulated_launches"] = stream_worker("emulated-counts", args, keep,
                                                         env=child_env(CAPSNET_EMULATE_CUPY="1"))
     write_json(path, report)
@@ -1145,7 +1149,8 @@ def step_speed(args: argparse.Namespace) -> dict[str, Any]:
                 pairs.append(f"{row['model']} b{row['batch']} "
                              f"{row['train']['images_per_s'] / ref['train']['images_per_s']:.2f}x")
     failed = [k for k, v in report["runs"].items() if v.get("exit") not in (0, None) and not v.get("stopped")]
-    cut = [k for k, v in report["runs"].items() if v.get("stopped") or "cap" in v.get("skipped", "")]
+    cut = [k for k, v in report["runs"].items() if v.get("stopped") or "cap" in v.get("skipped", "")
+           or any(r.get("skipped") for r in report["rows"] if r["framework"] == k)]
     errors = [f"{r['framework']} {r['model']} b{r['batch']}" for r in report["rows"] if "error" in r]
     result: dict[str, Any] = {"headline": ("train speed capsnet/torch: " + ", ".join(pairs)) if pairs
                               else f"{sum('train' in r for r in report['rows'])} measurements"}
@@ -1166,7 +1171,7 @@ def step_compile(args: argparse.Namespace) -> dict[str, Any]:
     from capsnet import backend
 
     if backend.is_emulated():
-        return {"skipped": "needs a GPU (this is the smoke run on the emulated device)"}
+        return {"skipped": "needs a GPU (this is the emulated device)"}
     if importlib.util.find_spec("torch") is None:
         return {"skipped": "PyTorch is not installed"}
     path = args.out / "speed.json"
@@ -1275,26 +1280,42 @@ def step_resume(args: argparse.Namespace) -> dict[str, Any]:
               "--no-progress", *budget["flags"]]
     straight, cut = args.work / "straight", args.work / "cut"
     stop_at = tuple(budget["stop_at"])
-    times: dict[str, float] = {}
+    result: dict[str, Any] = {"run": " ".join(common), "stop_after_step": {"epoch": stop_at[0], "step": stop_at[1]}}
 
-    t0 = time.monotonic()
-    require(train_cli.main([*common, "--out", str(straight)]) == 0, "the uninterrupted run failed")
-    times["straight_s"] = time.monotonic() - t0
+    def phase(name: str, run: Callable[[], None]) -> bool:
+        """Run one of the three runs if the step's time allows; the result so far is saved."""
+        if time.time() > args.soft_deadline:
+            result.update(headline=f"not done: the step's cap came before the {name} run",
+                          findings=f"the resume check did not finish within its cap (before the {name} run)")
+            update_json(args.out / "training.json", "resume", result)
+            return False
+        t0 = time.monotonic()
+        run()
+        result[f"{name}_s"] = round(time.monotonic() - t0, 1)
+        update_json(args.out / "training.json", "resume", result)
+        return True
 
     def interrupt(trainer: Any, epoch: int, step: int) -> None:
         if (epoch, step) == stop_at:
             raise KeyboardInterrupt
 
-    t0 = time.monotonic()
-    cfg = train_cli.config_from_args(train_cli.build_parser().parse_args([*common, "--out", str(cut)]), TrainConfig())
-    try:
-        MNISTTrainer(cfg, cut, progress=False, log=False, on_step=interrupt).fit()
-        raise RuntimeError(f"the run was not interrupted at (epoch, step) {stop_at}")
-    except KeyboardInterrupt:
-        pass
-    header = load_checkpoint(cut / "checkpoint.npz")[0]
-    require(train_cli.main([*common, "--out", str(cut), "--resume"]) == 0, "the resumed run failed")
-    times["interrupted_and_resumed_s"] = time.monotonic() - t0
+    def interrupted() -> None:
+        cfg = train_cli.config_from_args(train_cli.build_parser().parse_args([*common, "--out", str(cut)]),
+                                         TrainConfig())
+        try:
+            MNISTTrainer(cfg, cut, progress=False, log=False, on_step=interrupt).fit()
+            raise RuntimeError(f"the run was not interrupted at (epoch, step) {stop_at}")
+        except KeyboardInterrupt:
+            pass
+        header = load_checkpoint(cut / "checkpoint.npz")[0]
+        result["stopped_after"] = {"epoch": header.get("epoch"), "step_in_epoch": header.get("step_in_epoch")}
+
+    if not (phase("uninterrupted", lambda: require(train_cli.main([*common, "--out", str(straight)]) == 0,
+                                                     "the uninterrupted run failed"))
+            and phase("interrupted", interrupted)
+            and phase("resumed", lambda: require(train_cli.main([*common, "--out", str(cut), "--resume"]) == 0,
+                                                 "the resumed run failed"))):
+        return result
 
     (_, a_state, a_opt), (_, b_state, b_opt) = load_checkpoint(straight / "checkpoint.npz"), \
         load_checkpoint(cut / "checkpoint.npz")
@@ -1310,12 +1331,10 @@ def step_resume(args: argparse.Namespace) -> dict[str, Any]:
                 if isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape:
                     entry["max_abs_difference"] = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
                 differing.append(entry)
-    result = {"run": " ".join(common), "stopped_after": {"epoch": header.get("epoch"),
-                                                         "step_in_epoch": header.get("step_in_epoch")},
-              "bit_identical": not differing, "differing": differing[:50], "n_differing": len(differing),
-              **{k: round(v, 1) for k, v in times.items()}}
-    result["headline"] = ("bit-identical after a stop at step "
-                          f"{header.get('step_in_epoch')} of epoch {header.get('epoch', 0) + 1}" if not differing
+    stopped = result["stopped_after"]
+    result.update(bit_identical=not differing, differing=differing[:50], n_differing=len(differing))
+    result["headline"] = (f"bit-identical after a stop at step {stopped['step_in_epoch']} of epoch "
+                          f"{stopped['epoch'] + 1}" if not differing
                           else f"NOT bit-identical: {len(differing)} arrays differ")
     update_json(args.out / "training.json", "resume", result)
     if differing:
@@ -1346,7 +1365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (the training runs' folders)")
     p.add_argument("--step", choices=list(STEP_FUNCTIONS), help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
-    p.add_argument("--budget", choices=list(BUDGETS), help=argparse.SUPPRESS)
+    p.add_argument("--budget", choices=list(BUDGETS),
+                   help="the sizes and caps to run with (default: gpu on a GPU, smoke elsewhere); --budget gpu on "
+                        "the emulated device tries the GPU's caps, which cut the steps there")
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--soft-deadline", type=float, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -1381,7 +1402,7 @@ def main(argv: list[str] | None = None) -> int:
     if not backend.cupy_available():
         usable = (f"the cupy backend cannot run here ({backend._cupy_error}); for the smoke run on the emulated "
                   "device set CAPSNET_EMULATE_CUPY=1")
-    budget = "smoke" if emulated or args.smoke or usable else "gpu"
+    budget = args.budget or ("smoke" if emulated or args.smoke or usable else "gpu")
     device = backend.describe_device("cupy") if not usable else "none"
     work = Path(tempfile.mkdtemp(prefix="capsnet-gpu-proof-"))
     print(f"GPU proof, {budget} budget, device: {usable or device}; results in {out}", flush=True)
