@@ -1281,6 +1281,7 @@ def step_resume(args: argparse.Namespace) -> dict[str, Any]:
     straight, cut = args.work / "straight", args.work / "cut"
     stop_at = tuple(budget["stop_at"])
     result: dict[str, Any] = {"run": " ".join(common), "stop_after_step": {"epoch": stop_at[0], "step": stop_at[1]}}
+    update_json(args.out / "training.json", "resume", result)  # a cut run still says what it was running
 
     def phase(name: str, run: Callable[[], None]) -> bool:
         """Run one of the three runs if the step's time allows; the result so far is saved."""
