@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", Path("runs/capsnet"))
     resume = getattr(args, "resume", False)
-    strategy = strategy_for(distributed.world())
+    try:
+        strategy = strategy_for(distributed.world())
+    except ImportError as exc:  # under mpiexec without the mpi extra: every rank says so, none waits
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(args, _base_config(out, resume, strategy))
         trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
