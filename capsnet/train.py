@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,10 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     model = dict(values["model"] or {})
     if arch != base.arch:  # the new architecture's own training defaults, under the flags given
         values.update(ARCH_DEFAULTS.get(arch, {}))
+    spec = DATASETS.get(given.get("dataset", base.dataset))
+    if spec is not None and spec.archs is not None and arch not in spec.archs:
+        raise ValueError(f"--dataset {spec.name} trains --model {' or --model '.join(spec.archs)} only; "
+                         f"got --model {arch}")
     wrong = [key for key in given if key in ALL_MODEL_KEYS and key not in ARCH_KEYS[arch]]
     if wrong:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
@@ -155,11 +160,19 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     return TrainConfig.from_dict(values)
 
 
+FLAGS = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+"""The option that sets each configuration field (``lr``: ``--lr``, ``arch``: ``--model``)."""
+
+
 def _base_config(out: Path, resume: bool, strategy: Any) -> TrainConfig:
     """The checkpoint's configuration on --resume (read by the writing process, sent to the others)."""
     def read() -> dict[str, Any] | None:
         path = out / "checkpoint.npz"
-        if resume and path.exists():
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"{out} is a file, not a folder", "file", out)
+        if resume and not path.exists():  # refused before any data is read or folder made
+            raise RunFolderError(f"no checkpoint in {out}", "empty", out)
+        if resume:
             return train_config_of(load_checkpoint(path)[0], path).as_dict()
         return None
 
@@ -167,14 +180,20 @@ def _base_config(out: Path, resume: bool, strategy: Any) -> TrainConfig:
     return TrainConfig.from_dict(value) if value is not None else TrainConfig()
 
 
-def cli_message(exc: BaseException, out: Path) -> str:
+def cli_message(exc: BaseException, out: Path, resume: bool = False) -> str:
     """The library's error in the command line's words: the run folder's refusals name --out and --resume."""
     if isinstance(exc, RunFolderError) and exc.reason == "occupied":
         return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
     if isinstance(exc, RunFolderError) and exc.reason == "empty":
         return f"--resume: no checkpoint in {out} (expected checkpoint.npz)"
+    if isinstance(exc, RunFolderError) and exc.reason == "file":
+        return f"--out {out} is a file, not a folder: choose another --out (a folder, made if missing)"
+    if isinstance(exc, CheckpointError) and resume:
+        return f"{exc}; or start a new run in another --out"
     if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
         return f"{exc}\n{SAMPLE_HINT}"
+    if type(exc) is ValueError:  # a configuration field's refusal, "lr must be > 0, got -1.0": "--lr must ..."
+        return re.sub(r"^(\w+) must", lambda m: f"{FLAGS.get(m[1], m[1])} must", str(exc))
     return str(exc)
 
 
@@ -208,7 +227,7 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
         return 1
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError, OSError, ImportError) as exc:
-        message = cli_message(exc, out)
+        message = cli_message(exc, out, resume)
         print(f"error{strategy.here}: {message}", file=sys.stderr)
         strategy.fail(exc, 2, trace=False, message=message)  # under MPI: end every rank, never a hang
         return 2
@@ -217,6 +236,9 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
         raise
     if history and strategy.writes:
         print(json.dumps(history[-1]))
+    elif strategy.writes:
+        print(f"{out} has already trained its {trainer.epochs} epochs: nothing to do. To train on, resume with a "
+              f"higher --epochs (e.g. --resume --epochs {trainer.epochs + 10})", flush=True)
     return 0
 
 

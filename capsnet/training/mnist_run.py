@@ -117,8 +117,12 @@ class TrainConfig(DictConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if not (self.lr > 0 and self.lr_decay > 0 and self.recon_weight >= 0 and self.max_shift >= 0):
-            raise ValueError("lr and lr_decay must be > 0, recon_weight and max_shift >= 0")
+        for name in ("lr", "lr_decay"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("recon_weight", "max_shift"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.test_pairs < 1:
             raise ValueError(f"test_pairs must be at least 1, got {self.test_pairs}")
         spec = dataset(self.dataset)
