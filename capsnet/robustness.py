@@ -139,6 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def extras_first(args: argparse.Namespace) -> None:
+    """The optional packages the options ask for, imported before any work: an ImportError
+    naming the option, the extra and the pip command."""
+    if not args.no_plot:
+        from capsnet.visualize import pyplot  # noqa: PLC0415
+
+        try:
+            pyplot()
+        except ImportError as exc:
+            raise ImportError(f"{exc}; or pass --no-plot for robustness.json alone") from exc
+    if args.affnist:
+        try:
+            import scipy.io  # noqa: F401, PLC0415 - what read_affnist reads .mat files with
+        except ImportError as exc:
+            raise ImportError(f"--affnist reads .mat files with scipy, which cannot be imported here ({exc}): "
+                              "pip install 'capsnet[affnist]' (or pip install scipy)") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m capsnet.robustness``: returns the exit status (0, or 2 with the error on stderr)."""
     args = build_parser().parse_args(argv)
@@ -146,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.checkpoints:  # before any work
             if not path.is_file():
                 raise FileNotFoundError(f"no checkpoint at {path}")
-        if not args.no_plot:
-            from capsnet.visualize import pyplot, robustness_plot  # noqa: PLC0415
-
-            pyplot()  # fail before the work, not after it
+        extras_first(args)
         with backend.use(args.backend):
             loaded = [load_model(path) for path in args.checkpoints]  # each checked before any work
         for path, (model, _) in zip(args.checkpoints, loaded):
@@ -186,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "robustness.json").write_text(json.dumps(table, indent=2) + "\n")
     print(f"wrote {args.out / 'robustness.json'}")
     if not args.no_plot:
+        from capsnet.visualize import robustness_plot  # noqa: PLC0415
+
         print(f"wrote {robustness_plot(table, args.out / 'robustness.png')}")
     return 0
 

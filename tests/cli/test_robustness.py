@@ -116,3 +116,23 @@ def test_affnist_with_a_28x28_model_is_refused_before_any_work(small_runs, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and work == []
     assert "--affnist images are 40x40, the model takes 28x28" in err and "--dataset expanded" in err
+
+
+@pytest.mark.parametrize("missing,args,words", [
+    ("matplotlib", [], ["pip install 'capsnet[viz]'", "--no-plot"]),
+    ("scipy", ["--affnist", "test.mat", "--no-plot"], ["--affnist", "pip install 'capsnet[affnist]'"]),
+])
+def test_a_missing_extra_is_named_before_any_work(tmp_path, monkeypatch, capsys, missing, args, words):
+    import sys  # noqa: PLC0415
+
+    import capsnet.robustness as robustness  # noqa: PLC0415
+
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it now fails
+    for name in [m for m in sys.modules if m.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(robustness, "load_model", lambda *a, **k: pytest.fail("a checkpoint was read first"))
+    checkpoint = tmp_path / "best.npz"
+    checkpoint.write_bytes(b"")
+    assert robustness.main([str(checkpoint), *args, "--out", str(tmp_path / "rob"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
