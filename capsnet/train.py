@@ -188,7 +188,7 @@ def cli_message(exc: BaseException, out: Path, resume: bool = False) -> str:
         return f"--resume: no checkpoint in {out} (expected checkpoint.npz)"
     if isinstance(exc, RunFolderError) and exc.reason == "file":
         return f"--out {out} is a file, not a folder: choose another --out (a folder, made if missing)"
-    if isinstance(exc, CheckpointError) and resume:
+    if isinstance(exc, CheckpointError) and not isinstance(exc, RunFolderError) and resume:
         return f"{exc}; or start a new run in another --out"
     if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
         return f"{exc}\n{SAMPLE_HINT}"
@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
     if history and strategy.writes:
         print(json.dumps(history[-1]))
     elif strategy.writes:
-        print(f"{out} has already trained its {trainer.epochs} epochs: nothing to do. To train on, resume with a "
-              f"higher --epochs (e.g. --resume --epochs {trainer.epochs + 10})", flush=True)
+        done = f"{trainer.epoch} epoch{'s' if trainer.epoch != 1 else ''}"
+        print(f"{out} has already trained {done} (--epochs {trainer.epochs}): nothing to do. To "
+              f"train on, resume with a higher --epochs (e.g. --resume --epochs {trainer.epoch + 10})", flush=True)
     return 0
 
 

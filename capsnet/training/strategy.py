@@ -30,8 +30,8 @@ import numpy as np
 
 from capsnet import backend
 from capsnet.layers.base import Module
-from capsnet.parallel import share_blas_threads
 from capsnet.layers.stochastic import batch_slice
+from capsnet.parallel import share_blas_threads
 from capsnet.training.checkpoint import CheckpointError
 from capsnet.training.run_folder import RunFolderError
 from capsnet.training.distributed import GradientBuffer, LocalComm, fail, shard

@@ -94,5 +94,5 @@ def test_resume_on_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
     assert code == 0, err
     code, text, err = train(["--out", out, "--resume", "--no-progress"], capsys)
     assert code == 0 and err == ""
-    assert text.splitlines()[-1] == (f"{out} has already trained its 1 epochs: nothing to do. To train on, resume "
-                                     "with a higher --epochs (e.g. --resume --epochs 11)")
+    assert text.splitlines()[-1] == (f"{out} has already trained 1 epoch (--epochs 1): nothing to do. To train "
+                                     "on, resume with a higher --epochs (e.g. --resume --epochs 11)")
