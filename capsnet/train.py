@@ -20,6 +20,7 @@ from capsnet.models import BaselineCNNConfig, CapsNetConfig, MatrixCapsNetConfig
 from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
 from capsnet.training.checkpoint import load_checkpoint
 from capsnet.training.datasets import DATASETS
+from capsnet.training.tensorboard import summary_writer_class
 from capsnet.training.mnist_run import ARCH_DEFAULTS, describe_dataset
 
 MODEL_FLAGS = {
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "tensorboard", None) is not None:
+            summary_writer_class()  # a missing extra fails before the checkpoint or the data is read
         cfg = config_from_args(args, _base_config(out, resume, strategy))
         trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
                                tensorboard=getattr(args, "tensorboard", None), extensions=extensions)

@@ -34,6 +34,7 @@ from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.datasets import DATASETS, EXPANDED_PAD, dataset, expand, pair_errors  # noqa: F401 - re-exported
 from capsnet.training.evaluation import confusion_counts, count_correct, evaluate
 from capsnet.training.tasks import SupervisedTask
+from capsnet.training.tensorboard import summary_writer_class
 from capsnet.training.trainer import LOOP_VERSION, Trainer
 
 __all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task", "data_sources",
@@ -243,6 +244,8 @@ class MNISTTrainer(Trainer):
                  tensorboard: str | Path | None = None, extensions: Iterable[Any] = (), stop_on_nan: bool = True,
                  strategy: Any = None):
         self.cfg = cfg = cfg.validate()
+        if tensorboard is not None:
+            summary_writer_class()  # a missing extra fails before the data is read
         data = load_data(cfg, cfg.data_dir, progress=progress)
         with backend.use(cfg.backend) as xp:
             model = build_model(cfg)

@@ -122,8 +122,11 @@ def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path, st
 
 @pytest.mark.parametrize("missing", ["tensorboardX", "PIL"])  # PIL: tensorboardX imports it at the first image
 def test_without_tensorboardx_the_option_fails_at_the_start_naming_the_extra(monkeypatch, tmp_path, capsys, missing):
+    from capsnet.data import mnist
+
     monkeypatch.setitem(sys.modules, missing, None)  # importing it raises ImportError
     monkeypatch.delitem(sys.modules, "PIL.Image", raising=False)
+    monkeypatch.setattr(mnist, "read_idx", lambda *a, **k: pytest.fail("the data was read before the refusal"))
     out = tmp_path / "run"
     code = train_cli.main(["--dataset", "mnist-sample", "--out", str(out), "--tensorboard", str(tmp_path / "tb"),
                            "--epochs", "1", "--train-limit", "50", "--no-progress"])
