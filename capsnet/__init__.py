@@ -1,2 +1,7 @@
 """capsnet: Capsule Networks from scratch on NumPy and CuPy."""
 __version__ = "0.3.0"  # the one place the version is set (pyproject.toml reads it)
+
+import os as _os
+
+if _os.environ.get("CAPSNET_EMULATE_CUPY") == "1":  # the emulated device registers itself with capsnet.backend
+    from capsnet.testing import emulation as _emulation  # noqa: E402, F401

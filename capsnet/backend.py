@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy
 
@@ -42,6 +42,7 @@ __all__ = [
     "get_backend",
     "installed_cupy",
     "is_emulated",
+    "register_emulator",
     "rng",
     "set_backend",
     "to_device",
@@ -67,6 +68,7 @@ _cupy: ModuleType | None = None
 _cupy_error: str | None = None
 _cupy_checked = False
 _emulated = False
+_emulator: Callable[[], ModuleType] | None = None
 _lock = threading.Lock()
 _state = threading.local()
 
@@ -92,9 +94,11 @@ def _load_cupy() -> ModuleType | None:
             return _cupy
         _cupy_checked = True
         if os.environ.get(EMULATE_ENV) == "1":
-            from capsnet.testing import emulation  # noqa: PLC0415  (only on request)
-
-            _cupy, _emulated = emulation.module(), True
+            if _emulator is None:
+                _cupy_error = (f"{EMULATE_ENV}=1 asks for the emulated device, but none is registered "
+                               "(import capsnet.testing.emulation, which registers itself)")
+                return None
+            _cupy, _emulated = _emulator(), True
             return _cupy
         try:
             import cupy  # noqa: PLC0415  (guarded, the only CuPy import)
@@ -111,6 +115,15 @@ def _load_cupy() -> ModuleType | None:
             return None
         _cupy = cupy
         return cupy
+
+
+def register_emulator(factory: Callable[[], ModuleType]) -> None:
+    """Plug in the emulated device: ``factory()`` gives the module the ``cupy`` backend
+    becomes under ``CAPSNET_EMULATE_CUPY=1``. :mod:`capsnet.testing.emulation` registers
+    itself when imported (``import capsnet`` imports it under that variable), so this
+    module never imports the test tool."""
+    global _emulator
+    _emulator = factory
 
 
 def cupy_available() -> bool:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from capsnet import __version__
+from capsnet.models.capsnet import _safetensors
 from capsnet.training import CheckpointError, load_model
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="the .safetensors file to write")
     args = p.parse_args(argv)
     try:
+        _safetensors("numpy")  # a missing extra fails before the checkpoint is read
         model, header = load_model(args.checkpoint, "numpy")
         if not hasattr(model, "save_safetensors"):
             raise CheckpointError(f"{args.checkpoint} holds a {type(model).__name__}; the export writes CapsNet "

@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "shard", "threads"]
+__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "shard", "share_blas_threads", "threads"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -148,6 +148,30 @@ def blas_limit(n: int) -> Iterator[bool]:
     finally:
         if previous != n:
             api[0](previous)
+
+
+def share_blas_threads() -> int | None:
+    """Hold the BLAS library to this process's share of the cores, :func:`host_threads`
+    (under mpiexec: the node's CPUs over its ranks, unless OMP_NUM_THREADS or
+    OPENBLAS_NUM_THREADS says otherwise), for the rest of the process; returns the
+    count the library now runs, or None where it cannot be controlled.
+
+    NumPy's OpenBLAS starts one thread per CPU in every process: two ranks on two cores
+    would run four BLAS threads that fight over the cores (six times slower than one
+    process). OpenBLAS is set through its C API; another BLAS through threadpoolctl
+    where it is installed (it is not a dependency)."""
+    n = host_threads()
+    api = _blas_api()
+    if api is not None:
+        api[0](n)
+        return int(api[1]())
+    try:
+        import threadpoolctl  # noqa: PLC0415 - optional: MKL, BLIS
+    except ImportError:
+        return None
+    threadpoolctl.threadpool_limits(n, user_api="blas")
+    counts = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+    return max(counts) if counts else None
 
 
 def shard(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -20,11 +20,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from capsnet import __version__, backend
-from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist
+from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist, load_mnist_sample
 from capsnet.data.affine import AFFNIST_RANGES, TRANSFORMS, random_affine, read_affnist, sweep
 from capsnet.training import CheckpointError, load_model, train_config_of
 
-__all__ = ["accuracy", "evaluate_checkpoint", "main"]
+__all__ = ["accuracy", "check_model", "evaluate_checkpoint", "main", "test_digits"]
 
 
 def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, batch_size: int = 100) -> float:
@@ -40,18 +40,40 @@ def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, batch_size: int
     return float(backend.to_numpy(correct)) / max(len(labels), 1)
 
 
-def evaluate_checkpoint(path: Path, digits: np.ndarray, labels: np.ndarray, *, mixed: dict | None,
-                        affnist: tuple[np.ndarray, np.ndarray] | None, batch_size: int,
-                        progress: bool) -> dict[str, Any]:
-    """Every accuracy of one checkpoint: the sweeps, the mixed set (``mixed``: keyword
-    arguments of random_affine plus ``seed``) and the affNIST file, if given."""
-    model, header = load_model(path)
-    cfg = train_config_of(header, path)
+def check_model(path: Path, model: Any, affnist: bool) -> None:
+    """Refuse, before any work, a model robustness cannot evaluate: inputs not square and
+    one-channel, two digits per image, or (``affnist``) a canvas other than affNIST's 40x40."""
     c, h, w = model.config.input_shape
     if c != 1 or h != w:
         raise ValueError(f"{path}: robustness needs a model of square one-channel inputs, got {(c, h, w)}")
     if getattr(model.config, "digits", 1) != 1:
         raise ValueError(f"{path} is a MultiMNIST (two-digit) model; robustness evaluates one digit per image")
+    if affnist and h != 40:
+        raise ValueError(f"{path}: --affnist images are 40x40, the model takes {h}x{w}; train on the 40x40 canvas "
+                         "(python -m capsnet.train --dataset expanded) or leave out --affnist")
+
+
+def test_digits(dataset_name: str, data_dir: str | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels) of the test digits a checkpoint's dataset is made
+    from: the sample installed with capsnet for ``mnist-sample``, else MNIST's test files
+    alone (the training files are neither read nor downloaded)."""
+    if dataset_name == "mnist-sample":
+        data = load_mnist_sample()
+    else:
+        data = load_mnist(data_dir, progress=progress, test_only=True)
+    return data.test_images, data.test_labels.astype(np.int64)
+
+
+def evaluate_checkpoint(path: Path, digits: np.ndarray, labels: np.ndarray, *, mixed: dict | None,
+                        affnist: tuple[np.ndarray, np.ndarray] | None, batch_size: int,
+                        progress: bool, loaded: tuple[Any, dict] | None = None) -> dict[str, Any]:
+    """Every accuracy of one checkpoint: the sweeps, the mixed set (``mixed``: keyword
+    arguments of random_affine plus ``seed``) and the affNIST file, if given. ``loaded``:
+    the checkpoint's (model, header) when already read."""
+    model, header = loaded if loaded is not None else load_model(path)
+    cfg = train_config_of(header, path)
+    check_model(path, model, affnist is not None)
+    h = model.config.input_shape[1]
     floats = digits.astype(np.float32) / 255
     out: dict[str, Any] = {"checkpoint": str(path), "name": path.parent.name, "arch": cfg.arch,
                            "dataset": cfg.dataset, "epoch": header.get("epoch"), "canvas": h, "sweeps": {}}
@@ -71,8 +93,6 @@ def evaluate_checkpoint(path: Path, digits: np.ndarray, labels: np.ndarray, *, m
         out["mixed"] = accuracy(model, images, labels, batch_size)
         bar.update()
     if affnist is not None:
-        if h != 40:
-            raise ValueError(f"{path}: affNIST images are 40x40, the model takes {h}x{w}")
         a_images, a_labels = affnist
         out["affnist"] = accuracy(model, a_images[:, None].astype(np.float32) / 255, a_labels, batch_size)
         bar.update()
@@ -119,6 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def extras_first(args: argparse.Namespace) -> None:
+    """The optional packages the options ask for, imported before any work: an ImportError
+    naming the option, the extra and the pip command."""
+    if not args.no_plot:
+        from capsnet.visualize import pyplot  # noqa: PLC0415
+
+        try:
+            pyplot()
+        except ImportError as exc:
+            raise ImportError(f"{exc}; or pass --no-plot for robustness.json alone") from exc
+    if args.affnist:
+        try:
+            import scipy.io  # noqa: F401, PLC0415 - what read_affnist reads .mat files with
+        except ImportError as exc:
+            raise ImportError(f"--affnist reads .mat files with scipy, which cannot be imported here ({exc}): "
+                              "pip install 'capsnet[affnist]' (or pip install scipy)") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m capsnet.robustness``: returns the exit status (0, or 2 with the error on stderr)."""
     args = build_parser().parse_args(argv)
@@ -126,21 +164,28 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.checkpoints:  # before any work
             if not path.is_file():
                 raise FileNotFoundError(f"no checkpoint at {path}")
-        if not args.no_plot:
-            from capsnet.visualize import pyplot, robustness_plot  # noqa: PLC0415
-
-            pyplot()  # fail before the work, not after it
+        extras_first(args)
+        with backend.use(args.backend):
+            loaded = [load_model(path) for path in args.checkpoints]  # each checked before any work
+        for path, (model, _) in zip(args.checkpoints, loaded):
+            check_model(path, model, args.affnist is not None)
         affnist = read_affnist(args.affnist) if args.affnist else None
-        data = load_mnist(args.data_dir, progress=not args.no_progress)
-        n = min(args.test_limit or len(data.test_labels), len(data.test_labels))
-        digits, labels = data.test_images[:n], data.test_labels[:n].astype(np.int64)
+        digits_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # each checkpoint's own dataset's test digits
+        for path, (_, header) in zip(args.checkpoints, loaded):
+            name = train_config_of(header, path).dataset
+            if name not in digits_of:
+                digits_of[name] = test_digits(name, args.data_dir, not args.no_progress)
         mixed = {"rotation": args.rotation, "shear": args.shear, "scale": tuple(args.scale),
                  "translate_digits": not args.no_translate, "seed": args.seed}
         runs = []
         with backend.use(args.backend):
-            for path in args.checkpoints:
-                run = evaluate_checkpoint(path, digits, labels, mixed=mixed, affnist=affnist,
-                                          batch_size=args.batch_size, progress=not args.no_progress)
+            for path, (model, header) in zip(args.checkpoints, loaded):
+                images, labels = digits_of[train_config_of(header, path).dataset]
+                n = min(args.test_limit or len(labels), len(labels))
+                run = evaluate_checkpoint(path, images[:n], labels[:n], mixed=mixed, affnist=affnist,
+                                          batch_size=args.batch_size, progress=not args.no_progress,
+                                          loaded=(model, header))
+                run["test_digits"] = n
                 runs.append(run)
                 sweeps = "  ".join(f"{k} " + "/".join(f"{p['accuracy']:.3f}" for p in v) for k, v in run["sweeps"].items())
                 print(f"{path}: mixed {run['mixed']:.4f}" + (f", affNIST {run['affnist']:.4f}" if "affnist" in run else "")
@@ -149,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
             MNISTFormatError, ValueError, OSError) as exc:  # a missing extra, bad input: a message, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = {"test_digits": n, "transforms": {k: list(s) for k, (_, s) in TRANSFORMS.items()},
+    table = {"test_digits": max(run["test_digits"] for run in runs), "transforms": {k: list(s) for k, (_, s) in TRANSFORMS.items()},
              "mixed": {**mixed, "scale": list(mixed["scale"])}, "affnist_file": str(args.affnist) if args.affnist else None,
              "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robustness.json").write_text(json.dumps(table, indent=2) + "\n")
     print(f"wrote {args.out / 'robustness.json'}")
     if not args.no_plot:
+        from capsnet.visualize import robustness_plot  # noqa: PLC0415
+
         print(f"wrote {robustness_plot(table, args.out / 'robustness.png')}")
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from capsnet.models import BaselineCNNConfig, CapsNetConfig, MatrixCapsNetConfig
 from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
 from capsnet.training.checkpoint import load_checkpoint
 from capsnet.training.datasets import DATASETS
+from capsnet.training.tensorboard import summary_writer_class
 from capsnet.training.mnist_run import ARCH_DEFAULTS, describe_dataset
 
 MODEL_FLAGS = {
@@ -139,6 +141,10 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     model = dict(values["model"] or {})
     if arch != base.arch:  # the new architecture's own training defaults, under the flags given
         values.update(ARCH_DEFAULTS.get(arch, {}))
+    spec = DATASETS.get(given.get("dataset", base.dataset))
+    if spec is not None and spec.archs is not None and arch not in spec.archs:
+        raise ValueError(f"--dataset {spec.name} trains --model {' or --model '.join(spec.archs)} only; "
+                         f"got --model {arch}")
     wrong = [key for key in given if key in ALL_MODEL_KEYS and key not in ARCH_KEYS[arch]]
     if wrong:
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
@@ -155,11 +161,19 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
     return TrainConfig.from_dict(values)
 
 
+FLAGS = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+"""The option that sets each configuration field (``lr``: ``--lr``, ``arch``: ``--model``)."""
+
+
 def _base_config(out: Path, resume: bool, strategy: Any) -> TrainConfig:
     """The checkpoint's configuration on --resume (read by the writing process, sent to the others)."""
     def read() -> dict[str, Any] | None:
         path = out / "checkpoint.npz"
-        if resume and path.exists():
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"{out} is a file, not a folder", "file", out)
+        if resume and not path.exists():  # refused before any data is read or folder made
+            raise RunFolderError(f"no checkpoint in {out}", "empty", out)
+        if resume:
             return train_config_of(load_checkpoint(path)[0], path).as_dict()
         return None
 
@@ -167,14 +181,20 @@ def _base_config(out: Path, resume: bool, strategy: Any) -> TrainConfig:
     return TrainConfig.from_dict(value) if value is not None else TrainConfig()
 
 
-def cli_message(exc: BaseException, out: Path) -> str:
+def cli_message(exc: BaseException, out: Path, resume: bool = False) -> str:
     """The library's error in the command line's words: the run folder's refusals name --out and --resume."""
     if isinstance(exc, RunFolderError) and exc.reason == "occupied":
         return f"{out} already holds a run: pass --resume to continue it, or choose another --out"
     if isinstance(exc, RunFolderError) and exc.reason == "empty":
         return f"--resume: no checkpoint in {out} (expected checkpoint.npz)"
+    if isinstance(exc, RunFolderError) and exc.reason == "file":
+        return f"--out {out} is a file, not a folder: choose another --out (a folder, made if missing)"
+    if isinstance(exc, CheckpointError) and not isinstance(exc, RunFolderError) and resume:
+        return f"{exc}; or start a new run in another --out"
     if isinstance(exc, (MNISTNotFoundError, MNISTDownloadError)) and "mnist-sample" not in str(exc):
         return f"{exc}\n{SAMPLE_HINT}"
+    if type(exc) is ValueError:  # a configuration field's refusal, "lr must be > 0, got -1.0": "--lr must ..."
+        return re.sub(r"^(\w+) must", lambda m: f"{FLAGS.get(m[1], m[1])} must", str(exc))
     return str(exc)
 
 
@@ -185,8 +205,14 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
     args = build_parser().parse_args(argv)
     out = getattr(args, "out", Path("runs/capsnet"))
     resume = getattr(args, "resume", False)
-    strategy = strategy_for(distributed.world())
     try:
+        strategy = strategy_for(distributed.world())
+    except ImportError as exc:  # under mpiexec without the mpi extra: every rank says so, none waits
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if getattr(args, "tensorboard", None) is not None:
+            summary_writer_class()  # a missing extra fails before the checkpoint or the data is read
         cfg = config_from_args(args, _base_config(out, resume, strategy))
         trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
                                tensorboard=getattr(args, "tensorboard", None), extensions=extensions)
@@ -204,7 +230,7 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
         return 1
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError, OSError, ImportError) as exc:
-        message = cli_message(exc, out)
+        message = cli_message(exc, out, resume)
         print(f"error{strategy.here}: {message}", file=sys.stderr)
         strategy.fail(exc, 2, trace=False, message=message)  # under MPI: end every rank, never a hang
         return 2
@@ -213,6 +239,10 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
         raise
     if history and strategy.writes:
         print(json.dumps(history[-1]))
+    elif strategy.writes:
+        done = f"{trainer.epoch} epoch{'s' if trainer.epoch != 1 else ''}"
+        print(f"{out} has already trained {done} (--epochs {trainer.epochs}): nothing to do. To "
+              f"train on, resume with a higher --epochs (e.g. --resume --epochs {trainer.epoch + 10})", flush=True)
     return 0
 
 

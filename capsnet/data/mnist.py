@@ -418,27 +418,33 @@ def load_mnist(
     download: bool = True,
     mirrors: Sequence[str] = MIRRORS,
     progress: bool = True,
+    test_only: bool = False,
 ) -> MNIST:
     """Load MNIST from the first folder of :func:`candidate_dirs` holding each file.
 
     Files found nowhere are downloaded into the first candidate folder when
     ``download`` is true; otherwise :class:`MNISTNotFoundError` lists the
-    folders searched and the file names to put there.
+    folders searched and the file names to put there. ``test_only``: only the two
+    test files are looked for (and downloaded); the training split is empty.
     """
     labelled = _labelled_dirs(data_dir)
     dirs = [path for path, _ in labelled]
-    missing = [name for name in FILE_NAMES if find_file(name, dirs) is None]
+    needed = (TEST_IMAGES, TEST_LABELS) if test_only else FILE_NAMES
+    missing = [name for name in needed if find_file(name, dirs) is None]
     if missing:
         if not download:
             raise MNISTNotFoundError(_not_found_message(labelled, missing))
         download_mnist(dirs[0], mirrors=mirrors, progress=progress, names=missing)
     paths = {}
-    for name in FILE_NAMES:
+    for name in needed:
         path = find_file(name, dirs)
         if path is None:  # deleted between the download and now
             raise MNISTNotFoundError(_not_found_message(labelled, [name]))
         paths[name] = path
-    train_images, train_labels = _load_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
+    if test_only:
+        train_images, train_labels = np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64)
+    else:
+        train_images, train_labels = _load_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
     test_images, test_labels = _load_pair(paths[TEST_IMAGES], paths[TEST_LABELS])
     return MNIST(train_images, train_labels, test_images, test_labels)
 

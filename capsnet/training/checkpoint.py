@@ -69,7 +69,8 @@ def _fsync_dir(folder: Path) -> None:
 
 _READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError)
 _HINT = ("it may be truncated (disk full, a copy cut short) or not a capsnet checkpoint; "
-         "resume from another one (best.npz, a backup) or start a new run folder")
+         "use another one (best.npz, a backup)")
+_ZIP = b"PK\x03\x04"  # what every .npz archive starts with
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
@@ -80,6 +81,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     try:
         # the file opened here, not by np.load, so that it is closed whatever np.load raises
         with open(path, "rb") as fh:
+            start = fh.read(len(_ZIP))
+            if start != _ZIP:  # NumPy would answer with advice to unpickle it, which is unsafe for a file not ours
+                raise CheckpointError(f"{path} is not a readable capsnet checkpoint: not an .npz archive (it starts "
+                                      f"with {start!r}, an .npz with {_ZIP!r}); expected a checkpoint.npz or best.npz "
+                                      "written by capsnet (python -m capsnet.train)")
+            fh.seek(0)
             data = np.load(fh, allow_pickle=False)
             if not hasattr(data, "files"):
                 raise CheckpointError(f"{path} is a single array, not a capsnet checkpoint (an .npz archive)")

@@ -69,8 +69,8 @@ class MPIComm:
         try:
             from mpi4py import MPI  # noqa: PLC0415 - optional, only under mpiexec
         except ImportError as exc:
-            raise RuntimeError(f"started by mpiexec with {launched_by_mpi()} processes, but mpi4py cannot be "
-                               f"imported ({exc}); {_MPI_HINT}") from exc
+            raise ImportError(f"started by mpiexec with {launched_by_mpi()} processes, but mpi4py cannot be "
+                              f"imported ({exc}); {_MPI_HINT}") from exc
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD
         self.rank, self.size = self._comm.Get_rank(), self._comm.Get_size()

@@ -40,20 +40,49 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from capsnet import backend
+from capsnet.layers.base import Module
 from capsnet.training.evaluation import evaluate
+from capsnet.training.run_folder import RunFolder
 from capsnet.training.tensorboard import TensorBoardLog, summary_writer_class
-
-if TYPE_CHECKING:  # pragma: no cover
-    from capsnet.training.trainer import Trainer
 
 __all__ = ["BestModel", "Checkpoint", "Evaluate", "Extension", "LogLine", "MetricsLog", "OnStep", "ProgressBar",
            "TensorBoard", "TerminateOnNaN", "TrainingDiverged"]
+
+
+class TrainerView(Protocol):
+    """What an extension may read from the trainer it is handed (and ``stop_requested``, which
+    it may set). :class:`~capsnet.training.Trainer` is one; this module does not import it,
+    so the loop and its extensions do not import each other."""
+
+    model: Module
+    task: Any
+    optimizer: Any
+    updater: Any
+    strategy: Any
+    folder: RunFolder
+    metrics: Mapping[str, Any]
+    backend_name: str
+    epochs: int
+    batch_size: int
+    progress: bool
+    epoch: int
+    step_in_epoch: int
+    running: dict[str, Any]
+    stop_requested: bool
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+    @property
+    def global_step(self) -> int: ...
+
+    def save(self, path: str | Path) -> None: ...
 
 
 class Extension:
@@ -62,23 +91,23 @@ class Extension:
     priority = 0
     writer_only = False
 
-    def start(self, trainer: "Trainer") -> None: ...
+    def start(self, trainer: TrainerView) -> None: ...
 
-    def epoch_start(self, trainer: "Trainer") -> None: ...
+    def epoch_start(self, trainer: TrainerView) -> None: ...
 
-    def step(self, trainer: "Trainer") -> None: ...
+    def step(self, trainer: TrainerView) -> None: ...
 
-    def interval(self, trainer: "Trainer", values: dict[str, float]) -> None: ...
+    def interval(self, trainer: TrainerView, values: dict[str, float]) -> None: ...
 
-    def observe(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
+    def observe(self, trainer: TrainerView, record: dict[str, Any]) -> None: ...
 
-    def epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
+    def epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None: ...
 
-    def interrupted(self, trainer: "Trainer") -> None: ...
+    def interrupted(self, trainer: TrainerView) -> None: ...
 
-    def saved(self, trainer: "Trainer", path: Path) -> None: ...
+    def saved(self, trainer: TrainerView, path: Path) -> None: ...
 
-    def finish(self, trainer: "Trainer") -> None: ...
+    def finish(self, trainer: TrainerView) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -99,16 +128,16 @@ class TerminateOnNaN(Extension):
 
     priority = 1000  # before anything reads or writes the values
 
-    def interval(self, trainer: "Trainer", values: dict[str, float]) -> None:
+    def interval(self, trainer: TrainerView, values: dict[str, float]) -> None:
         self._check(trainer, values["loss"])
 
-    def interrupted(self, trainer: "Trainer") -> None:  # a Ctrl-C must not save diverged weights either
+    def interrupted(self, trainer: TrainerView) -> None:  # a Ctrl-C must not save diverged weights either
         seen = trainer.running["seen"]
         if seen:
             self._check(trainer, trainer.running["loss"] / seen)
 
     @staticmethod
-    def _check(trainer: "Trainer", loss: float) -> None:
+    def _check(trainer: TrainerView, loss: float) -> None:
         if math.isfinite(loss):
             return
         kept = (f"{trainer.folder.checkpoint} still holds the state it had before (resume from it with a "
@@ -128,7 +157,7 @@ class Evaluate(Extension):
     def __init__(self, data: Any, name: str = "test", batch_size: int | None = None):
         self.data, self.name, self.batch_size = data, name, batch_size
 
-    def observe(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def observe(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         result = evaluate(trainer.updater.runner, trainer.task, self.data,
                           batch_size=self.batch_size or trainer.batch_size, metrics=trainer.metrics,
                           progress=trainer.progress, desc=self.name, strategy=trainer.strategy)
@@ -166,7 +195,7 @@ class BestModel(Extension):
             return True
         return False
 
-    def epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if self.improved(record):
             trainer.save(trainer.folder.best)
 
@@ -185,7 +214,7 @@ class MetricsLog(Extension):
     priority = 300
     writer_only = True
 
-    def epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         trainer.folder.append_metrics(record)
 
 
@@ -199,10 +228,10 @@ class Checkpoint(Extension):
     def __init__(self, resume_hint: str = "fit(resume=True)"):
         self.resume_hint = resume_hint
 
-    def epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         trainer.save(trainer.folder.checkpoint)
 
-    def interrupted(self, trainer: "Trainer") -> None:
+    def interrupted(self, trainer: TrainerView) -> None:
         trainer.save(trainer.folder.checkpoint)
         print(f"\ninterrupted: state saved to {trainer.folder.checkpoint}; continue with {self.resume_hint}")
 
@@ -217,14 +246,14 @@ class ProgressBar(Extension):
     def __init__(self) -> None:
         self.bar: Any = None
 
-    def epoch_start(self, trainer: "Trainer") -> None:
+    def epoch_start(self, trainer: TrainerView) -> None:
         self.bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
                         desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}", unit="batch", disable=None, leave=False)
 
-    def interval(self, trainer: "Trainer", values: dict[str, float]) -> None:
+    def interval(self, trainer: TrainerView, values: dict[str, float]) -> None:
         self.bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()}, refresh=False)
 
-    def step(self, trainer: "Trainer") -> None:
+    def step(self, trainer: TrainerView) -> None:
         self.bar.update(1)
 
     def _close(self, *args: Any) -> None:
@@ -246,11 +275,11 @@ class LogLine(Extension):
     def __init__(self, prefixes: tuple[str, ...] = ("train", "test")):
         self.prefixes = prefixes
 
-    def start(self, trainer: "Trainer") -> None:
+    def start(self, trainer: TrainerView) -> None:
         if backend.is_emulated() and trainer.backend_name == "cupy":
             print(f"device: {backend.describe_device(trainer.backend_name)}", flush=True)
 
-    def epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         tqdm.write(self.summary(record, trainer.epochs))
         sys.stdout.flush()
 
@@ -281,14 +310,14 @@ class TensorBoard(Extension):
         self.logdir, self.images_from = Path(logdir), images_from
         self.log: TensorBoardLog | None = None
 
-    def start(self, trainer: "Trainer") -> None:
+    def start(self, trainer: TrainerView) -> None:
         step = trainer.global_step
         self.log = TensorBoardLog(self.logdir, purge_step=step + 1 if step else None)
 
-    def interval(self, trainer: "Trainer", values: dict[str, float]) -> None:
+    def interval(self, trainer: TrainerView, values: dict[str, float]) -> None:
         self.log.interval(trainer.global_step, values, trainer.optimizer.lr)
 
-    def epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def epoch_end(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         self.log.epoch(trainer.global_step, record)
         if self.images_from is not None and hasattr(trainer.task, "images"):
             shown = np.arange(min(8, len(self.images_from)), dtype=np.int64)
@@ -297,7 +326,7 @@ class TensorBoard(Extension):
             trainer.model.release()
         self.log.flush()
 
-    def finish(self, trainer: "Trainer") -> None:
+    def finish(self, trainer: TrainerView) -> None:
         if self.log is not None:
             self.log.close()
             self.log = None
@@ -308,8 +337,8 @@ class OnStep(Extension):
     done before this one, ``step`` the step's index in its epoch); raising
     KeyboardInterrupt there acts as Ctrl-C."""
 
-    def __init__(self, fn: Callable[["Trainer", int, int], None]):
+    def __init__(self, fn: Callable[[TrainerView, int, int], None]):
         self.fn = fn
 
-    def step(self, trainer: "Trainer") -> None:
+    def step(self, trainer: TrainerView) -> None:
         self.fn(trainer, trainer.epoch, trainer.step_in_epoch - 1)

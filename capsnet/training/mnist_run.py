@@ -34,6 +34,7 @@ from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.datasets import DATASETS, EXPANDED_PAD, dataset, expand, pair_errors  # noqa: F401 - re-exported
 from capsnet.training.evaluation import confusion_counts, count_correct, evaluate
 from capsnet.training.tasks import SupervisedTask
+from capsnet.training.tensorboard import summary_writer_class
 from capsnet.training.trainer import LOOP_VERSION, Trainer
 
 __all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task", "data_sources",
@@ -117,8 +118,12 @@ class TrainConfig(DictConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if not (self.lr > 0 and self.lr_decay > 0 and self.recon_weight >= 0 and self.max_shift >= 0):
-            raise ValueError("lr and lr_decay must be > 0, recon_weight and max_shift >= 0")
+        for name in ("lr", "lr_decay"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("recon_weight", "max_shift"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.test_pairs < 1:
             raise ValueError(f"test_pairs must be at least 1, got {self.test_pairs}")
         spec = dataset(self.dataset)
@@ -239,6 +244,8 @@ class MNISTTrainer(Trainer):
                  tensorboard: str | Path | None = None, extensions: Iterable[Any] = (), stop_on_nan: bool = True,
                  strategy: Any = None):
         self.cfg = cfg = cfg.validate()
+        if tensorboard is not None:
+            summary_writer_class()  # a missing extra fails before the data is read
         data = load_data(cfg, cfg.data_dir, progress=progress)
         with backend.use(cfg.backend) as xp:
             model = build_model(cfg)

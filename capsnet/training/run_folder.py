@@ -35,8 +35,8 @@ __all__ = ["RunFolder", "RunFolderError"]
 class RunFolderError(CheckpointError):
     """The run folder does not allow what was asked. ``reason`` says why: ``"occupied"``
     (it holds a run and no resume was asked), ``"empty"`` (a resume was asked and there is
-    no checkpoint) or ``"locked"`` (another process holds it; ``pid`` is that process's,
-    when known)."""
+    no checkpoint), ``"locked"`` (another process holds it; ``pid`` is that process's,
+    when known) or ``"file"`` (the path names a file, not a folder)."""
 
     def __init__(self, message: str, reason: str, folder: Path, pid: int | None = None):
         super().__init__(message)
@@ -67,6 +67,9 @@ class RunFolder:
         Usable as a context manager."""
         if self._lock_fd is not None:
             return self
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path} is a file, not a folder: train in another run folder", "file",
+                                 self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -31,6 +31,7 @@ import numpy as np
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice
+from capsnet.parallel import share_blas_threads
 from capsnet.training.checkpoint import CheckpointError
 from capsnet.training.run_folder import RunFolderError
 from capsnet.training.distributed import GradientBuffer, LocalComm, fail, shard
@@ -123,6 +124,8 @@ class DataParallel(SingleProcess):
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
         self.gradients: GradientBuffer | None = None
+        # each rank's BLAS on its share of the cores, not on all of them (the ranks would fight)
+        self.blas_threads = share_blas_threads()
 
     @property
     def writes(self) -> bool:
@@ -130,7 +133,9 @@ class DataParallel(SingleProcess):
 
     @property
     def across(self) -> str:
-        return f" on {self.size} MPI ranks"
+        if self.blas_threads is None:
+            return f" on {self.size} MPI ranks (BLAS threads not controlled: no OpenBLAS, no threadpoolctl)"
+        return f" on {self.size} MPI ranks, {self.blas_threads} BLAS thread{'s' if self.blas_threads > 1 else ''} each"
 
     @property
     def here(self) -> str:

@@ -31,12 +31,18 @@ INSTALL_HINT = "pip install 'capsnet[tensorboard]'"
 
 
 def summary_writer_class() -> type:
-    """tensorboardX's ``SummaryWriter``, or an ImportError that says how to install it."""
+    """tensorboardX's ``SummaryWriter``, or an ImportError that says how to install it.
+
+    Also imports Pillow, which tensorboardX needs for the reconstructions (its
+    ``add_images``) but loads only at the first image: without this, a run would fail
+    at the end of its first epoch instead of before it."""
     try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 - an optional extra
+        import PIL.Image  # noqa: F401, PLC0415 - what tensorboardX's add_images imports
     except ImportError as exc:
-        raise ImportError(f"TensorBoard logging (Trainer(tensorboard=...), --tensorboard on the command line) needs the tensorboardX "
-                          f"package, which cannot be imported here ({exc}); install it with {INSTALL_HINT}") from exc
+        raise ImportError(f"TensorBoard logging (--tensorboard on the command line, Trainer(tensorboard=...)) needs "
+                          f"the tensorboardX package and Pillow, which cannot be imported here ({exc}); install "
+                          f"them with {INSTALL_HINT}") from exc
     return SummaryWriter
 
 

@@ -308,8 +308,9 @@ class Trainer:
         Only then does the writer touch the folder: the metrics log trimmed to the
         checkpoint (or cleared), config.json written."""
         def read() -> tuple:
+            self.folder.check_start(resume)  # a refusal leaves no folder and no lock file behind
             self.folder.lock()
-            self.folder.check_start(resume)
+            self.folder.check_start(resume)  # again, now that no other process can change it
             return ("resume", *self._read_checkpoint(self.folder.checkpoint)) if resume else ("fresh",)
 
         payload = self.strategy.on_writer(read)

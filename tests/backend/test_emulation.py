@@ -227,3 +227,21 @@ def test_a_label_out_of_range_on_the_device_is_raised_at_the_next_flush(cp, monk
     checks.raise_pending()  # settled: nothing pending any more
     MarginLoss()(lengths, cp.asarray(np.array([3, 9])))
     checks.raise_pending()
+
+
+def test_the_emulated_device_is_a_plug_in_the_backend_never_imports(monkeypatch):
+    """capsnet.backend knows the emulated device only through register_emulator (the
+    emulation registers itself on import): with none registered, the variable alone is
+    refused with a message that says what is missing."""
+    monkeypatch.setenv(backend.EMULATE_ENV, "1")
+    for name, value in (("_emulator", None), ("_cupy", None), ("_cupy_error", None), ("_cupy_checked", False),
+                        ("_emulated", False)):
+        monkeypatch.setattr(backend, name, value)
+    assert not backend.cupy_available()
+    with pytest.raises(backend.BackendError, match="none is registered"):
+        backend.set_backend("cupy")
+    from capsnet.testing import emulation
+
+    monkeypatch.setattr(backend, "_cupy_checked", False)
+    backend.register_emulator(emulation.module)
+    assert backend.cupy_available() and backend.is_emulated()

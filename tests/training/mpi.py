@@ -33,8 +33,14 @@ def train_args(mnist_dir, out, epochs=2):
             "--no-progress"]
 
 
-def run(ranks: int, args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+def run(ranks: int, args: list[str], timeout: float = 180, one_thread: bool = True) -> subprocess.CompletedProcess:
+    """The worker on ``ranks`` MPI ranks (0: one process without mpiexec); ``one_thread``
+    sets OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1, else neither is set."""
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
+    if one_thread:
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     env.pop("PMI_SIZE", None)
     cmd = [sys.executable, str(WORKER), *args]
     if ranks > 0:

@@ -205,6 +205,10 @@ def test_a_missing_safetensors_package_is_named_with_the_install_command(run_fol
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
     assert export_cli.main([str(run_folder / "best.npz"), str(tmp_path / "m.safetensors")]) == 2
     assert "pip install 'capsnet[safetensors]'" in capsys.readouterr().err
+    # before any work: the extra is named even where the checkpoint would fail to load
+    assert export_cli.main([str(tmp_path / "none.npz"), str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'capsnet[safetensors]'" in err and "none.npz" not in err
     with pytest.raises(ImportError, match="capsnet\\[safetensors\\]"):
         CapsNet.from_safetensors(tmp_path / "m.safetensors")
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsnet import backend
-from capsnet.training import load_checkpoint
+import capsnet.train as train_cli
+from capsnet import backend, parallel
+from capsnet.training import distributed, load_checkpoint
 from capsnet.training.distributed import LocalComm, launched_by_mpi, shard, world
 
 from tests.helpers import REPO
@@ -53,6 +54,43 @@ def test_one_process_needs_no_mpi(monkeypatch):
         monkeypatch.setenv(name, str(size))
         assert launched_by_mpi() == size, name
         monkeypatch.delenv(name)
+
+
+def test_under_mpiexec_without_mpi4py_the_command_fails_at_once_naming_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PMI_SIZE", "2")  # what mpiexec -n 2 announces
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now fails
+    monkeypatch.setattr(distributed, "_WORLD", None)
+    out = tmp_path / "run"
+    assert train_cli.main(["--dataset", "mnist-sample", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "started by mpiexec with 2 processes" in err
+    assert "pip install 'capsnet[mpi]'" in err and not out.exists()
+
+
+def test_under_mpiexec_the_blas_threads_are_this_ranks_share_of_the_cores(monkeypatch):
+    if parallel.blas_threads() is None:
+        pytest.skip("the BLAS thread count cannot be controlled here (no OpenBLAS)")
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")
+    cores = len(os.sched_getaffinity(0))
+    before = parallel.blas_threads()
+    try:
+        assert parallel.share_blas_threads() == max(cores // 2, 1) == parallel.blas_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice comes first
+        assert parallel.share_blas_threads() == 1 == parallel.blas_threads()
+    finally:
+        parallel._blas_api()[0](before)  # the process's count as it was
+
+
+@needs_mpi
+def test_two_ranks_share_the_cores_out_and_say_so_in_the_first_line(mnist_dir, tmp_path):
+    """Without OMP_NUM_THREADS each rank's BLAS would start a thread per core."""
+    two = run(2, ["--", *train_args(mnist_dir, tmp_path / "two", epochs=1)], one_thread=False)
+    assert two.returncode == 0, two.stderr
+    threads = max(len(os.sched_getaffinity(0)) // 2, 1)
+    first = two.stdout.splitlines()[0]
+    assert f"parameters on 2 MPI ranks, {threads} BLAS thread{'s' if threads > 1 else ''} each" in first, first
 
 
 @needs_mpi

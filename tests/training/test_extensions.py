@@ -2,10 +2,14 @@
 subclassing it; one process is the single-process strategy."""
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from capsnet.training import Extension, SingleProcess, load_checkpoint, strategy_for
+from capsnet.training import (Extension, SingleProcess, TerminateOnNaN, TrainingDiverged, load_checkpoint,
+                              strategy_for)
 
 
 # -- extensions, without subclassing ------------------------------------------------
@@ -106,3 +110,16 @@ def test_a_keyboard_interrupt_from_a_writer_only_extension_is_a_stop_request(mak
         make_trainer(tmp_path / "run", extensions=[WriterStop()]).fit()
     header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]
     assert (header["epoch"], header["step_in_epoch"]) == (0, 3)
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
+def test_terminate_on_nan_stops_on_every_loss_that_is_not_finite(tmp_path, loss):
+    """An infinite loss is as diverged as a NaN one: training on would write inf or NaN weights."""
+    folder = SimpleNamespace(checkpoint=tmp_path / "checkpoint.npz")
+    trainer = SimpleNamespace(folder=folder, epoch=1, step_in_epoch=3, running={"loss": loss * 4, "seen": 4})
+    stop = TerminateOnNaN()
+    with pytest.raises(TrainingDiverged, match=f"the running training loss is {loss} at epoch 2, step 3"):
+        stop.interval(trainer, {"loss": loss})
+    with pytest.raises(TrainingDiverged, match="nothing was saved"):
+        stop.interrupted(trainer)
+    stop.interval(trainer, {"loss": 1e30})  # large but finite: trains on

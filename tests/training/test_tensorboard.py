@@ -120,14 +120,20 @@ def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path, st
     assert images == expected_images
 
 
-def test_without_tensorboardx_the_option_fails_at_the_start_naming_the_extra(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX raises ImportError
+@pytest.mark.parametrize("missing", ["tensorboardX", "PIL"])  # PIL: tensorboardX imports it at the first image
+def test_without_tensorboardx_the_option_fails_at_the_start_naming_the_extra(monkeypatch, tmp_path, capsys, missing):
+    from capsnet.data import mnist
+
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it raises ImportError
+    monkeypatch.delitem(sys.modules, "PIL.Image", raising=False)
+    monkeypatch.setattr(mnist, "read_idx", lambda *a, **k: pytest.fail("the data was read before the refusal"))
     out = tmp_path / "run"
     code = train_cli.main(["--dataset", "mnist-sample", "--out", str(out), "--tensorboard", str(tmp_path / "tb"),
                            "--epochs", "1", "--train-limit", "50", "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "needs the tensorboardX package" in err and "pip install 'capsnet[tensorboard]'" in err
+    assert err.count("\n") == 1 and "--tensorboard" in err and "pip install 'capsnet[tensorboard]'" in err
+    assert "needs the tensorboardX package and Pillow" in err and missing in err
     assert not out.exists() and not (tmp_path / "tb").exists()
     with pytest.raises(ImportError, match=r"pip install 'capsnet\[tensorboard\]'"):
         MNISTTrainer(small_config(), out, progress=False, log=False, tensorboard=tmp_path / "tb")

@@ -141,3 +141,19 @@ def test_a_ctrl_c_in_the_middle_of_a_step_still_resumes_bit_exactly(mnist_slice,
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_a_short_last_batch_counts_as_a_step_of_the_epoch(mnist_slice, tmp_path):
+    """180 images in batches of 50: 4 steps an epoch, the last of 30 images; the global step
+    (TensorBoard's x axis, the checkpoint's clock) counts every step once, across epochs."""
+    x, y, tx, ty = mnist_slice
+    model = conv_net()
+    steps = []
+    trainer = Trainer(model, MarginLoss(), Adam(model.parameters(), lr=1e-3), ArrayDataset(x[:180], y[:180]),
+                      tmp_path / "run", epochs=2, batch_size=50, eval_data=ArrayDataset(tx[:50], ty[:50]),
+                      log_every=3, progress=False, log=False,
+                      on_step=lambda t, epoch, step: steps.append((epoch, step, t.global_step)))
+    assert trainer.steps_per_epoch == 4
+    trainer.fit()
+    assert [s[:2] for s in steps] == [(e, s) for e in (0, 1) for s in range(4)]
+    assert [s[2] for s in steps] == list(range(1, 9))
