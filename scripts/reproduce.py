@@ -138,6 +138,26 @@ def restart(run_dir: Path, record: Path) -> None:
         print(f"the old record is now {archived}")
 
 
+def after_training(exp: rr.Experiment, args: argparse.Namespace, run_dir: Path) -> int:
+    """The experiment's command after training (once: skipped when its output exists), its
+    output copied beside the record. A smoke run's --test-limit and --data-dir apply to it too."""
+    command = [sys.executable if part == "python" else part.replace("{run}", str(run_dir)) for part in exp.after]
+    if args.test_limit is not None and "--test-limit" in command:
+        command[command.index("--test-limit") + 1] = str(args.test_limit)
+    if args.data_dir is not None:
+        command += ["--data-dir", args.data_dir]
+    output = run_dir / exp.after_output
+    if not output.exists():
+        print(f"then: {shlex.join(command)}", flush=True)
+        status = subprocess.run(command, check=False).returncode
+        if status != 0:
+            return status
+    copy = args.results / f"{exp.name}-{output.name}"
+    copy.write_text(output.read_text())
+    print(f"{copy}: from {output}; commit it with the record")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exp = rr.experiment(args.name)
@@ -176,16 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return status
     lines = rr.sync_record(run_dir, record)
     print(f"{record}: {len(lines)} epoch(s); commit it (git add {record.relative_to(rr.REPO) if record.is_relative_to(rr.REPO) else record})")
-    if exp.after and lines and lines[-1]["epoch"] == int(train_args(exp, args)[train_args(exp, args).index("--epochs") + 1]):
-        after = [part.replace("{run}", str(run_dir)) for part in exp.after]
-        if not (run_dir / "robustness" / "robustness.json").exists():
-            print(f"then: {shlex.join(after)}", flush=True)
-            done = subprocess.run([sys.executable, *after[1:]], check=False)
-            if done.returncode != 0:
-                return done.returncode
-        summary = args.results / f"{exp.name}-robustness.json"
-        summary.write_text((run_dir / "robustness" / "robustness.json").read_text())
-        print(f"{summary}: the robustness sweeps of this run; commit it too")
+    epochs = int(train_args(exp, args)[train_args(exp, args).index("--epochs") + 1])
+    if exp.after and lines and lines[-1]["epoch"] == epochs:
+        return after_training(exp, args, run_dir)
     return 0
 
 

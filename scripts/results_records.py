@@ -47,7 +47,10 @@ class Experiment:
     target: float | None = None  # test accuracy % the issue asks for
     train_images: int = 60000
     rate_source: tuple[str, Any] = ("", None)  # (committed file, how to read images/s from it)
-    after: tuple[str, ...] = field(default=())  # a command run once training is complete ({run} = the folder)
+    # a command run once training is complete ({run}: the run folder; python: this interpreter), and the
+    # file it writes there, copied beside the record as RESULTS/NAME-<file name>
+    after: tuple[str, ...] = field(default=())
+    after_output: str = ""
 
     @property
     def epochs(self) -> int:
@@ -131,7 +134,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         port=None, train_images=20000,
         rate_source=("scripts/results/bench-multimnist-cpu-2core.json", _bench_rate(100)),
         after=("python", "-m", "capsnet.robustness", "{run}/best.npz", "--test-limit", "1000", "--out",
-               "{run}/robustness", "--no-progress")),
+               "{run}/robustness", "--no-progress"),
+        after_output="robustness/robustness.json"),
 )}
 
 

@@ -113,11 +113,30 @@ def page_body(results: Path = rr.RESULTS, figures: Path = FIGURES) -> str:
         png = figures / f"results-{exp.name}.png"
         if png.exists():
             parts += [f"![{exp.title}: test accuracy against epochs and hours](figures/{png.name})", ""]
+        parts += after_summary(exp, results)
         parts += ["| Epoch | Test accuracy | Hours | Images/s | Commit |", "|---|---|---|---|---|"]
         parts += [f"| {x['epoch']} | {x['test_accuracy'] * 100:.2f}% | {x['wall_seconds'] / 3600:.2f} | "
                   f"{x['images_per_second']:.0f} | {x['commit']} |" for x in lines]
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def after_summary(exp: rr.Experiment, results: Path) -> list[str]:
+    """Lines on the output of the experiment's command after training (the robustness sweeps), if committed."""
+    path = results / f"{exp.name}-{Path(exp.after_output).name}" if exp.after_output else None
+    if path is None or not path.exists():
+        return []
+    import json  # noqa: PLC0415
+
+    data = json.loads(path.read_text())
+    lines = [f"`python -m capsnet.robustness` on the best epoch, {data['test_digits']:,} test digits each "
+             f"(`docs/results/{path.name}`):", ""]
+    for run in data["runs"]:
+        sweeps = "; ".join(f"{name} " + ", ".join(f"{p['strength']:g}: {p['accuracy'] * 100:.1f}%" for p in points)
+                           for name, points in run["sweeps"].items())
+        lines.append(f"- affNIST-style mixed set: {run['mixed'] * 100:.2f}%; {sweeps}"
+                     if isinstance(run.get("mixed"), (int, float)) else f"- {sweeps}")
+    return lines + [""]
 
 
 def replace_block(text: str, block: str, path: Path) -> str:

@@ -66,3 +66,13 @@ def test_a_stale_block_is_reported(tmp_path, monkeypatch, capsys):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="must hold one block between"):
         table.main(["--write"])
+
+
+def test_the_robustness_sweeps_committed_beside_a_record_reach_the_page(tmp_path):
+    rr.write_jsonl(tmp_path / "affine-robustness.jsonl", record("affine-robustness", [0.97]))
+    (tmp_path / "affine-robustness-robustness.json").write_text(json.dumps({
+        "test_digits": 1000, "runs": [{"mixed": 0.7512, "sweeps": {"rotation": [{"strength": 0.0, "accuracy": 0.99},
+                                                                                {"strength": 30.0, "accuracy": 0.8}]}}]}))
+    page = table.page_body(tmp_path, tmp_path)
+    assert "on the best epoch, 1,000 test digits each" in page
+    assert "- affNIST-style mixed set: 75.12%; rotation 0: 99.0%, 30: 80.0%" in page
