@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (defaults: the paper's)")
     g.add_argument("--model", dest="arch", choices=("capsnet", "cnn", "efficient", "em"),
                    help="the CapsNet, the paper's baseline CNN, Efficient-CapsNet (self-attention routing; "
-                        "default lr 5e-4, decay 0.98, batch 16) or matrix capsules with EM routing (spread loss; "
+                        "default lr 5e-4, decay 0.97 down to 5e-5, batch 16) or matrix capsules with EM routing (spread loss; "
                         f"default lr 3e-3, decay 0.96, batch 32) (default {d.arch})")
     g = p.add_argument_group("CapsNet (--model capsnet)")
     g.add_argument("--routing", type=int, dest="routing_iterations",
