@@ -56,7 +56,7 @@ def describe() -> str:
     parts = []
     for exp in rr.EXPERIMENTS.values():
         hours, source = rr.estimated_hours(exp)
-        cost = f"about {hours:.1f} h of training on this 2-core CPU ({source})" if hours else source
+        cost = f"about {hours:.1f} h of training on this 2-core CPU, evaluation aside ({source})" if hours else source
         figures = "; ".join(f"{who} {value}% ({src})" for who, fig in (("paper", exp.paper), ("port", exp.port))
                             if fig for value, src in [fig])
         parts.append(f"{exp.name}: {exp.title}.\n    {exp.setup}.\n    cost: {cost}.\n"
