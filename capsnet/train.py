@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", choices=AUGMENTS,
                    help="training augmentation: shift (random shifts of up to --max-shift px) or efficient "
                         "(Efficient-CapsNet's: rotation of up to 30 degrees on half the images, a shift within the "
-                        f"digit's margins, a horizontal squish, a 4x4 erase) (default {d.augment})")
+                        f"digit's margins, a horizontal squish, a 4x4 erase; --max-shift does not apply) (default {d.augment})")
     g.add_argument("--test-pairs", type=int, help="multimnist: fixed pairs per test image, from a seed of their "
                                                   f"own (default {d.test_pairs})")
     g = p.add_argument_group("optimisation")
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (defaults: the paper's)")
     g.add_argument("--model", dest="arch", choices=("capsnet", "cnn", "efficient", "em"),
                    help="the CapsNet, the paper's baseline CNN, Efficient-CapsNet (self-attention routing; "
-                        "default lr 5e-4, decay 0.97 down to 5e-5, batch 16) or matrix capsules with EM routing (spread loss; "
-                        f"default lr 3e-3, decay 0.96, batch 32) (default {d.arch})")
+                        "default lr 5e-4, decay 0.97 down to 5e-5, batch 16) or matrix capsules with EM routing "
+                        f"(spread loss; default lr 3e-3, decay 0.96, batch 32) (default {d.arch})")
     g = p.add_argument_group("CapsNet (--model capsnet)")
     g.add_argument("--routing", type=int, dest="routing_iterations",
                    help=f"routing iterations (default {m.routing_iterations})")

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         return status
     lines = rr.sync_record(run_dir, record)
-    print(f"{record}: {len(lines)} epoch(s); commit it (git add {record.relative_to(rr.REPO) if record.is_relative_to(rr.REPO) else record})")
+    shown = record.relative_to(rr.REPO) if record.is_relative_to(rr.REPO) else record
+    print(f"{record}: {len(lines)} epoch(s); commit it (git add {shown})")
     epochs = int(train_args(exp, args)[train_args(exp, args).index("--epochs") + 1])
     if exp.after and lines and lines[-1]["epoch"] == epochs:
         return after_training(exp, args, run_dir)

@@ -57,10 +57,6 @@ class Experiment:
     def epochs(self) -> int:
         return int(self.args[self.args.index("--epochs") + 1])
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.args[self.args.index("--batch-size") + 1]) if "--batch-size" in self.args else 100
-
 
 def _bench_rate(batch: int):
     """images/s of training at ``batch`` in a scripts/bench.py JSON."""

@@ -258,8 +258,9 @@ class MNISTTrainer(Trainer):
             model = build_model(cfg)
             train, test = data_sources(cfg, data, xp)
         optimizer = build_optimizer(cfg, model)
+        schedule = ExponentialLR(optimizer, cfg.lr_decay, min_lr=cfg.lr_min)
         super().__init__(model, build_task(cfg), optimizer, train, run_dir, epochs=cfg.epochs,
-                         batch_size=cfg.batch_size, eval_data=test, schedule=ExponentialLR(optimizer, cfg.lr_decay, min_lr=cfg.lr_min),
+                         batch_size=cfg.batch_size, eval_data=test, schedule=schedule,
                          metrics=run_metrics(cfg), seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
                          progress=progress, log=log, on_step=on_step, comm=comm, strategy=strategy,
