@@ -157,25 +157,25 @@ def sample_affine(images: Any, inverse: Any) -> Any:
     result has the images' dtype and backend."""
     xp = get_array_module(images)
     n, channels, height, width = images.shape
-    ys, xs = xp.meshgrid(xp.arange(height, dtype=inverse.dtype), xp.arange(width, dtype=inverse.dtype),
-                         indexing="ij")
-    points = xp.stack([xs.ravel(), ys.ravel(), xp.ones(height * width, dtype=inverse.dtype)])  # (3, P)
-    source = inverse @ points  # (N, 2, P)
+    pixels = height * width
+    ys, xs = xp.divmod(xp.arange(pixels), width)
+    source = inverse[:, :, :2] @ xp.stack([xs, ys]).astype(inverse.dtype) + inverse[:, :, 2:]  # (N, 2, P)
     x, y = source[:, 0], source[:, 1]
     x0, y0 = xp.floor(x), xp.floor(y)
     fx, fy = (x - x0).astype(images.dtype), (y - y0).astype(images.dtype)
     x0, y0 = x0.astype(xp.int64), y0.astype(xp.int64)
-    flat = images.reshape(n, channels, height * width)
-    batch = xp.arange(n)[:, None, None]
-    channel = xp.arange(channels)[None, :, None]
-    out = xp.zeros_like(flat)
-    # the four neighbours of each source point: loops over offsets, not pixels
+    indices, weights = [], []
+    # the four neighbours of each source point: a loop over offsets, not pixels
     for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)),
                            (1, 1, fy * fx)):
         yy, xx = y0 + dy, x0 + dx
         inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-        index = xp.where(inside, yy * width + xx, 0)
-        out += flat[batch, channel, index[:, None, :]] * (weight * inside)[:, None, :]
+        indices.append(xp.where(inside, yy * width + xx, 0))
+        weights.append(weight * inside)
+    # one gather from the flat images: image-channel row (i * C + c) * P plus the neighbour's pixel
+    rows = (xp.arange(n * channels) * pixels).reshape(n, channels, 1)
+    gathered = xp.take(images.reshape(-1), rows[None] + xp.stack(indices)[:, :, None, :])  # (4, N, C, P)
+    out = (gathered * xp.stack(weights)[:, :, None, :]).sum(axis=0)
     return out.reshape(images.shape)
 
 
