@@ -156,11 +156,15 @@ def cpu_model() -> str:
 
 
 def commit() -> str:
-    """The checked-out commit of the code that runs, with "+dirty" when tracked files differ."""
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    """The checked-out commit of the capsnet that runs (the checkout its package was imported
+    from, which may not be this script's), with "+dirty" when tracked files differ."""
+    import capsnet  # noqa: PLC0415
+
+    where = str(Path(capsnet.__file__).resolve().parents[1])
+    head = subprocess.run(["git", "-C", where, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         return "unknown"
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True)
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
