@@ -110,9 +110,7 @@ def worker_capsnet(args: argparse.Namespace) -> list[dict[str, float]]:
 def worker_torch(args: argparse.Namespace) -> list[dict[str, float]]:
     import torch  # noqa: PLC0415
 
-    from capsnet import backend  # noqa: PLC0415
-    from capsnet.training import build_model  # noqa: PLC0415
-    from capsnet.training.mnist_run import data_sources, load_data  # noqa: PLC0415
+    from capsnet.training import MNISTTrainer  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     cfg = train_config(args)
@@ -122,13 +120,13 @@ def worker_torch(args: argparse.Namespace) -> list[dict[str, float]]:
         from torch_efficient_capsnet import TorchEfficientCapsNet as Net  # noqa: PLC0415
     from torch_capsnet import total_loss  # noqa: PLC0415 - the same margin + reconstruction loss for both
 
-    with backend.use("numpy") as xp:
-        ours = build_model(cfg)
-        train, test = data_sources(cfg, load_data(cfg, cfg.data_dir, progress=False), xp)
+    with tempfile.TemporaryDirectory(prefix="capsnet-tta-") as run_dir:  # never trained: its model, data and seed
+        ours = MNISTTrainer(cfg, run_dir, progress=False, log=False)
+    train, test = ours.train_data, ours.eval_data
     net = Net(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}, dtype=torch.float32)
-    net.load_from_capsnet(ours.state_dict())
+    net.load_from_capsnet(ours.model.state_dict())
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-8)
-    rng = np.random.default_rng(cfg.seed + 1)  # the stream MNISTTrainer draws its order and augmentation from
+    rng = np.random.default_rng(ours.seed)  # the stream MNISTTrainer draws its order and augmentation from
     curve: list[dict[str, float]] = []
     seconds, top = 0.0, max(args.target)
     for epoch in range(cfg.epochs):
