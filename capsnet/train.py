@@ -21,7 +21,7 @@ from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, Trai
 from capsnet.training.checkpoint import load_checkpoint
 from capsnet.training.datasets import DATASETS
 from capsnet.training.tensorboard import summary_writer_class
-from capsnet.training.mnist_run import ARCH_DEFAULTS, describe_dataset
+from capsnet.training.mnist_run import ARCH_DEFAULTS, AUGMENTS, describe_dataset
 
 MODEL_FLAGS = {
     "conv_channels": int, "conv_kernel": int, "primary_types": int, "primary_dim": int,
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + f" (default {d.dataset})")
     g.add_argument("--max-shift", type=int, help="random shift of training digits in px (default: "
                    + ", ".join(f"{spec.max_shift} for {name}" for name, spec in DATASETS.items()) + ")")
+    g.add_argument("--augment", choices=AUGMENTS,
+                   help="training augmentation: shift (random shifts of up to --max-shift px) or efficient "
+                        "(Efficient-CapsNet's: rotation of up to 30 degrees on half the images, a shift within the "
+                        f"digit's margins, a horizontal squish, a 4x4 erase; --max-shift does not apply) (default {d.augment})")
     g.add_argument("--test-pairs", type=int, help="multimnist: fixed pairs per test image, from a seed of their "
                                                   f"own (default {d.test_pairs})")
     g = p.add_argument_group("optimisation")
@@ -93,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("adam", "sgd"), help=f"(default {d.optimizer})")
     g.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     g.add_argument("--lr-decay", type=float, help=f"learning rate factor per epoch (default {d.lr_decay})")
+    g.add_argument("--lr-min", type=float, help=f"floor of the learning rate's decay (default {d.lr_min})")
     g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
     g.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default {d.weight_decay})")
     g.add_argument("--recon-weight", type=float, help=f"reconstruction loss weight (default {d.recon_weight})")
     g = p.add_argument_group("model (defaults: the paper's)")
     g.add_argument("--model", dest="arch", choices=("capsnet", "cnn", "efficient", "em"),
                    help="the CapsNet, the paper's baseline CNN, Efficient-CapsNet (self-attention routing; "
-                        "default lr 5e-4, decay 0.98, batch 16) or matrix capsules with EM routing (spread loss; "
-                        f"default lr 3e-3, decay 0.96, batch 32) (default {d.arch})")
+                        "default lr 5e-4, decay 0.97 down to 5e-5, batch 16) or matrix capsules with EM routing "
+                        f"(spread loss; default lr 3e-3, decay 0.96, batch 32) (default {d.arch})")
     g = p.add_argument_group("CapsNet (--model capsnet)")
     g.add_argument("--routing", type=int, dest="routing_iterations",
                    help=f"routing iterations (default {m.routing_iterations})")

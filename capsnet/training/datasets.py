@@ -25,6 +25,7 @@ import numpy as np
 
 from capsnet.data import ArrayDataset, DataSource, MultiMNIST, both_right, load_mnist, load_mnist_sample
 from capsnet.data import random_shift, to_float
+from capsnet.data.augment import efficient_augment
 from capsnet.training.evaluation import Metric, count_correct
 
 __all__ = ["DATASETS", "EXPANDED_PAD", "DatasetSpec", "RunSettings", "dataset", "digit_source", "expand",
@@ -37,6 +38,7 @@ class RunSettings(Protocol):
     max_shift: int
     dtype: str
     test_pairs: int
+    augment: str
 
 
 # (images uint8 (N, 28, 28), labels (N,), run settings, array module) -> a DataSource
@@ -145,10 +147,13 @@ def digit_source(images: np.ndarray, labels: np.ndarray, settings: RunSettings, 
                  pad: int = 0) -> ArrayDataset:
     """One digit per image, centred on a canvas ``pad`` px wider on each side (0: as is),
     as floats on ``xp``; ``train=True``: shifted at random by up to ``settings.max_shift``
-    px on every draw."""
+    px on every draw, or with ``settings.augment`` "efficient" augmented as Efficient-CapsNet's
+    authors do (:func:`~capsnet.data.augment.efficient_augment`)."""
     x = to_float(expand(images, pad) if pad else images, settings.dtype, xp)
     if not train:
         return ArrayDataset(x, xp.asarray(labels))
+    if getattr(settings, "augment", "shift") == "efficient":
+        return ArrayDataset(x, xp.asarray(labels), augment=efficient_augment)
     shift = settings.max_shift
     return ArrayDataset(x, xp.asarray(labels), augment=lambda batch, rng: random_shift(batch, shift, rng))
 
@@ -157,6 +162,9 @@ def multimnist_source(images: np.ndarray, labels: np.ndarray, settings: RunSetti
                       train: bool) -> MultiMNIST:
     """MultiMNIST pairs of one split: drawn afresh each epoch in training, else
     ``settings.test_pairs`` fixed pairs per image."""
+    if getattr(settings, "augment", "shift") != "shift":
+        raise ValueError(f"MultiMNIST makes its own shifted pairs; augment {settings.augment!r} applies to one-digit "
+                         "datasets only (drop --augment)")
     if train:
         return MultiMNIST(images, labels, train=True, max_shift=settings.max_shift, dtype=settings.dtype)
     return MultiMNIST(images, labels, train=False, max_shift=settings.max_shift,

@@ -139,7 +139,7 @@ def test_arch_defaults_and_flags():
     assert (cfg.arch, cfg.lr, cfg.batch_size, cfg.model["caps1"]) == ("em", 3e-3, 32, 4)
     args = train_cli.build_parser().parse_args(["--model", "efficient", "--lr", "1e-3"])
     cfg = train_cli.config_from_args(args, TrainConfig())
-    assert (cfg.lr, cfg.lr_decay, cfg.batch_size) == (1e-3, 0.98, 16)
+    assert (cfg.lr, cfg.lr_decay, cfg.lr_min, cfg.batch_size) == (1e-3, 0.97, 5e-5, 16)  # the authors' config.json
     with pytest.raises(ValueError, match="--caps1 does not apply to --model capsnet"):
         train_cli.config_from_args(train_cli.build_parser().parse_args(["--caps1", "4"]), TrainConfig())
     with pytest.raises(ValueError, match="--digit-dim does not apply to --model em"):

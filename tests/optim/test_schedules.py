@@ -24,6 +24,30 @@ def test_exponential_lr_sequence():
     assert resumed.optimizer.lr == pytest.approx(0.2 * 0.125, rel=1e-15)
 
 
+def test_exponential_lr_floor_as_efficient_capsnet_decays():
+    opt = Adam([Parameter(np.zeros(2))], lr=5e-4)
+    sched = ExponentialLR(opt, gamma=0.97, min_lr=5e-5)
+    seen = [opt.lr]
+    for _ in range(150):
+        sched.step()
+        seen.append(opt.lr)
+    expected = np.maximum(5e-4 * 0.97 ** np.arange(151), 5e-5)
+    np.testing.assert_allclose(seen, expected, rtol=1e-12)
+    assert seen[75] > 5e-5 and seen[76] == 5e-5  # 0.97^76 < 0.1: the floor from epoch 76 on
+    with pytest.raises(ValueError, match=r"min_lr must be a finite number >= 0, got -1"):
+        ExponentialLR(opt, gamma=0.9, min_lr=-1)
+
+
+def test_exponential_lr_reads_a_state_saved_before_the_floor():
+    opt = SGD([Parameter(np.zeros(2))], lr=0.3)
+    sched = ExponentialLR(opt, gamma=0.5, min_lr=0.1)
+    old = {k: v for k, v in ExponentialLR(SGD([Parameter(np.zeros(2))], lr=0.3), 0.5).state_dict().items()
+           if k != "min_lr"}
+    old["last_epoch"] = 3
+    sched.load_state_dict(old)
+    assert sched.min_lr == 0.0 and opt.lr == pytest.approx(0.3 * 0.125, rel=1e-15)
+
+
 def test_step_lr_sequence():
     opt = Adam([Parameter(np.zeros(2))], lr=1.0)
     sched = StepLR(opt, step_size=3, gamma=0.1)

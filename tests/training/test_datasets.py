@@ -131,3 +131,23 @@ def test_the_registry_is_one_file():
                                        '== "mnist-sample"')):
                 found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
     assert found == []
+
+
+def test_augment_efficient_gives_one_digit_training_sources_efficient_capsnets_augmentation():
+    from types import SimpleNamespace
+
+    from capsnet.data.augment import efficient_augment
+
+    cfg = TrainConfig(dataset="mnist-sample", augment="efficient", train_limit=8, test_limit=8).validate()
+    train, test = data_sources(cfg, load_data(cfg, progress=False), np)
+    assert train.augment is efficient_augment and test.augment is None
+    x, _ = train.batch(np.arange(8), np.random.default_rng(0))
+    assert x.shape == (8, 1, 28, 28) and not np.array_equal(x, train.arrays[0][:8])
+    assert "augment" in cfg.fixed_items()  # a resume with another augmentation is refused
+    with pytest.raises(ValueError, match=r"augment must be one of \('shift', 'efficient'\), got 'flip'"):
+        TrainConfig(augment="flip").validate()
+    settings = SimpleNamespace(max_shift=4, dtype="float32", test_pairs=1, augment="efficient")
+    sample = load_mnist_sample()
+    with pytest.raises(ValueError, match="MultiMNIST makes its own shifted pairs; augment 'efficient' applies to "
+                                         r"one-digit datasets only \(drop --augment\)"):
+        datasets.multimnist_source(sample.train_images[:20], sample.train_labels[:20], settings, np, train=True)
