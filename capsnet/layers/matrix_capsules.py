@@ -71,15 +71,17 @@ _MASS_EPS = 1e-8
 class EMState(NamedTuple):
     """What :func:`em_routing_backward` needs, in the parent-major layout of the module docstring.
 
-    X: the centred votes and their squares, (B, J, I, 2P); centre: c (B, J, P); shape: the
+    U, U2: the votes centred on their plain mean c_j, and their squares, each (B, J, I, P)
+    contiguous; centre: c (B, J, P); shape: the
     votes' shape as given (the gradient comes back in it). For each
     iteration t: R[t] the assignments before the activation weighting (B, J, I); w[t] the
     weights r_ij / (m_j + 1e-8) (B, J, I); mass[t]: m_j (B, J); S[t]: the weighted sums
-    w X (B, J, 2P); mean[t], delta[t] = mean[t] - c, var[t]: (B, J, P); z[t]: the activations' logits (B, J);
+    (w U, w U2), each (B, J, P); mean[t], delta[t] = mean[t] - c, var[t]: (B, J, P); z[t]: the activations' logits (B, J);
     a[t]: activations (B, J); lam[t]: the inverse temperature.
     """
 
-    X: Any
+    U: Any
+    U2: Any
     centre: Any
     shape: tuple
     R: list
@@ -117,33 +119,33 @@ def _check_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: 
             raise ValueError(f"em_routing expected {name} of shape (out_caps,) = ({j},), got {tuple(beta.shape)}")
 
 
-def _lay_out(votes: Any) -> tuple[Any, Any]:
-    """(X, c): each parent's votes centred on their plain mean c_j and their squares, side by
-    side, (B, J, I, 2P) contiguous; c (B, J, P). Votes (B, I, J, P) or (B, I, J, 4, 4), any strides."""
+def _lay_out(votes: Any) -> tuple[Any, Any, Any]:
+    """(U, U2, c): each parent's votes centred on their plain mean c_j (B, J, P), and their
+    squares, each (B, J, I, P) contiguous. votes (B, I, J, P) or (B, I, J, 4, 4), any strides;
+    cheapest child-major, as :func:`matrix_votes` gives them: then the centring is contiguous
+    and one transposing copy lays U out."""
     xp = backend.get_array_module(votes)
     b, i, j = votes.shape[:3]
     p = votes.shape[3] if votes.ndim == 4 else POSE
-    centre = votes.sum(axis=1) * votes.dtype.type(1 / i)  # (B, J, P) or (B, J, 4, 4)
-    X = xp.empty((b, j, i, 2, p), dtype=votes.dtype)
-    U = X[:, :, :, 0].reshape(b, j, i, *votes.shape[3:])  # a view: only the last axis is split
-    xp.subtract(votes.transpose(0, 2, 1, *range(3, votes.ndim)), centre[:, :, None], out=U)
-    xp.multiply(X[:, :, :, 0], X[:, :, :, 0], out=X[:, :, :, 1])
-    return X.reshape(b, j, i, 2 * p), centre.reshape(b, j, p)
+    by_child = votes.transpose(1, 0, 2, *range(3, votes.ndim)).reshape(i, b, j, p)  # a view if child-major
+    centre = by_child.sum(axis=0) * votes.dtype.type(1 / i)  # (B, J, P)
+    U = xp.ascontiguousarray((by_child - centre).transpose(1, 2, 0, 3))
+    return U, U * U, centre
 
 
-def _m_step(X: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a: Any, lam: Any, share: Any,
+def _m_step(U: Any, U2: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a: Any, lam: Any, share: Any,
             floor: Any) -> tuple:
-    """One M-step (Procedure 1): (w, mass, S, mean, var, log var, z, a), all sums over the
-    children one batched product w X, (B, J, 1, I) x (B, J, I, 2P)."""
-    xp = backend.get_array_module(X)
-    dt = X.dtype.type
+    """One M-step (Procedure 1): (w, mass, S, mean, delta, var, log var, z, a); the sums over the
+    children are two batched products, w U and w U2, (B, J, 1, I) x (B, J, I, P)."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
     p = centre.shape[2]
     r = R * a_in[:, None, :]
     mass = r.sum(axis=2)  # (B, J)
     inv = 1 / (mass + dt(_MASS_EPS))
     w = r * inv[:, :, None]
-    S = xp.matmul(w[:, :, None, :], X)[:, :, 0, :]  # (B, J, 2P): sum_i w U, sum_i w U^2
-    S1, S2 = S[..., :p], S[..., p:]
+    S1 = xp.matmul(w[:, :, None, :], U)[:, :, 0, :]  # (B, J, P): sum_i w U
+    S2 = xp.matmul(w[:, :, None, :], U2)[:, :, 0, :]  # sum_i w U^2
     # w sums to s = m / (m + 1e-8), not 1: mean = sum_i w V = c + delta, delta = S1 - (1 - s) c,
     # and sum_i w (V - mean)^2 = S2 - 2 delta S1 + s delta^2, exactly.
     delta = S1 - (dt(_MASS_EPS) * inv)[..., None] * centre
@@ -152,17 +154,18 @@ def _m_step(X: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a: Any, la
     log_var = xp.log(var)
     cost = (beta_u * dt(p) + dt(0.5) * log_var.sum(axis=2)) * (mass * share)
     z = lam * (beta_a - cost)
-    return w, mass, S, centre + delta, delta, var, log_var, z, sigmoid(z)
+    return w, mass, (S1, S2), centre + delta, delta, var, log_var, z, sigmoid(z)
 
 
-def _e_step(X: Any, delta: Any, var: Any, log_var: Any, z: Any) -> Any:
+def _e_step(U: Any, U2: Any, delta: Any, var: Any, log_var: Any, z: Any) -> Any:
     """One E-step: R (B, J, I), a softmax over the parents of log a_j + log p_ij, where
-    sum_h (U_ih - delta_h)^2 / var_h is one batched product X (coef), (B, J, I, 2P) x (B, J, 2P, 1)."""
-    xp = backend.get_array_module(X)
-    dt = X.dtype.type
+    sum_h (U_ih - delta_h)^2 / var_h is two batched products, U (-2 delta / var) + U2 (1 / var),
+    (B, J, I, P) x (B, J, P, 1)."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
     inv_var = 1 / var
-    coef = xp.concatenate([dt(-2) * delta * inv_var, inv_var], axis=2)
-    q = xp.matmul(X, coef[..., None])[..., 0]  # (B, J, I)
+    q = xp.matmul(U, (dt(-2) * delta * inv_var)[..., None])[..., 0]  # (B, J, I)
+    q += xp.matmul(U2, inv_var[..., None])[..., 0]
     const = (delta * delta * inv_var).sum(axis=2) + log_var.sum(axis=2)
     logit = (_log_sigmoid(z) - dt(0.5) * const)[:, :, None] - dt(0.5) * q
     return softmax(logit, axis=1)
@@ -181,46 +184,44 @@ def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int 
     dt = votes.dtype.type
     b, i, j = votes.shape[:3]
     share, floor = dt(j / i), dt(var_floor)
-    X, centre = _lay_out(votes)
+    U, U2, centre = _lay_out(votes)
     R = xp.full((b, j, i), 1.0 / j, dtype=votes.dtype)
-    state = EMState(X, centre, tuple(votes.shape), [], [], [], [], [], [], [], [], [], [])
+    state = EMState(U, U2, centre, tuple(votes.shape), [], [], [], [], [], [], [], [], [], [])
     for t in range(iterations):
         lam = dt(inverse_temperature * (t + 1) / iterations)
-        w, mass, S, mean, delta, var, log_var, z, a = _m_step(X, centre, R, a_in, beta_u, beta_a, lam, share, floor)
-        for store, value in zip(state[3:], (R, w, mass, S, mean, delta, var, z, a, lam)):
+        w, mass, S, mean, delta, var, log_var, z, a = _m_step(U, U2, centre, R, a_in, beta_u, beta_a, lam, share, floor)
+        for store, value in zip(state[4:], (R, w, mass, S, mean, delta, var, z, a, lam)):
             store.append(value)
         if t < iterations - 1:
-            R = _e_step(X, delta, var, log_var, z)
+            R = _e_step(U, U2, delta, var, log_var, z)
     return mean, a, state
 
 
-def _e_step_backward(g_R: Any, X: Any, R_next: Any, delta: Any, var: Any, z: Any) -> tuple:
-    """Through the E-step R' = softmax_j(log a_j + log p_ij): (g_z, g_delta, g_var, g_q), g_q
-    (B, J, I) being the gradient of the quadratic form sum_h (U - delta)^2 / var, whose part in
-    the votes is the outer product g_q coef, left for the end (see em_routing_backward)."""
-    xp = backend.get_array_module(X)
-    dt = X.dtype.type
-    p = delta.shape[2]
+def _e_step_backward(g_R: Any, U: Any, U2: Any, R_next: Any, delta: Any, var: Any, z: Any) -> tuple:
+    """Through the E-step R' = softmax_j(log a_j + log p_ij): (g_z, g_delta, g_var, g_q, coef),
+    g_q (B, J, I) being the gradient of the quadratic form sum_h (U - delta)^2 / var, whose part
+    in the votes is the outer products g_q coef, left for the end (see em_routing_backward)."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
     g_logit = R_next * (g_R - (R_next * g_R).sum(axis=1, keepdims=True))  # (B, J, I)
     total = g_logit.sum(axis=2)  # (B, J)
     g_z = total * sigmoid(-z)  # d log a / dz = 1 - a
     g_q = dt(-0.5) * g_logit
-    g_coef = xp.matmul(g_q[:, :, None, :], X)[:, :, 0, :]  # (B, J, 2P)
-    g_c1, g_c2 = g_coef[..., :p], g_coef[..., p:]
+    g_c1 = xp.matmul(g_q[:, :, None, :], U)[:, :, 0, :]  # (B, J, P)
+    g_c2 = xp.matmul(g_q[:, :, None, :], U2)[:, :, 0, :]
     inv_var = 1 / var
     g_const = (dt(-0.5) * total)[..., None]  # the constant sum_h delta^2 / var + sum_h log var
     g_delta = dt(-2) * g_c1 * inv_var + 2 * g_const * delta * inv_var
     g_var = (2 * g_c1 * delta - g_c2 - g_const * delta * delta) * (inv_var * inv_var) + g_const * inv_var
-    coef = xp.concatenate([dt(-2) * delta * inv_var, inv_var], axis=2)
-    return g_z, g_delta, g_var, g_q, coef
+    return g_z, g_delta, g_var, g_q, (dt(-2) * delta * inv_var, inv_var)
 
 
-def _m_step_backward(g_z: Any, g_delta: Any, g_var: Any, X: Any, centre: Any, w: Any, mass: Any, S: Any,
+def _m_step_backward(g_z: Any, g_delta: Any, g_var: Any, U: Any, U2: Any, centre: Any, w: Any, mass: Any, S: Any,
                      delta: Any, var: Any, beta_u: Any, lam: Any, share: Any) -> tuple:
-    """Through one M-step: (g_r (B, J, I), g_S (B, J, 2P), g_beta_u, g_beta_a); g_S's part in the
-    votes is the outer product w g_S, left for the end."""
-    xp = backend.get_array_module(X)
-    dt = X.dtype.type
+    """Through one M-step: (g_r (B, J, I), (g_S1, g_S2) (B, J, P), g_beta_u, g_beta_a); their
+    part in the votes is the outer products w g_S, left for the end."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
     half, p = dt(0.5), delta.shape[2]
     inv_var = 1 / var
     # a = logistic(z), z = lam (beta_a - cost), cost = (P beta_u + 1/2 sum_h log var) m J / I
@@ -232,17 +233,18 @@ def _m_step_backward(g_z: Any, g_delta: Any, g_var: Any, X: Any, centre: Any, w:
     # var = max(S2 - 2 delta S1 + s delta^2, 0) + floor, delta = S1 - (1 - s) c, s = m / (m + eps)
     inv = 1 / (mass + dt(_MASS_EPS))
     s = (mass * inv)[..., None]
-    S1 = S[..., :p]
-    raw = S[..., p:] - 2 * delta * S1 + s * (delta * delta)
+    S1, S2 = S
+    raw = S2 - 2 * delta * S1 + s * (delta * delta)
     g_raw = g_var * (raw > 0)
     g_delta = g_delta + g_raw * (2 * s * delta - 2 * S1)
-    g_S = xp.concatenate([g_delta - 2 * g_raw * delta, g_raw], axis=2)  # delta's S1 term included
+    g_S1 = g_delta - 2 * g_raw * delta  # delta's own S1 term included
     g_s = (g_raw * delta * delta + g_delta * centre).sum(axis=2)
-    g_w = xp.matmul(X, g_S[..., None])[..., 0]  # (B, J, I)
+    g_w = xp.matmul(U, g_S1[..., None])[..., 0]  # (B, J, I)
+    g_w += xp.matmul(U2, g_raw[..., None])[..., 0]
     # w = r / (m + eps), m = sum_i r_ij; d s / dm = eps / (m + eps)^2
     g_mass = g_mass + g_s * dt(_MASS_EPS) * inv * inv - (g_w * w).sum(axis=2) * inv
     g_r = g_w * inv[..., None] + g_mass[..., None]
-    return g_r, g_S, g_beta_u, g_beta_a
+    return g_r, (g_S1, g_raw), g_beta_u, g_beta_a
 
 
 def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, state: EMState,
@@ -253,19 +255,20 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
     grad_mean: (B, J, P) and grad_a: (B, J); either may be None. The gradient flows through
     every iteration: through each M-step's mean, variance and cost, and through each E-step's
     assignments into the M-step before it. With ``detach=True`` it flows only through the last
-    M-step, its assignments R held fixed. The votes' gradient is a sum of outer products, one
-    per M-step (w g_S) and E-step (g_q coef); all of them are one batched product at the end,
-    (B, J, I, n) x (B, J, n, 2P), and the only array of the votes' size that the backward writes.
+    M-step, its assignments R held fixed. The gradient of (U, U2) is a sum of outer products,
+    one per M-step (w g_S) and E-step (g_q coef); they are two batched products at the end,
+    (B, J, I, n) x (B, J, n, P), the only arrays of the votes' size that the backward writes
+    before the child-major copy it returns.
     """
-    X, centre = state.X, state.centre
-    xp = backend.get_array_module(X, a_in, beta_u)
-    dt = X.dtype.type
-    b, j, i, p = *X.shape[:3], X.shape[3] // 2
+    U, U2, centre = state.U, state.U2, state.centre
+    xp = backend.get_array_module(U, a_in, beta_u)
+    dt = U.dtype.type
+    b, j, i, p = U.shape
     share = dt(j / i)
     g_a_in = xp.zeros_like(a_in)
     g_beta_u = xp.zeros_like(beta_u)
     g_beta_a = xp.zeros_like(beta_u)
-    left, right = [], []  # the votes' gradient: sum_n left[n] (B, J, I) outer right[n] (B, J, 2P)
+    left, right = [], []  # the gradient of (U, U2): sum_n left[n] (B, J, I) outer right[n] (B, J, P) x 2
     g_R = None  # dL/d(the assignments the E-step after iteration t produced), (B, J, I)
     last = len(state.a) - 1
     for t in range(last, -1, -1):
@@ -281,11 +284,11 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
             if grad_a is not None:
                 g_z = g_z + grad_a * a * sigmoid(-z)
         else:
-            e_z, e_delta, e_var, g_q, coef = _e_step_backward(g_R, X, state.R[t + 1], delta, var, z)
+            e_z, e_delta, e_var, g_q, coef = _e_step_backward(g_R, U, U2, state.R[t + 1], delta, var, z)
             g_z, g_delta, g_var = g_z + e_z, g_delta + e_delta, g_var + e_var
             left.append(g_q)
             right.append(coef)
-        g_r, g_S, g_bu, g_ba = _m_step_backward(g_z, g_delta, g_var, X, centre, w, mass, S, delta, var, beta_u,
+        g_r, g_S, g_bu, g_ba = _m_step_backward(g_z, g_delta, g_var, U, U2, centre, w, mass, S, delta, var, beta_u,
                                                lam, share)
         left.append(w)
         right.append(g_S)
@@ -295,38 +298,57 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
         if detach or t == 0:
             break
         g_R = g_r * a_in[:, None, :]
-    g_X = xp.matmul(xp.stack(left, axis=3), xp.stack(right, axis=2))  # (B, J, I, 2P)
-    U = X[..., :p]
-    g_U = g_X[..., :p]
-    g_U += 2 * U * g_X[..., p:]  # X = (U, U^2); the centre is a constant: the result does not depend on it
+    outer = xp.stack(left, axis=3)  # (B, J, I, n)
+    g_U = xp.matmul(outer, xp.stack([r[0] for r in right], axis=2))  # (B, J, I, P)
+    g_U2 = xp.matmul(outer, xp.stack([r[1] for r in right], axis=2))
+    g_U2 *= U
+    g_U2 *= 2
+    g_U += g_U2  # U2 = U^2. The centre is held constant: the result does not depend on it
+    by_child = xp.ascontiguousarray(g_U.transpose(2, 0, 1, 3))  # (I, B, J, P), as matrix_votes lays votes out
     if len(state.shape) == 5:
-        return g_U.reshape(b, j, i, 4, 4).transpose(0, 2, 1, 3, 4), g_a_in, g_beta_u, g_beta_a
-    return g_U.transpose(0, 2, 1, 3), g_a_in, g_beta_u, g_beta_a
+        return by_child.reshape(i, b, j, 4, 4).transpose(1, 0, 2, 3, 4), g_a_in, g_beta_u, g_beta_a
+    return by_child.transpose(1, 0, 2, 3), g_a_in, g_beta_u, g_beta_a
 
 
 # -- votes -------------------------------------------------------------------------------------------
+def _block_transforms(w: Any) -> Any:
+    """(I, 16, J * 16): for each child, the matrix that maps a flattened pose M_i to its J flattened
+    votes M_i W_ij, kron(1_4, W_ij) side by side: entry ((r', k), (j, r, s)) is [r = r'] W_ijks."""
+    xp = backend.get_array_module(w)
+    i, j = w.shape[:2]
+    blocks = xp.zeros((i, 4, 4, j, 4, 4), dtype=w.dtype)
+    for r in range(4):  # the four rows of the pose matrix
+        blocks[:, r, :, :, r, :] = w.transpose(0, 2, 1, 3)
+    return blocks.reshape(i, POSE, j * POSE)
+
+
 def matrix_votes(poses: Any, w: Any) -> Any:
     """V_ij = M_i W_ij: poses (N, I, 4, 4), w (I, J, 4, 4) -> votes (N, I, J, 4, 4).
 
-    One batched product over the children i, with the rows of every M_i stacked."""
+    One batched product over the children i, (N, 16) x (16, J * 16) each, through
+    :func:`_block_transforms`: four times the multiplications of a 4 x 4 product, but every
+    vote's 16 entries come out side by side, child-major ((I, N, J, 16) in memory, returned
+    as an (N, I, J, 4, 4) view), the layout :func:`em_routing` reads without a strided gather."""
     xp = backend.get_array_module(poses, w)
     n, i = poses.shape[:2]
     j = w.shape[1]
-    rows = poses.transpose(1, 0, 2, 3).reshape(i, n * 4, 4)
-    out = xp.matmul(rows, w.transpose(0, 2, 1, 3).reshape(i, 4, j * 4))  # (I, N*4, J*4)
-    return out.reshape(i, n, 4, j, 4).transpose(1, 0, 3, 2, 4)
+    rows = poses.transpose(1, 0, 2, 3).reshape(i, n, POSE)
+    out = xp.matmul(rows, _block_transforms(w))  # (I, N, J * 16)
+    return out.reshape(i, n, j, 4, 4).transpose(1, 0, 2, 3, 4)
 
 
 def matrix_votes_backward(grad_votes: Any, poses: Any, w: Any) -> tuple[Any, Any]:
-    """Gradients of :func:`matrix_votes` w.r.t. (poses, w)."""
+    """Gradients of :func:`matrix_votes` w.r.t. (poses, w); grad_votes (N, I, J, 4, 4), cheapest
+    child-major as :func:`em_routing_backward` returns it."""
     xp = backend.get_array_module(grad_votes, poses, w)
     n, i = poses.shape[:2]
     j = w.shape[1]
-    g = grad_votes.transpose(1, 0, 3, 2, 4).reshape(i, n * 4, j * 4)
-    rows = poses.transpose(1, 0, 2, 3).reshape(i, n * 4, 4)
-    grad_w = xp.matmul(rows.transpose(0, 2, 1), g).reshape(i, 4, j, 4).transpose(0, 2, 1, 3)
-    grad_rows = xp.matmul(g, w.transpose(0, 2, 1, 3).reshape(i, 4, j * 4).transpose(0, 2, 1))
-    return grad_rows.reshape(i, n, 4, 4).transpose(1, 0, 2, 3), grad_w
+    g = grad_votes.transpose(1, 0, 2, 3, 4).reshape(i, n, j * POSE)  # a view if child-major
+    rows = poses.transpose(1, 0, 2, 3).reshape(i, n, POSE)
+    grad_rows = xp.matmul(g, _block_transforms(w).transpose(0, 2, 1))  # (I, N, 16)
+    blocks = xp.matmul(rows.transpose(0, 2, 1), g).reshape(i, 4, 4, j, 4, 4)  # d/d blocks
+    grad_w = blocks[:, 0, :, :, 0, :] + blocks[:, 1, :, :, 1, :] + blocks[:, 2, :, :, 2, :] + blocks[:, 3, :, :, 3, :]
+    return grad_rows.reshape(i, n, 4, 4).transpose(1, 0, 2, 3), grad_w.transpose(0, 2, 1, 3)
 
 
 # -- layers ---------------------------------------------------------------------------------------
