@@ -66,6 +66,11 @@ class MatrixCapsNet(Module):
     backward(grad_activations) -> None (the first convolution computes no input gradient).
     Train with :class:`~capsnet.layers.SpreadLoss` (:class:`SpreadTask` in the loop)."""
 
+    # Its step is mostly element-wise routing passes, which NumPy runs on one core: under
+    # capsnet.replicas it trains faster split into slices of any size than as one replica
+    # with BLAS on every core (batch 32 on 2 cores: scripts/profile_em.py --slices).
+    min_train_slice = 1
+
     def __init__(self, config: MatrixCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,
                  **overrides: Any):
         super().__init__()
