@@ -32,6 +32,29 @@ The pitfalls the public reimplementations met, and what is done here:
 - **Normalising the assigned mass.** cost_j is scaled by m_j J / I, the mass relative to an
   even share, so the same lambda fits a layer of 72 children and one of 288.
 
+How it is computed. Routing reads the votes many times (two sums per M-step, one per E-step,
+as many again backward) and does little arithmetic per read, so its speed is the layout:
+
+- **Votes laid out once.** :func:`matrix_votes` writes them child-major, (I, B, J, 16) in
+  memory; :func:`em_routing` centres them on each parent's plain mean c_j (a contiguous
+  reduction and subtraction over the leading axis) and makes one transposing copy,
+  U = V - c parent-major (B, J, I, 16), and U2 = U^2 beside it. The centre changes nothing
+  in the result (mu = c + sum_i w U, the variance is shift-invariant); it keeps float32
+  from cancelling in E_w[U^2] - mu^2 and in the expanded Gaussian exponent below.
+- **Every routing sum a batched product** over contiguous (I, 16) matrices, one per
+  (group, parent): the M-step's sum_i w_ij U_ij and sum_i w_ij U2_ij are (1, I) x (I, 16);
+  the E-step's sum_h (U_h - delta_h)^2 / var_h is U (-2 delta / var) + U2 (1 / var) +
+  sum_h delta_h^2 / var_h, two (I, 16) x (16, 1) products. The weights r_ij / (m_j + 1e-8)
+  sum to s_j = m_j / (m_j + 1e-8), not 1, and the equations keep s exactly:
+  delta = mu - c = sum_i w U - (1 - s) c and var = sum_i w U2 - 2 delta sum_i w U + s delta^2
+  (+ the floor; rounding below 0 is clipped to 0). Sums over the parents (the softmax) and
+  over the children (the mass) are contiguous reductions of (B, J, I) arrays.
+- **Backward in the same layout.** Each M-step's and E-step's part in the gradient of U and
+  U2 is an outer product (w g_S, g_q coef); they are kept, small, and applied at the end as
+  two batched products (B, J, I, n) x (B, J, n, 16), n = 2 T - 1, then one copy back to the
+  child-major layout :func:`matrix_votes_backward` reads. The state holds U, U2 and the
+  per-iteration (B, J, I) and (B, J, 16) arrays, nothing else of the votes' size.
+
 Shapes: votes (B, I, J, 16), input activations (B, I), beta_u and beta_a (J,); outputs
 means (B, J, 16) and activations (B, J). Convolutional layers route every output position
 as an independent group (the batch axis holds B * OH * OW groups): a child in two
