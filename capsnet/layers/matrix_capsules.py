@@ -517,23 +517,29 @@ class ClassCaps(_EMLayer):
         _check_capsule_map("ClassCaps", poses, activations, self.in_caps, self.weight.dtype)
         xp = backend.get_array_module(poses, activations, self.weight.data)
         b, h, w, c = poses.shape[:4]
-        flat = xp.ascontiguousarray(poses).reshape(b * h * w, c, 4, 4)
-        votes = matrix_votes(flat, self.weight.data).reshape(b, h * w * c, self.n_classes, POSE)
+        k = self.n_classes
+        # Rows ordered (position, example) and children (type, position): the votes come out
+        # child-major, (C * H * W, B, K, 16) in memory, as em_routing reads them.
+        flat = xp.ascontiguousarray(poses.transpose(1, 2, 0, 3, 4, 5)).reshape(h * w * b, c, 4, 4)
+        by_child = matrix_votes(flat, self.weight.data).transpose(1, 0, 2, 3, 4).reshape(c * h * w, b, k, POSE)
         if self.coordinate_addition:
-            votes = votes + self._coordinates(h, w, xp, votes.dtype)
-        a_in = xp.ascontiguousarray(activations).reshape(b, h * w * c)
-        mean, a, state = self._route(votes, a_in)
+            coords = self._coordinates(h, w, xp, by_child.dtype).reshape(h, w, c, POSE)
+            by_child += coords.transpose(2, 0, 1, 3).reshape(c * h * w, 1, 1, POSE)
+        a_in = xp.ascontiguousarray(activations.transpose(0, 3, 1, 2)).reshape(b, c * h * w)
+        mean, a, state = self._route(by_child.transpose(1, 0, 2, 3), a_in)
         self._save(flat, a_in, state, (b, h, w))
-        return mean.reshape(b, self.n_classes, 4, 4), a
+        return mean.reshape(b, k, 4, 4), a
 
     def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
         flat, a_in, state, (b, h, w) = self._pop()
         c, k = self.in_caps, self.n_classes
         g_mean = None if grad_poses is None else grad_poses.reshape(b, k, POSE)
         g_votes, g_a_in = self._route_backward(g_mean, grad_activations, a_in, state)
-        g_flat, g_w = matrix_votes_backward(g_votes.reshape(b * h * w, c, k, 4, 4), flat, self.weight.data)
+        by_rows = g_votes.transpose(1, 0, 2, 3).reshape(c, h * w * b, k, 4, 4).transpose(1, 0, 2, 3, 4)
+        g_flat, g_w = matrix_votes_backward(by_rows, flat, self.weight.data)
         self.weight.grad += g_w
-        return g_flat.reshape(b, h, w, c, 4, 4), g_a_in.reshape(b, h, w, c)
+        g_poses = g_flat.reshape(h, w, b, c, 4, 4).transpose(2, 0, 1, 3, 4, 5)
+        return g_poses, g_a_in.reshape(b, c, h, w).transpose(0, 2, 3, 1)
 
 
 class MatrixPrimaryCaps(Module):
