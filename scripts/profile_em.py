@@ -16,6 +16,8 @@ Adam. Inference: forward in eval mode (``torch.inference_mode`` for PyTorch).
 Peak memory: the worker resets the kernel's high-water mark (``/proc/self/clear_refs``)
 after the model, optimizer and batch exist and reports VmHWM minus the resident size at that
 moment, over the training steps (first step included: autograd and workspaces allocate there).
+Minor page faults per training step (after the first) tell how much memory a step takes
+fresh from the kernel: large blocks freed and allocated again are zero-filled page by page.
 
 Profile (``--profile-batch``): one thread each, the step's time split into parts by timers
 around the library's functions (capsnet: exclusive time of each wrapped call) and, for
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -175,13 +178,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     base = reset_peak()
     train_step(x, y)  # warm-up: allocations, replicas, autograd buffers
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     train = _median_time(lambda: train_step(x, y), args.steps)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     peak_mb = (_status_kb("VmHWM") - base) / 1024
     model.eval()
     infer(x)
     inference = _median_time(lambda: infer(x), args.steps)
     return {"train_images_per_s": args.batch / train, "infer_images_per_s": args.batch / inference,
-            "train_peak_mb": peak_mb}
+            "train_peak_mb": peak_mb, "train_page_faults_per_step": faults}
 
 
 def run_worker(impl: str, batch_size: int, args: argparse.Namespace, torch_module: str | None = None,

@@ -84,6 +84,19 @@ def test_em_routing_keeps_examples_independent(xp, host_rng):
         np.testing.assert_allclose(host(a1)[0], host(a)[example], rtol=1e-12, atol=1e-14)
 
 
+def test_float32_keeps_agreeing_votes_far_from_zero(xp, host_rng):
+    """Votes 30 +- 0.02: without centring, E[V^2] - mu^2 in float32 loses the variance (900 against
+    4e-4) and the E-step's expanded exponent its differences; centred, float32 follows float64."""
+    votes, a_in, beta_u, beta_a = routing_inputs(host_rng, b=3, i=9, j=4, p=16)
+    votes = 30 + 0.02 * votes
+    ref_mean, ref_a, ref_state = em_routing(*map(dev, (votes, a_in, beta_u, beta_a)), 3, 1.0, 1e-4)
+    mean, a, state = em_routing(*(dev(x.astype(np.float32)) for x in (votes, a_in, beta_u, beta_a)), 3, 1.0, 1e-4)
+    np.testing.assert_allclose(host(state.var[-1]), host(ref_state.var[-1]), rtol=2e-3)
+    np.testing.assert_allclose(host(state.R[-1]), host(ref_state.R[-1]), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(host(a), host(ref_a), rtol=1e-4)
+    np.testing.assert_allclose(host(mean), host(ref_mean), rtol=1e-6)
+
+
 # -- gradient checks of the pure pair ----------------------------------------------------------------------
 def _check_routing_gradients(votes, a_in, beta_u, beta_a, iterations, rng, detach=False, **kwargs):
     arrays = [dev(x) for x in (votes, a_in, beta_u, beta_a)]
