@@ -24,8 +24,9 @@ around the library's functions (capsnet: exclusive time of each wrapped call) an
 PyTorch, around the reference's functions in the forward and identity autograd nodes at
 the parts' boundaries in the backward. Parts: convolutions (conv1 and the primary 1x1),
 gather (capsnet's im2col / col2im of the ConvCaps windows; PyTorch's unfold stays in
-other), votes (V = M W and its gradient; capsnet: with the routing layout), M-step t and E-step t forward and backward for each routing iteration and each
-layer summed, the loss, Adam, and what is left (other).
+other), votes (V = M W and its gradient; capsnet: with the routing layout), M-step t and
+E-step t forward and backward for each routing iteration (the layers summed), the loss,
+Adam, and what is left (other).
 """
 from __future__ import annotations
 

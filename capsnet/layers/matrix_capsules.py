@@ -95,12 +95,12 @@ class EMState(NamedTuple):
     """What :func:`em_routing_backward` needs, in the parent-major layout of the module docstring.
 
     U, U2: the votes centred on their plain mean c_j, and their squares, each (B, J, I, P)
-    contiguous; centre: c (B, J, P); shape: the
-    votes' shape as given (the gradient comes back in it). For each
-    iteration t: R[t] the assignments before the activation weighting (B, J, I); w[t] the
-    weights r_ij / (m_j + 1e-8) (B, J, I); mass[t]: m_j (B, J); S[t]: the weighted sums
-    (w U, w U2), each (B, J, P); mean[t], delta[t] = mean[t] - c, var[t]: (B, J, P); z[t]: the activations' logits (B, J);
-    a[t]: activations (B, J); lam[t]: the inverse temperature.
+    contiguous; centre: c (B, J, P); shape: the votes' shape as given (the gradient comes
+    back in it). For each iteration t: R[t] the assignments before the activation weighting
+    (B, J, I); w[t] the weights r_ij / (m_j + 1e-8) (B, J, I); mass[t]: m_j (B, J); S[t]: the
+    weighted sums (w U, w U2), each (B, J, P); mean[t], delta[t] = mean[t] - c, var[t]:
+    (B, J, P); z[t]: the activations' logits (B, J); a[t]: activations (B, J); lam[t]: the
+    inverse temperature.
     """
 
     U: Any
