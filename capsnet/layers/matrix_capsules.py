@@ -152,7 +152,8 @@ def _lay_out(votes: Any) -> tuple[Any, Any, Any]:
     p = votes.shape[3] if votes.ndim == 4 else POSE
     by_child = votes.transpose(1, 0, 2, *range(3, votes.ndim)).reshape(i, b, j, p)  # a view if child-major
     centre = by_child.sum(axis=0) * votes.dtype.type(1 / i)  # (B, J, P)
-    U = xp.ascontiguousarray((by_child - centre).transpose(1, 2, 0, 3))
+    U = xp.empty((b, j, i, p), dtype=votes.dtype)
+    xp.subtract(by_child.transpose(1, 2, 0, 3), centre[:, :, None, :], out=U)  # centred as it is laid out
     return U, U * U, centre
 
 
@@ -321,7 +322,7 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
         if detach or t == 0:
             break
         g_R = g_r * a_in[:, None, :]
-    outer = xp.stack(left, axis=3)  # (B, J, I, n)
+    outer = xp.stack(left, axis=2).transpose(0, 1, 3, 2)  # (B, J, I, n), stacked in whole blocks
     g_U = xp.matmul(outer, xp.stack([r[0] for r in right], axis=2))  # (B, J, I, P)
     g_U2 = xp.matmul(outer, xp.stack([r[1] for r in right], axis=2))
     g_U2 *= U
