@@ -324,10 +324,9 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
         g_R = g_r * a_in[:, None, :]
     outer = xp.stack(left, axis=2).transpose(0, 1, 3, 2)  # (B, J, I, n), stacked in whole blocks
     g_U = xp.matmul(outer, xp.stack([r[0] for r in right], axis=2))  # (B, J, I, P)
-    g_U2 = xp.matmul(outer, xp.stack([r[1] for r in right], axis=2))
+    g_U2 = xp.matmul(outer, xp.stack([2 * r[1] for r in right], axis=2))  # U2 = U^2: d/dU is 2 U
     g_U2 *= U
-    g_U2 *= 2
-    g_U += g_U2  # U2 = U^2. The centre is held constant: the result does not depend on it
+    g_U += g_U2  # the centre is held constant: the result does not depend on it
     by_child = xp.ascontiguousarray(g_U.transpose(2, 0, 1, 3))  # (I, B, J, P), as matrix_votes lays votes out
     if len(state.shape) == 5:
         return by_child.reshape(i, b, j, 4, 4).transpose(1, 0, 2, 3, 4), g_a_in, g_beta_u, g_beta_a
