@@ -169,8 +169,9 @@ class Replicas:
     def _plan(self, rows: int, training: bool = False) -> list[tuple[int, int]]:
         """The slices of a batch of ``rows``: one per thread, each of at least one example
         (at least MIN_TRAIN_SLICE in training, below which one replica with BLAS on every
-        core is faster)."""
-        most = rows // MIN_TRAIN_SLICE if training else rows
+        core is faster; a model whose step is mostly element-wise passes sets its own
+        ``min_train_slice``)."""
+        most = rows // getattr(self.model, "min_train_slice", MIN_TRAIN_SLICE) if training else rows
         n = max(1, min(self.threads, most))
         return [shard(rows, r, n) for r in range(n)]
 

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = MatrixCapsNetConfig()
     g = p.add_argument_group("EM routing (--model em; also --conv-channels, --primary-types, --routing, "
                              "--detach-routing; the paper's smaller network: --conv-channels 64 --caps1 16 "
-                             "--caps2 16)")
+                             "--caps2 16; the paper's A=B=C=D=32: --conv-channels 32 --primary-types 32 "
+                             "--caps1 32 --caps2 32)")
     g.add_argument("--caps1", type=int, help=f"types of the first ConvCaps layer (default {e.caps1})")
     g.add_argument("--caps2", type=int, help=f"types of the second ConvCaps layer (default {e.caps2})")
     g.add_argument("--inverse-temperature", type=float,

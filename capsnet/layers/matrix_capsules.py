@@ -32,6 +32,29 @@ The pitfalls the public reimplementations met, and what is done here:
 - **Normalising the assigned mass.** cost_j is scaled by m_j J / I, the mass relative to an
   even share, so the same lambda fits a layer of 72 children and one of 288.
 
+How it is computed. Routing reads the votes many times (two sums per M-step, one per E-step,
+as many again backward) and does little arithmetic per read, so its speed is the layout:
+
+- **Votes laid out once.** :func:`matrix_votes` writes them child-major, (I, B, J, 16) in
+  memory; :func:`em_routing` centres them on each parent's plain mean c_j (a contiguous
+  reduction and subtraction over the leading axis) and makes one transposing copy,
+  U = V - c parent-major (B, J, I, 16), and U2 = U^2 beside it. The centre changes nothing
+  in the result (mu = c + sum_i w U, the variance is shift-invariant); it keeps float32
+  from cancelling in E_w[U^2] - mu^2 and in the expanded Gaussian exponent below.
+- **Every routing sum a batched product** over contiguous (I, 16) matrices, one per
+  (group, parent): the M-step's sum_i w_ij U_ij and sum_i w_ij U2_ij are (1, I) x (I, 16);
+  the E-step's sum_h (U_h - delta_h)^2 / var_h is U (-2 delta / var) + U2 (1 / var) +
+  sum_h delta_h^2 / var_h, two (I, 16) x (16, 1) products. The weights r_ij / (m_j + 1e-8)
+  sum to s_j = m_j / (m_j + 1e-8), not 1, and the equations keep s exactly:
+  delta = mu - c = sum_i w U - (1 - s) c and var = sum_i w U2 - 2 delta sum_i w U + s delta^2
+  (+ the floor; rounding below 0 is clipped to 0). Sums over the parents (the softmax) and
+  over the children (the mass) are contiguous reductions of (B, J, I) arrays.
+- **Backward in the same layout.** Each M-step's and E-step's part in the gradient of U and
+  U2 is an outer product (w g_S, g_q coef); they are kept, small, and applied at the end as
+  two batched products (B, J, I, n) x (B, J, n, 16), n = 2 T - 1, then one copy back to the
+  child-major layout :func:`matrix_votes_backward` reads. The state holds U, U2 and the
+  per-iteration (B, J, I) and (B, J, 16) arrays, nothing else of the votes' size.
+
 Shapes: votes (B, I, J, 16), input activations (B, I), beta_u and beta_a (J,); outputs
 means (B, J, 16) and activations (B, J). Convolutional layers route every output position
 as an independent group (the batch axis holds B * OH * OW groups): a child in two
@@ -69,16 +92,27 @@ _MASS_EPS = 1e-8
 
 # -- EM routing --------------------------------------------------------------------------------
 class EMState(NamedTuple):
-    """What :func:`em_routing_backward` needs from each iteration t.
+    """What :func:`em_routing_backward` needs, in the parent-major layout of the module docstring.
 
-    R[t]: assignments before the activation weighting (B, I, J); mass[t]: m_j (B, J);
-    mean[t], var[t]: (B, J, 16); z[t]: the activations' logits (B, J); a[t]: activations
-    (B, J); lam[t]: the inverse temperature.
+    U, U2: the votes centred on their plain mean c_j, and their squares, each (B, J, I, P)
+    contiguous; centre: c (B, J, P); shape: the votes' shape as given (the gradient comes
+    back in it). For each iteration t: R[t] the assignments before the activation weighting
+    (B, J, I); w[t] the weights r_ij / (m_j + 1e-8) (B, J, I); mass[t]: m_j (B, J); S[t]: the
+    weighted sums (w U, w U2), each (B, J, P); mean[t], delta[t] = mean[t] - c, var[t]:
+    (B, J, P); z[t]: the activations' logits (B, J); a[t]: activations (B, J); lam[t]: the
+    inverse temperature.
     """
 
+    U: Any
+    U2: Any
+    centre: Any
+    shape: tuple
     R: list
+    w: list
     mass: list
+    S: list
     mean: list
+    delta: list
     var: list
     z: list
     a: list
@@ -94,11 +128,12 @@ def _log_sigmoid(z: Any) -> Any:
 def _check_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int) -> None:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"EM routing iterations must be an integer >= 1, got {iterations!r}")
-    if getattr(votes, "ndim", None) != 4:
-        raise ValueError(f"em_routing expected votes of shape (batch, in_caps, out_caps, pose), "
-                         f"got {tuple(getattr(votes, 'shape', ()))}")
+    ndim = getattr(votes, "ndim", None)
+    if ndim not in (4, 5) or (ndim == 5 and tuple(votes.shape[3:]) != (4, 4)):
+        raise ValueError(f"em_routing expected votes of shape (batch, in_caps, out_caps, pose) or "
+                         f"(batch, in_caps, out_caps, 4, 4), got {tuple(getattr(votes, 'shape', ()))}")
     check_batch("em_routing", tuple(votes.shape))
-    b, i, j, _ = votes.shape
+    b, i, j = votes.shape[:3]
     if tuple(a_in.shape) != (b, i):
         raise ValueError(f"em_routing expected input activations of shape (batch, in_caps) = {(b, i)}, "
                          f"got {tuple(a_in.shape)}")
@@ -107,127 +142,236 @@ def _check_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: 
             raise ValueError(f"em_routing expected {name} of shape (out_caps,) = ({j},), got {tuple(beta.shape)}")
 
 
+def _lay_out(votes: Any) -> tuple[Any, Any, Any]:
+    """(U, U2, c): each parent's votes centred on their plain mean c_j (B, J, P), and their
+    squares, each (B, J, I, P) contiguous. votes (B, I, J, P) or (B, I, J, 4, 4), any strides;
+    cheapest child-major, as :func:`matrix_votes` gives them: then the centring is contiguous
+    and one transposing copy lays U out."""
+    xp = backend.get_array_module(votes)
+    b, i, j = votes.shape[:3]
+    p = votes.shape[3] if votes.ndim == 4 else POSE
+    by_child = votes.transpose(1, 0, 2, *range(3, votes.ndim)).reshape(i, b, j, p)  # a view if child-major
+    centre = by_child.sum(axis=0) * votes.dtype.type(1 / i)  # (B, J, P)
+    U = xp.empty((b, j, i, p), dtype=votes.dtype)
+    xp.subtract(by_child.transpose(1, 2, 0, 3), centre[:, :, None, :], out=U)  # centred as it is laid out
+    return U, U * U, centre
+
+
+def _m_step(U: Any, U2: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a: Any, lam: Any, share: Any,
+            floor: Any) -> tuple:
+    """One M-step (Procedure 1): (w, mass, S, mean, delta, var, log var, z, a); the sums over the
+    children are two batched products, w U and w U2, (B, J, 1, I) x (B, J, I, P)."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
+    p = centre.shape[2]
+    r = R * a_in[:, None, :]
+    mass = r.sum(axis=2)  # (B, J)
+    inv = 1 / (mass + dt(_MASS_EPS))
+    w = r * inv[:, :, None]
+    S1 = xp.matmul(w[:, :, None, :], U)[:, :, 0, :]  # (B, J, P): sum_i w U
+    S2 = xp.matmul(w[:, :, None, :], U2)[:, :, 0, :]  # sum_i w U^2
+    # w sums to s = m / (m + 1e-8), not 1: mean = sum_i w V = c + delta, delta = S1 - (1 - s) c,
+    # and sum_i w (V - mean)^2 = S2 - 2 delta S1 + s delta^2, exactly.
+    delta = S1 - (dt(_MASS_EPS) * inv)[..., None] * centre
+    raw = S2 - 2 * delta * S1 + (mass * inv)[..., None] * (delta * delta)
+    var = xp.maximum(raw, 0) + floor  # rounding may leave raw a little below 0
+    log_var = xp.log(var)
+    cost = (beta_u * dt(p) + dt(0.5) * log_var.sum(axis=2)) * (mass * share)
+    z = lam * (beta_a - cost)
+    return w, mass, (S1, S2), centre + delta, delta, var, log_var, z, sigmoid(z)
+
+
+def _e_step(U: Any, U2: Any, delta: Any, var: Any, log_var: Any, z: Any) -> Any:
+    """One E-step: R (B, J, I), a softmax over the parents of log a_j + log p_ij, where
+    sum_h (U_ih - delta_h)^2 / var_h is two batched products, U (-2 delta / var) + U2 (1 / var),
+    (B, J, I, P) x (B, J, P, 1)."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
+    inv_var = 1 / var
+    q = xp.matmul(U, (dt(-2) * delta * inv_var)[..., None])[..., 0]  # (B, J, I)
+    q += xp.matmul(U2, inv_var[..., None])[..., 0]
+    const = (delta * delta * inv_var).sum(axis=2) + log_var.sum(axis=2)
+    logit = (_log_sigmoid(z) - dt(0.5) * const)[:, :, None] - dt(0.5) * q
+    return softmax(logit, axis=1)
+
+
 def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int = 3,
                inverse_temperature: float = 0.01, var_floor: float = 1e-4) -> tuple[Any, Any, EMState]:
     """EM routing for every group at once (see the module docstring for the equations).
 
-    votes: (B, I, J, P) V_ij; a_in: (B, I) the children's activations; beta_u, beta_a: (J,).
-    Returns (mean (B, J, P), activations (B, J), the state :func:`em_routing_backward` needs).
+    votes: (B, I, J, P) V_ij, or (B, I, J, 4, 4), any strides; a_in: (B, I) the children's
+    activations; beta_u, beta_a: (J,). Returns (mean (B, J, P), activations (B, J), the state
+    :func:`em_routing_backward` needs).
     """
     _check_routing(votes, a_in, beta_u, beta_a, iterations)
     xp = backend.get_array_module(votes, a_in, beta_u, beta_a)
     dt = votes.dtype.type
-    b, i, j, p = votes.shape
-    share, floor, eps = dt(j / i), dt(var_floor), dt(_MASS_EPS)
-    by_parent = votes.transpose(0, 2, 1, 3)  # (B, J, I, P): an I x P matrix per parent
-    R = xp.full((b, i, j), 1.0 / j, dtype=votes.dtype)
-    state = EMState([], [], [], [], [], [], [])
+    b, i, j = votes.shape[:3]
+    share, floor = dt(j / i), dt(var_floor)
+    U, U2, centre = _lay_out(votes)
+    R = xp.full((b, j, i), 1.0 / j, dtype=votes.dtype)
+    state = EMState(U, U2, centre, tuple(votes.shape), [], [], [], [], [], [], [], [], [], [])
     for t in range(iterations):
         lam = dt(inverse_temperature * (t + 1) / iterations)
-        r = R * a_in[:, :, None]
-        mass = r.sum(axis=1)  # (B, J)
-        w = (r / (mass + eps)[:, None, :]).transpose(0, 2, 1)[:, :, None, :]  # (B, J, 1, I)
-        mean = xp.matmul(w, by_parent)[:, :, 0, :]
-        diff = votes - mean[:, None]
-        sq = diff * diff
-        var = xp.matmul(w, sq.transpose(0, 2, 1, 3))[:, :, 0, :] + floor
-        log_var = xp.log(var)
-        cost = (beta_u * dt(p) + dt(0.5) * log_var.sum(axis=2)) * (mass * share)
-        z = lam * (beta_a - cost)
-        a = sigmoid(z)
-        for store, value in zip(state, (R, mass, mean, var, z, a, lam)):
+        w, mass, S, mean, delta, var, log_var, z, a = _m_step(U, U2, centre, R, a_in, beta_u, beta_a, lam, share, floor)
+        for store, value in zip(state[4:], (R, w, mass, S, mean, delta, var, z, a, lam)):
             store.append(value)
-        if t < iterations - 1:  # E-step
-            log_p = dt(-0.5) * ((sq / var[:, None]).sum(axis=3) + log_var.sum(axis=2)[:, None, :])
-            R = softmax(_log_sigmoid(z)[:, None, :] + log_p, axis=2)
+        if t < iterations - 1:
+            R = _e_step(U, U2, delta, var, log_var, z)
     return mean, a, state
 
 
-def em_routing_backward(grad_mean: Any, grad_a: Any, votes: Any, a_in: Any, beta_u: Any, state: EMState,
+def _e_step_backward(g_R: Any, U: Any, U2: Any, R_next: Any, delta: Any, var: Any, z: Any) -> tuple:
+    """Through the E-step R' = softmax_j(log a_j + log p_ij): (g_z, g_delta, g_var, g_q, coef),
+    g_q (B, J, I) being the gradient of the quadratic form sum_h (U - delta)^2 / var, whose part
+    in the votes is the outer products g_q coef, left for the end (see em_routing_backward)."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
+    g_logit = R_next * (g_R - (R_next * g_R).sum(axis=1, keepdims=True))  # (B, J, I)
+    total = g_logit.sum(axis=2)  # (B, J)
+    g_z = total * sigmoid(-z)  # d log a / dz = 1 - a
+    g_q = dt(-0.5) * g_logit
+    g_c1 = xp.matmul(g_q[:, :, None, :], U)[:, :, 0, :]  # (B, J, P)
+    g_c2 = xp.matmul(g_q[:, :, None, :], U2)[:, :, 0, :]
+    inv_var = 1 / var
+    g_const = (dt(-0.5) * total)[..., None]  # the constant sum_h delta^2 / var + sum_h log var
+    g_delta = dt(-2) * g_c1 * inv_var + 2 * g_const * delta * inv_var
+    g_var = (2 * g_c1 * delta - g_c2 - g_const * delta * delta) * (inv_var * inv_var) + g_const * inv_var
+    return g_z, g_delta, g_var, g_q, (dt(-2) * delta * inv_var, inv_var)
+
+
+def _m_step_backward(g_z: Any, g_delta: Any, g_var: Any, U: Any, U2: Any, centre: Any, w: Any, mass: Any, S: Any,
+                     delta: Any, var: Any, beta_u: Any, lam: Any, share: Any) -> tuple:
+    """Through one M-step: (g_r (B, J, I), (g_S1, g_S2) (B, J, P), g_beta_u, g_beta_a); their
+    part in the votes is the outer products w g_S, left for the end."""
+    xp = backend.get_array_module(U)
+    dt = U.dtype.type
+    half, p = dt(0.5), delta.shape[2]
+    inv_var = 1 / var
+    # a = logistic(z), z = lam (beta_a - cost), cost = (P beta_u + 1/2 sum_h log var) m J / I
+    g_beta_a = lam * g_z.sum(axis=0)
+    g_cost = -lam * g_z
+    g_beta_u = dt(p) * (g_cost * mass * share).sum(axis=0)
+    g_var = g_var + (half * g_cost * mass * share)[..., None] * inv_var
+    g_mass = g_cost * share * (beta_u * dt(p) + half * xp.log(var).sum(axis=2))
+    # var = max(S2 - 2 delta S1 + s delta^2, 0) + floor, delta = S1 - (1 - s) c, s = m / (m + eps)
+    inv = 1 / (mass + dt(_MASS_EPS))
+    s = (mass * inv)[..., None]
+    S1, S2 = S
+    raw = S2 - 2 * delta * S1 + s * (delta * delta)
+    g_raw = g_var * (raw > 0)
+    g_delta = g_delta + g_raw * (2 * s * delta - 2 * S1)
+    g_S1 = g_delta - 2 * g_raw * delta  # delta's own S1 term included
+    g_s = (g_raw * delta * delta + g_delta * centre).sum(axis=2)
+    g_w = xp.matmul(U, g_S1[..., None])[..., 0]  # (B, J, I)
+    g_w += xp.matmul(U2, g_raw[..., None])[..., 0]
+    # w = r / (m + eps), m = sum_i r_ij; d s / dm = eps / (m + eps)^2
+    g_mass = g_mass + g_s * dt(_MASS_EPS) * inv * inv - (g_w * w).sum(axis=2) * inv
+    g_r = g_w * inv[..., None] + g_mass[..., None]
+    return g_r, (g_S1, g_raw), g_beta_u, g_beta_a
+
+
+def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, state: EMState,
                         detach: bool = False) -> tuple[Any, Any, Any, Any]:
-    """Gradients of :func:`em_routing` w.r.t. (votes (B, I, J, P), a_in (B, I), beta_u (J,), beta_a (J,)).
+    """Gradients of :func:`em_routing` w.r.t. (votes (in the shape they were given), a_in (B, I),
+    beta_u (J,), beta_a (J,)).
 
     grad_mean: (B, J, P) and grad_a: (B, J); either may be None. The gradient flows through
     every iteration: through each M-step's mean, variance and cost, and through each E-step's
     assignments into the M-step before it. With ``detach=True`` it flows only through the last
-    M-step, its assignments R held fixed.
+    M-step, its assignments R held fixed. The gradient of (U, U2) is a sum of outer products,
+    one per M-step (w g_S) and E-step (g_q coef); they are two batched products at the end,
+    (B, J, I, n) x (B, J, n, P), the only arrays of the votes' size that the backward writes
+    before the child-major copy it returns.
     """
-    xp = backend.get_array_module(votes, a_in, beta_u)
-    dt = votes.dtype.type
-    b, i, j, p = votes.shape
-    share, eps, half = dt(j / i), dt(_MASS_EPS), dt(0.5)
-    g_votes = xp.zeros_like(votes)
+    U, U2, centre = state.U, state.U2, state.centre
+    xp = backend.get_array_module(U, a_in, beta_u)
+    dt = U.dtype.type
+    b, j, i, p = U.shape
+    share = dt(j / i)
     g_a_in = xp.zeros_like(a_in)
     g_beta_u = xp.zeros_like(beta_u)
     g_beta_a = xp.zeros_like(beta_u)
-    g_R = None  # dL/d(the assignments the E-step after iteration t produced)
+    left, right = [], []  # the gradient of (U, U2): sum_n left[n] (B, J, I) outer right[n] (B, J, P) x 2
+    g_R = None  # dL/d(the assignments the E-step after iteration t produced), (B, J, I)
     last = len(state.a) - 1
     for t in range(last, -1, -1):
-        R, mass, mean, var, z = state.R[t], state.mass[t], state.mean[t], state.var[t], state.z[t]
-        a, lam = state.a[t], state.lam[t]
-        g_mean = grad_mean if t == last and grad_mean is not None else xp.zeros_like(mean)
-        g_z = grad_a * a * sigmoid(-z) if t == last and grad_a is not None else xp.zeros_like(z)
-        diff = votes - mean[:, None]
-        sq = diff * diff
-        inv_var = 1 / var
+        R, w, mass, S, mean, var = state.R[t], state.w[t], state.mass[t], state.S[t], state.mean[t], state.var[t]
+        z, a, lam = state.z[t], state.a[t], state.lam[t]
+        delta = state.delta[t]
+        g_z = xp.zeros_like(z)
+        g_delta = xp.zeros_like(mean)
         g_var = xp.zeros_like(var)
-        g_diff = None
-        if g_R is not None:  # the E-step: R' = softmax_j(log a_j + log p_ij)
-            R_next = state.R[t + 1]
-            g_logit = R_next * (g_R - (R_next * g_R).sum(axis=2, keepdims=True))  # (B, I, J)
-            total = g_logit.sum(axis=1)  # (B, J)
-            g_z += total * sigmoid(-z)  # d log a / dz = 1 - a
-            weighted_sq = xp.matmul(g_logit.transpose(0, 2, 1)[:, :, None, :], sq.transpose(0, 2, 1, 3))[:, :, 0, :]
-            g_var += half * inv_var * (weighted_sq * inv_var - total[..., None])
-            g_diff = -(g_logit[..., None] * diff) * inv_var[:, None]
-        # a = logistic(z), z = lam (beta_a - cost), cost = (P beta_u + 1/2 sum_h log var) m J / I
-        g_beta_a += lam * g_z.sum(axis=0)
-        g_cost = -lam * g_z * mass * share  # dL/dcost times m J / I
-        g_beta_u += dt(p) * g_cost.sum(axis=0)
-        g_var += (half * g_cost)[..., None] * inv_var
-        g_mass = -lam * g_z * share * (beta_u * dt(p) + half * xp.log(var).sum(axis=2))
-        # var = sum_i w_ij diff_ij^2 + floor and mean = sum_i w_ij V_ij, w = r / (m + eps)
-        w = R * a_in[:, :, None] / (mass + eps)[:, None, :]
-        g_w = (sq * g_var[:, None]).sum(axis=3)
-        through_var = (2 * w)[..., None] * diff * g_var[:, None]
-        g_diff = through_var if g_diff is None else g_diff + through_var
-        g_votes += g_diff  # diff = V - mean
-        g_mean = g_mean - g_diff.sum(axis=1)
-        g_w += (votes * g_mean[:, None]).sum(axis=3)
-        g_votes += w[..., None] * g_mean[:, None]
-        # w = r / (m + eps), m = sum_i r_ij, r = R a_in
-        g_mass = g_mass - (g_w * w).sum(axis=1) / (mass + eps)
-        g_r = g_w / (mass + eps)[:, None, :] + g_mass[:, None, :]
-        g_a_in += (g_r * R).sum(axis=2)
+        if t == last:
+            if grad_mean is not None:
+                g_delta = g_delta + grad_mean
+            if grad_a is not None:
+                g_z = g_z + grad_a * a * sigmoid(-z)
+        else:
+            e_z, e_delta, e_var, g_q, coef = _e_step_backward(g_R, U, U2, state.R[t + 1], delta, var, z)
+            g_z, g_delta, g_var = g_z + e_z, g_delta + e_delta, g_var + e_var
+            left.append(g_q)
+            right.append(coef)
+        g_r, g_S, g_bu, g_ba = _m_step_backward(g_z, g_delta, g_var, U, U2, centre, w, mass, S, delta, var, beta_u,
+                                               lam, share)
+        left.append(w)
+        right.append(g_S)
+        g_beta_u += g_bu
+        g_beta_a += g_ba
+        g_a_in += (g_r * R).sum(axis=1)  # r = R a_in
         if detach or t == 0:
             break
-        g_R = g_r * a_in[:, :, None]
-    return g_votes, g_a_in, g_beta_u, g_beta_a
+        g_R = g_r * a_in[:, None, :]
+    outer = xp.stack(left, axis=2).transpose(0, 1, 3, 2)  # (B, J, I, n), stacked in whole blocks
+    g_U = xp.matmul(outer, xp.stack([r[0] for r in right], axis=2))  # (B, J, I, P)
+    g_U2 = xp.matmul(outer, xp.stack([2 * r[1] for r in right], axis=2))  # U2 = U^2: d/dU is 2 U
+    g_U2 *= U
+    g_U += g_U2  # the centre is held constant: the result does not depend on it
+    by_child = xp.ascontiguousarray(g_U.transpose(2, 0, 1, 3))  # (I, B, J, P), as matrix_votes lays votes out
+    if len(state.shape) == 5:
+        return by_child.reshape(i, b, j, 4, 4).transpose(1, 0, 2, 3, 4), g_a_in, g_beta_u, g_beta_a
+    return by_child.transpose(1, 0, 2, 3), g_a_in, g_beta_u, g_beta_a
 
 
 # -- votes -------------------------------------------------------------------------------------------
+def _block_transforms(w: Any) -> Any:
+    """(I, 16, J * 16): for each child, the matrix that maps a flattened pose M_i to its J flattened
+    votes M_i W_ij, kron(1_4, W_ij) side by side: entry ((r', k), (j, r, s)) is [r = r'] W_ijks."""
+    xp = backend.get_array_module(w)
+    i, j = w.shape[:2]
+    blocks = xp.zeros((i, 4, 4, j, 4, 4), dtype=w.dtype)
+    for r in range(4):  # the four rows of the pose matrix
+        blocks[:, r, :, :, r, :] = w.transpose(0, 2, 1, 3)
+    return blocks.reshape(i, POSE, j * POSE)
+
+
 def matrix_votes(poses: Any, w: Any) -> Any:
     """V_ij = M_i W_ij: poses (N, I, 4, 4), w (I, J, 4, 4) -> votes (N, I, J, 4, 4).
 
-    One batched product over the children i, with the rows of every M_i stacked."""
+    One batched product over the children i, (N, 16) x (16, J * 16) each, through
+    :func:`_block_transforms`: four times the multiplications of a 4 x 4 product, but every
+    vote's 16 entries come out side by side, child-major ((I, N, J, 16) in memory, returned
+    as an (N, I, J, 4, 4) view), the layout :func:`em_routing` reads without a strided gather."""
     xp = backend.get_array_module(poses, w)
     n, i = poses.shape[:2]
     j = w.shape[1]
-    rows = poses.transpose(1, 0, 2, 3).reshape(i, n * 4, 4)
-    out = xp.matmul(rows, w.transpose(0, 2, 1, 3).reshape(i, 4, j * 4))  # (I, N*4, J*4)
-    return out.reshape(i, n, 4, j, 4).transpose(1, 0, 3, 2, 4)
+    rows = poses.transpose(1, 0, 2, 3).reshape(i, n, POSE)
+    out = xp.matmul(rows, _block_transforms(w))  # (I, N, J * 16)
+    return out.reshape(i, n, j, 4, 4).transpose(1, 0, 2, 3, 4)
 
 
 def matrix_votes_backward(grad_votes: Any, poses: Any, w: Any) -> tuple[Any, Any]:
-    """Gradients of :func:`matrix_votes` w.r.t. (poses, w)."""
+    """Gradients of :func:`matrix_votes` w.r.t. (poses, w); grad_votes (N, I, J, 4, 4), cheapest
+    child-major as :func:`em_routing_backward` returns it."""
     xp = backend.get_array_module(grad_votes, poses, w)
     n, i = poses.shape[:2]
     j = w.shape[1]
-    g = grad_votes.transpose(1, 0, 3, 2, 4).reshape(i, n * 4, j * 4)
-    rows = poses.transpose(1, 0, 2, 3).reshape(i, n * 4, 4)
-    grad_w = xp.matmul(rows.transpose(0, 2, 1), g).reshape(i, 4, j, 4).transpose(0, 2, 1, 3)
-    grad_rows = xp.matmul(g, w.transpose(0, 2, 1, 3).reshape(i, 4, j * 4).transpose(0, 2, 1))
-    return grad_rows.reshape(i, n, 4, 4).transpose(1, 0, 2, 3), grad_w
+    g = grad_votes.transpose(1, 0, 2, 3, 4).reshape(i, n, j * POSE)  # a view if child-major
+    rows = poses.transpose(1, 0, 2, 3).reshape(i, n, POSE)
+    grad_rows = xp.matmul(g, _block_transforms(w).transpose(0, 2, 1))  # (I, N, 16)
+    blocks = xp.matmul(rows.transpose(0, 2, 1), g).reshape(i, 4, 4, j, 4, 4)  # d/d blocks
+    grad_w = blocks[:, 0, :, :, 0, :] + blocks[:, 1, :, :, 1, :] + blocks[:, 2, :, :, 2, :] + blocks[:, 3, :, :, 3, :]
+    return grad_rows.reshape(i, n, 4, 4).transpose(1, 0, 2, 3), grad_w.transpose(0, 2, 1, 3)
 
 
 # -- layers ---------------------------------------------------------------------------------------
@@ -261,8 +405,8 @@ class _EMLayer(Module):
         return em_routing(votes, a_in, self.beta_u.data, self.beta_a.data, self.iterations,
                           self.inverse_temperature, self.var_floor)
 
-    def _route_backward(self, g_mean: Any, g_a: Any, votes: Any, a_in: Any, state: EMState) -> tuple[Any, Any]:
-        g_votes, g_a_in, g_bu, g_ba = em_routing_backward(g_mean, g_a, votes, a_in, self.beta_u.data, state,
+    def _route_backward(self, g_mean: Any, g_a: Any, a_in: Any, state: EMState) -> tuple[Any, Any]:
+        g_votes, g_a_in, g_bu, g_ba = em_routing_backward(g_mean, g_a, a_in, self.beta_u.data, state,
                                                           self.detach_routing)
         self.beta_u.grad += g_bu
         self.beta_a.grad += g_ba
@@ -312,19 +456,18 @@ class ConvCaps(_EMLayer):
         patches = im2col(pose_map, k, k, self.stride).reshape(-1, k * k * c, 4, 4)  # (N, I, 4, 4), i = (ky, kx, c)
         a_in = im2col(xp.ascontiguousarray(activations), k, k, self.stride)  # (N, I)
         weight = self.weight.data.reshape(k * k * c, d, 4, 4)
-        votes = matrix_votes(patches, weight).reshape(-1, k * k * c, d, POSE)
-        mean, a, state = self._route(votes, a_in)
-        self._save(patches, a_in, votes, state, (b, h, w))
+        mean, a, state = self._route(matrix_votes(patches, weight), a_in)  # votes (N, I, J, 4, 4), laid out once
+        self._save(patches, a_in, state, (b, h, w))
         return mean.reshape(b, oh, ow, d, 4, 4), a.reshape(b, oh, ow, d)
 
     def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
-        patches, a_in, votes, state, (b, h, w) = self._pop()
-        n, d = votes.shape[0], self.out_caps
+        patches, a_in, state, (b, h, w) = self._pop()
+        n, d = a_in.shape[0], self.out_caps
         k, c = self.kernel_size, self.in_caps
         g_mean = None if grad_poses is None else grad_poses.reshape(n, d, POSE)
         g_a = None if grad_activations is None else grad_activations.reshape(n, d)
-        g_votes, g_a_in = self._route_backward(g_mean, g_a, votes, a_in, state)
-        g_patches, g_w = matrix_votes_backward(g_votes.reshape(n, k * k * c, d, 4, 4), patches,
+        g_votes, g_a_in = self._route_backward(g_mean, g_a, a_in, state)
+        g_patches, g_w = matrix_votes_backward(g_votes, patches,
                                                self.weight.data.reshape(k * k * c, d, 4, 4))
         self.weight.grad += g_w.reshape(self.weight.shape)
         g_poses = col2im(g_patches.reshape(n, -1), (b, h, w, c * POSE), k, k, self.stride)
@@ -374,23 +517,29 @@ class ClassCaps(_EMLayer):
         _check_capsule_map("ClassCaps", poses, activations, self.in_caps, self.weight.dtype)
         xp = backend.get_array_module(poses, activations, self.weight.data)
         b, h, w, c = poses.shape[:4]
-        flat = xp.ascontiguousarray(poses).reshape(b * h * w, c, 4, 4)
-        votes = matrix_votes(flat, self.weight.data).reshape(b, h * w * c, self.n_classes, POSE)
+        k = self.n_classes
+        # Rows ordered (position, example) and children (type, position): the votes come out
+        # child-major, (C * H * W, B, K, 16) in memory, as em_routing reads them.
+        flat = xp.ascontiguousarray(poses.transpose(1, 2, 0, 3, 4, 5)).reshape(h * w * b, c, 4, 4)
+        by_child = matrix_votes(flat, self.weight.data).transpose(1, 0, 2, 3, 4).reshape(c * h * w, b, k, POSE)
         if self.coordinate_addition:
-            votes = votes + self._coordinates(h, w, xp, votes.dtype)
-        a_in = xp.ascontiguousarray(activations).reshape(b, h * w * c)
-        mean, a, state = self._route(votes, a_in)
-        self._save(flat, a_in, votes, state, (b, h, w))
-        return mean.reshape(b, self.n_classes, 4, 4), a
+            coords = self._coordinates(h, w, xp, by_child.dtype).reshape(h, w, c, POSE)
+            by_child += coords.transpose(2, 0, 1, 3).reshape(c * h * w, 1, 1, POSE)
+        a_in = xp.ascontiguousarray(activations.transpose(0, 3, 1, 2)).reshape(b, c * h * w)
+        mean, a, state = self._route(by_child.transpose(1, 0, 2, 3), a_in)
+        self._save(flat, a_in, state, (b, h, w))
+        return mean.reshape(b, k, 4, 4), a
 
     def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
-        flat, a_in, votes, state, (b, h, w) = self._pop()
+        flat, a_in, state, (b, h, w) = self._pop()
         c, k = self.in_caps, self.n_classes
         g_mean = None if grad_poses is None else grad_poses.reshape(b, k, POSE)
-        g_votes, g_a_in = self._route_backward(g_mean, grad_activations, votes, a_in, state)
-        g_flat, g_w = matrix_votes_backward(g_votes.reshape(b * h * w, c, k, 4, 4), flat, self.weight.data)
+        g_votes, g_a_in = self._route_backward(g_mean, grad_activations, a_in, state)
+        by_rows = g_votes.transpose(1, 0, 2, 3).reshape(c, h * w * b, k, 4, 4).transpose(1, 0, 2, 3, 4)
+        g_flat, g_w = matrix_votes_backward(by_rows, flat, self.weight.data)
         self.weight.grad += g_w
-        return g_flat.reshape(b, h, w, c, 4, 4), g_a_in.reshape(b, h, w, c)
+        g_poses = g_flat.reshape(h, w, b, c, 4, 4).transpose(2, 0, 1, 3, 4, 5)
+        return g_poses, g_a_in.reshape(b, c, h, w).transpose(0, 2, 3, 1)
 
 
 class MatrixPrimaryCaps(Module):

@@ -6,7 +6,7 @@ ConvCaps1 (3x3, stride 2, C types) -> ConvCaps2 (3x3, stride 1, D types) -> Clas
 coordinate addition. The class activations are the scores, trained with the spread loss
 whose margin grows linearly from 0.2 to 0.9 over training. Small by default (A = 32,
 B = C = D = 8); ``MatrixCapsNetConfig.paper_small()`` is the paper's smaller network
-(A = 64, B = 8, C = D = 16). On 28x28 MNIST the maps are 12x12, 12x12, 5x5 and 3x3.
+(A = 64, B = 8, C = D = 16) and ``MatrixCapsNetConfig.paper()`` its own (A = B = C = D = 32). On 28x28 MNIST the maps are 12x12, 12x12, 5x5 and 3x3.
 """
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ class MatrixCapsNetConfig(DictConfig):
         """The paper's smaller network: A = 64, B = 8, C = D = 16."""
         return cls(**{"conv_channels": 64, "primary_types": 8, "caps1": 16, "caps2": 16, **overrides})
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> "MatrixCapsNetConfig":
+        """The paper's network (A = B = C = D = 32, 318,964 parameters on MNIST), the size the
+        public ports train on smallNORB and MNIST."""
+        return cls(**{"conv_channels": 32, "primary_types": 32, "caps1": 32, "caps2": 32, **overrides})
+
     @property
     def feature_sizes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(height, width) after the convolution (and primary capsules), ConvCaps1 and ConvCaps2."""
@@ -65,6 +71,11 @@ class MatrixCapsNet(Module):
     """forward(x (B, C, H, W)) -> class activations (B, n_classes) in (0, 1);
     backward(grad_activations) -> None (the first convolution computes no input gradient).
     Train with :class:`~capsnet.layers.SpreadLoss` (:class:`SpreadTask` in the loop)."""
+
+    # Its step is mostly element-wise routing passes, which NumPy runs on one core: under
+    # capsnet.replicas it trains faster split into slices of any size than as one replica
+    # with BLAS on every core (batch 32 on 2 cores: scripts/profile_em.py --slices).
+    min_train_slice = 1
 
     def __init__(self, config: MatrixCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,
                  **overrides: Any):

@@ -49,6 +49,7 @@ def test_sizes():
     assert MatrixCapsNetConfig().feature_sizes == ((12, 12), (5, 5), (3, 3))
     paper = MatrixCapsNetConfig.paper_small()
     assert (paper.conv_channels, paper.primary_types, paper.caps1, paper.caps2) == (64, 8, 16, 16)
+    assert n_parameters(MatrixCapsNet(MatrixCapsNetConfig.paper())) == 318_964  # A = B = C = D = 32, the paper's ~310K
     with pytest.raises(ValueError, match="primary_caps \\* primary_dim must equal the last convolution's channels"):
         EfficientCapsNetConfig(primary_caps=10)
 
