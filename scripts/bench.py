@@ -58,22 +58,18 @@ Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--json be
 """
 from __future__ import annotations
 
-# Only the standard library at module level: a worker must set its thread
-# variables before NumPy or torch is first imported.
+# Only the standard library (and benchlib, which keeps to it) at module level: a worker must
+# set its thread variables before NumPy or torch is first imported.
 import argparse
-import gc
 import importlib.util
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
+
+from benchlib import PeakMemory, gemm_gflops, machine_info, median_rate, run_child, thread_env
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
@@ -137,90 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------ memory probes
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _maxrss_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-
-
-def _reset_peak_rss() -> bool:
-    """Set VmHWM to the current RSS (Linux >= 4.0); True when it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 1024
-
-
-class PeakMemory:
-    """Peak RSS increase over the RSS at ``start()``, in MB.
-
-    ``before_model()`` (optional) also records the RSS before the model exists, for
-    a second figure that counts parameters, gradients and optimizer state alike
-    however lazily each framework allocates them.
-    """
-
-    pre_model_kb: int | None = None
-
-    def before_model(self) -> None:
-        gc.collect()
-        self.pre_model_kb = _status_kb("VmRSS")
-
-    def start(self) -> None:
-        gc.collect()
-        self.base_kb = _status_kb("VmRSS") or _maxrss_kb()
-        self.maxrss_before_kb = _maxrss_kb()
-        self.method = "VmHWM after clear_refs reset" if _reset_peak_rss() else "ru_maxrss"
-
-    def stop(self) -> dict[str, Any]:
-        if self.method == "ru_maxrss":
-            peak = _maxrss_kb()
-            lifetime = peak <= self.maxrss_before_kb  # the peak may predate the measurement
-        else:
-            peak, lifetime = _status_kb("VmHWM"), False
-        return {
-            "method": self.method,
-            "baseline_rss_mb": self.base_kb / 1024,
-            "peak_rss_mb": peak / 1024,
-            "peak_increase_mb": (peak - self.base_kb) / 1024,
-            "peak_may_predate_training": lifetime,
-            "peak_increase_over_pre_model_mb": None if self.pre_model_kb is None
-            else (peak - self.pre_model_kb) / 1024,
-        }
-
-
 # ------------------------------------------------------------------ timing
 def _median_rate(step: Callable[[], Any], batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Warm up, then time ``args.repeats`` repeats; images/s of each and their median."""
-    last = None
-    for _ in range(args.warmup):
-        t0 = time.perf_counter()
-        step()
-        last = time.perf_counter() - t0
-    if last is None:  # no warm-up: time one step to size the repeats
-        t0 = time.perf_counter()
-        step()
-        last = time.perf_counter() - t0
-    steps = max(1, int(args.min_repeat_time / max(last, 1e-9)) + (args.min_repeat_time > 0))
-    rates = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rates.append(batch * steps / (time.perf_counter() - t0))
-    return {"images_per_s": statistics.median(rates), "repeats": rates, "steps_per_repeat": steps}
+    return median_rate(step, batch, args.repeats, args.warmup, args.min_repeat_time)
 
 
 def _measure_training(train_step: Callable[[], Any], batch: int, args: argparse.Namespace,
@@ -339,7 +255,8 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
             "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads()}}
+                         "torch_threads": torch.get_num_threads(),
+                         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}}
 
 
 def worker_ours_routing(args: argparse.Namespace) -> dict[str, Any]:
@@ -447,28 +364,12 @@ def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
             "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads()}}
+                         "torch_threads": torch.get_num_threads(),
+                         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}}
 
 
 def worker_gemm(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    shapes = []
-    for m, k, n in GEMM_SHAPES:
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n), dtype=np.float32)
-        c = np.empty((m, n), dtype=np.float32)
-        np.matmul(a, b, out=c)  # warm-up: thread pool start, page faults
-        rates = []
-        for _ in range(args.gemm_repeats):
-            t0 = time.perf_counter()
-            np.matmul(a, b, out=c)
-            rates.append(2.0 * m * k * n / (time.perf_counter() - t0) / 1e9)
-        shapes.append({"m": m, "k": k, "n": n, "gflops": rates, "median_gflops": statistics.median(rates)})
-        del a, b, c
-    every = [r for s in shapes for r in s["gflops"]]
-    return {"shapes": shapes, "median_gflops": statistics.median(every)}
+    return gemm_gflops(GEMM_SHAPES, args.gemm_repeats)
 
 
 def worker_launches(framework: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
@@ -495,14 +396,6 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------ parent
-def thread_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    return env
-
-
 def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
           data: str = "") -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; its result dict, or {'error': ...}."""
@@ -515,12 +408,7 @@ def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
     env = thread_env(args.threads)
     if kind == "launches-ours":
         env["CAPSNET_EMULATE_CUPY"] = "1"  # the emulated device counts what a GPU would launch
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.exists(result):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"error": f"worker exited with status {proc.returncode}", "stderr_tail": tail}
-    with open(result) as f:
-        return json.load(f)
+    return run_child(cmd, env, result)
 
 
 def write_routing_weights(network: str, path: str) -> None:
@@ -569,45 +457,6 @@ def prepare_data(args: argparse.Namespace, path: str) -> str:
         arrays["digits"] = rng.integers(0, 256, (n, 2, 1, side, side), dtype=np.uint8)
     np.savez(path, **arrays)
     return "random images"
-
-
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    blas = {}
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    except Exception:  # older NumPy: no dict mode
-        pass
-    mem_kb = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_kb = next((int(line.split()[1]) for line in f if line.startswith("MemTotal")), None)
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    return {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gb": None if mem_kb is None else mem_kb / 1024**2,
-        "load_average_at_start": list(os.getloadavg()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "blas": {k: blas[k] for k in ("name", "version") if k in blas},
-        "threads": args.threads,
-        "git_commit": commit.stdout.strip() or None,
-        "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
-    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -679,7 +528,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 def count_launches(args: argparse.Namespace, frameworks: list[str], torch_note: str | None) -> int:
     """--launches: device operations per step, side by side, written to --json."""
-    report: dict[str, Any] = {"settings": {"batch_sizes": args.batch_sizes, "network": args.network},
+    report: dict[str, Any] = {"machine": machine_info(args.threads),
+                              "settings": {"batch_sizes": args.batch_sizes, "network": args.network},
                               "what": "operations a GPU would launch per step: capsnet on the emulated CuPy "
                                       "device (capsnet.testing), PyTorch eager by torch.profiler on the CPU "
                                       "(scripts/launch_counts.py)", "results": []}
@@ -728,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.launches:
         return count_launches(args, frameworks, torch_note)
 
-    info = machine_info(args)
+    info = machine_info(args.threads)
     if info["load_average_at_start"][0] > 0.5 * (info["usable_cpus"] or 1):
         print(f"warning: load average {info['load_average_at_start'][0]:.2f} at start; "
               "other work on this machine will distort the numbers")
@@ -799,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         if versions:
             info["torch"] = versions["torch"]
             info["torch_threads"] = versions["torch_threads"]
+            info["torch_cpu_capability"] = versions.get("torch_cpu_capability")
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     print_table(report)
