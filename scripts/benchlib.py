@@ -40,7 +40,8 @@ SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 # /proc/cpuinfo flags (x86) and features (arm) that name vector instruction sets
-VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "asimd", "neon", "sve", "sme")
+VECTOR_FLAG_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "asimd", "sve")
+VECTOR_FLAGS = ("neon", "sme", "sme2")
 
 
 # ------------------------------------------------------------------ children
@@ -243,7 +244,7 @@ def _cpuinfo() -> tuple[str, list[str]]:
                     flags = value.split()
     except OSError:
         pass
-    return model, sorted({f for f in flags if f.startswith(VECTOR_FLAG_PREFIXES)})
+    return model, sorted({f for f in flags if f.startswith(VECTOR_FLAG_PREFIXES) or f in VECTOR_FLAGS})
 
 
 def blas_info() -> dict[str, Any]:
