@@ -157,6 +157,7 @@ def network_shapes() -> list[dict[str, Any]]:
     geometry once: (name, in, out, kernel, stride, padding, groups, height, width, ...)."""
     import numpy as np
 
+    from capsnet import backend
     from capsnet.layers.conv import Conv2d
     from capsnet.models import BaselineCNN, CapsNet, EfficientCapsNet, MatrixCapsNet
 
@@ -168,7 +169,9 @@ def network_shapes() -> list[dict[str, Any]]:
     shapes: list[dict[str, Any]] = []
     for network, make, side in networks:
         x = np.random.default_rng(0).random((1, *side), dtype=np.float32)
-        for s in _trace(network, make(), x, Conv2d):
+        with backend.use("numpy"):  # the sweep is of the CPU, whatever the environment's default
+            traced = _trace(network, make(), x, Conv2d)
+        for s in traced:
             key = _geometry(s)
             same = next((t for t in shapes if _geometry(t) == key), None)
             if same is None:

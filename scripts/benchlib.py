@@ -320,6 +320,7 @@ def machine_heading(info: dict[str, Any], threads: Any = None) -> str:
     blas = info.get("blas") or {}
     wide = [f for f in info.get("cpu_vector_extensions") or [] if f in ("avx2", "avx512f", "amx_tile", "sve", "asimd")]
     threads = info.get("threads") if threads is None else threads
+    threads = ", ".join(map(str, threads)) if isinstance(threads, (list, tuple)) else threads
     return (f"{info.get('cpu_model')} ({', '.join(wide) or 'no AVX2'}), {info.get('usable_cpus')} usable CPUs; "
             f"NumPy {info.get('numpy')} with {blas.get('name')} {blas.get('version')} "
             f"(kernel {blas.get('kernel')}); torch {info.get('torch') or '-'}; {threads} thread(s); "
