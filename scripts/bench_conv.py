@@ -45,6 +45,7 @@ Inputs, weights and the forward of a timed backward are allocated before the res
 
 Usage: python scripts/bench_conv.py [--threads 1 2] [--batch-sizes 1 32 100] [--rounds 5]
            [--shapes efficient capsnet] [--json bench-conv.json] [--markdown bench-conv.md]
+       python scripts/bench_conv.py --table bench-conv.json   # the tables again, from the JSON
        python scripts/bench_conv.py --quick --no-torch     # smoke test, well under a minute
 """
 from __future__ import annotations
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child")
     p.add_argument("--json", default="bench-conv.json", help="where to write every figure")
     p.add_argument("--markdown", default=None, help="also write the markdown tables here")
+    p.add_argument("--table", metavar="JSON", help="print (and with --markdown write) the tables of a written JSON, "
+                                                   "measuring nothing")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: batch 1, 1 thread, 1 round, a 256 GEMM, capsnet's auto only (options given "
                         "explicitly win)")
@@ -451,8 +454,10 @@ def tables(report: dict[str, Any]) -> str:
     for threads in report["settings"]["threads"]:
         gemm = report["gemm_gflops"].get(str(threads))
         rows = [r for r in report["rows"] if r["threads"] == threads]
+        load = (info.get("load_average_at_start") or [None])[0]
         out.append(f"**{machine_heading(info, threads)}**; float32 GEMM {fmt(gemm, '.1f')} GFLOP/s; "
-                   f"median of {report['settings']['rounds']} alternating rounds.\n")
+                   f"median of {report['settings']['rounds']} alternating rounds; 1-minute load "
+                   f"{fmt(load, '.1f')} at the start.\n")
         pinned = [a for a in algorithms if a != "capsnet:auto"]
         headers = ["shape", "batch", "direction", "MFLOP", "auto ms (runs as)",
                    *[f"{a.split(':')[1]} ms" for a in pinned], "torch ms", "torch / auto",
@@ -492,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         child(args)
+        return 0
+    if args.table:
+        text = tables(json.loads(Path(args.table).read_text()))
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text + "\n")
         return 0
     use_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     if not args.no_torch and not use_torch:

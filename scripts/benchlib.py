@@ -323,7 +323,9 @@ def machine_heading(info: dict[str, Any], threads: Any = None) -> str:
     threads = ", ".join(map(str, threads)) if isinstance(threads, (list, tuple)) else threads
     return (f"{info.get('cpu_model')} ({', '.join(wide) or 'no AVX2'}), {info.get('usable_cpus')} usable CPUs; "
             f"NumPy {info.get('numpy')} with {blas.get('name')} {blas.get('version')} "
-            f"(kernel {blas.get('kernel')}); torch {info.get('torch') or '-'}; {threads} thread(s); "
+            f"(kernel {blas.get('kernel')}); torch {info.get('torch') or '-'}"
+            f"{' (' + info['torch_cpu_capability'] + ')' if info.get('torch_cpu_capability') else ''}; "
+            f"{threads} thread(s); "
             f"commit {(info.get('git_commit') or '?')[:10]}{' (dirty)' if info.get('git_dirty') else ''}")
 
 
