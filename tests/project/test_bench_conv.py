@@ -1,6 +1,7 @@
 """scripts/bench_conv.py, the convolution sweep: its smoke run (--quick) writes a JSON that
 names the machine and holds one row per shape and direction, and a markdown table headed by
-the CPU. Nothing here checks a speed: the figures are the script's, not the test's."""
+the CPU; the performance page's sweep table is the recorded run's. Nothing here checks a
+speed: the figures are the script's, not the test's."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import reference
 
 REPO = Path(__file__).resolve().parents[2]
 MACHINE_FIELDS = ("cpu_model", "cpu_vector_extensions", "usable_cpus", "blas", "threads", "git_commit", "numpy",
@@ -74,3 +77,15 @@ def test_quick_sweep_against_torch_gives_ratios_and_agrees(tmp_path, torch):
         assert r["max_rel_diff_vs_torch"]["capsnet:auto"] < 1e-4, "capsnet and torch computed different things"
     summary = report["summary"]["1"]["capsnet:auto"]
     assert summary["rows"] == len(report["rows"]) == 6 and summary["geomean"] > 0
+
+
+def test_the_sweep_table_of_the_performance_page_is_the_recorded_run():
+    """The performance page's sweep table and its summary lines are what bench_conv.py prints
+    for the JSON it names, heading (the machine) included."""
+    bench_conv = reference("bench_conv")
+    page = (REPO / "docs" / "performance.md").read_text()
+    recorded = REPO / "scripts" / "results" / "bench-conv-loaded-2core.json"
+    assert f"--json {recorded.relative_to(REPO)}" in page.replace("\n", " ")
+    report = json.loads(recorded.read_text())
+    assert not report["failed"] and not any("error" in r for r in report["rows"])
+    assert bench_conv.tables(report).strip() in page
