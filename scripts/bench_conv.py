@@ -238,22 +238,25 @@ class Case:
             return Timed(lambda: layer(self.x)), layer
         return Timed(lambda: layer.backward(self.g), prepare=lambda: layer(self.x)), layer
 
-    def torch(self, direction: str, layer: Any) -> Timed:
-        """The Timed call of ``torch.nn.functional.conv2d`` (and autograd) on ``layer``'s weights."""
+    def torch_forward(self, layer: Any, input_grad: bool) -> tuple[Callable[[], Any], tuple]:
+        """PyTorch's forward on copies of the input and of ``layer``'s weights, and (x, w, b)."""
         import torch
         import torch.nn.functional as F
 
         s = self.s
-        x = torch.from_numpy(self.x).requires_grad_(direction != "weight_grad")
+        x = torch.from_numpy(self.x).requires_grad_(input_grad)
         w = torch.from_numpy(layer.weight.data.copy()).requires_grad_(True)
         b = torch.from_numpy(layer.bias.data.copy()).requires_grad_(True)
-        g = torch.from_numpy(self.g)
+        return (lambda: F.conv2d(x, w, b, s["stride"], s["padding"], 1, s["groups"])), (x, w, b)
 
-        def forward() -> Any:
-            return F.conv2d(x, w, b, s["stride"], s["padding"], 1, s["groups"])
+    def torch(self, direction: str, layer: Any) -> Timed:
+        """The Timed call of ``torch.nn.functional.conv2d`` (and autograd) on ``layer``'s weights."""
+        import torch
 
+        forward, (x, w, b) = self.torch_forward(layer, direction != "weight_grad")
         if direction == "forward":
             return Timed(forward)
+        g = torch.from_numpy(self.g)
         held: dict[str, Any] = {}
         inputs = (x, w, b) if direction == "backward" else (w, b)
         return Timed(lambda: torch.autograd.grad(held["y"], inputs, g),
@@ -288,14 +291,11 @@ def _difference(layer: Any, case: Case, direction: str, reference: dict[str, Any
 
 
 def _torch_reference(case: Case, layer: Any) -> dict[str, Any]:
+    """PyTorch's output and three gradients for ``case`` on ``layer``'s weights, as NumPy."""
     import torch
-    import torch.nn.functional as F
 
-    s = case.s
-    x = torch.from_numpy(case.x).requires_grad_(True)
-    w = torch.from_numpy(layer.weight.data.copy()).requires_grad_(True)
-    b = torch.from_numpy(layer.bias.data.copy()).requires_grad_(True)
-    y = F.conv2d(x, w, b, s["stride"], s["padding"], 1, s["groups"])
+    forward, (x, w, b) = case.torch_forward(layer, True)
+    y = forward()
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.from_numpy(case.g))
     return {"y": y.detach().numpy(), "x": gx.numpy(), "w": gw.numpy(), "b": gb.numpy()}
 
