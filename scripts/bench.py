@@ -13,6 +13,8 @@ scripts/torch_capsnet.py (skipped with a message when torch is missing):
 
 Each figure is the median of ``--repeats`` timed repeats after ``--warmup``
 untimed steps; a repeat runs enough steps to last ``--min-repeat-time`` seconds.
+With ``--rounds N`` each (framework, batch size) pair runs in N processes, the
+frameworks taking turns, and each figure is the median over the N processes.
 Every (framework, batch size) pair runs in a fresh subprocess, so neither
 framework's allocations, thread pools or peak memory leak into the other's
 numbers. Both get ``--threads`` threads: OMP_NUM_THREADS, OPENBLAS_NUM_THREADS
@@ -51,7 +53,10 @@ and inference step, capsnet's on the emulated CuPy device and PyTorch's eager ke
 calls by its profiler, at each batch size (see scripts/launch_counts.py for what each
 count includes). Nothing is timed then.
 
-Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--json bench.json]
+The JSON's ``machine`` (scripts/benchlib.py) names the CPU, its vector extensions, NumPy's
+BLAS and the kernel it chose, the threads and the commit; the table is headed by them.
+
+Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--rounds 3] [--json bench.json]
        python scripts/bench.py --launches --json launches.json
        python scripts/bench.py --network multimnist --json bench-multimnist.json
        python scripts/bench.py --quick      # smoke test: batches 1 and 8, 1 repeat
@@ -64,12 +69,13 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import PeakMemory, gemm_gflops, machine_info, median_rate, run_child, thread_env
+from benchlib import PeakMemory, gemm_gflops, machine_heading, machine_info, median_rate, run_child, thread_env
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
@@ -87,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 100], metavar="B",
                    help="batch sizes to measure")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; each figure is their median")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per framework and batch size, the frameworks taking turns (the order "
+                        "swapped every round); each figure is the median over rounds of each process's median")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--min-repeat-time", type=float, default=0.5, metavar="SECONDS",
                    help="each timed repeat runs enough steps to last at least this long")
@@ -121,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    for name in ("repeats", "threads", "gemm_repeats"):
+    for name in ("repeats", "rounds", "threads", "gemm_repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.min_repeat_time < 0:
@@ -459,6 +468,22 @@ def prepare_data(args: argparse.Namespace, path: str) -> str:
     return "random images"
 
 
+def combine_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One framework's processes at one batch size as one entry: the first process's, with
+    each images/s the median over the processes and every process's figure beside it
+    (``rounds_images_per_s``); the first error if a process failed."""
+    failed = next((r for r in results if "error" in r), None)
+    if failed is not None:
+        return failed
+    entry = results[0]
+    for mode in ("train", "infer"):
+        rates = [r[mode]["images_per_s"] for r in results]
+        entry[mode]["images_per_s"] = statistics.median(rates)
+        entry[mode]["rounds_images_per_s"] = rates
+    entry["train"]["memory"]["rounds_peak_increase_mb"] = [r["train"]["memory"]["peak_increase_mb"] for r in results]
+    return entry
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -480,14 +505,17 @@ def print_table(report: dict[str, Any]) -> None:
     bound = report["bound_images_per_s"]
     print()
     routing = report["settings"]["network"] in ROUTING_NETWORKS
+    n = report["settings"].get("rounds", 1)
+    rounds = f", median over {n} alternating processes" if n > 1 else ""
+    print(machine_heading(report["machine"]))
     name = {"mnist": "CapsNet (paper size, MNIST)", "multimnist": "CapsNet (MultiMNIST network, 36x36, two digits)",
             "efficient": "EfficientCapsNet (default, MNIST)", "em": "MatrixCapsNet, EM routing (default small, MNIST)"}
     if routing:
         print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
-              f"median of {report['settings']['repeats']} repeats; no GEMM rate or FLOP bound for this network")
+              f"median of {report['settings']['repeats']} repeats{rounds}; no GEMM rate or FLOP bound for this network")
     else:
         print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
-              f"median of {report['settings']['repeats']} repeats; GEMM rate "
+              f"median of {report['settings']['repeats']} repeats{rounds}; GEMM rate "
               f"{report['gemm'].get('median_gflops', float('nan')):.1f} GFLOP/s -> bound "
               f"{_fmt(bound['train'], 0, '.1f')} img/s train, {_fmt(bound['infer'], 0, '.1f')} img/s inference")
     head = (f"{'batch':>5}  {'mode':<5}  {'ours img/s':>10}  {'torch img/s':>11}  {'ours/torch':>10}  "
@@ -593,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": info,
         "settings": {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "min_repeat_time",
-                                                    "threads", "gemm_repeats", "quick", "network")},
+                                                    "threads", "gemm_repeats", "quick", "network", "rounds")},
         "flops_per_image": flops,
         "flops_per_image_executed_with_fourier_primary_conv": fourier_flops,
         "results": [],
@@ -620,18 +648,19 @@ def main(argv: list[str] | None = None) -> int:
             }
         for batch in args.batch_sizes:
             row: dict[str, Any] = {"batch": batch}
+            runs: dict[str, list] = {fw: [] for fw in frameworks}
+            for r in range(args.rounds):
+                for fw in frameworks if r % 2 == 0 else frameworks[::-1]:
+                    print(f"batch {batch:>4}  {fw:<5} ...", end=" ", flush=True)
+                    runs[fw].append(spawn(fw, args, work, batch, data))
+                    if "error" in runs[fw][-1]:
+                        print("FAILED:\n    " + "\n    ".join(runs[fw][-1]["stderr_tail"]))
+                    else:
+                        print(f"train {runs[fw][-1]['train']['images_per_s']:.1f} img/s, "
+                              f"inference {runs[fw][-1]['infer']['images_per_s']:.1f} img/s, "
+                              f"peak +{runs[fw][-1]['train']['memory']['peak_increase_mb']:.0f} MB", flush=True)
             for fw in FRAMEWORKS:
-                if fw not in frameworks:
-                    row[fw] = {"skipped": torch_note}
-                    continue
-                print(f"batch {batch:>4}  {fw:<5} ...", end=" ", flush=True)
-                row[fw] = spawn(fw, args, work, batch, data)
-                if "error" in row[fw]:
-                    print("FAILED:\n    " + "\n    ".join(row[fw]["stderr_tail"]))
-                else:
-                    print(f"train {row[fw]['train']['images_per_s']:.1f} img/s, "
-                          f"inference {row[fw]['infer']['images_per_s']:.1f} img/s, "
-                          f"peak +{row[fw]['train']['memory']['peak_increase_mb']:.0f} MB", flush=True)
+                row[fw] = combine_rounds(runs[fw]) if fw in frameworks else {"skipped": torch_note}
             for mode in ("train", "infer"):
                 ours, ref = _rate(row["ours"], mode), _rate(row["torch"], mode)
                 bound = report["bound_images_per_s"][mode]
