@@ -404,17 +404,36 @@ def _spawn(kind: str, threads: int, spec: dict[str, Any], work: str) -> dict[str
 
 
 def summarize(rows: list[dict[str, Any]], algorithms: list[str]) -> dict[str, Any]:
-    """Geometric mean and worst of torch / capsnet over the rows, for auto and each algorithm."""
+    """For auto and each algorithm: the geometric mean and the worst of torch / capsnet over
+    the rows, how many reach 1.0x, and how many cases of batch 32 or more reach half the GEMM
+    rate (issue 29's targets)."""
     summary: dict[str, Any] = {}
     for name in [f"capsnet:{a}" for a in algorithms]:
-        ratios = [(r["ratio_torch_over"].get(name), r) for r in rows if r.get("ratio_torch_over", {}).get(name)]
-        if not ratios:
+        timed = [r for r in rows if name in r.get("seconds", {})]
+        if not timed:
             continue
-        worst_ratio, worst = min(ratios, key=lambda t: t[0])
-        summary[name] = {"geomean": geomean(r for r, _ in ratios), "worst": worst_ratio, "rows": len(ratios),
-                         "worst_at": f"{worst['shape']} b{worst['batch']} {worst['direction']} {worst['threads']}t",
-                         "at_least_1x": sum(r >= 1.0 for r, _ in ratios)}
+        large = [r for r in timed if r["batch"] >= 32 and r["percent_of_gemm"].get(name) is not None]
+        entry = {"batch_32_plus": len(large),
+                 "half_gemm_at_batch_32_plus": sum(r["percent_of_gemm"][name] >= 50 for r in large)}
+        ratios = [(r["ratio_torch_over"][name], r) for r in timed if name in r.get("ratio_torch_over", {})]
+        if ratios:
+            worst_ratio, worst = min(ratios, key=lambda t: t[0])
+            entry.update(geomean=geomean(r for r, _ in ratios), worst=worst_ratio, rows=len(ratios),
+                         worst_at=f"{worst['shape']} b{worst['batch']} {worst['direction']} {worst['threads']}t",
+                         at_least_1x=sum(r >= 1.0 for r, _ in ratios))
+        summary[name] = entry
     return summary
+
+
+def _summary_line(name: str, s: dict[str, Any]) -> str:
+    parts = []
+    if "geomean" in s:
+        parts.append(f"geometric mean of torch / capsnet {s['geomean']:.2f}x over {s['rows']} cases, worst "
+                     f"{s['worst']:.2f}x ({s['worst_at']}), {s['at_least_1x']} of {s['rows']} at 1.0x or more")
+    if s["batch_32_plus"]:
+        parts.append(f"at batch 32 and more {s['half_gemm_at_batch_32_plus']} of {s['batch_32_plus']} cases at half "
+                     "the GEMM rate or more")
+    return f"- {name}: " + ("; ".join(parts) or "no PyTorch figures, no batch of 32 or more")
 
 
 def build_rows(times: dict[int, dict], memory: dict[str, Any] | None, shapes: dict[str, dict]) -> list[dict]:
@@ -486,10 +505,7 @@ def tables(report: dict[str, Any]) -> str:
                          f"{fmt(peak.get('capsnet:auto'), '.1f')} / {fmt(peak.get('torch'), '.1f')}"])
         out.append(markdown_table(headers, body, [False, True, False, *[True] * (len(headers) - 3)]))
         summary = summarize(rows, report["algorithms"])
-        lines = [f"- {name}: geometric mean of torch / capsnet {s['geomean']:.2f}x over {s['rows']} cases, worst "
-                 f"{s['worst']:.2f}x ({s['worst_at']}), {s['at_least_1x']} of {s['rows']} at 1.0x or more"
-                 for name, s in summary.items()]
-        out.append("\n" + ("\n".join(lines) if lines else "- no PyTorch figures: no ratios") + "\n")
+        out.append("\n" + "\n".join(_summary_line(name, s) for name, s in summary.items()) + "\n")
     return "\n".join(out)
 
 
