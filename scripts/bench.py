@@ -66,7 +66,6 @@ from __future__ import annotations
 # Only the standard library (and benchlib, which keeps to it) at module level: a worker must
 # set its thread variables before NumPy or torch is first imported.
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -75,7 +74,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import PeakMemory, gemm_gflops, machine_heading, machine_info, median_rate, run_child, thread_env
+from benchlib import (PeakMemory, gemm_gflops, machine_heading, machine_info, median_rate, run_child, thread_env,
+                      torch_setup, torch_skip_reason)
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
@@ -238,7 +238,7 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(SCRIPTS))
     from torch_capsnet import TorchCapsNet, total_loss
 
-    torch.set_num_threads(args.threads)
+    versions = torch_setup(args.threads)
     images, labels, digits = _load_batch(args.worker_data, args.worker_batch)
     x = torch.from_numpy(images.astype(np.float32) / np.float32(255))
     y = torch.from_numpy(labels.astype(np.int64))
@@ -263,9 +263,7 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
     train = _measure_training(train_step, args.worker_batch, args, memory)
     model.eval()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
-            "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads(),
-                         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+            "versions": {"numpy": np.__version__, **versions}}
 
 
 def worker_ours_routing(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,7 +320,7 @@ def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(SCRIPTS))
-    torch.set_num_threads(args.threads)
+    versions = torch_setup(args.threads)
     images, labels, _ = _load_batch(args.worker_data, args.worker_batch)
     x = torch.from_numpy(images.astype(np.float32) / np.float32(255))
     y = torch.from_numpy(labels.astype(np.int64))
@@ -372,9 +370,7 @@ def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
     train = _measure_training(train_step, args.worker_batch, args, memory)
     model.eval()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
-            "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads(),
-                         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+            "versions": {"numpy": np.__version__, **versions}}
 
 
 def worker_gemm(args: argparse.Namespace) -> dict[str, Any]:
@@ -593,14 +589,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from capsnet.models.capsnet import CapsNetConfig, flops_per_image
 
-    frameworks = ["ours"]
-    torch_note = None
-    if args.no_torch:
-        torch_note = "skipped: --no-torch"
-    elif importlib.util.find_spec("torch") is None:
-        torch_note = "skipped: PyTorch is not installed (pip install torch)"
-    else:
-        frameworks.append("torch")
+    torch_note = torch_skip_reason(args.no_torch)
+    frameworks = ["ours"] if torch_note else ["ours", "torch"]
     if torch_note:
         print(f"PyTorch reference {torch_note}")
     if args.launches:

@@ -53,7 +53,6 @@ from __future__ import annotations
 # Only the standard library (and benchlib) at module level: the children set their thread
 # variables before NumPy or torch is first imported.
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -63,7 +62,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchlib import (PeakMemory, Timed, alternate, fmt, gemm_gflops, geomean, machine_heading, machine_info,
-                      markdown_table, run_child, thread_env, write_json)
+                      markdown_table, run_child, thread_env, torch_setup, torch_skip_reason, write_json)
 
 DIRECTIONS = ("forward", "backward", "weight_grad")
 EXTRA_SHAPES = {  # name: (in, out, kernel, stride, padding, groups, height, width)
@@ -344,12 +343,7 @@ def child(args: argparse.Namespace) -> None:
     backend.set_backend("numpy")
     versions: dict[str, Any] = {"numpy": np.__version__}
     if spec["use_torch"]:
-        import torch
-
-        torch.set_num_threads(threads)
-        versions.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                        torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                        torch_mkldnn=torch.backends.mkldnn.is_available())
+        versions.update(torch_setup(threads))
     algorithms = tuple(a for a in ("auto", *(a for a in ALGORITHMS if a != "auto"))
                        if spec["algorithms"] is None or a in spec["algorithms"])
     unknown = set(spec["algorithms"] or ()) - set(ALGORITHMS) - {"auto"}
@@ -520,9 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             Path(args.markdown).write_text(text + "\n")
         return 0
-    use_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
-    if not args.no_torch and not use_torch:
-        print("PyTorch is not installed (pip install torch): measuring capsnet only")
+    torch_note = torch_skip_reason(args.no_torch)
+    use_torch = torch_note is None
+    if torch_note:
+        print(f"PyTorch {torch_note}: measuring capsnet only")
     shapes = network_shapes()
     if args.shapes:
         shapes = [s for s in shapes if any(word in s["name"] for word in args.shapes)]

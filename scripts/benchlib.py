@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +69,27 @@ def run_child(cmd: Sequence[str], env: dict[str, str], result: str | os.PathLike
         return {"error": f"child exited with status {proc.returncode}", "stderr_tail": tail}
     with open(result) as f:
         return json.load(f)
+
+
+# ------------------------------------------------------------------ PyTorch
+def torch_skip_reason(no_torch: bool) -> str | None:
+    """Why the PyTorch side is left out (``--no-torch``, or torch not installed), or None.
+    Asks the import system only: torch is loaded by the children, never here."""
+    if no_torch:
+        return "skipped: --no-torch"
+    if importlib.util.find_spec("torch") is None:
+        return "skipped: PyTorch is not installed (pip install torch)"
+    return None
+
+
+def torch_setup(threads: int) -> dict[str, Any]:
+    """In a child: give torch ``threads`` threads; its version, threads and CPU capability
+    (the vector instructions its kernels use, e.g. AVX512)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # ------------------------------------------------------------------- timing
