@@ -346,9 +346,6 @@ def child(args: argparse.Namespace) -> None:
         versions.update(torch_setup(threads))
     algorithms = tuple(a for a in ("auto", *(a for a in ALGORITHMS if a != "auto"))
                        if spec["algorithms"] is None or a in spec["algorithms"])
-    unknown = set(spec["algorithms"] or ()) - set(ALGORITHMS) - {"auto"}
-    if unknown:
-        raise SystemExit(f"--algorithms {sorted(unknown)}: not in capsnet.layers.conv.ALGORITHMS {ALGORITHMS}")
     result: dict[str, Any] = {"threads": threads, "versions": versions, "algorithms": list(algorithms), "rows": []}
     if args.child == "time":
         result["gemm"] = gemm_gflops([(spec["gemm_size"],) * 3], spec["gemm_repeats"])
@@ -518,6 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     use_torch = torch_note is None
     if torch_note:
         print(f"PyTorch {torch_note}: measuring capsnet only")
+    from capsnet.layers.conv import ALGORITHMS
+
+    unknown = sorted(set(args.algorithms or ()) - {"auto", *ALGORITHMS})
+    if unknown:
+        print(f"error: --algorithms {unknown}: capsnet.layers.conv.ALGORITHMS has {ALGORITHMS}", file=sys.stderr)
+        return 2
     shapes = network_shapes()
     if args.shapes:
         shapes = [s for s in shapes if any(word in s["name"] for word in args.shapes)]

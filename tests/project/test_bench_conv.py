@@ -89,3 +89,9 @@ def test_the_sweep_table_of_the_performance_page_is_the_recorded_run():
     report = json.loads(recorded.read_text())
     assert not report["failed"] and not any("error" in r for r in report["rows"])
     assert bench_conv.tables(report).strip() in page
+
+
+def test_an_algorithm_the_library_does_not_have_is_refused_before_any_work(capsys):
+    bench_conv = reference("bench_conv")
+    assert bench_conv.main(["--quick", "--algorithms", "no-such-algorithm"]) == 2
+    assert "capsnet.layers.conv.ALGORITHMS" in capsys.readouterr().err
