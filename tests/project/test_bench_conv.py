@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,16 +80,18 @@ def test_quick_sweep_against_torch_gives_ratios_and_agrees(tmp_path, torch):
     assert summary["rows"] == len(report["rows"]) == 6 and summary["geomean"] > 0
 
 
-def test_the_sweep_table_of_the_performance_page_is_the_recorded_run():
-    """The performance page's sweep table and its summary lines are what bench_conv.py prints
-    for the JSON it names, heading (the machine) included."""
+def test_the_sweep_tables_of_the_performance_page_are_the_recorded_runs():
+    """Each bench_conv.py command with a recorded JSON (``--json scripts/results/...``) on the
+    performance page is followed by what bench_conv.py prints for that JSON: the tables, their
+    headings (the machine) and summary lines."""
     bench_conv = reference("bench_conv")
     page = (REPO / "docs" / "performance.md").read_text()
-    recorded = REPO / "scripts" / "results" / "bench-conv-loaded-2core.json"
-    assert f"--json {recorded.relative_to(REPO)}" in page.replace("\n", " ")
-    report = json.loads(recorded.read_text())
-    assert not report["failed"] and not any("error" in r for r in report["rows"])
-    assert bench_conv.tables(report).strip() in page
+    commands = re.findall(r"`python scripts/bench_conv\.py ([^`]*--json (scripts/results/[^\s`]+\.json)[^`]*)`", page)
+    assert commands, "the performance page shows no recorded sweep"
+    for _, path in commands:
+        report = json.loads((REPO / path).read_text())
+        assert not report["failed"] and not any("error" in r for r in report["rows"]), path
+        assert bench_conv.tables(report).strip() in page, f"the page's table of {path} is not the recorded run"
 
 
 def test_an_algorithm_the_library_does_not_have_is_refused_before_any_work(capsys):
