@@ -13,6 +13,8 @@ scripts/torch_capsnet.py (skipped with a message when torch is missing):
 
 Each figure is the median of ``--repeats`` timed repeats after ``--warmup``
 untimed steps; a repeat runs enough steps to last ``--min-repeat-time`` seconds.
+With ``--rounds N`` each (framework, batch size) pair runs in N processes, the
+frameworks taking turns, and each figure is the median over the N processes.
 Every (framework, batch size) pair runs in a fresh subprocess, so neither
 framework's allocations, thread pools or peak memory leak into the other's
 numbers. Both get ``--threads`` threads: OMP_NUM_THREADS, OPENBLAS_NUM_THREADS
@@ -51,29 +53,29 @@ and inference step, capsnet's on the emulated CuPy device and PyTorch's eager ke
 calls by its profiler, at each batch size (see scripts/launch_counts.py for what each
 count includes). Nothing is timed then.
 
-Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--json bench.json]
+The JSON's ``machine`` (scripts/benchlib.py) names the CPU, its vector extensions, NumPy's
+BLAS and the kernel it chose, the threads and the commit; the table is headed by them.
+
+Usage: python scripts/bench.py [--batch-sizes 1 32 100] [--repeats 5] [--rounds 3] [--json bench.json]
        python scripts/bench.py --launches --json launches.json
        python scripts/bench.py --network multimnist --json bench-multimnist.json
        python scripts/bench.py --quick      # smoke test: batches 1 and 8, 1 repeat
 """
 from __future__ import annotations
 
-# Only the standard library at module level: a worker must set its thread
-# variables before NumPy or torch is first imported.
+# Only the standard library (and benchlib, which keeps to it) at module level: a worker must
+# set its thread variables before NumPy or torch is first imported.
 import argparse
-import gc
-import importlib.util
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
+
+from benchlib import (PeakMemory, gemm_gflops, machine_heading, machine_info, median_rate, run_child, thread_env,
+                      torch_setup, torch_skip_reason)
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
@@ -91,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 100], metavar="B",
                    help="batch sizes to measure")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; each figure is their median")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per framework and batch size, the frameworks taking turns (the order "
+                        "swapped every round); each figure is the median over rounds of each process's median")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--min-repeat-time", type=float, default=0.5, metavar="SECONDS",
                    help="each timed repeat runs enough steps to last at least this long")
@@ -125,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    for name in ("repeats", "threads", "gemm_repeats"):
+    for name in ("repeats", "rounds", "threads", "gemm_repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0 or args.min_repeat_time < 0:
@@ -137,90 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------ memory probes
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _maxrss_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-
-
-def _reset_peak_rss() -> bool:
-    """Set VmHWM to the current RSS (Linux >= 4.0); True when it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 1024
-
-
-class PeakMemory:
-    """Peak RSS increase over the RSS at ``start()``, in MB.
-
-    ``before_model()`` (optional) also records the RSS before the model exists, for
-    a second figure that counts parameters, gradients and optimizer state alike
-    however lazily each framework allocates them.
-    """
-
-    pre_model_kb: int | None = None
-
-    def before_model(self) -> None:
-        gc.collect()
-        self.pre_model_kb = _status_kb("VmRSS")
-
-    def start(self) -> None:
-        gc.collect()
-        self.base_kb = _status_kb("VmRSS") or _maxrss_kb()
-        self.maxrss_before_kb = _maxrss_kb()
-        self.method = "VmHWM after clear_refs reset" if _reset_peak_rss() else "ru_maxrss"
-
-    def stop(self) -> dict[str, Any]:
-        if self.method == "ru_maxrss":
-            peak = _maxrss_kb()
-            lifetime = peak <= self.maxrss_before_kb  # the peak may predate the measurement
-        else:
-            peak, lifetime = _status_kb("VmHWM"), False
-        return {
-            "method": self.method,
-            "baseline_rss_mb": self.base_kb / 1024,
-            "peak_rss_mb": peak / 1024,
-            "peak_increase_mb": (peak - self.base_kb) / 1024,
-            "peak_may_predate_training": lifetime,
-            "peak_increase_over_pre_model_mb": None if self.pre_model_kb is None
-            else (peak - self.pre_model_kb) / 1024,
-        }
-
-
 # ------------------------------------------------------------------ timing
 def _median_rate(step: Callable[[], Any], batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Warm up, then time ``args.repeats`` repeats; images/s of each and their median."""
-    last = None
-    for _ in range(args.warmup):
-        t0 = time.perf_counter()
-        step()
-        last = time.perf_counter() - t0
-    if last is None:  # no warm-up: time one step to size the repeats
-        t0 = time.perf_counter()
-        step()
-        last = time.perf_counter() - t0
-    steps = max(1, int(args.min_repeat_time / max(last, 1e-9)) + (args.min_repeat_time > 0))
-    rates = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rates.append(batch * steps / (time.perf_counter() - t0))
-    return {"images_per_s": statistics.median(rates), "repeats": rates, "steps_per_repeat": steps}
+    return median_rate(step, batch, args.repeats, args.warmup, args.min_repeat_time)
 
 
 def _measure_training(train_step: Callable[[], Any], batch: int, args: argparse.Namespace,
@@ -313,7 +238,7 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(SCRIPTS))
     from torch_capsnet import TorchCapsNet, total_loss
 
-    torch.set_num_threads(args.threads)
+    versions = torch_setup(args.threads)
     images, labels, digits = _load_batch(args.worker_data, args.worker_batch)
     x = torch.from_numpy(images.astype(np.float32) / np.float32(255))
     y = torch.from_numpy(labels.astype(np.int64))
@@ -338,8 +263,7 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
     train = _measure_training(train_step, args.worker_batch, args, memory)
     model.eval()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
-            "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads()}}
+            "versions": {"numpy": np.__version__, **versions}}
 
 
 def worker_ours_routing(args: argparse.Namespace) -> dict[str, Any]:
@@ -396,7 +320,7 @@ def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(SCRIPTS))
-    torch.set_num_threads(args.threads)
+    versions = torch_setup(args.threads)
     images, labels, _ = _load_batch(args.worker_data, args.worker_batch)
     x = torch.from_numpy(images.astype(np.float32) / np.float32(255))
     y = torch.from_numpy(labels.astype(np.int64))
@@ -446,29 +370,11 @@ def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
     train = _measure_training(train_step, args.worker_batch, args, memory)
     model.eval()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
-            "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                         "torch_threads": torch.get_num_threads()}}
+            "versions": {"numpy": np.__version__, **versions}}
 
 
 def worker_gemm(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    shapes = []
-    for m, k, n in GEMM_SHAPES:
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n), dtype=np.float32)
-        c = np.empty((m, n), dtype=np.float32)
-        np.matmul(a, b, out=c)  # warm-up: thread pool start, page faults
-        rates = []
-        for _ in range(args.gemm_repeats):
-            t0 = time.perf_counter()
-            np.matmul(a, b, out=c)
-            rates.append(2.0 * m * k * n / (time.perf_counter() - t0) / 1e9)
-        shapes.append({"m": m, "k": k, "n": n, "gflops": rates, "median_gflops": statistics.median(rates)})
-        del a, b, c
-    every = [r for s in shapes for r in s["gflops"]]
-    return {"shapes": shapes, "median_gflops": statistics.median(every)}
+    return gemm_gflops(GEMM_SHAPES, args.gemm_repeats)
 
 
 def worker_launches(framework: str) -> Callable[[argparse.Namespace], dict[str, Any]]:
@@ -495,14 +401,6 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------ parent
-def thread_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    return env
-
-
 def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
           data: str = "") -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; its result dict, or {'error': ...}."""
@@ -515,12 +413,7 @@ def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
     env = thread_env(args.threads)
     if kind == "launches-ours":
         env["CAPSNET_EMULATE_CUPY"] = "1"  # the emulated device counts what a GPU would launch
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.exists(result):
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"error": f"worker exited with status {proc.returncode}", "stderr_tail": tail}
-    with open(result) as f:
-        return json.load(f)
+    return run_child(cmd, env, result)
 
 
 def write_routing_weights(network: str, path: str) -> None:
@@ -571,43 +464,20 @@ def prepare_data(args: argparse.Namespace, path: str) -> str:
     return "random images"
 
 
-def machine_info(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    blas = {}
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    except Exception:  # older NumPy: no dict mode
-        pass
-    mem_kb = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_kb = next((int(line.split()[1]) for line in f if line.startswith("MemTotal")), None)
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    return {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gb": None if mem_kb is None else mem_kb / 1024**2,
-        "load_average_at_start": list(os.getloadavg()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "blas": {k: blas[k] for k in ("name", "version") if k in blas},
-        "threads": args.threads,
-        "git_commit": commit.stdout.strip() or None,
-        "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
-    }
+def combine_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One framework's processes at one batch size as one entry: the first process's, with
+    each images/s the median over the processes and every process's figure beside it
+    (``rounds_images_per_s``); the first error if a process failed."""
+    failed = next((r for r in results if "error" in r), None)
+    if failed is not None:
+        return failed
+    entry = results[0]
+    for mode in ("train", "infer"):
+        rates = [r[mode]["images_per_s"] for r in results]
+        entry[mode]["images_per_s"] = statistics.median(rates)
+        entry[mode]["rounds_images_per_s"] = rates
+    entry["train"]["memory"]["rounds_peak_increase_mb"] = [r["train"]["memory"]["peak_increase_mb"] for r in results]
+    return entry
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -631,14 +501,17 @@ def print_table(report: dict[str, Any]) -> None:
     bound = report["bound_images_per_s"]
     print()
     routing = report["settings"]["network"] in ROUTING_NETWORKS
+    n = report["settings"].get("rounds", 1)
+    rounds = f", median over {n} alternating processes" if n > 1 else ""
+    print(machine_heading(report["machine"]))
     name = {"mnist": "CapsNet (paper size, MNIST)", "multimnist": "CapsNet (MultiMNIST network, 36x36, two digits)",
             "efficient": "EfficientCapsNet (default, MNIST)", "em": "MatrixCapsNet, EM routing (default small, MNIST)"}
     if routing:
         print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
-              f"median of {report['settings']['repeats']} repeats; no GEMM rate or FLOP bound for this network")
+              f"median of {report['settings']['repeats']} repeats{rounds}; no GEMM rate or FLOP bound for this network")
     else:
         print(f"{name[report['settings']['network']]} float32, {report['settings']['threads']} threads, "
-              f"median of {report['settings']['repeats']} repeats; GEMM rate "
+              f"median of {report['settings']['repeats']} repeats{rounds}; GEMM rate "
               f"{report['gemm'].get('median_gflops', float('nan')):.1f} GFLOP/s -> bound "
               f"{_fmt(bound['train'], 0, '.1f')} img/s train, {_fmt(bound['infer'], 0, '.1f')} img/s inference")
     head = (f"{'batch':>5}  {'mode':<5}  {'ours img/s':>10}  {'torch img/s':>11}  {'ours/torch':>10}  "
@@ -679,7 +552,8 @@ def print_table(report: dict[str, Any]) -> None:
 
 def count_launches(args: argparse.Namespace, frameworks: list[str], torch_note: str | None) -> int:
     """--launches: device operations per step, side by side, written to --json."""
-    report: dict[str, Any] = {"settings": {"batch_sizes": args.batch_sizes, "network": args.network},
+    report: dict[str, Any] = {"machine": machine_info(args.threads),
+                              "settings": {"batch_sizes": args.batch_sizes, "network": args.network},
                               "what": "operations a GPU would launch per step: capsnet on the emulated CuPy "
                                       "device (capsnet.testing), PyTorch eager by torch.profiler on the CPU "
                                       "(scripts/launch_counts.py)", "results": []}
@@ -715,20 +589,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from capsnet.models.capsnet import CapsNetConfig, flops_per_image
 
-    frameworks = ["ours"]
-    torch_note = None
-    if args.no_torch:
-        torch_note = "skipped: --no-torch"
-    elif importlib.util.find_spec("torch") is None:
-        torch_note = "skipped: PyTorch is not installed (pip install torch)"
-    else:
-        frameworks.append("torch")
+    torch_note = torch_skip_reason(args.no_torch)
+    frameworks = ["ours"] if torch_note else ["ours", "torch"]
     if torch_note:
         print(f"PyTorch reference {torch_note}")
     if args.launches:
         return count_launches(args, frameworks, torch_note)
 
-    info = machine_info(args)
+    info = machine_info(args.threads)
     if info["load_average_at_start"][0] > 0.5 * (info["usable_cpus"] or 1):
         print(f"warning: load average {info['load_average_at_start'][0]:.2f} at start; "
               "other work on this machine will distort the numbers")
@@ -743,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": info,
         "settings": {k: getattr(args, k) for k in ("batch_sizes", "repeats", "warmup", "min_repeat_time",
-                                                    "threads", "gemm_repeats", "quick", "network")},
+                                                    "threads", "gemm_repeats", "quick", "network", "rounds")},
         "flops_per_image": flops,
         "flops_per_image_executed_with_fourier_primary_conv": fourier_flops,
         "results": [],
@@ -770,18 +638,19 @@ def main(argv: list[str] | None = None) -> int:
             }
         for batch in args.batch_sizes:
             row: dict[str, Any] = {"batch": batch}
+            runs: dict[str, list] = {fw: [] for fw in frameworks}
+            for r in range(args.rounds):
+                for fw in frameworks if r % 2 == 0 else frameworks[::-1]:
+                    print(f"batch {batch:>4}  {fw:<5} ...", end=" ", flush=True)
+                    runs[fw].append(spawn(fw, args, work, batch, data))
+                    if "error" in runs[fw][-1]:
+                        print("FAILED:\n    " + "\n    ".join(runs[fw][-1]["stderr_tail"]))
+                    else:
+                        print(f"train {runs[fw][-1]['train']['images_per_s']:.1f} img/s, "
+                              f"inference {runs[fw][-1]['infer']['images_per_s']:.1f} img/s, "
+                              f"peak +{runs[fw][-1]['train']['memory']['peak_increase_mb']:.0f} MB", flush=True)
             for fw in FRAMEWORKS:
-                if fw not in frameworks:
-                    row[fw] = {"skipped": torch_note}
-                    continue
-                print(f"batch {batch:>4}  {fw:<5} ...", end=" ", flush=True)
-                row[fw] = spawn(fw, args, work, batch, data)
-                if "error" in row[fw]:
-                    print("FAILED:\n    " + "\n    ".join(row[fw]["stderr_tail"]))
-                else:
-                    print(f"train {row[fw]['train']['images_per_s']:.1f} img/s, "
-                          f"inference {row[fw]['infer']['images_per_s']:.1f} img/s, "
-                          f"peak +{row[fw]['train']['memory']['peak_increase_mb']:.0f} MB", flush=True)
+                row[fw] = combine_rounds(runs[fw]) if fw in frameworks else {"skipped": torch_note}
             for mode in ("train", "infer"):
                 ours, ref = _rate(row["ours"], mode), _rate(row["torch"], mode)
                 bound = report["bound_images_per_s"][mode]
@@ -799,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         if versions:
             info["torch"] = versions["torch"]
             info["torch_threads"] = versions["torch_threads"]
+            info["torch_cpu_capability"] = versions.get("torch_cpu_capability")
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
     print_table(report)

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             table.append({"batch": batch, "mode": mode, **med, "ratio": ratio})
             print(f"{batch:>5}  {mode:<9} {med['before']:>8.1f} {med['after']:>8.1f} {ratio:>6.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"before": trees["before"][1], "after": trees["after"][1],
+        Path(args.json).write_text(json.dumps({"machine": machine_info(None), "before": trees["before"][1], "after": trees["after"][1],
                                                "rounds": args.rounds, "table": table, "runs": runs}, indent=1))
         print(f"wrote {args.json}")
     return 0

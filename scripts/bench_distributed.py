@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{1e3 * row['step_s']:>8.1f} {row['images_per_second']:>8.1f} {row['efficiency']:>10.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "machine": {**machine_info(1), "cpus": os.cpu_count(), "threads_per_rank": 1},
             "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "measured": results,
             "model": {"latency_us": args.latency_us, "rows": table}}, indent=1))
         print(f"wrote {args.json}")

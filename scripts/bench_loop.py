@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compare import export  # noqa: E402
+from benchlib import machine_info  # noqa: E402
 
 CHILD = """
 import json, statistics, sys, tempfile
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"after  {args.after} ({commits['after'][:7]}): {after * 1e6:.0f} us/step")
     print(f"after / before: {after / before:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"before": commits["before"], "after": commits["after"], "rounds": args.rounds,
+        args.json.write_text(json.dumps({"machine": machine_info(1), "before": commits["before"], "after": commits["after"], "rounds": args.rounds,
                                          "epochs": args.epochs, "seconds_per_step": times,
                                          "median_before": before, "median_after": after,
                                          "ratio": after / before}, indent=2) + "\n")

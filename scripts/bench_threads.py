@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import machine_info
+
 SCRIPTS = Path(__file__).resolve().parent
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"b{row['batch']:<4} {row['mode']:<5} " + "  ".join(cells))
     print(f"1-minute load before each bench.py run: {', '.join(f'{x:.2f}' for x in loads)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "loads": loads,
+        Path(args.json).write_text(json.dumps({"machine": machine_info(args.threads), "threads": args.threads, "rounds": args.rounds, "loads": loads,
                                                "table": table, "runs": {str(t): v for t, v in runs.items()}},
                                               indent=1))
         print(f"wrote {args.json}")

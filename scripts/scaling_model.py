@@ -49,6 +49,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from benchlib import machine_info
+
 SECTIONS = ("conv1", "fourier", "primary capsules", "routing", "decoder", "loss", "reduction", "optimizer", "other")
 CORES = (1, 2, 4, 8, 16, 64)
 
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads < 2:
         p.error("--threads must be at least 2")
-    report: dict[str, Any] = {"load_average_at_start": list(os.getloadavg()), "cpus": os.cpu_count(),
+    report: dict[str, Any] = {"machine": machine_info(args.threads),
+                              "load_average_at_start": list(os.getloadavg()), "cpus": os.cpu_count(),
                               "results": []}
     for b in args.batch_sizes:
         print(f"batch {b} ...", flush=True)
