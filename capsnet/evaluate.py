@@ -10,11 +10,11 @@ import numpy as np
 
 from capsnet import __version__, backend
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
-from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
+from capsnet.training import CheckpointError, evaluate_classifier, load_model, train_config_of
 from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.datasets import dataset
 from capsnet.training.evaluation import evaluate
-from capsnet.training.mnist_run import data_sources, load_data, run_metrics
+from capsnet.training.run import data_sources, load_data, run_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                                   metrics=run_metrics(cfg), progress=not args.no_progress)
             else:
                 x, y = test.batch(np.arange(n))
-                result = evaluate_mnist(model, x, y, batch_size=args.batch_size, progress=not args.no_progress,
-                                        recon_weight=cfg.recon_weight)
+                result = evaluate_classifier(model, x, y, batch_size=args.batch_size,
+                                             progress=not args.no_progress, recon_weight=cfg.recon_weight)
     except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
             MNISTFormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

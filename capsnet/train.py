@@ -16,10 +16,10 @@ from capsnet.training import distributed
 from capsnet.training.strategy import strategy_for
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, MatrixCapsNetConfig, n_parameters
-from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
+from capsnet.training import RunTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
 from capsnet.training.checkpoint import load_checkpoint
 from capsnet.training.datasets import DATASETS
-from capsnet.training.mnist_run import ARCH_DEFAULTS, describe_dataset
+from capsnet.training.run import ARCH_DEFAULTS, describe_dataset
 
 MODEL_FLAGS = {
     "conv_channels": int, "conv_kernel": int, "primary_types": int, "primary_dim": int,
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
     strategy = strategy_for(distributed.world())
     try:
         cfg = config_from_args(args, _base_config(out, resume, strategy))
-        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
-                               tensorboard=getattr(args, "tensorboard", None), extensions=extensions)
+        trainer = RunTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
+                             tensorboard=getattr(args, "tensorboard", None), extensions=extensions)
         trainer.checkpointer.resume_hint = "--resume"
         if strategy.writes:
             print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{strategy.across}; "

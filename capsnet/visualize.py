@@ -250,7 +250,7 @@ def _test_batch(checkpoint: Path, n: int, start: int, data_dir: str | None, back
     """(model, header, config, batch of n test examples from ``start``) of a checkpoint, on
     its dataset's unaugmented test set."""
     from capsnet.training import load_model, train_config_of  # noqa: PLC0415
-    from capsnet.training.mnist_run import data_sources, load_data  # noqa: PLC0415
+    from capsnet.training.run import data_sources, load_data  # noqa: PLC0415
 
     model, header = load_model(checkpoint, backend_name)
     cfg = train_config_of(header, checkpoint)
@@ -324,14 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.figure == "curves":
             curves(args.runs, args.out, args.names)
         elif args.figure == "confusion":
-            from capsnet.training import evaluate_mnist  # noqa: PLC0415
+            from capsnet.training import evaluate_classifier  # noqa: PLC0415
 
             model, header, cfg, batch = _test_batch(args.checkpoint, args.test_limit or 10**9, 0, args.data_dir,
                                                     args.backend)
             if dataset(cfg.dataset).digits > 1:
                 raise ValueError("the confusion figure is for one digit per image; this is a MultiMNIST checkpoint")
             with backend.use(args.backend):
-                result = evaluate_mnist(model, batch[0], batch[1], recon_weight=cfg.recon_weight)
+                result = evaluate_classifier(model, batch[0], batch[1], recon_weight=cfg.recon_weight)
             confusion(result["confusion"], args.out, f"{args.checkpoint}: accuracy {result['accuracy']:.4f} on "
                                                      f"{result['n']} test images")
         else:
