@@ -158,8 +158,8 @@ def _parse_idx(data: bytes, source: str, expect: str | None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def read_idx(path: str | os.PathLike, expect: str | None = None) -> np.ndarray:
-    """Read an IDX file (gzip-compressed when its name ends in ``.gz``) as uint8.
+def read_idx(path: str | os.PathLike, expect: str | None = None, *, gzipped: bool | None = None) -> np.ndarray:
+    """Read an IDX file (gzip-compressed when its name ends in ``.gz``, or when ``gzipped``) as uint8.
 
     ``expect`` is ``"images"`` (magic 0x00000803, 3 dimensions), ``"labels"``
     (magic 0x00000801, 1 dimension) or None (any IDX file of unsigned bytes).
@@ -171,7 +171,7 @@ def read_idx(path: str | os.PathLike, expect: str | None = None) -> np.ndarray:
     path = Path(path)
     source = str(path)
     data = path.read_bytes()
-    if path.suffix == ".gz":
+    if path.suffix == ".gz" if gzipped is None else gzipped:
         data = _decompress(data, source)
     return _parse_idx(data, source, expect)
 

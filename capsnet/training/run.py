@@ -93,7 +93,7 @@ class TrainConfig(DictConfig):
         spec.check_arch(self.arch)
         if self.max_shift is None:
             self.max_shift = spec.max_shift
-        defaults = spec.model_defaults()
+        defaults = spec.model_defaults(self.arch)
         if self.model is None:
             self.model = ARCHS[self.arch](**defaults).as_dict()
         else:
@@ -127,6 +127,9 @@ class TrainConfig(DictConfig):
         if tuple(model.input_shape) != shape:
             raise ValueError(f"the {self.dataset} dataset has inputs of shape {shape}, but the model is configured "
                              f"for {tuple(model.input_shape)}")
+        if model.n_classes != spec.n_classes:
+            raise ValueError(f"the {self.dataset} dataset has {spec.n_classes} classes, but the model is configured "
+                             f"for n_classes={model.n_classes}")
         if getattr(model, "digits", 1) != spec.digits:
             raise ValueError(f"the {self.dataset} dataset has {spec.digits} digit(s) per image, but the CapsNet is "
                              f"configured for digits={model.digits}")
