@@ -31,7 +31,11 @@ def test_the_built_in_datasets_are_what_the_switchboard_said():
     assert table == {"mnist": ((1, 28, 28), 2, None, 1, None, False),
                      "expanded": ((1, 40, 40), 6, 6, 1, None, False),
                      "multimnist": ((1, 36, 36), 4, 4, 2, ("capsnet",), True),
-                     "mnist-sample": ((1, 28, 28), 2, None, 1, None, False)}
+                     "mnist-sample": ((1, 28, 28), 2, None, 1, None, False),
+                     "fashion-mnist": ((1, 28, 28), 2, None, 1, None, False),
+                     "cifar10": ((3, 24, 24), 0, 0, 1, None, False),
+                     "svhn": ((3, 32, 32), 2, None, 1, None, False),
+                     "smallnorb": ((2, 32, 32), 0, 0, 1, None, False)}
     assert run_metrics(TrainConfig()) == {"accuracy": count_correct}
     assert run_metrics(TrainConfig(dataset="multimnist")) == {"accuracy": both_right, "error": pair_errors}
     assert describe_dataset(TrainConfig(dataset="expanded")) == "expanded: expanded MNIST (40x40)"
@@ -40,8 +44,8 @@ def test_the_built_in_datasets_are_what_the_switchboard_said():
 
 
 def test_the_registry_refuses_what_it_cannot_hold():
-    with pytest.raises(ValueError, match=r"dataset must be one of \['expanded', 'mnist', 'mnist-sample', "
-                                         r"'multimnist'\], got 'mnits'"):
+    with pytest.raises(ValueError, match=r"dataset must be one of \['cifar10', 'expanded', 'fashion-mnist', 'mnist', "
+                                         r"'mnist-sample', 'multimnist', 'smallnorb', 'svhn'\], got 'mnits'"):
         dataset("mnits")
     with pytest.raises(ValueError, match="'mnist' is already registered"):
         register(dataset("mnist"))
