@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from capsnet import evaluate as evaluate_cli, train as train_cli
-from capsnet.data import ArrayDataset, cifar10, to_float
+from capsnet.data import ArrayDataset, cifar10, load_cifar10, to_float
 from capsnet.training import TrainConfig, load_model
 from capsnet.training.datasets import DatasetSpec, dataset, register, unregister
 from tests.data.dataset_files import WRITERS
@@ -113,6 +113,21 @@ def test_evaluate_and_resume_on_a_cifar10_run(folders, tmp_path, capsys):
     assert np.array(json.loads((tmp_path / "e.json").read_text())["confusion"]).sum() == 3
     model, _ = load_model(out / "best.npz")
     assert model.config.input_shape == (3, 24, 24)
+
+
+def test_cifar10_reconstructions_are_drawn_in_colour(folders, tmp_path):
+    pytest.importorskip("matplotlib")
+    from capsnet import visualize  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    assert train_cli.main(run_args(folders["cifar10"], out, "capsnet", "cifar10")) == 0
+    model, _ = load_model(out / "best.npz")
+    x = to_float(load_cifar10(folders["cifar10"], download=False).test_images[:, :, 4:28, 4:28], xp=np)
+    recon = visualize.reconstructions(model, x, tmp_path / "r.png")
+    assert recon.shape == (3, 24, 24, 3) and 0 <= recon.min() and recon.max() <= 1
+    assert visualize.main(["reconstructions", str(out / "best.npz"), "--out", str(tmp_path / "cli.png"), "-n", "3",
+                           "--data-dir", str(folders["cifar10"])]) == 0
+    assert (tmp_path / "cli.png").stat().st_size > 0
 
 
 def test_a_missing_dataset_is_one_error_naming_the_files(tmp_path, monkeypatch, capsys):
