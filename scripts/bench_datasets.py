@@ -11,7 +11,10 @@ Each figure is images/s, the median over ``--rounds`` rounds of ``--steps`` time
 after one untimed step; the datasets take turns within a round and their order rotates
 from round to round, so a slow spell of a shared machine is spread over all of them. The
 ratio to MNIST's images/s in the same run is the figure to compare across machines; the
-estimated epoch time is the training set's size divided by the images/s.
+estimated epoch time is the training set's size divided by the images/s. For the CapsNet the
+training flops per image (:func:`capsnet.models.capsnet.flops_per_image`) and their ratio to
+MNIST's are recorded beside it: a second, noise-free view of how the input size and the
+network change the cost.
 
 The JSON records the CPU model, its vector extensions, the BLAS and the kernel it chose,
 the thread count, the load average and the commit.
@@ -67,8 +70,8 @@ def machine_info(threads: int) -> dict:
             "git_commit": commit.stdout.strip() or None}
 
 
-def make_run(name: str, arch: str, batch_size: int | None = None, seed: int = 0):
-    """(step function, batch size) of the run ``--dataset name --model arch`` would train
+def make_run(name: str, arch: str, batch_size: int | None = None, seed: int = 0, backend_name: str = "numpy"):
+    """(step function, batch size, training flops per image for the CapsNet) of the run ``--dataset name --model arch`` would train
     (``batch_size``: another batch size than the run's)."""
     import numpy as np
 
@@ -85,7 +88,7 @@ def make_run(name: str, arch: str, batch_size: int | None = None, seed: int = 0)
     n = cfg.batch_size * 2
     images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
     labels = np.arange(n) % spec.n_classes
-    with backend.use("numpy") as xp:
+    with backend.use(backend_name) as xp:
         source = spec.train_source(images, labels, cfg, xp)
         model = build_model(cfg)
         task = build_task(cfg)
@@ -100,7 +103,12 @@ def make_run(name: str, arch: str, batch_size: int | None = None, seed: int = 0)
         updater.update(source.batch(order[start:start + cfg.batch_size], rng))
         updater.read()  # the host read a log interval ends with: the step is done when it returns
 
-    return step, cfg.batch_size
+    flops = None
+    if arch == "capsnet":
+        from capsnet.models.capsnet import flops_per_image
+
+        flops = flops_per_image(cfg.model_config())
+    return step, cfg.batch_size, flops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per round")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     p.add_argument("--batch-size", type=int, default=None, help="default: each run's own (100 for the CapsNet)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -117,37 +126,44 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[var] = str(args.threads)
     sys.path.insert(0, str(REPO))
     info = machine_info(args.threads)
+    from capsnet import backend
+
+    info["device"] = backend.describe_device(args.backend)
     from capsnet import parallel
 
     runs = {}
     with parallel.threads(args.threads):
         for name in args.datasets:
             for arch in args.archs:
-                step, batch = make_run(name, arch, args.batch_size)
+                step, batch, flops = make_run(name, arch, args.batch_size, backend_name=args.backend)
                 step(0)  # untimed: first allocations, workspaces
-                runs[(name, arch)] = (step, batch, [])
+                runs[(name, arch)] = (step, batch, flops, [])
         keys = list(runs)
         for r in range(args.rounds):
             for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                step, batch, rates = runs[key]
+                step, batch, _, rates = runs[key]
                 t0 = time.perf_counter()
                 for k in range(args.steps):
                     step(k + 1)
                 rates.append(args.steps * batch / (time.perf_counter() - t0))
     results = []
-    reference = {arch: statistics.median(runs[("mnist", arch)][2]) for arch in args.archs if ("mnist", arch) in runs}
-    for (name, arch), (_, batch, rates) in runs.items():
+    reference = {arch: statistics.median(runs[("mnist", arch)][3]) for arch in args.archs if ("mnist", arch) in runs}
+    mnist_flops = runs[("mnist", "capsnet")][2] if ("mnist", "capsnet") in runs else None
+    for (name, arch), (_, batch, flops, rates) in runs.items():
         rate = statistics.median(rates)
         _, n_train = STORED[name]
         results.append({"dataset": name, "arch": arch, "batch_size": batch, "images_per_s": rate,
                         "rounds": rates, "vs_mnist": rate / reference[arch] if arch in reference else None,
-                        "epoch_minutes": n_train / rate / 60})
+                        "epoch_minutes": n_train / rate / 60, "flops_per_image": flops,
+                        "flops_vs_mnist": flops / mnist_flops if flops and mnist_flops else None})
     print(f"{info['cpu_model']}, {args.threads} threads, load {info['load_average_at_start']}")
-    print(f"{'dataset':14} {'arch':9} {'batch':>5} {'images/s':>9} {'vs MNIST':>9} {'min/epoch':>10}")
+    print(f"{'dataset':14} {'arch':9} {'batch':>5} {'images/s':>9} {'vs MNIST':>9} {'min/epoch':>10} "
+          f"{'flops vs MNIST':>15}")
     for e in results:
         ratio = f"{e['vs_mnist']:.2f}" if e["vs_mnist"] is not None else "-"
+        flops = f"{e['flops_vs_mnist']:.2f}" if e["flops_vs_mnist"] is not None else "-"
         print(f"{e['dataset']:14} {e['arch']:9} {e['batch_size']:5d} {e['images_per_s']:9.1f} {ratio:>9} "
-              f"{e['epoch_minutes']:10.1f}")
+              f"{e['epoch_minutes']:10.1f} {flops:>15}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)

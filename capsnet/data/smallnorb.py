@@ -36,7 +36,8 @@ MAGIC = {0x1E3D4C55: np.dtype(np.uint8), 0x1E3D4C54: np.dtype("<i4"), 0x1E3D4C51
          0x1E3D4C53: np.dtype("<f8"), 0x1E3D4C56: np.dtype("<i2")}
 """The magic numbers of the binary matrix format and the element type each announces."""
 
-_PREFIX = {"training": "smallnorb-5x46789x9x18x6x2x96x96-training", "testing": "smallnorb-5x01235x9x18x6x2x96x96-testing"}
+_PREFIX = {"training": "smallnorb-5x46789x9x18x6x2x96x96-training",
+           "testing": "smallnorb-5x01235x9x18x6x2x96x96-testing"}
 _SHA256 = {
     "training-dat": "5ffd6272a07d32695ee1082a26a41a93a37aab8c28da047f8c34ed348d214873",
     "training-cat": "2784e542c1922060691090952b6cd6278879a216c90f81476f0f00256d42cdaa",

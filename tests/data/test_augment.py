@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from capsnet.backend import get_array_module, to_numpy
-from capsnet.data import MNIST, center_crop, downsample, iterate_batches, load_mnist, random_crop, random_shift, to_float
+from capsnet.data import MNIST, iterate_batches, load_mnist, random_shift, to_float
+from capsnet.data import center_crop, downsample, random_crop
 
 
 # --------------------------------------------------------------- real data
