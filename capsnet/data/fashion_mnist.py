@@ -33,6 +33,10 @@ _SHA256 = {
     "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
 }
 
+# MNIST's first 16 training labels: a folder of MNIST (or a subset of it) given for
+# Fashion-MNIST, whose files have the same names, is told apart by them.
+_MNIST_FIRST_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4, 3, 5, 3, 6, 1, 7]
+
 
 def _check(path: Path, remote: files.Remote, source: str) -> None:
     read_idx(path, expect="images" if "images" in remote.name else "labels", gzipped=True)
@@ -64,5 +68,9 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *, download: b
             raise files.DatasetFormatError(
                 f"{images_path}: expected 28x28 images, got {images.shape[1]}x{images.shape[2]}")
         files.check_pair(images, labels, str(images_path), str(labels_path))
+        if labels_name == FILE_NAMES[1] and labels[:16].tolist() == _MNIST_FIRST_LABELS:
+            raise files.DatasetFormatError(
+                f"{labels_path} holds MNIST's training labels, not Fashion-MNIST's (the two use the same file names); "
+                "point --data-dir (data_dir) at the folder holding the Fashion-MNIST files")
         split += [images, files.check_labels(labels, 10, str(labels_path))]
     return files.Splits(*split, classes=CLASSES)

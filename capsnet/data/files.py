@@ -92,8 +92,8 @@ class FileSet:
 
     ``title`` names it in messages ("CIFAR-10"); ``folder`` is its cache subfolder (and its
     subfolder of ``$CAPSNET_DATA_DIR`` unless ``env_is_folder``); ``mirrors`` are base URLs
-    tried in order; ``check(path, source)`` checks the format of a download before it is
-    kept (None: the sha256 alone); ``homepage`` and ``hint`` go into the offline message;
+    tried in order; ``check(path, remote, source)`` checks the format of a download before
+    it is kept (None: the sha256 alone); ``homepage`` and ``hint`` go into the offline message;
     ``not_found`` and ``download_error`` are the error types raised (subclasses of
     :class:`DatasetNotFoundError` and :class:`DownloadError`).
     """

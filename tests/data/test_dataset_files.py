@@ -150,6 +150,13 @@ def test_fashion_mnist_damaged_files(isolated_env):
     _one_line(info)
 
 
+def test_mnist_files_are_not_taken_for_fashion_mnist(mnist_dir):
+    """The two share file names; a folder of MNIST given for Fashion-MNIST is refused."""
+    with pytest.raises(DatasetFormatError, match=r"holds MNIST's training labels, not Fashion-MNIST's") as info:
+        load_fashion_mnist(mnist_dir, download=False)
+    _one_line(info)
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_cifar10_damaged_files(isolated_env, packed):
     folder = isolated_env / "c"
