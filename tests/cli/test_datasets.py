@@ -1,7 +1,7 @@
 """``python -m capsnet.train --dataset fashion-mnist|cifar10|svhn|smallnorb`` on folders of
 files in each true format (a few records): one step and an evaluation with every
-architecture, evaluate and resume on a checkpoint, and a dataset that research code
-registers training with the same command line."""
+architecture; resume, evaluate, export and reconstructions in colour on a CIFAR-10 run; the
+offline error; and a dataset that research code registers training with the same command line."""
 from __future__ import annotations
 
 import dataclasses
@@ -113,6 +113,13 @@ def test_evaluate_and_resume_on_a_cifar10_run(folders, tmp_path, capsys):
     assert np.array(json.loads((tmp_path / "e.json").read_text())["confusion"]).sum() == 3
     model, _ = load_model(out / "best.npz")
     assert model.config.input_shape == (3, 24, 24)
+    pytest.importorskip("safetensors")
+    from capsnet import export as export_cli  # noqa: PLC0415
+    from capsnet.models import CapsNet  # noqa: PLC0415
+
+    assert export_cli.main([str(out / "best.npz"), str(tmp_path / "m.safetensors")]) == 0
+    exported = CapsNet.from_safetensors(tmp_path / "m.safetensors")
+    assert exported.config == model.config and exported.config.primary_types == 2
 
 
 def test_cifar10_reconstructions_are_drawn_in_colour(folders, tmp_path):
