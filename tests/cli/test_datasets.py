@@ -1,7 +1,8 @@
 """``python -m capsnet.train --dataset fashion-mnist|cifar10|svhn|smallnorb`` on folders of
 files in each true format (a few records): one step and an evaluation with every
 architecture; resume, evaluate, export and reconstructions in colour on a CIFAR-10 run; the
-offline error; and a dataset that research code registers training with the same command line."""
+offline error; smallNORB on two MPI ranks; and a dataset that research code registers training
+with the same command line."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,10 @@ import pytest
 
 from capsnet import evaluate as evaluate_cli, train as train_cli
 from capsnet.data import ArrayDataset, cifar10, load_cifar10, to_float
-from capsnet.training import TrainConfig, load_model
+from capsnet.training import TrainConfig, load_checkpoint, load_model
 from capsnet.training.datasets import DatasetSpec, dataset, register, unregister
 from tests.data.dataset_files import WRITERS
+from tests.training.mpi import needs_mpi, run as mpi_run
 
 # the smallest networks of each architecture, so each run is one quick step
 TINY = {
@@ -184,3 +186,22 @@ def test_a_dataset_registered_by_research_code_trains_with_the_command_line(tmp_
         assert "4 stripes test images" in capsys.readouterr().out
     finally:
         unregister("stripes")
+
+
+@needs_mpi
+def test_smallnorb_on_two_ranks_ends_with_the_weights_of_one_process(folders, tmp_path):
+    """The random crops are drawn the same on every rank: two ranks sharing each batch end
+    where one process does."""
+    def args(out):
+        return ["--", "--dataset", "smallnorb", "--data-dir", str(folders["smallnorb"]), "--dtype", "float64",
+                "--epochs", "1", "--batch-size", "4", "--train-limit", "6", "--test-limit", "2", *TINY["capsnet"],
+                "--out", str(out), "--no-progress"]
+
+    one, two = mpi_run(0, args(tmp_path / "one")), mpi_run(2, args(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert "parameters on 2 MPI ranks" in two.stdout
+    a = load_checkpoint(tmp_path / "one" / "checkpoint.npz")[1]
+    b = load_checkpoint(tmp_path / "two" / "checkpoint.npz")[1]
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-9, atol=1e-12, err_msg=name)
