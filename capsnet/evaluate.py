@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from capsnet import __version__, backend
-from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
-from capsnet.training import CheckpointError, evaluate_mnist, load_model, train_config_of
+from capsnet.data import DatasetFormatError, DatasetNotFoundError, DownloadError
+from capsnet.training import CheckpointError, evaluate_classifier, load_model, train_config_of
 from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.datasets import dataset
 from capsnet.training.evaluation import evaluate
-from capsnet.training.mnist_run import data_sources, load_data, run_metrics
+from capsnet.training.run import data_sources, load_data, run_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     p.add_argument("checkpoint", type=Path, help="a checkpoint file written by capsnet.train")
     p.add_argument("--backend", choices=backend.BACKENDS, default="numpy")
-    p.add_argument("--data-dir", default=None, help="folder with the MNIST files (else $CAPSNET_DATA_DIR)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's files (else $CAPSNET_DATA_DIR)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
     p.add_argument("--test-pairs", type=int, default=None, help="MultiMNIST: pairs per test image (default: "
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                   metrics=run_metrics(cfg), progress=not args.no_progress)
             else:
                 x, y = test.batch(np.arange(n))
-                result = evaluate_mnist(model, x, y, batch_size=args.batch_size, progress=not args.no_progress,
-                                        recon_weight=cfg.recon_weight)
-    except (backend.BackendError, CheckpointError, MNISTNotFoundError, MNISTDownloadError,
-            MNISTFormatError, ValueError) as exc:
+                result = evaluate_classifier(model, x, y, batch_size=args.batch_size,
+                                             progress=not args.no_progress, recon_weight=cfg.recon_weight)
+    except (backend.BackendError, CheckpointError, DatasetNotFoundError, DownloadError, DatasetFormatError,
+            ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if spec.digits > 1:

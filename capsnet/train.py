@@ -17,11 +17,11 @@ from capsnet.training import distributed
 from capsnet.training.strategy import strategy_for
 from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.models import BaselineCNNConfig, CapsNetConfig, MatrixCapsNetConfig, n_parameters
-from capsnet.training import MNISTTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
+from capsnet.training import RunTrainer, CheckpointError, RunFolderError, TrainConfig, TrainingDiverged, train_config_of
 from capsnet.training.checkpoint import load_checkpoint
 from capsnet.training.datasets import DATASETS
 from capsnet.training.tensorboard import summary_writer_class
-from capsnet.training.mnist_run import ARCH_DEFAULTS, AUGMENTS, describe_dataset
+from capsnet.training.run import ARCH_DEFAULTS, AUGMENTS, describe_dataset
 
 MODEL_FLAGS = {
     "conv_channels": int, "conv_kernel": int, "primary_types": int, "primary_dim": int,
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = CapsNetConfig()
     p = argparse.ArgumentParser(
         prog="python -m capsnet.train",
-        description="Train the CapsNet of Sabour, Frosst and Hinton (2017) on MNIST, expanded MNIST or "
-                    "MultiMNIST, or with --model cnn the paper's baseline CNN. Defaults are the paper's setup: Adam 1e-3 with exponential "
+        description="Train the CapsNet of Sabour, Frosst and Hinton (2017) on MNIST, expanded MNIST, "
+                    "MultiMNIST, Fashion-MNIST, CIFAR-10, SVHN or smallNORB, or with --model cnn the paper's "
+                    "baseline CNN. Defaults are the paper's setup: Adam 1e-3 with exponential "
                     "decay, shifts of up to 2 px, 3 routing iterations, reconstruction weight 0.0005. The run "
                     "folder gets checkpoint.npz (every epoch and on Ctrl-C), best.npz, metrics.jsonl and "
                     "config.json; one line per epoch goes to stdout.",
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--primary-types 8 --epochs 3 --out runs/small\n"
                "  python -m capsnet.train --model cnn --epochs 1 --out runs/cnn   # the baseline CNN\n"
                "  python -m capsnet.train --dataset multimnist --epochs 4 --out runs/multimnist\n"
-               "  python -m capsnet.train --dataset expanded --epochs 1 --out runs/expanded   # for capsnet.robustness",
+               "  python -m capsnet.train --dataset expanded --epochs 1 --out runs/expanded   # for capsnet.robustness\n"
+               "  python -m capsnet.train --dataset cifar10 --data-dir ~/data/cifar10 --out runs/cifar10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset options fall back to the checkpoint on --resume
     )
@@ -76,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--log-every steps, each epoch's metrics, a few reconstructions each epoch for CapsNets "
                         "(needs tensorboardX: pip install 'capsnet[tensorboard]'); view with tensorboard --logdir DIR")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="folder with the MNIST files (else $CAPSNET_DATA_DIR, else a per-user "
-                                      "cache, downloading there if missing)")
+    g.add_argument("--data-dir", help="folder with the dataset's files (else $CAPSNET_DATA_DIR, for datasets other "
+                                      "than MNIST its subfolder named after the dataset, else a per-user cache, "
+                                      "downloading there if missing)")
     g.add_argument("--train-limit", type=int, help="use only the first N training images")
     g.add_argument("--test-limit", type=int, help="use only the first N test images")
     g.add_argument("--dataset", choices=tuple(DATASETS),
@@ -220,8 +223,8 @@ def main(argv: list[str] | None = None, extensions: tuple = ()) -> int:
         if getattr(args, "tensorboard", None) is not None:
             summary_writer_class()  # a missing extra fails before the checkpoint or the data is read
         cfg = config_from_args(args, _base_config(out, resume, strategy))
-        trainer = MNISTTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
-                               tensorboard=getattr(args, "tensorboard", None), extensions=extensions)
+        trainer = RunTrainer(cfg, out, progress=not getattr(args, "no_progress", False), strategy=strategy,
+                             tensorboard=getattr(args, "tensorboard", None), extensions=extensions)
         trainer.checkpointer.resume_hint = "--resume"
         if strategy.writes:
             print(f"{type(trainer.model).__name__}: {n_parameters(trainer.model):,} parameters{strategy.across}; "

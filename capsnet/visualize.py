@@ -68,6 +68,13 @@ def _host(a: Any) -> np.ndarray:
     return backend.to_numpy(a)
 
 
+def _shown(images: Any) -> np.ndarray:
+    """Images (B, C, H, W) as drawn: in colour (B, H, W, 3) when C is 3 (CIFAR-10, SVHN),
+    else the first channel (B, H, W) (smallNORB: the left image of the pair)."""
+    host = _host(images)
+    return host.transpose(0, 2, 3, 1) if host.shape[1] == 3 else host[:, 0]
+
+
 def _image_grid(ax: Any, rows: np.ndarray, gap: float = 0.5) -> None:
     """Draw images (R, C, H, W) in [0, 1] (or RGB (R, C, H, W, 3)) as one grid, no axes."""
     r, c, h, w = rows.shape[:4]
@@ -81,13 +88,14 @@ def _image_grid(ax: Any, rows: np.ndarray, gap: float = 0.5) -> None:
 
 
 def reconstructions(model: Any, images: Any, path: str | Path) -> np.ndarray:
-    """Inputs (B, 1, H, W) in the top row, the reconstructions from the longest capsule
-    below. Returns the reconstructions (B, H, W), in [0, 1]."""
-    recon = _host(model.reconstruct(images))[:, 0]
+    """Inputs (B, C, H, W) in the top row, the reconstructions from the longest capsule
+    below, in colour for three channels. Returns the reconstructions as drawn, (B, H, W)
+    or (B, H, W, 3), in [0, 1]."""
+    recon = _shown(model.reconstruct(images))
     plt = pyplot()
     b = len(recon)
     fig, ax = plt.subplots(figsize=(1.0 * b, 2.3))
-    _image_grid(ax, np.stack([_host(images)[:, 0], recon]))
+    _image_grid(ax, np.stack([_shown(images), recon]))
     ax.set_title("inputs (top) and reconstructions from the longest capsule (bottom)", fontsize=9)
     _save(fig, path)
     return recon
@@ -110,7 +118,8 @@ def perturbation(model: Any, image: Any, path: str | Path, steps: Sequence[float
     offsets = np.zeros((d, len(steps), d))
     offsets[np.arange(d), :, np.arange(d)] = steps
     moved[:, k] += xp.asarray(offsets.reshape(d * len(steps), d), dtype=v.dtype)
-    decoded = _host(model.decode(moved))[:, 0].reshape(d, len(steps), *image.shape[2:])
+    shown = _shown(model.decode(moved))
+    decoded = shown.reshape(d, len(steps), *shown.shape[1:])
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(0.6 * len(steps), 0.6 * d))
     _image_grid(ax, decoded)
@@ -250,7 +259,7 @@ def _test_batch(checkpoint: Path, n: int, start: int, data_dir: str | None, back
     """(model, header, config, batch of n test examples from ``start``) of a checkpoint, on
     its dataset's unaugmented test set."""
     from capsnet.training import load_model, train_config_of  # noqa: PLC0415
-    from capsnet.training.mnist_run import data_sources, load_data  # noqa: PLC0415
+    from capsnet.training.run import data_sources, load_data  # noqa: PLC0415
 
     model, header = load_model(checkpoint, backend_name)
     cfg = train_config_of(header, checkpoint)
@@ -302,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         s.add_argument("checkpoint", type=Path, help="a checkpoint written by capsnet.train")
         s.add_argument("--backend", choices=backend.BACKENDS, default="numpy")
-        s.add_argument("--data-dir", default=None, help="folder with the MNIST files (else the run's, "
+        s.add_argument("--data-dir", default=None, help="folder with the dataset's files (else the run's, "
                                                         "then $CAPSNET_DATA_DIR)")
         s.add_argument("--index", type=int, default=0, help="first test example shown (default 0)")
         if name in ("reconstructions", "multimnist"):
@@ -324,14 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.figure == "curves":
             curves(args.runs, args.out, args.names)
         elif args.figure == "confusion":
-            from capsnet.training import evaluate_mnist  # noqa: PLC0415
+            from capsnet.training import evaluate_classifier  # noqa: PLC0415
 
             model, header, cfg, batch = _test_batch(args.checkpoint, args.test_limit or 10**9, 0, args.data_dir,
                                                     args.backend)
             if dataset(cfg.dataset).digits > 1:
                 raise ValueError("the confusion figure is for one digit per image; this is a MultiMNIST checkpoint")
             with backend.use(args.backend):
-                result = evaluate_mnist(model, batch[0], batch[1], recon_weight=cfg.recon_weight)
+                result = evaluate_classifier(model, batch[0], batch[1], recon_weight=cfg.recon_weight)
             confusion(result["confusion"], args.out, f"{args.checkpoint}: accuracy {result['accuracy']:.4f} on "
                                                      f"{result['n']} test images")
         else:

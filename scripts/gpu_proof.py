@@ -1272,7 +1272,7 @@ def step_resume(args: argparse.Namespace) -> dict[str, Any]:
 
     from capsnet import train as train_cli
     from capsnet.data.mnist import SAMPLE_DIR
-    from capsnet.training import MNISTTrainer, TrainConfig, load_checkpoint
+    from capsnet.training import RunTrainer, TrainConfig, load_checkpoint
 
     budget = BUDGETS[args.budget]["resume"]
     full = all((FULL_MNIST / name).is_file() for name in MNIST_FILES)
@@ -1304,7 +1304,7 @@ def step_resume(args: argparse.Namespace) -> dict[str, Any]:
         cfg = train_cli.config_from_args(train_cli.build_parser().parse_args([*common, "--out", str(cut)]),
                                          TrainConfig())
         try:
-            MNISTTrainer(cfg, cut, progress=False, log=False, on_step=interrupt).fit()
+            RunTrainer(cfg, cut, progress=False, log=False, on_step=interrupt).fit()
             raise RuntimeError(f"the run was not interrupted at (epoch, step) {stop_at}")
         except KeyboardInterrupt:
             pass

@@ -1,7 +1,7 @@
 """Time to accuracy against PyTorch, as MLPerf measures training: the wall time from the first
 step until the test accuracy, evaluated after every epoch, first reaches a target.
 
-capsnet (MNISTTrainer, the experiment's TrainConfig) and the PyTorch reference of the same
+capsnet (RunTrainer, the experiment's TrainConfig) and the PyTorch reference of the same
 network (scripts/torch_capsnet.py, scripts/torch_efficient_capsnet.py) train with the same
 setup on the same CPU and the same number of threads, from the same initial weights (capsnet's,
 copied into the reference), on the same batches in the same order with the same augmentation
@@ -85,7 +85,7 @@ def reached(curve: list[dict[str, float]], targets: list[float]) -> dict[str, fl
 
 # -- the two workers, each in its own process ----------------------------------------------------
 def worker_capsnet(args: argparse.Namespace) -> list[dict[str, float]]:
-    from capsnet.training import Extension, MNISTTrainer  # noqa: PLC0415
+    from capsnet.training import Extension, RunTrainer  # noqa: PLC0415
 
     cfg = train_config(args)  # threads: OMP_NUM_THREADS, set by the parent for both workers
     curve: list[dict[str, float]] = []
@@ -99,7 +99,7 @@ def worker_capsnet(args: argparse.Namespace) -> list[dict[str, float]]:
                 trainer.stop_requested = True
 
     with tempfile.TemporaryDirectory(prefix="capsnet-tta-") as run_dir:
-        trainer = MNISTTrainer(cfg, run_dir, progress=False, log=False, extensions=[Until()])
+        trainer = RunTrainer(cfg, run_dir, progress=False, log=False, extensions=[Until()])
         try:
             trainer.fit()
         except KeyboardInterrupt:
@@ -110,7 +110,7 @@ def worker_capsnet(args: argparse.Namespace) -> list[dict[str, float]]:
 def worker_torch(args: argparse.Namespace) -> list[dict[str, float]]:
     import torch  # noqa: PLC0415
 
-    from capsnet.training import MNISTTrainer  # noqa: PLC0415
+    from capsnet.training import RunTrainer  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     cfg = train_config(args)
@@ -121,12 +121,12 @@ def worker_torch(args: argparse.Namespace) -> list[dict[str, float]]:
     from torch_capsnet import total_loss  # noqa: PLC0415 - the same margin + reconstruction loss for both
 
     with tempfile.TemporaryDirectory(prefix="capsnet-tta-") as run_dir:  # never trained: its model, data and seed
-        ours = MNISTTrainer(cfg, run_dir, progress=False, log=False)
+        ours = RunTrainer(cfg, run_dir, progress=False, log=False)
     train, test = ours.train_data, ours.eval_data
     net = Net(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}, dtype=torch.float32)
     net.load_from_capsnet(ours.model.state_dict())
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=1e-8)
-    rng = np.random.default_rng(ours.seed)  # the stream MNISTTrainer draws its order and augmentation from
+    rng = np.random.default_rng(ours.seed)  # the stream RunTrainer draws its order and augmentation from
     curve: list[dict[str, float]] = []
     seconds, top = 0.0, max(args.target)
     for epoch in range(cfg.epochs):

@@ -1,5 +1,5 @@
-"""Image preparation for training: scale to floats, random shifts, Efficient-CapsNet's
-augmentation, mini-batches.
+"""Image preparation for training: scale to floats, random shifts, crops and flips, downsampling,
+Efficient-CapsNet's augmentation, mini-batches.
 
 The paper trains on MNIST "shifted by up to 2 pixels in each direction with
 zero padding" (Sabour et al. 2017, section 5); :func:`random_shift` does that
@@ -27,8 +27,9 @@ import numpy
 from capsnet import backend
 from capsnet.backend import get_array_module, to_numpy
 
-__all__ = ["efficient_augment", "iterate_batches", "random_erase", "random_rotate", "random_shift",
-           "random_shift_within", "random_squish", "sample_affine", "shift_by", "to_float"]
+__all__ = ["center_crop", "downsample", "efficient_augment", "iterate_batches", "random_crop", "random_erase",
+           "random_rotate", "random_shift", "random_shift_within", "random_squish", "sample_affine", "shift_by",
+           "to_float"]
 
 
 def _int_at_least(name: str, value: Any, minimum: int) -> int:
@@ -294,3 +295,56 @@ def efficient_augment(images: Any, rng: numpy.random.Generator, max_degrees: flo
     images = random_shift_within(images, rng)
     images = random_squish(images, rng)
     return random_erase(images, rng)
+
+
+def random_crop(images: Any, size: int, rng: numpy.random.Generator, *, flip: bool = False) -> Any:
+    """A ``size`` x ``size`` window of each image (N, C, H, W) at its own random place, all
+    channels together; ``flip``: each crop also mirrored left-right with probability 1/2.
+
+    The corners (and flips) are drawn on the host with ``rng``, so both backends give
+    identical results for the same generator. Returns a new array on the input's backend.
+    """
+    if getattr(images, "ndim", None) != 4:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"random_crop expected images of shape (N, C, H, W), got {shape}")
+    size = _int_at_least("random_crop size", size, 1)
+    _check_generator("random_crop rng", rng)
+    n, c, height, width = images.shape
+    if size > min(height, width):
+        raise ValueError(f"random_crop size must be at most the image size {height}x{width}, got {size}")
+    xp = get_array_module(images)
+    corners = rng.integers(0, [height - size + 1, width - size + 1], size=(n, 2))
+    steps = numpy.broadcast_to(numpy.arange(size), (n, size))
+    if flip:
+        mirrored = rng.random(n) < 0.5
+        steps = numpy.where(mirrored[:, None], size - 1 - steps, steps)
+    rows = xp.asarray(corners[:, :1] + numpy.arange(size))  # (N, size)
+    cols = xp.asarray(corners[:, 1:] + steps)  # (N, size)
+    batch = xp.arange(n)[:, None, None, None]
+    channel = xp.arange(c)[None, :, None, None]
+    return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def center_crop(images: Any, size: int) -> Any:
+    """The central ``size`` x ``size`` window of each image (N, C, H, W) (a view); where the
+    margin is odd, the extra pixel is on the bottom and right."""
+    size = _int_at_least("center_crop size", size, 1)
+    height, width = images.shape[-2:]
+    if size > min(height, width):
+        raise ValueError(f"center_crop size must be at most the image size {height}x{width}, got {size}")
+    top, left = (height - size) // 2, (width - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
+def downsample(images: numpy.ndarray, factor: int) -> numpy.ndarray:
+    """uint8 images (..., H, W) shrunk ``factor`` times on each side by averaging each
+    ``factor`` x ``factor`` block (area resampling), rounded to uint8. H and W must be
+    multiples of ``factor`` (smallNORB: 96x96 -> 48x48 with factor 2)."""
+    factor = _int_at_least("downsample factor", factor, 1)
+    height, width = images.shape[-2:]
+    if height % factor or width % factor:
+        raise ValueError(f"downsample needs an image size divisible by {factor}, got {height}x{width}")
+    xp = get_array_module(images)
+    blocks = images.reshape(*images.shape[:-2], height // factor, factor, width // factor, factor)
+    mean = blocks.astype(xp.float32).mean(axis=(-3, -1))
+    return xp.rint(mean).astype(xp.uint8)

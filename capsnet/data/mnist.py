@@ -3,9 +3,10 @@
 The four files (LeCun, Cortes and Burges) are looked for, plain or ``.gz``, in
 ``data_dir``, then ``$CAPSNET_DATA_DIR``, then a per-user cache folder
 (``$XDG_CACHE_HOME/capsnet/mnist``, by default ``~/.cache/capsnet/mnist``).
-Missing files are downloaded into the first of these folders, each one checked
-against the sha256 of its *decompressed* content before it is moved into place,
-so no partial or unverified file is ever left behind.
+Missing files are downloaded into the first of these folders by the fetcher every
+dataset shares (:mod:`capsnet.data.files`), each one checked against the sha256 of
+its *decompressed* content before it is moved into place, so no partial or
+unverified file is ever left behind.
 
 :func:`load_mnist_sample` reads the 5,000 + 1,000 image sample installed with the
 package (:data:`SAMPLE_DIR`), for a first run, the tutorials and the tests, with no
@@ -14,21 +15,15 @@ download; it is a sample, not MNIST.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import http.client
 import os
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from capsnet import __version__
+from capsnet.data import files
 
 __all__ = [
     "FILE_NAMES",
@@ -76,19 +71,17 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "mnist_sample"
 _MAGIC = {"images": 0x00000803, "labels": 0x00000801}
 _MAGIC_WORDS = {"images": "an IDX image file", "labels": "an IDX label file"}
 _UBYTE = 0x08
-_CHUNK = 1 << 16
-_USER_AGENT = f"capsnet-mnist/{__version__} (+python urllib)"
 
 
-class MNISTFormatError(ValueError):
+class MNISTFormatError(files.DatasetFormatError):
     """An MNIST/IDX file is damaged or is not the file it claims to be."""
 
 
-class MNISTNotFoundError(FileNotFoundError):
+class MNISTNotFoundError(files.DatasetNotFoundError):
     """The MNIST files are in none of the folders searched."""
 
 
-class MNISTDownloadError(OSError):
+class MNISTDownloadError(files.DownloadError):
     """No mirror delivered a verified copy of an MNIST file."""
 
 
@@ -165,8 +158,8 @@ def _parse_idx(data: bytes, source: str, expect: str | None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def read_idx(path: str | os.PathLike, expect: str | None = None) -> np.ndarray:
-    """Read an IDX file (gzip-compressed when its name ends in ``.gz``) as uint8.
+def read_idx(path: str | os.PathLike, expect: str | None = None, *, gzipped: bool | None = None) -> np.ndarray:
+    """Read an IDX file (gzip-compressed when its name ends in ``.gz``, or when ``gzipped``) as uint8.
 
     ``expect`` is ``"images"`` (magic 0x00000803, 3 dimensions), ``"labels"``
     (magic 0x00000801, 1 dimension) or None (any IDX file of unsigned bytes).
@@ -178,40 +171,37 @@ def read_idx(path: str | os.PathLike, expect: str | None = None) -> np.ndarray:
     path = Path(path)
     source = str(path)
     data = path.read_bytes()
-    if path.suffix == ".gz":
+    if path.suffix == ".gz" if gzipped is None else gzipped:
         data = _decompress(data, source)
     return _parse_idx(data, source, expect)
 
 
-# --------------------------------------------------------------------- finding
+# ------------------------------------------------------- finding and downloading
 
 
-def _cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    # The XDG spec says to ignore relative paths here.
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "capsnet" / "mnist"
+def _check_download(path: Path, remote: files.Remote, source: str) -> None:
+    """A downloaded MNIST file must also parse as IDX (after its sha256 matched)."""
+    _parse_idx(_decompress(path.read_bytes(), source), source, "images" if "images" in remote.name else "labels")
 
 
-def _labelled_dirs(data_dir: str | os.PathLike | None) -> list[tuple[Path, str]]:
-    found: list[tuple[Path, str]] = []
-    if data_dir is not None:
-        found.append((Path(data_dir).expanduser(), "data_dir / --data-dir"))
-    env = os.environ.get("CAPSNET_DATA_DIR", "")
-    if env:
-        found.append((Path(env).expanduser(), "$CAPSNET_DATA_DIR"))
-    found.append((_cache_dir(), "per-user cache"))
-    unique: list[tuple[Path, str]] = []
-    for path, label in found:
-        if all(path != seen for seen, _ in unique):
-            unique.append((path, label))
-    return unique
+def _file_set(mirrors: Sequence[str] | None = None, names: Sequence[str] = FILE_NAMES) -> files.FileSet:
+    """The MNIST files ``names`` (all four by default) as the shared fetcher sees them (built on
+    each call, from :data:`SHA256` and :data:`MIRRORS` as they are now)."""
+    return files.FileSet(
+        title="MNIST", folder="mnist", env_is_folder=True,
+        files=tuple(files.Remote(f"{name}.gz", SHA256[name], also=(name,), gunzip_digest=True)
+                    for name in names),
+        mirrors=tuple(MIRRORS if mirrors is None else mirrors), homepage=f"any MNIST mirror, e.g. {MIRRORS[0]}",
+        hint="The files may be gzip-compressed or not. To train with no download at all, use the MNIST sample "
+             "installed with capsnet (5,000 + 1,000 images, not the full MNIST): python -m capsnet.train "
+             "--dataset mnist-sample, or capsnet.data.load_mnist_sample().",
+        check=_check_download, not_found=MNISTNotFoundError, download_error=MNISTDownloadError)
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The folders searched for MNIST, in order: ``data_dir``, ``$CAPSNET_DATA_DIR``,
     then ``$XDG_CACHE_HOME/capsnet/mnist`` (default ``~/.cache/capsnet/mnist``)."""
-    return [path for path, _ in _labelled_dirs(data_dir)]
+    return [path for path, _ in files.labelled_dirs(_file_set(), data_dir)]
 
 
 def find_file(name: str, dirs: Iterable[str | os.PathLike]) -> Path | None:
@@ -221,115 +211,6 @@ def find_file(name: str, dirs: Iterable[str | os.PathLike]) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
-
-
-def _not_found_message(labelled: list[tuple[Path, str]], missing: Sequence[str]) -> str:
-    folders = "\n".join(f"  {path}  ({label})" for path, label in labelled)
-    names = "\n".join(f"  {name}.gz  (or uncompressed: {name})" for name in missing)
-    return (
-        f"MNIST files not found. Folders searched, in order:\n{folders}\n"
-        f"Missing files:\n{names}\n"
-        f"Put the files in one of these folders, or in another folder passed as "
-        f"load_mnist(data_dir=...) (--data-dir on the command line) or named by the CAPSNET_DATA_DIR "
-        f"environment variable; or allow downloading (download=True)."
-    )
-
-
-# ------------------------------------------------------------------ downloading
-
-
-class _BadDownload(Exception):
-    """A mirror answered, but what came was short or failed verification."""
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return f"cannot connect: {exc.reason}"
-    if isinstance(exc, (_BadDownload, MNISTFormatError)):
-        return str(exc)
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _mirror_url(base: str, name: str) -> str:
-    return f"{base if base.endswith('/') else base + '/'}{name}.gz"
-
-
-def _stream(url: str, out, desc: str, progress: bool, timeout: float) -> None:
-    """Copy the body at ``url`` into the open file ``out``."""
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the open connection
-        raise
-    with response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        received = 0
-        with tqdm(
-            total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-            disable=None if progress else True, leave=False,
-        ) as bar:
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and received != total:
-        raise _BadDownload(
-            f"connection dropped: received {received} of {total} bytes (Content-Length)"
-        )
-
-
-def _verify(name: str, compressed: bytes, source: str) -> None:
-    """Check a downloaded ``name.gz``: gzip, sha256 of the content, IDX header."""
-    data = _decompress(compressed, source)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != SHA256[name]:
-        raise _BadDownload(
-            f"sha256 mismatch for the decompressed {name}: got {digest}, expected {SHA256[name]}"
-        )
-    _parse_idx(data, source, "images" if "images" in name else "labels")
-
-
-def _fetch(url: str, dest: Path, name: str, progress: bool, timeout: float) -> Path:
-    """Download ``url`` to a temporary file in ``dest``, verify it, move it into place."""
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
-    except OSError as exc:
-        raise MNISTDownloadError(
-            f"cannot write a temporary file in {dest}: {exc}; "
-            "choose a writable folder: pass it as data_dir (or dest to download_mnist), or set CAPSNET_DATA_DIR"
-        ) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            _stream(url, out, f"{name}.gz", progress, timeout)
-            out.flush()
-            os.fsync(out.fileno())
-        _verify(name, tmp.read_bytes(), f"downloaded {name}.gz")
-        final = dest / f"{name}.gz"
-        os.replace(tmp, final)
-        return final
-    except BaseException:  # KeyboardInterrupt too: never leave a partial file
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _offline_hint(dest: Path) -> str:
-    names = "\n".join(f"  {name}.gz" for name in FILE_NAMES)
-    return (
-        f"To work offline, fetch the MNIST files on a machine with internet access "
-        f"(from any MNIST mirror, e.g. {MIRRORS[0]}) and put them, gzip-compressed or "
-        f"not, in {dest}:\n{names}\n"
-        f"or put them in another folder and pass it as data_dir (--data-dir on the command line) or set "
-        f"CAPSNET_DATA_DIR.\n"
-        f"To train with no download at all, use the MNIST sample installed with capsnet "
-        f"(5,000 + 1,000 images, not the full MNIST): python -m capsnet.train --dataset mnist-sample, "
-        f"or capsnet.data.load_mnist_sample()."
-    )
 
 
 def download_mnist(
@@ -343,50 +224,21 @@ def download_mnist(
     """Download the MNIST files missing from ``dest`` (default: all four).
 
     Each ``name.gz`` is tried on each mirror in turn; the decompressed content
-    must match :data:`SHA256` and parse as IDX before it is moved into place.
-    Returns the paths written. Raises :class:`MNISTDownloadError`, listing
-    every mirror's error, when no mirror delivers a file.
+    must match :data:`SHA256` and parse as IDX before it is moved into place
+    (:func:`capsnet.data.files.download_files`). Returns the paths written. Raises
+    :class:`MNISTDownloadError`, listing every mirror's error, when no mirror
+    delivers a file.
     """
     if isinstance(mirrors, str):
         mirrors = (mirrors,)
-    mirrors = tuple(mirrors)
-    if not mirrors:
-        raise ValueError("download_mnist needs at least one mirror base URL, got none")
     names = tuple(names)
     unknown = [name for name in names if name not in SHA256]
     if unknown:
         raise ValueError(
             f"download_mnist names must be among {', '.join(FILE_NAMES)}, got {', '.join(unknown)}"
         )
-    dest = Path(dest).expanduser()
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MNISTDownloadError(
-            f"cannot create the MNIST folder {dest}: {exc}; "
-            "choose a writable folder: pass it as data_dir (or dest to download_mnist), or set CAPSNET_DATA_DIR"
-        ) from exc
-
-    written = []
-    for name in names:
-        if find_file(name, [dest]) is not None:
-            continue
-        errors = []
-        for base in mirrors:
-            url = _mirror_url(base, name)
-            try:
-                written.append(_fetch(url, dest, name, progress, timeout))
-                break
-            except MNISTDownloadError:
-                raise
-            except (OSError, ValueError, http.client.HTTPException, _BadDownload) as exc:
-                errors.append(f"  {url}: {_describe(exc)}")
-        else:
-            raise MNISTDownloadError(
-                f"could not download {name}.gz from any mirror:\n" + "\n".join(errors)
-                + "\n" + _offline_hint(dest)
-            )
-    return written
+    return files.download_files(_file_set(mirrors), dest, names=[f"{name}.gz" for name in names],
+                                mirrors=mirrors, progress=progress, timeout=timeout)
 
 
 # --------------------------------------------------------------------- loading
@@ -427,20 +279,10 @@ def load_mnist(
     folders searched and the file names to put there. ``test_only``: only the two
     test files are looked for (and downloaded); the training split is empty.
     """
-    labelled = _labelled_dirs(data_dir)
-    dirs = [path for path, _ in labelled]
     needed = (TEST_IMAGES, TEST_LABELS) if test_only else FILE_NAMES
-    missing = [name for name in needed if find_file(name, dirs) is None]
-    if missing:
-        if not download:
-            raise MNISTNotFoundError(_not_found_message(labelled, missing))
-        download_mnist(dirs[0], mirrors=mirrors, progress=progress, names=missing)
-    paths = {}
-    for name in needed:
-        path = find_file(name, dirs)
-        if path is None:  # deleted between the download and now
-            raise MNISTNotFoundError(_not_found_message(labelled, [name]))
-        paths[name] = path
+    found = files.locate(_file_set(mirrors, needed), data_dir, download=download, mirrors=mirrors,
+                         progress=progress)
+    paths = {name: found[f"{name}.gz"] for name in needed}
     if test_only:
         train_images, train_labels = np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64)
     else:

@@ -10,8 +10,8 @@
 - :mod:`~capsnet.training.evaluation`: metrics and :func:`evaluate`;
   :mod:`~capsnet.training.tasks`: :class:`SupervisedTask`;
   :mod:`~capsnet.training.checkpoint`: the checkpoint file.
-- :mod:`~capsnet.training.mnist_run`: the paper's runs (what ``python -m capsnet.train``
-  runs): :class:`TrainConfig` and :class:`MNISTTrainer`.
+- :mod:`~capsnet.training.run`: the paper's runs (what ``python -m capsnet.train``
+  runs): :class:`TrainConfig` and :class:`RunTrainer`.
 """
 from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -35,13 +35,13 @@ from capsnet.training.extensions import (
     TerminateOnNaN,
     TrainingDiverged,
 )
-from capsnet.training.mnist_run import (
-    MNISTTrainer,
+from capsnet.training.run import (
+    RunTrainer,
     TrainConfig,
     build_model,
     build_optimizer,
     build_task,
-    evaluate_mnist,
+    evaluate_classifier,
     load_model,
     load_weights,
     train_config_of,
@@ -61,12 +61,12 @@ __all__ = [
     "Evaluate",
     "Extension",
     "LogLine",
-    "MNISTTrainer",
     "MetricsLog",
     "OnStep",
     "ProgressBar",
     "RunFolder",
     "RunFolderError",
+    "RunTrainer",
     "SingleProcess",
     "SupervisedTask",
     "TensorBoard",
@@ -81,7 +81,7 @@ __all__ = [
     "confusion_counts",
     "count_correct",
     "evaluate",
-    "evaluate_mnist",
+    "evaluate_classifier",
     "load_checkpoint",
     "load_model",
     "load_weights",

@@ -1,18 +1,24 @@
 """The datasets a run can train on, one described entry each: :class:`DatasetSpec`,
 the registry :data:`DATASETS` (:func:`dataset`, :func:`register`, :func:`unregister`),
-and the builders and metrics the four built-in entries are made of.
+and the builders and metrics the built-in entries are made of.
 
 A :class:`DatasetSpec` says everything the rest of capsnet asks of a dataset: its input
 shape, its shifts (the default and the largest allowed), the digits per image, the
-architectures that can train on it, how its MNIST splits are loaded, how its training
-and test sources are built and what its runs report. :class:`~capsnet.training.TrainConfig`,
+architectures that can train on it and the model sizes it needs, how its splits are
+loaded, how its training and test sources are built and what its runs report. :class:`~capsnet.training.TrainConfig`,
 ``python -m capsnet.train``, ``capsnet.evaluate`` and ``capsnet.visualize`` look a dataset
 up here by name, so adding one is one :func:`register` call, here or in your own code.
 
 The built-in entries: ``mnist`` (28x28, shifts of up to 2 px), ``expanded`` (each digit
 placed at random on a 40x40 canvas, the paper's training set for affine robustness; test
 digits centred), ``multimnist`` (two overlapping digits on 36x36, CapsNet only) and
-``mnist-sample`` (as ``mnist``, on the 5,000 + 1,000 images installed with capsnet).
+``mnist-sample`` (as ``mnist``, on the 5,000 + 1,000 images installed with capsnet), and
+the other datasets the capsule papers report on, read from their distribution files:
+``fashion-mnist`` (as MNIST), ``cifar10`` (random 24x24 crops and flips of 32x32 colour
+images, the central crop at test; 64 primary capsule types, as Sabour et al. 2017),
+``svhn`` (32x32 colour digits, shifts of up to 2 px; the paper's smaller network) and
+``smallnorb`` (the stereo pair as two channels, 96x96 averaged down to 48x48, random 32x32
+crops in training, the central one at test: both papers' preparation; five classes).
 """
 from __future__ import annotations
 
@@ -23,13 +29,14 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from capsnet.data import ArrayDataset, DataSource, MultiMNIST, both_right, load_mnist, load_mnist_sample
-from capsnet.data import random_shift, to_float
+from capsnet.data import ArrayDataset, DataSource, MultiMNIST, Splits, both_right, load_cifar10, load_fashion_mnist
+from capsnet.data import load_mnist, load_mnist_sample, load_smallnorb, load_svhn
+from capsnet.data import center_crop, downsample, random_crop, random_shift, to_float
 from capsnet.data.augment import efficient_augment
 from capsnet.training.evaluation import Metric, count_correct
 
-__all__ = ["DATASETS", "EXPANDED_PAD", "DatasetSpec", "RunSettings", "dataset", "digit_source", "expand",
-           "multimnist_source", "pair_errors", "register", "unregister"]
+__all__ = ["DATASETS", "EXPANDED_PAD", "DatasetSpec", "RunSettings", "crop_source", "dataset", "digit_source",
+           "expand", "multimnist_source", "pair_errors", "register", "unregister"]
 
 
 class RunSettings(Protocol):
@@ -41,7 +48,7 @@ class RunSettings(Protocol):
     augment: str
 
 
-# (images uint8 (N, 28, 28), labels (N,), run settings, array module) -> a DataSource
+# (images uint8 (N, H, W) or (N, C, H, W), labels (N,), run settings, array module) -> a DataSource
 SourceBuilder = Callable[[np.ndarray, np.ndarray, RunSettings, Any], DataSource]
 
 
@@ -53,14 +60,17 @@ class DatasetSpec:
       line for a run's log (say when it is not MNIST); ``help``: its words in
       ``--dataset``'s help.
     - ``input_shape`` (C, H, W) of the model's inputs; ``digits`` per image (the labels
-      are (B, digits) when more than one).
+      are (B, digits) when more than one); ``n_classes``.
+    - ``model``: model settings it needs per architecture, under the user's
+      (``{"capsnet": {"primary_types": 64}}``).
     - ``max_shift``: the default random shift of training digits, in px;
       ``shift_limit``: the largest allowed (None: any), with ``shift_limit_words``, the
       rule in words for the error (``"... shifts digits by at most 4 px"``).
     - ``archs``: the architectures that can train on it (None: all), with
       ``archs_words`` for the error (``"the CapsNet only (two digits per image)"``).
-    - ``load(data_dir, progress)``: the MNIST splits it is made from (an object with
-      ``train_images``, ``train_labels``, ``test_images``, ``test_labels``).
+    - ``load(data_dir, progress)``: the splits it is made from (an object with
+      ``train_images``, ``train_labels``, ``test_images``, ``test_labels``, such as
+      :class:`~capsnet.data.Splits`).
     - ``train_source`` and ``test_source`` ``(images, labels, settings, xp)``: the data
       sources of one split (the test source never augmented); ``settings`` has
       ``max_shift``, ``dtype`` and ``test_pairs`` (a TrainConfig).
@@ -83,6 +93,8 @@ class DatasetSpec:
     archs: tuple[str, ...] | None = None
     archs_words: str = ""
     test_pairs: bool = False
+    n_classes: int = 10
+    model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def check_arch(self, arch: str) -> None:
         """Raise a ValueError when ``arch`` cannot train on this dataset."""
@@ -96,9 +108,11 @@ class DatasetSpec:
             words = self.shift_limit_words or f"{self.name} shifts digits by at most {self.shift_limit} px"
             raise ValueError(f"{words}, got max_shift {max_shift}")
 
-    def model_defaults(self) -> dict[str, Any]:
-        """The model settings this dataset needs: its input shape, and its digits when more than one."""
-        return {"input_shape": self.input_shape, **({"digits": self.digits} if self.digits != 1 else {})}
+    def model_defaults(self, arch: str = "capsnet") -> dict[str, Any]:
+        """The model settings this dataset needs for ``arch``: its input shape, its classes
+        and digits where they are not 10 and 1, and its entry in ``model``."""
+        return {"input_shape": self.input_shape, **({"n_classes": self.n_classes} if self.n_classes != 10 else {}),
+                **({"digits": self.digits} if self.digits != 1 else {}), **self.model.get(arch, {})}
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -213,3 +227,68 @@ register(DatasetSpec(
     help="the first 5,000 training and 1,000 test images of MNIST, installed with capsnet: trains anywhere with "
          "no download; a sample, not MNIST",
     input_shape=(1, 28, 28), max_shift=2, load=_sample, **_DIGITS))
+
+
+def crop_source(images: np.ndarray, labels: np.ndarray, settings: RunSettings, xp: Any, *, train: bool, size: int,
+                flip: bool = False) -> ArrayDataset:
+    """Images (N, C, H, W) as floats on ``xp``, seen through a ``size`` x ``size`` window:
+    ``train=True``: a random window on every draw (mirrored left-right half the time when
+    ``flip``), else the central one."""
+    x = to_float(images, settings.dtype, xp)
+    if not train:
+        return ArrayDataset(xp.ascontiguousarray(center_crop(x, size)), xp.asarray(labels))
+    return ArrayDataset(x, xp.asarray(labels), augment=lambda batch, rng: random_crop(batch, size, rng, flip=flip))
+
+
+def _fashion(data_dir: str | None, progress: bool) -> Any:
+    return load_fashion_mnist(data_dir, progress=progress)
+
+
+def _cifar10(data_dir: str | None, progress: bool) -> Any:
+    return load_cifar10(data_dir, progress=progress)
+
+
+def _svhn(data_dir: str | None, progress: bool) -> Any:
+    return load_svhn(data_dir, progress=progress)
+
+
+NORB_SIZE, NORB_CROP = 48, 32
+"""smallNORB's preparation in both papers: 96x96 averaged down to 48x48, 32x32 crops."""
+
+
+def _smallnorb(data_dir: str | None, progress: bool) -> Any:
+    data = load_smallnorb(data_dir, progress=progress)
+    factor = data.train_images.shape[-1] // NORB_SIZE
+    return Splits(downsample(data.train_images, factor), data.train_labels, downsample(data.test_images, factor),
+                  data.test_labels, classes=data.classes, extra=data.extra)
+
+
+def _no_shift(name: str, words: str) -> dict[str, Any]:
+    return {"max_shift": 0, "shift_limit": 0, "shift_limit_words": f"{name} is augmented by {words}, not shifted"}
+
+
+register(DatasetSpec(
+    name="fashion-mnist", description="Fashion-MNIST (28x28 grey articles of clothing, 10 classes)",
+    help="Zalando's 28x28 articles of clothing, MNIST's format and sizes", input_shape=(1, 28, 28), max_shift=2,
+    load=_fashion, **_DIGITS))
+register(DatasetSpec(
+    name="cifar10", description="CIFAR-10 (32x32 colour, random 24x24 crops and flips; central crop at test)",
+    help="32x32 colour images, trained on random 24x24 crops and flips, 64 primary capsule types",
+    input_shape=(3, 24, 24), load=_cifar10,
+    train_source=partial(crop_source, train=True, size=24, flip=True),
+    test_source=partial(crop_source, train=False, size=24),
+    model={"capsnet": {"primary_types": 64}}, **_no_shift("CIFAR-10", "random 24x24 crops and flips")))
+register(DatasetSpec(
+    name="svhn", description="SVHN cropped digits (32x32 colour)",
+    help="32x32 colour house-number digits, shifts of up to 2 px; the paper's smaller CapsNet (64 channels, "
+         "16 types of 6D primary capsules, 8D digit capsules); needs scipy",
+    input_shape=(3, 32, 32), max_shift=2, load=_svhn, **_DIGITS,
+    model={"capsnet": {"conv_channels": 64, "primary_types": 16, "primary_dim": 6, "digit_dim": 8}}))
+register(DatasetSpec(
+    name="smallnorb", description="smallNORB (stereo pairs 96x96 -> 48x48, random 32x32 crops; 5 classes)",
+    help="stereo pairs of toys in 5 classes as 2 channels, 96x96 averaged to 48x48, random 32x32 crops "
+         "(central at test)",
+    input_shape=(2, NORB_CROP, NORB_CROP), load=_smallnorb, n_classes=5,
+    train_source=partial(crop_source, train=True, size=NORB_CROP),
+    test_source=partial(crop_source, train=False, size=NORB_CROP),
+    **_no_shift("smallNORB", f"random {NORB_CROP}x{NORB_CROP} crops")))

@@ -25,12 +25,12 @@ import numpy as np
 
 from capsnet.data import load_mnist_sample, to_float
 from capsnet.models import CapsNetConfig, n_parameters
-from capsnet.training import MNISTTrainer, TrainConfig
+from capsnet.training import RunTrainer, TrainConfig
 
 # the paper's network, narrower: 64 convolution channels and 8 primary capsule types
 model_config = {**CapsNetConfig().as_dict(), "conv_channels": 64, "primary_types": 8}
 config = TrainConfig(dataset="mnist-sample", epochs=2, train_limit=3000, test_limit=500, model=model_config)
-trainer = MNISTTrainer(config, "runs/look-inside", progress=False)
+trainer = RunTrainer(config, "runs/look-inside", progress=False)
 print(f"{n_parameters(trainer.model):,} parameters")
 history = trainer.fit()
 model = trainer.model

@@ -16,7 +16,7 @@ from capsnet import backend, evaluate as evaluate_cli, train as train_cli
 from capsnet.data import ArrayDataset, load_mnist, random_shift, to_float
 from capsnet.layers import Conv2d, Flatten, Linear, MarginLoss, ReLU, Sequential, Sigmoid
 from capsnet.optim import Adam
-from capsnet.training import MNISTTrainer, TrainConfig, Trainer, load_checkpoint, load_model
+from capsnet.training import RunTrainer, TrainConfig, Trainer, load_checkpoint, load_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not backend.cupy_available(),
@@ -65,7 +65,7 @@ def test_an_interrupted_device_run_resumes_to_the_same_weights(device_run, mnist
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        MNISTTrainer(cfg, tmp_path / "cut", progress=False, log=False, on_step=interrupt).fit()
+        RunTrainer(cfg, tmp_path / "cut", progress=False, log=False, on_step=interrupt).fit()
     assert train_cli.main(cli_args(mnist_dir, tmp_path / "cut", "--resume")) == 0
     straight = load_checkpoint(device_run / "checkpoint.npz")[1]
     resumed = load_checkpoint(tmp_path / "cut" / "checkpoint.npz")[1]
@@ -111,11 +111,11 @@ def test_evaluate_export_visualize_and_robustness_read_a_device_checkpoint(devic
 
 def test_multimnist_and_the_baseline_cnn_train_on_the_device(mnist_dir, tmp_path):
     common = dict(data_dir=str(mnist_dir), backend="cupy", epochs=1, batch_size=50, test_limit=60)
-    multi = MNISTTrainer(TrainConfig(dataset="multimnist", train_limit=150, test_pairs=1,
+    multi = RunTrainer(TrainConfig(dataset="multimnist", train_limit=150, test_pairs=1,
                                      model={"conv_channels": 8, "primary_types": 2, "decoder_hidden": [16, 32]},
                                      **common), tmp_path / "multi", progress=False, log=False).fit()
     assert np.isfinite(multi[-1]["train_loss"]) and 0 <= multi[-1]["test_error"] <= 1
-    cnn = MNISTTrainer(TrainConfig(arch="cnn", train_limit=150, model={"channels": [4, 4, 2], "fc": [16, 8],
+    cnn = RunTrainer(TrainConfig(arch="cnn", train_limit=150, model={"channels": [4, 4, 2], "fc": [16, 8],
                                                                        "pool": True}, **common),
                        tmp_path / "cnn", progress=False, log=False).fit()
     assert np.isfinite(cnn[-1]["train_loss"]) and 0 <= cnn[-1]["test_accuracy"] <= 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from capsnet.testing import device_counts
-from capsnet.training import MNISTTrainer, TerminateOnNaN, TrainConfig, evaluate
+from capsnet.training import RunTrainer, TerminateOnNaN, TrainConfig, evaluate
 
 SMALL = {"conv_channels": 8, "primary_types": 2, "primary_dim": 4, "digit_dim": 4, "decoder_hidden": [16, 32]}
 
@@ -20,7 +20,7 @@ def _per_step(cfg, run_dir):
         def on_step(trainer, epoch, step):
             marks.append((len(counts.d2h), len(counts.h2d), len(counts.syncs)))
 
-        trainer = MNISTTrainer(cfg, run_dir, progress=False, log=False, on_step=on_step)
+        trainer = RunTrainer(cfg, run_dir, progress=False, log=False, on_step=on_step)
         trainer.fit()
     steps = [tuple(b - a for a, b in zip(before, after)) for before, after in zip([(0, 0, 0)] + marks, marks)]
     return steps, trainer, counts
@@ -46,7 +46,7 @@ def test_a_training_step_transfers_nothing_to_the_host_but_the_flush(emulated_cu
 def test_evaluation_makes_at_most_one_transfer_per_batch(emulated_cupy, mnist_dir, tmp_path):
     cfg = TrainConfig(data_dir=str(mnist_dir), backend="cupy", epochs=1, batch_size=20, train_limit=40,
                       test_limit=90, log_every=2, model=SMALL)
-    trainer = MNISTTrainer(cfg, tmp_path / "run", progress=False, log=False)
+    trainer = RunTrainer(cfg, tmp_path / "run", progress=False, log=False)
     trainer.fit()
     with device_counts() as counts:
         result = evaluate(trainer.model, trainer.task, trainer.eval_data, batch_size=20,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from capsnet import evaluate as evaluate_cli, train as train_cli
-from capsnet.training import MNISTTrainer, RunFolderError, TrainConfig
+from capsnet.training import RunTrainer, RunFolderError, TrainConfig
 
 TINY = ["--conv-channels", "8", "--primary-types", "2", "--primary-dim", "4", "--digit-dim", "4",
         "--decoder-hidden", "16", "32"]
@@ -84,7 +84,7 @@ def test_the_library_refuses_a_resume_without_a_checkpoint_before_making_the_fol
                       model={"conv_channels": 8, "primary_types": 2, "primary_dim": 4, "digit_dim": 4,
                              "decoder_hidden": [16, 32]})
     with pytest.raises(RunFolderError, match="holds no checkpoint") as info:
-        MNISTTrainer(cfg, tmp_path / "missing", progress=False, log=False).fit(resume=True)
+        RunTrainer(cfg, tmp_path / "missing", progress=False, log=False).fit(resume=True)
     assert info.value.reason == "empty" and not (tmp_path / "missing").exists()
 
 

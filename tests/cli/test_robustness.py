@@ -11,14 +11,14 @@ import pytest
 def expanded_runs(mnist_dir, tmp_path_factory):
     """A small CapsNet and a small baseline CNN, each two epochs on 1,000 digits of the 40x40
     canvas (shifts of up to 2 px, so that so short a run learns)."""
-    from capsnet.training import MNISTTrainer, TrainConfig  # noqa: PLC0415
+    from capsnet.training import RunTrainer, TrainConfig  # noqa: PLC0415
 
     root = tmp_path_factory.mktemp("expanded")
     common = dict(data_dir=str(mnist_dir), dataset="expanded", epochs=2, batch_size=50, train_limit=1000,
                   test_limit=100, max_shift=2)
-    MNISTTrainer(TrainConfig(model={"conv_channels": 32, "primary_types": 8, "decoder_hidden": [64, 128]}, **common),
+    RunTrainer(TrainConfig(model={"conv_channels": 32, "primary_types": 8, "decoder_hidden": [64, 128]}, **common),
                  root / "capsnet", progress=False, log=False).fit()
-    MNISTTrainer(TrainConfig(arch="cnn", model={"channels": [16, 16, 8], "fc": [32, 32], "pool": True}, **common),
+    RunTrainer(TrainConfig(arch="cnn", model={"channels": [16, 16, 8], "fc": [32, 32], "pool": True}, **common),
                  root / "cnn", progress=False, log=False).fit()
     return root
 
@@ -54,12 +54,12 @@ TINY = {"conv_channels": 8, "primary_types": 2, "primary_dim": 4, "digit_dim": 4
 @pytest.fixture(scope="module")
 def small_runs(mnist_dir, tmp_path_factory):
     """A tiny CapsNet trained one short epoch on the packaged sample, and one on MNIST (28x28)."""
-    from capsnet.training import MNISTTrainer, TrainConfig  # noqa: PLC0415
+    from capsnet.training import RunTrainer, TrainConfig  # noqa: PLC0415
 
     root = tmp_path_factory.mktemp("small")
     common = dict(epochs=1, batch_size=50, train_limit=100, test_limit=50, model=TINY)
-    MNISTTrainer(TrainConfig(dataset="mnist-sample", **common), root / "sample", progress=False, log=False).fit()
-    MNISTTrainer(TrainConfig(dataset="mnist", data_dir=str(mnist_dir), **common), root / "mnist", progress=False,
+    RunTrainer(TrainConfig(dataset="mnist-sample", **common), root / "sample", progress=False, log=False).fit()
+    RunTrainer(TrainConfig(dataset="mnist", data_dir=str(mnist_dir), **common), root / "mnist", progress=False,
                  log=False).fit()
     return root
 

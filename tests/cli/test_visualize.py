@@ -18,14 +18,14 @@ from matplotlib.image import imread  # noqa: E402
 @pytest.fixture(scope="module")
 def runs(mnist_dir, tmp_path_factory):
     """A small CapsNet trained one epoch on MNIST and one on MultiMNIST."""
-    from capsnet.training import MNISTTrainer, TrainConfig  # noqa: PLC0415
+    from capsnet.training import RunTrainer, TrainConfig  # noqa: PLC0415
 
     root = tmp_path_factory.mktemp("viz")
     small = {"conv_channels": 32, "primary_types": 8, "decoder_hidden": [64, 128]}
     common = dict(data_dir=str(mnist_dir), epochs=1, batch_size=50, test_limit=100)
-    MNISTTrainer(TrainConfig(train_limit=1000, model=dict(small), **common), root / "mnist", progress=False,
+    RunTrainer(TrainConfig(train_limit=1000, model=dict(small), **common), root / "mnist", progress=False,
                  log=False).fit()
-    MNISTTrainer(TrainConfig(dataset="multimnist", train_limit=500, model=dict(small), **common), root / "multi",
+    RunTrainer(TrainConfig(dataset="multimnist", train_limit=500, model=dict(small), **common), root / "multi",
                  progress=False, log=False).fit()
     return root
 
@@ -84,7 +84,7 @@ def test_multimnist_figure(runs, tmp_path, mnist_dir):
     lower = image[image.shape[0] // 2:, :, :3]
     assert (lower[..., 0] - lower[..., 2]).max() > 0.2 and (lower[..., 1] - lower[..., 2]).max() > 0.2
     from capsnet.training import load_model  # noqa: PLC0415
-    from capsnet.training.mnist_run import data_sources, TrainConfig  # noqa: PLC0415
+    from capsnet.training.run import data_sources, TrainConfig  # noqa: PLC0415
     from capsnet.data import load_mnist  # noqa: PLC0415
 
     model, _ = load_model(runs / "multi" / "best.npz")

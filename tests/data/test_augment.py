@@ -1,4 +1,4 @@
-"""capsnet.data.augment: to_float, random shifts against a loop reference, and batches."""
+"""capsnet.data.augment: to_float, random shifts and crops against loop references, downsampling, and batches."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +6,7 @@ import pytest
 
 from capsnet.backend import get_array_module, to_numpy
 from capsnet.data import MNIST, iterate_batches, load_mnist, random_shift, to_float
+from capsnet.data import center_crop, downsample, random_crop
 
 
 # --------------------------------------------------------------- real data
@@ -175,3 +176,52 @@ def test_iterate_batches_errors():
         iterate_batches(10, 2, shuffle=True)
     with pytest.raises(TypeError, match=r"numpy.random.Generator .*got RandomState"):
         iterate_batches(10, 2, shuffle=True, rng=np.random.RandomState(0))
+
+
+# ------------------------------------------------- crops, flips and downsampling
+
+
+def _crop_reference(images: np.ndarray, size: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    """The loop version of random_crop, drawing from ``rng`` in the same order."""
+    n, _, height, width = images.shape
+    corners = rng.integers(0, [height - size + 1, width - size + 1], size=(n, 2))
+    mirrored = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    out = []
+    for i in range(n):
+        top, left = corners[i]
+        crop = images[i, :, top:top + size, left:left + size]
+        out.append(crop[:, :, ::-1] if mirrored[i] else crop)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_random_crop_matches_a_loop_reference(xp, host_rng, flip):
+    images = host_rng.integers(0, 256, (7, 3, 10, 9)).astype(np.float32)
+    got = random_crop(xp.asarray(images), 6, np.random.default_rng(5), flip=flip)
+    assert get_array_module(got) is xp and got.shape == (7, 3, 6, 6) and got.dtype == np.float32
+    np.testing.assert_array_equal(to_numpy(got), _crop_reference(images, 6, np.random.default_rng(5), flip))
+    if flip:  # some crops are mirrored, some are not
+        plain = _crop_reference(images, 6, np.random.default_rng(5), False)
+        mirrored = [not np.array_equal(to_numpy(got)[i], plain[i]) for i in range(7)]
+        assert any(mirrored) and not all(mirrored)
+
+
+def test_center_crop_and_its_errors(xp):
+    images = xp.arange(2 * 1 * 5 * 6, dtype=xp.float32).reshape(2, 1, 5, 6)
+    got = to_numpy(center_crop(images, 3))
+    np.testing.assert_array_equal(got, to_numpy(images)[:, :, 1:4, 1:4])
+    with pytest.raises(ValueError, match=r"at most the image size 5x6, got 6"):
+        center_crop(images, 6)
+    with pytest.raises(ValueError, match=r"at most the image size 5x6, got 7"):
+        random_crop(images, 7, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\), got \(5, 6\)"):
+        random_crop(images[0, 0], 2, np.random.default_rng(0))
+
+
+def test_downsample_averages_blocks(xp):
+    images = np.array([[[0, 2, 10, 10], [4, 255, 20, 21], [1, 1, 1, 1], [1, 1, 1, 2]]], np.uint8)
+    got = to_numpy(downsample(xp.asarray(images), 2))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, [[[65, 15], [1, 1]]])  # 261/4 = 65.25, 61/4 = 15.25, 5/4 = 1.25
+    with pytest.raises(ValueError, match=r"divisible by 3, got 4x4"):
+        downsample(images, 3)

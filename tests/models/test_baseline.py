@@ -52,7 +52,7 @@ def test_small_baseline_cnn_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path
 
 
 def test_a_baseline_with_dropout_resumes_bit_exactly(mnist_dir, tmp_path):
-    from capsnet.training import MNISTTrainer, TrainConfig
+    from capsnet.training import RunTrainer, TrainConfig
 
     cfg = TrainConfig(data_dir=str(mnist_dir), epochs=2, batch_size=50, train_limit=200, test_limit=100, arch="cnn",
                       model={**BaselineCNNConfig().as_dict(), "channels": [4, 4, 2], "fc": [16, 8], "pool": True})
@@ -61,11 +61,11 @@ def test_a_baseline_with_dropout_resumes_bit_exactly(mnist_dir, tmp_path):
         if (epoch, step) == (0, 1):
             raise KeyboardInterrupt
 
-    straight = MNISTTrainer(cfg, tmp_path / "a", progress=False, log=False)
+    straight = RunTrainer(cfg, tmp_path / "a", progress=False, log=False)
     straight.fit()
     with pytest.raises(KeyboardInterrupt):
-        MNISTTrainer(cfg, tmp_path / "b", progress=False, log=False, on_step=stop).fit()
-    resumed = MNISTTrainer(cfg, tmp_path / "b", progress=False, log=False)
+        RunTrainer(cfg, tmp_path / "b", progress=False, log=False, on_step=stop).fit()
+    resumed = RunTrainer(cfg, tmp_path / "b", progress=False, log=False)
     resumed.fit(resume=True)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert any("state" in name for name in a)  # the dropout draw counter is saved

@@ -20,7 +20,7 @@ from capsnet.models import (
     n_parameters,
 )
 from capsnet.training import load_model
-from capsnet.training.mnist_run import TrainConfig
+from capsnet.training.run import TrainConfig
 
 from tests.helpers import dev, reference
 

@@ -3,7 +3,7 @@
 Too small for plain SGD, every |v_j| starts near 0 where squash is flat (v ~ |s| s),
 so the margin loss's gradient vanishes before it reaches the convolutions; a scale
 that starts the lengths in squash's responsive range trains. (With Adam, which
-rescales gradients, the default 0.01 trains: see tests/training/test_mnist_run.py.)
+rescales gradients, the default 0.01 trains: see tests/training/test_run.py.)
 """
 import numpy as np
 import pytest

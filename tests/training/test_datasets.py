@@ -1,7 +1,7 @@
 """The dataset registry (capsnet.training.datasets): the built-in entries say what the
 old switchboard said, and a fourth dataset registered in one place trains, resumes its
 checks and evaluates through ``python -m capsnet.train``, ``capsnet.evaluate`` and
-MNISTTrainer with nothing else changed."""
+RunTrainer with nothing else changed."""
 from __future__ import annotations
 
 import json
@@ -15,10 +15,10 @@ import pytest
 from capsnet import backend
 from capsnet import evaluate as evaluate_cli, train as train_cli
 from capsnet.data import both_right, load_mnist_sample
-from capsnet.training import MNISTTrainer, TrainConfig, count_correct, load_checkpoint, train_config_of
+from capsnet.training import RunTrainer, TrainConfig, count_correct, load_checkpoint, train_config_of
 from capsnet.training import datasets
 from capsnet.training.datasets import DATASETS, DatasetSpec, dataset, digit_source, pair_errors, register, unregister
-from capsnet.training.mnist_run import data_sources, describe_dataset, load_data, run_metrics
+from capsnet.training.run import data_sources, describe_dataset, load_data, run_metrics
 
 TINY = ["--epochs", "1", "--train-limit", "200", "--test-limit", "100", "--batch-size", "50",
         "--conv-channels", "8", "--primary-types", "2", "--digit-dim", "4", "--decoder-hidden", "16", "32",
@@ -31,7 +31,11 @@ def test_the_built_in_datasets_are_what_the_switchboard_said():
     assert table == {"mnist": ((1, 28, 28), 2, None, 1, None, False),
                      "expanded": ((1, 40, 40), 6, 6, 1, None, False),
                      "multimnist": ((1, 36, 36), 4, 4, 2, ("capsnet",), True),
-                     "mnist-sample": ((1, 28, 28), 2, None, 1, None, False)}
+                     "mnist-sample": ((1, 28, 28), 2, None, 1, None, False),
+                     "fashion-mnist": ((1, 28, 28), 2, None, 1, None, False),
+                     "cifar10": ((3, 24, 24), 0, 0, 1, None, False),
+                     "svhn": ((3, 32, 32), 2, None, 1, None, False),
+                     "smallnorb": ((2, 32, 32), 0, 0, 1, None, False)}
     assert run_metrics(TrainConfig()) == {"accuracy": count_correct}
     assert run_metrics(TrainConfig(dataset="multimnist")) == {"accuracy": both_right, "error": pair_errors}
     assert describe_dataset(TrainConfig(dataset="expanded")) == "expanded: expanded MNIST (40x40)"
@@ -40,8 +44,8 @@ def test_the_built_in_datasets_are_what_the_switchboard_said():
 
 
 def test_the_registry_refuses_what_it_cannot_hold():
-    with pytest.raises(ValueError, match=r"dataset must be one of \['expanded', 'mnist', 'mnist-sample', "
-                                         r"'multimnist'\], got 'mnits'"):
+    with pytest.raises(ValueError, match=r"dataset must be one of \['cifar10', 'expanded', 'fashion-mnist', 'mnist', "
+                                         r"'mnist-sample', 'multimnist', 'smallnorb', 'svhn'\], got 'mnits'"):
         dataset("mnits")
     with pytest.raises(ValueError, match="'mnist' is already registered"):
         register(dataset("mnist"))
@@ -112,7 +116,7 @@ def test_a_fourth_dataset_trains_and_evaluates_from_the_command_line(sample32, t
     # the trainer itself, resuming the run for a second epoch
     cfg = train_config_of(load_checkpoint(out / "checkpoint.npz")[0], out / "checkpoint.npz")
     cfg.epochs = 2
-    history = MNISTTrainer(cfg, out, progress=False, log=False).fit(resume=True)
+    history = RunTrainer(cfg, out, progress=False, log=False).fit(resume=True)
     assert [r["epoch"] for r in history] == [2] and 0.0 <= history[0]["test_accuracy"] <= 1.0
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 

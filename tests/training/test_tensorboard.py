@@ -14,7 +14,7 @@ import pytest
 
 from capsnet import train as train_cli
 from capsnet.models import CapsNetConfig
-from capsnet.training import MNISTTrainer, TrainConfig
+from capsnet.training import RunTrainer, TrainConfig
 
 needs_tensorboardx = pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is None,
                                         reason="needs tensorboardX: pip install 'capsnet[tensorboard]'")
@@ -70,7 +70,7 @@ def curves(logdir: Path) -> tuple[dict[str, dict[int, float]], dict[str, list[in
 @needs_tensorboardx
 def test_every_metric_each_interval_and_epoch_the_lr_and_reconstructions(tmp_path):
     run = tmp_path / "run"
-    history = MNISTTrainer(small_config(), run, progress=False, log=False, tensorboard=run / "tb").fit()
+    history = RunTrainer(small_config(), run, progress=False, log=False, tensorboard=run / "tb").fit()
     scalars, images = curves(run / "tb")
     # 6 steps an epoch, a log every 4: steps 4 and 6, then 10 and 12
     for tag in ("train/loss", "train/accuracy", "lr"):
@@ -95,7 +95,7 @@ def test_every_metric_each_interval_and_epoch_the_lr_and_reconstructions(tmp_pat
 def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path, stop):
     kind, at_epoch, at_step = stop
     straight = tmp_path / "straight"
-    MNISTTrainer(small_config(), straight, progress=False, log=False, tensorboard=straight / "tb").fit()
+    RunTrainer(small_config(), straight, progress=False, log=False, tensorboard=straight / "tb").fit()
 
     def interrupt(trainer, epoch, step):
         if (epoch, step) == (at_epoch, at_step):
@@ -103,10 +103,10 @@ def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path, st
 
     stopped = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt if kind == "ctrl-c" else RuntimeError):
-        MNISTTrainer(small_config(), stopped, progress=False, log=False, on_step=interrupt,
+        RunTrainer(small_config(), stopped, progress=False, log=False, on_step=interrupt,
                      tensorboard=stopped / "tb").fit()
     before, _ = curves(stopped / "tb")
-    resumed = MNISTTrainer(small_config(), stopped, progress=False, log=False, tensorboard=stopped / "tb")
+    resumed = RunTrainer(small_config(), stopped, progress=False, log=False, tensorboard=stopped / "tb")
     resumed.fit(resume=True)
     if kind == "crash":  # the crashed run had written step 10, which the resumed run writes again
         assert 10 in before["train/loss"]
@@ -136,7 +136,7 @@ def test_without_tensorboardx_the_option_fails_at_the_start_naming_the_extra(mon
     assert "needs the tensorboardX package and Pillow" in err and missing in err
     assert not out.exists() and not (tmp_path / "tb").exists()
     with pytest.raises(ImportError, match=r"pip install 'capsnet\[tensorboard\]'"):
-        MNISTTrainer(small_config(), out, progress=False, log=False, tensorboard=tmp_path / "tb")
+        RunTrainer(small_config(), out, progress=False, log=False, tensorboard=tmp_path / "tb")
 
 
 @needs_tensorboardx

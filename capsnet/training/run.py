@@ -1,4 +1,4 @@
-"""The runs of ``python -m capsnet.train``: a :class:`TrainConfig`, and :class:`MNISTTrainer`,
+"""The runs of ``python -m capsnet.train``: a :class:`TrainConfig`, and :class:`RunTrainer`,
 which builds a run from it and trains it with the general loop (:class:`capsnet.training.Trainer`).
 
 A run is one of the architectures of :data:`ARCHS` (the paper's CapsNet, its baseline CNN,
@@ -6,7 +6,7 @@ Efficient-CapsNet, the EM-routing network) on one of the registered datasets
 (:mod:`capsnet.training.datasets`: MNIST, expanded MNIST, MultiMNIST, the packaged sample,
 all made from MNIST, or one you register). Also here: building the model, task and
 optimizer of a configuration (:func:`build_model`, :func:`build_task`,
-:func:`build_optimizer`), evaluating a classifier (:func:`evaluate_mnist`), and reading a
+:func:`build_optimizer`), evaluating a classifier (:func:`evaluate_classifier`), and reading a
 checkpoint back as a model (:func:`load_model`, :func:`load_weights`,
 :func:`train_config_of`). Run folders written by capsnet 0.1 (before the general loop)
 resume too: their checkpoint header is brought to the new form on reading.
@@ -37,8 +37,8 @@ from capsnet.training.tasks import SupervisedTask
 from capsnet.training.tensorboard import summary_writer_class
 from capsnet.training.trainer import LOOP_VERSION, Trainer
 
-__all__ = ["ARCHS", "MNISTTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task", "data_sources",
-           "describe_dataset", "evaluate_mnist", "load_data", "load_model", "load_weights", "run_metrics",
+__all__ = ["ARCHS", "RunTrainer", "TrainConfig", "build_model", "build_optimizer", "build_task", "data_sources",
+           "describe_dataset", "evaluate_classifier", "load_data", "load_model", "load_weights", "run_metrics",
            "train_config_of"]
 
 
@@ -99,7 +99,7 @@ class TrainConfig(DictConfig):
         spec.check_arch(self.arch)
         if self.max_shift is None:
             self.max_shift = spec.max_shift
-        defaults = spec.model_defaults()
+        defaults = spec.model_defaults(self.arch)
         if self.model is None:
             self.model = ARCHS[self.arch](**defaults).as_dict()
         else:
@@ -141,6 +141,9 @@ class TrainConfig(DictConfig):
         if tuple(model.input_shape) != shape:
             raise ValueError(f"the {self.dataset} dataset has inputs of shape {shape}, but the model is configured "
                              f"for {tuple(model.input_shape)}")
+        if model.n_classes != spec.n_classes:
+            raise ValueError(f"the {self.dataset} dataset has {spec.n_classes} classes, but the model is configured "
+                             f"for n_classes={model.n_classes}")
         if getattr(model, "digits", 1) != spec.digits:
             raise ValueError(f"the {self.dataset} dataset has {spec.digits} digit(s) per image, but the CapsNet is "
                              f"configured for digits={model.digits}")
@@ -206,7 +209,7 @@ def build_model(cfg: TrainConfig) -> CapsNet | BaselineCNN:
 def build_task(cfg: TrainConfig) -> CapsNetTask | SupervisedTask | SpreadTask:
     """The paper's objective for the architecture: margin plus reconstruction loss for the
     CapsNet and Efficient-CapsNet, the spread loss for EM routing (its margin set by the
-    trainer's clock, see MNISTTrainer), softmax cross-entropy for the baseline."""
+    trainer's clock, see RunTrainer), softmax cross-entropy for the baseline."""
     return task_for(cfg.arch, cfg.recon_weight)
 
 
@@ -225,9 +228,9 @@ def build_optimizer(cfg: TrainConfig, model: Module):
     return SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def evaluate_mnist(model: CapsNet | BaselineCNN, images: Any, labels: Any, *, batch_size: int = 100,
-                   recon_weight: float = 0.0005, task: Any = None, progress: bool = False,
-                   desc: str = "test") -> dict[str, Any]:
+def evaluate_classifier(model: CapsNet | BaselineCNN, images: Any, labels: Any, *, batch_size: int = 100,
+                        recon_weight: float = 0.0005, task: Any = None, progress: bool = False,
+                        desc: str = "test") -> dict[str, Any]:
     """Accuracy, mean loss, per-class accuracy and the confusion matrix (rows: true class)
     of a classifier on images already on its device. The test set is never augmented; a
     CapsNet's decoder sees the longest capsule, as at test time. ``task`` defaults to the
@@ -245,7 +248,7 @@ def evaluate_mnist(model: CapsNet | BaselineCNN, images: Any, labels: Any, *, ba
             "confusion": conf.tolist(), "n": result["n"]}
 
 
-class MNISTTrainer(Trainer):
+class RunTrainer(Trainer):
     """Trains (or resumes) the model described by ``cfg`` on the dataset it names, in ``run_dir``.
 
     The model is seeded with ``cfg.seed``, the data stream (order and shifts) with

@@ -1,4 +1,4 @@
-"""capsnet.training.mnist_run: training a CapsNet on real MNIST, exact resume (from this
+"""capsnet.training.run: training a CapsNet on real MNIST, exact resume (from this
 version and from a capsnet 0.1 run folder), checkpoints refused with their reason, atomic
 writes, and the two-digit CapsNet learning MultiMNIST and resuming exactly."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from capsnet import parallel, train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
-from capsnet.training import CheckpointError, MNISTTrainer, RunFolderError, TrainConfig, load_weights, train_config_of
+from capsnet.training import CheckpointError, RunTrainer, RunFolderError, TrainConfig, load_weights, train_config_of
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -27,7 +27,7 @@ def small_config(mnist_dir, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def weights(trainer: MNISTTrainer) -> dict:
+def weights(trainer: RunTrainer) -> dict:
     return trainer.model.state_dict()
 
 
@@ -37,7 +37,7 @@ def test_small_capsnet_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path):
     model = {**CapsNetConfig().as_dict(), "conv_channels": 64, "primary_types": 8}
     cfg = TrainConfig(data_dir=str(mnist_dir), epochs=4, batch_size=100, train_limit=5000,
                       test_limit=1000, model=model)
-    history = MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
+    history = RunTrainer(cfg, tmp_path / "run", progress=False).fit()
     assert history[-1]["test_accuracy"] >= 0.95, history
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
@@ -47,7 +47,7 @@ def test_small_capsnet_reaches_95_percent_on_real_mnist(mnist_dir, tmp_path):
 @pytest.mark.parametrize("stop_at", [(0, 2), (1, 0), (1, 5)])
 def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, stop_at):
     cfg = small_config(mnist_dir)
-    straight = MNISTTrainer(cfg, tmp_path / "straight", progress=False)
+    straight = RunTrainer(cfg, tmp_path / "straight", progress=False)
     straight.fit()
 
     def interrupt(trainer, epoch, step):
@@ -55,8 +55,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        MNISTTrainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).fit()
-    resumed = MNISTTrainer(cfg, tmp_path / "resumed", progress=False)
+        RunTrainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).fit()
+    resumed = RunTrainer(cfg, tmp_path / "resumed", progress=False)
     resumed.fit(resume=True)
     a, b = weights(straight), weights(resumed)
     for name in a:
@@ -69,10 +69,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, 
 
 def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
-    MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
+    RunTrainer(cfg, tmp_path / "run", progress=False).fit()
     other = small_config(mnist_dir, epochs=2, model={**cfg.model, "digit_dim": 4})
     with pytest.raises(CheckpointError, match="digit_dim: checkpoint has 8, asked for 4"):
-        MNISTTrainer(other, tmp_path / "run", progress=False).fit(resume=True)
+        RunTrainer(other, tmp_path / "run", progress=False).fit(resume=True)
     model = CapsNet(CapsNetConfig.from_dict({**cfg.model, "conv_channels": 8}))
     with pytest.raises(CheckpointError, match="conv_channels"):
         load_weights(model, tmp_path / "run" / "checkpoint.npz")
@@ -81,10 +81,10 @@ def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_pat
 def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(mnist_dir, tmp_path, capsys):
     cfg = small_config(mnist_dir, epochs=1)
     with pytest.raises(RunFolderError, match="holds no checkpoint") as empty:
-        MNISTTrainer(cfg, tmp_path / "empty", progress=False).fit(resume=True)
-    MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
+        RunTrainer(cfg, tmp_path / "empty", progress=False).fit(resume=True)
+    RunTrainer(cfg, tmp_path / "run", progress=False).fit()
     with pytest.raises(RunFolderError, match=r"resume it \(fit\(resume=True\)\)") as occupied:
-        MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
+        RunTrainer(cfg, tmp_path / "run", progress=False).fit()
     assert (empty.value.reason, occupied.value.reason) == ("empty", "occupied")
     assert "--" not in str(empty.value) + str(occupied.value)  # the library names arguments, not flags
     # the command line words the same refusals with its flags
@@ -160,7 +160,7 @@ def test_a_run_folder_from_capsnet_0_1_resumes_to_the_same_weights(mnist_dir, tm
         assert "loop_version" not in header and header["train_config"]["data_dir"] is None
         cfg = TrainConfig.from_dict({**train_config_of(header, "v0.1").as_dict(), "data_dir": str(mnist_dir)})
         with pytest.raises(KeyboardInterrupt):
-            MNISTTrainer(cfg, runs["stopped"], progress=False, on_step=interrupt).fit(resume=True)
+            RunTrainer(cfg, runs["stopped"], progress=False, on_step=interrupt).fit(resume=True)
         assert load_checkpoint(runs["stopped"] / "checkpoint.npz")[0]["step_in_epoch"] == 2
         assert train_cli.main(["--out", str(runs["stopped"]), *resume]) == 0
     states = {name: load_checkpoint(run / "checkpoint.npz")[1] for name, run in runs.items()}
@@ -203,29 +203,29 @@ def test_a_run_folder_from_capsnet_0_2_resumes_to_the_same_weights(tmp_path):
 
 def test_a_checkpoint_from_an_unknown_loop_version_is_refused_with_the_reason(mnist_dir, tmp_path):
     cfg = small_config(mnist_dir, epochs=1)
-    MNISTTrainer(cfg, tmp_path / "run", progress=False).fit()
+    RunTrainer(cfg, tmp_path / "run", progress=False).fit()
     header, model_state, optim_state = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     save_checkpoint(tmp_path / "run" / "checkpoint.npz", model_state=model_state, optimizer_state=optim_state,
                     header={**header, "loop_version": 99})
     with pytest.raises(CheckpointError, match="loop_version 99"):
-        MNISTTrainer(small_config(mnist_dir, epochs=2), tmp_path / "run", progress=False).fit(resume=True)
+        RunTrainer(small_config(mnist_dir, epochs=2), tmp_path / "run", progress=False).fit(resume=True)
 
 
 def test_multimnist_run_learns_and_resumes_exactly(mnist_dir, tmp_path):
     """A small two-digit CapsNet on 1,500 MultiMNIST pairs: the pair error falls well below
     what guessing gives (a random pair of classes is right 1 time in 45), and a run stopped
     after one epoch and resumed ends with the weights of one that never stopped."""
-    from capsnet.training import MNISTTrainer, TrainConfig  # noqa: PLC0415
+    from capsnet.training import RunTrainer, TrainConfig  # noqa: PLC0415
 
     base = dict(data_dir=str(mnist_dir), dataset="multimnist", batch_size=50, train_limit=1500, test_limit=200,
                 test_pairs=2, model={"conv_channels": 32, "primary_types": 8, "decoder_hidden": [64, 128]})
-    whole = MNISTTrainer(TrainConfig(epochs=2, **base), tmp_path / "whole", progress=False, log=False)
+    whole = RunTrainer(TrainConfig(epochs=2, **base), tmp_path / "whole", progress=False, log=False)
     history = whole.fit()
     assert len(history) == 2 and "test_error" in history[-1]
     assert history[-1]["test_error"] == pytest.approx(1 - history[-1]["test_accuracy"])
     assert history[-1]["test_accuracy"] > 3 / 45, history  # more than 3x guessing (0.118 when written)
-    MNISTTrainer(TrainConfig(epochs=1, **base), tmp_path / "cut", progress=False, log=False).fit()
-    resumed = MNISTTrainer(TrainConfig(epochs=2, **base), tmp_path / "cut", progress=False, log=False)
+    RunTrainer(TrainConfig(epochs=1, **base), tmp_path / "cut", progress=False, log=False).fit()
+    resumed = RunTrainer(TrainConfig(epochs=2, **base), tmp_path / "cut", progress=False, log=False)
     resumed.fit(resume=True)
     for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
         np.testing.assert_array_equal(p.data, q.data, err_msg=name)
