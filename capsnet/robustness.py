@@ -20,9 +20,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from capsnet import __version__, backend
-from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError, load_mnist, load_mnist_sample
+from capsnet.data import MNISTDownloadError, MNISTFormatError, MNISTNotFoundError
 from capsnet.data.affine import AFFNIST_RANGES, TRANSFORMS, random_affine, read_affnist, sweep
 from capsnet.training import CheckpointError, load_model, train_config_of
+from capsnet.training.datasets import dataset
 
 __all__ = ["accuracy", "check_model", "evaluate_checkpoint", "main", "test_digits"]
 
@@ -57,10 +58,7 @@ def test_digits(dataset_name: str, data_dir: str | None, progress: bool) -> tupl
     """(images (N, 28, 28) uint8, labels) of the test digits a checkpoint's dataset is made
     from: the sample installed with capsnet for ``mnist-sample``, else MNIST's test files
     alone (the training files are neither read nor downloaded)."""
-    if dataset_name == "mnist-sample":
-        data = load_mnist_sample()
-    else:
-        data = load_mnist(data_dir, progress=progress, test_only=True)
+    data = dataset(dataset_name).test_split(data_dir, progress)
     return data.test_images, data.test_labels.astype(np.int64)
 
 

@@ -68,6 +68,8 @@ class DatasetSpec:
       rule in words for the error (``"... shifts digits by at most 4 px"``).
     - ``archs``: the architectures that can train on it (None: all), with
       ``archs_words`` for the error (``"the CapsNet only (two digits per image)"``).
+    - ``load_test(data_dir, progress)``: the same with only the test split read (the
+      training split may be empty), for tools that only evaluate; None: ``load``.
     - ``load(data_dir, progress)``: the splits it is made from (an object with
       ``train_images``, ``train_labels``, ``test_images``, ``test_labels``, such as
       :class:`~capsnet.data.Splits`).
@@ -95,6 +97,11 @@ class DatasetSpec:
     test_pairs: bool = False
     n_classes: int = 10
     model: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    load_test: Callable[[str | None, bool], Any] | None = None
+
+    def test_split(self, data_dir: str | None, progress: bool) -> Any:
+        """The splits with the test split read (``load_test``, else ``load``)."""
+        return (self.load_test or self.load)(data_dir, progress)
 
     def check_arch(self, arch: str) -> None:
         """Raise a ValueError when ``arch`` cannot train on this dataset."""
@@ -194,6 +201,10 @@ def _mnist(data_dir: str | None, progress: bool) -> Any:
     return load_mnist(data_dir, progress=progress)
 
 
+def _mnist_test(data_dir: str | None, progress: bool) -> Any:
+    return load_mnist(data_dir, progress=progress, test_only=True)  # the training files neither read nor fetched
+
+
 def _sample(data_dir: str | None, progress: bool) -> Any:
     return load_mnist_sample()  # installed with the package: never a download
 
@@ -202,11 +213,12 @@ _DIGITS = {"train_source": partial(digit_source, train=True), "test_source": par
 
 register(DatasetSpec(
     name="mnist", description="MNIST", help="28x28", input_shape=(1, 28, 28), max_shift=2, load=_mnist,
+    load_test=_mnist_test,
     **_DIGITS))
 register(DatasetSpec(
     name="expanded", description="expanded MNIST (40x40)",
     help="expanded MNIST: digits placed at random on 40x40, the training set of the affine-robustness experiment",
-    input_shape=(1, 40, 40), max_shift=EXPANDED_PAD, load=_mnist,
+    input_shape=(1, 40, 40), max_shift=EXPANDED_PAD, load=_mnist, load_test=_mnist_test,
     train_source=partial(digit_source, train=True, pad=EXPANDED_PAD),
     test_source=partial(digit_source, train=False, pad=EXPANDED_PAD),
     shift_limit=EXPANDED_PAD,
@@ -215,7 +227,7 @@ register(DatasetSpec(
     name="multimnist", description="MultiMNIST (36x36 pairs)",
     help="two overlapping digits on 36x36, CapsNet only; reports the error rate: a pair is right when both "
          "digits are",
-    input_shape=(1, 36, 36), max_shift=4, load=_mnist, digits=2,
+    input_shape=(1, 36, 36), max_shift=4, load=_mnist, load_test=_mnist_test, digits=2,
     train_source=partial(multimnist_source, train=True), test_source=partial(multimnist_source, train=False),
     metrics={"accuracy": both_right, "error": pair_errors}, test_pairs=True,
     shift_limit=4, shift_limit_words="MultiMNIST shifts digits by at most 4 px on its 36x36 canvas",

@@ -108,8 +108,7 @@ def test_affnist_with_a_28x28_model_is_refused_before_any_work(small_runs, tmp_p
 
     work = []
     monkeypatch.setattr(robustness, "read_affnist", lambda path: work.append("read affNIST"))
-    monkeypatch.setattr(robustness, "load_mnist", lambda *a, **k: work.append("read MNIST"))
-    monkeypatch.setattr(robustness, "load_mnist_sample", lambda *a, **k: work.append("read the sample"))
+    monkeypatch.setattr(robustness, "test_digits", lambda *a, **k: work.append("read the test digits"))
     monkeypatch.setattr(robustness, "accuracy", lambda *a, **k: work.append("evaluated") or 0.5)
     code = robustness.main([str(small_runs / "sample" / "best.npz"), "--affnist", str(tmp_path / "test.mat"),
                             "--out", str(tmp_path / "rob"), "--no-plot", "--no-progress"])
