@@ -10,9 +10,11 @@ element-wise flops, values moved), and writes them with the machine they came fr
 
     PYTHONPATH=$PWD python scripts/fit_conv_cost.py                   # writes the shipped table
     PYTHONPATH=$PWD python scripts/fit_conv_cost.py --out /tmp/m.json --batches 1 8 --threads 1
+    PYTHONPATH=$PWD python scripts/fit_conv_cost.py --refit /tmp/m.json --out /tmp/m.json   # new features, same timings
 
-The shipped table is capsnet/layers/convolution/cost_model.json; timings are the
-minimum of --repeats calls after one warm-up call.
+The shipped table is capsnet/layers/convolution/cost_model.json, with the timings it was
+fitted from; each timing is the median of --rounds rounds in which the candidates alternate,
+after a warm-up round.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -70,24 +73,25 @@ def machine() -> dict:
             "platform": platform.platform(), "git_commit": commit.stdout.strip() or None}
 
 
-def time_call(alg, g, x, w, gy, training: bool, input_grad: bool, repeats: int) -> float:
-    best = float("inf")
-    for k in range(repeats + 1):
+def time_round(algs: dict, g, x, w, gy, training: bool, input_grad: bool) -> dict:
+    """One call of each algorithm, one after the other: {name: seconds}."""
+    times = {}
+    for name, alg in algs.items():
         start = time.perf_counter()
         y, saved = alg.forward(g, x, w, None, training)
         if training:
             alg.backward(g, gy, saved, w, input_grad)
-        if k:
-            best = min(best, time.perf_counter() - start)
+        times[name] = time.perf_counter() - start
         del y, saved
-    alg.release()
-    return best
+    return times
 
 
-def sweep(batches: list[int], repeats: int, max_seconds: float) -> list[dict]:
+def sweep(batches: list[int], rounds: int, max_seconds: float) -> list[dict]:
+    """Per shape, batch and mode, the candidates alternate within each round (a load spike
+    from other jobs hits them alike); each one's median over the rounds, after a warm-up."""
     from capsnet.layers.convolution import ConvGeometry, candidates, make  # noqa: PLC0415
 
-    rows, slow = [], set()
+    rows = []
     rng = np.random.default_rng(0)
     for name, h, wd, c, o, k, s, p, groups, input_grad in SHAPES:
         for batch in batches:
@@ -95,19 +99,35 @@ def sweep(batches: list[int], repeats: int, max_seconds: float) -> list[dict]:
             x = rng.standard_normal((batch, h, wd, c)).astype(np.float32)
             w = rng.standard_normal((o, c // groups, k, k)).astype(np.float32)
             gy = rng.standard_normal((batch, g.out_h, g.out_w, o)).astype(np.float32)
-            for alg_name in candidates(g):
-                if (name, alg_name) in slow:  # far off the pace at a smaller batch: the fit needs no more of it
-                    continue
-                for training in (False, True):
-                    seconds = time_call(make(alg_name), g, x, w, gy, training, input_grad, repeats)
+            for training in (False, True):
+                algs = {n: make(n) for n in candidates(g)}
+                time_round(algs, g, x, w, gy, training, input_grad)  # plans, tables, page faults
+                samples = [time_round(algs, g, x, w, gy, training, input_grad)]
+                # a candidate far slower than the best tells the fit nothing more rounds would
+                best = min(samples[0].values())
+                kept = {n: a for n, a in algs.items() if samples[0][n] <= max(max_seconds, 10 * best)}
+                samples += [time_round(kept, g, x, w, gy, training, input_grad) for _ in range(rounds - 1)]
+                for alg_name in algs:
+                    seconds = statistics.median(r[alg_name] for r in samples if alg_name in r)
                     rows.append({"shape": name, "batch": batch, "algorithm": alg_name, "training": training,
                                  "input_grad": input_grad, "geometry": g, "seconds": seconds})
                     print(f"{name:26s} b{batch:<4d} {alg_name:9s} {'train' if training else 'infer'} "
                           f"{seconds * 1e3:9.2f} ms", flush=True)
-                    if seconds > max_seconds:
-                        slow.add((name, alg_name))
-                        break
+                for alg in algs.values():
+                    alg.release()
     return rows
+
+
+def _row_to_json(row: dict) -> dict:
+    import dataclasses  # noqa: PLC0415
+
+    return {**row, "geometry": dataclasses.asdict(row["geometry"])}
+
+
+def _row_from_json(row: dict) -> dict:
+    from capsnet.layers.convolution import ConvGeometry  # noqa: PLC0415
+
+    return {**row, "geometry": ConvGeometry(**row["geometry"])}
 
 
 def fit(rows: list[dict]) -> dict:
@@ -127,25 +147,65 @@ def fit(rows: list[dict]) -> dict:
     return table
 
 
+def check(rows: list[dict], table: dict) -> str:
+    """How often the fitted model picks the fastest measured candidate, and the geometric
+    mean of (time of its pick / time of the fastest) over the sweep's cases."""
+    from capsnet.layers.convolution import cost_features  # noqa: PLC0415
+
+    cases: dict = {}
+    for r in rows:
+        cases.setdefault((r["shape"], r["batch"], r["training"]), {})[r["algorithm"]] = r
+    right, regret = 0, []
+    for case in cases.values():
+        if len(case) < 2:
+            continue
+        pick = min(case, key=lambda n: cost_features(n, case[n]["geometry"], case[n]["training"],
+                                                     case[n]["input_grad"]) @ np.asarray(table[n]))
+        best = min(case, key=lambda n: case[n]["seconds"])
+        right += pick == best
+        regret.append(case[pick]["seconds"] / case[best]["seconds"])
+    return (f"picks the fastest in {right} of {len(regret)} cases; its picks take "
+            f"{float(np.exp(np.mean(np.log(regret)))):.3f}x the fastest's time (geometric mean)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--max-seconds", type=float, default=1.0,
-                        help="after a call slower than this, skip that algorithm on that shape from then on")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-seconds", type=float, default=0.5,
+                        help="a candidate slower than this and than 10x the best in the first round is not timed again")
+    parser.add_argument("--refit", metavar="JSON",
+                        help="fit again from the timings stored in a model file (after the features changed)")
     parser.add_argument("--out", default=str(REPO / "capsnet" / "layers" / "convolution" / "cost_model.json"))
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from capsnet.parallel import blas_limit  # noqa: PLC0415
 
-    model = {"version": 1, "features": ["calls", "gemm_flops", "elementwise_flops", "values_moved"],
+    from capsnet.layers.convolution.select import FEATURES  # noqa: PLC0415
+
+    if args.refit:
+        model = json.loads(Path(args.refit).read_text())
+        for threads, rows in model["timings"].items():
+            rows = [_row_from_json(r) for r in rows]
+            model["threads"][threads] = fit(rows)
+            model.setdefault("check", {})[threads] = check(rows, model["threads"][threads])
+            print(f"{threads} thread(s): {model['check'][threads]}")
+        model["features"] = list(FEATURES)
+        Path(args.out).write_text(json.dumps(model, indent=1) + "\n")
+        print(f"refitted {args.refit} into {args.out}")
+        return
+    model = {"version": 1, "features": list(FEATURES),
              "command": "PYTHONPATH=$PWD python scripts/fit_conv_cost.py " + " ".join(sys.argv[1:]),
-             "machine": machine(), "batches": args.batches, "threads": {}}
+             "machine": machine(), "batches": args.batches, "threads": {}, "timings": {}}
     for threads in args.threads:
         with blas_limit(threads):
             print(f"-- {threads} BLAS thread(s)")
-            model["threads"][str(threads)] = fit(sweep(args.batches, args.repeats, args.max_seconds))
+            rows = sweep(args.batches, args.rounds, args.max_seconds)
+            model["threads"][str(threads)] = fit(rows)
+            model["timings"][str(threads)] = [_row_to_json(r) for r in rows]
+            model.setdefault("check", {})[str(threads)] = check(rows, model["threads"][str(threads)])
+            print(f"{threads} thread(s): {model['check'][str(threads)]}")
     Path(args.out).write_text(json.dumps(model, indent=1) + "\n")
     print(f"wrote {args.out}")
 

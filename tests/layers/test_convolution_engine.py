@@ -183,10 +183,10 @@ def test_pinning_and_the_record_of_choices(fresh_choices, host_rng):
 
 def test_the_cost_model_decides_auto(fresh_choices):
     g = ConvGeometry(4, 9, 9, 8, 8, 3, 3, 1, 1, 8)
-    table = {name: [0.0, 0.0, 0.0, 0.0] for name in engine.ALGORITHMS}
+    table = {name: [0.0] * 5 for name in engine.ALGORITHMS}
     for favourite in ("im2col", "direct"):
-        model = {"threads": {"1": {**table, favourite: [1e-9, 0, 0, 0]}}}
-        model["threads"]["1"] = {n: ([1.0, 0, 0, 0] if n != favourite else [1e-9, 0, 0, 0]) for n in table}
+        model = {"threads": {"1": {**table, favourite: [1e-9, 0, 0, 0, 0]}}}
+        model["threads"]["1"] = {n: ([1.0, 0, 0, 0, 0] if n != favourite else [1e-9, 0, 0, 0, 0]) for n in table}
         engine.set_cost_model(model)
         assert engine.choose(g, training=True) == favourite
 

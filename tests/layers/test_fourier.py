@@ -1,4 +1,4 @@
-"""The Fourier-domain convolution (capsnet.layers.fourier): against the loop oracle
+"""The Fourier-domain convolution (capsnet.layers.convolution.fourier): against the loop oracle
 and im2col on awkward geometries, float64 gradient checks, float32 accuracy at
 PrimaryCaps' size, the DFT tables, and how Conv2d chooses between the methods.
 """

@@ -45,7 +45,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {"im2col": Im2col, "fourier": Fourier, 
                                           "pointwise": Pointwise}
 BENCHMARK_ENV = "CAPSNET_CONV_BENCHMARK"
 COST_MODEL_PATH = Path(__file__).with_name("cost_model.json")
-FEATURES = ("calls", "gemm_flops", "elementwise_flops", "values_moved")
+FEATURES = ("calls", "gemm_flops", "elementwise_flops", "values_moved", "weight_values")
 
 
 def make(name: str) -> Algorithm:
@@ -61,35 +61,39 @@ def _passes(training: bool, input_grad: bool) -> int:
 
 def cost_features(name: str, g: ConvGeometry, training: bool, input_grad: bool = True) -> np.ndarray:
     """What algorithm ``name`` does for one call on ``g`` (a training call: forward and
-    gradients), as the features of the cost model: (array calls, matrix-product flops,
-    element-wise flops, values moved by gathers and layout changes)."""
+    gradients), as the features of the cost model (FEATURES): array calls, matrix-product
+    flops, element-wise flops, values moved by gathers and layout changes (these grow with
+    the batch), and weight-sized values moved (these do not: the weights' reordering, the
+    Fourier method's weight spectrum)."""
     passes = _passes(training, input_grad)
     c, o, kh, kw = g.in_channels, g.out_channels, g.kernel_h, g.kernel_w
     weights = o * g.depth
     patch_values = g.rows * kh * kw * c
+    # the input gradient's gather-sum reads ceil(K/s)^2 taps (at most the outputs) per padded pixel
+    taps = min(-(-kh // g.stride), g.out_h) * min(-(-kw // g.stride), g.out_w)
+    sum_values = 2 * g.batch * g.padded_h * g.padded_w * c * taps if training and input_grad else 0
     if name == "pointwise":
-        return np.array([2 * passes, passes * g.flops(), 0, g.rows * (c + o) * passes], dtype=float)
+        return np.array([2 * passes, passes * g.flops(), 0, g.rows * (c + o) * passes, 0], dtype=float)
     if name == "im2col":
-        groups = 1 if layout_for(g) == "channels" else len(row_groups(kh, kw, c))
-        sum_values = g.batch * g.padded_h * g.padded_w * c * -(-kh // g.stride) * -(-kw // g.stride)
-        moved = passes * patch_values + (2 * sum_values if training and input_grad else 0)
-        if layout_for(g) == "rows":
-            moved += weights * passes
-        return np.array([groups * (2 * passes + 1), passes * g.flops(), 0, moved], dtype=float)
+        rows_layout = layout_for(g) == "rows"
+        groups = len(row_groups(kh, kw, c)) if rows_layout else 1
+        return np.array([groups * (2 * passes + 1), passes * g.flops(), 0, passes * patch_values + sum_values,
+                         passes * weights if rows_layout else 0], dtype=float)
     if name == "direct":
-        blocks = -(-g.rows * kw * c * (o // g.groups) // (1 << 23))
-        sum_values = g.batch * g.padded_h * g.padded_w * c * -(-kh // g.stride) * -(-kw // g.stride)
-        moved = passes * g.rows * kh * kw * c * (o // g.groups) + (2 * sum_values if training and input_grad else 0)
-        return np.array([(3 * passes) * max(1, min(blocks, kh)), 0, passes * g.flops(), moved], dtype=float)
+        products = g.rows * kh * kw * c * (o // g.groups)
+        blocks = max(1, min(kh, -(-products // (1 << 23))))
+        return np.array([3 * passes * blocks, 0, passes * g.flops(), passes * products + sum_values, weights],
+                        dtype=float)
     if name == "fourier":
         args = (g.padded_h, g.padded_w, c, o, kh, kw, g.stride)
-        spectral = fourier_flops(*args)[1]
+        spectral = g.batch * fourier_flops(*args)[1]  # fourier_flops counts one image
         if training:
-            spectral += fourier_flops(*args, backward=True, input_grad=input_grad)[1]
+            spectral += g.batch * fourier_flops(*args, backward=True, input_grad=input_grad)[1]
         grid = fourier_geometry(*args[:2], kh, kw, g.stride)
         spectrum = 2 * grid["bins"] * g.stride ** 2 * c * o
-        moved = (2 if training else 1) * spectrum + g.batch * grid["ny"] * grid["nx"] * g.stride ** 2 * c * passes
-        return np.array([12 * passes, spectral, 0, moved], dtype=float)
+        grids = g.batch * grid["ny"] * grid["nx"] * g.stride ** 2 * c * passes
+        # training transforms the weights there and back every call; inference compares them with a copy
+        return np.array([12 * passes, spectral, 0, grids, 2 * spectrum if training else 2 * weights], dtype=float)
     raise ValueError(f"no cost features for algorithm {name!r}")
 
 
@@ -101,7 +105,7 @@ _timed: dict[tuple, str] = {}
 
 
 def load_cost_model(path: str | os.PathLike | None = None) -> dict:
-    """The coefficients of the cost model: {"threads": {"1": {algorithm: [4 coefficients]}}, ...}."""
+    """The coefficients of the cost model: {"threads": {"1": {algorithm: [coefficients of FEATURES]}}, ...}."""
     with open(path or COST_MODEL_PATH) as f:
         model = json.load(f)
     for threads, table in model["threads"].items():
