@@ -242,3 +242,27 @@ def test_conv_transpose_goes_through_the_engine(xp, host_rng, torch):
     np.testing.assert_allclose(host(y), yt.detach().numpy(), rtol=1e-10, atol=1e-11)
     np.testing.assert_allclose(host(gx), xt.grad.numpy(), rtol=1e-10, atol=1e-11)
     np.testing.assert_allclose(host(layer.weight.grad), wt.grad.numpy(), rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", [(2, 7, 6, 3, 3, 1, 1), (1, 20, 20, 4, 9, 2, 0), (2, 9, 10, 2, 4, 3, 2),
+                                  (2, 9, 9, 3, 9, 1, 0), (1, 5, 5, 2, 1, 2, 0)],
+                         ids=["3x3-pad", "9x9-stride2", "4x4-stride3", "9x9-on-9x9", "1x1-stride2"])
+def test_both_patch_gradient_sums_are_the_adjoint_of_the_gather(xp, host_rng, case):
+    """The index gather (the GPU's) and the per-offset slice additions (NumPy's) give the
+    same sums, and both are the adjoint of the patch gather: <im2col(x), y> = <x, col2im(y)>."""
+    from capsnet.layers.convolution.patches import (  # noqa: PLC0415
+        crop, im2col, patch_gradient_buffer, patch_gradient_sum)
+
+    b, h, w, c, k, s, p = case
+    x = host_rng.standard_normal((b, h, w, c))
+    col = im2col(dev(x), k, k, s, p)
+    y = host_rng.standard_normal(col.shape)
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    sums = {}
+    for method in ("gather", "offsets"):
+        buf, front = patch_gradient_buffer(xp, y.shape[0], y.shape[1], c, y.dtype)
+        front[...] = dev(y)
+        sums[method] = host(crop(patch_gradient_sum(buf, (b, h + 2 * p, w + 2 * p, c), oh, ow, range(k), k, s,
+                                                    method=method), p))
+        np.testing.assert_allclose((host(col) * y).sum(), (x * sums[method]).sum(), rtol=1e-10)
+    np.testing.assert_allclose(sums["gather"], sums["offsets"], rtol=1e-12, atol=1e-12)

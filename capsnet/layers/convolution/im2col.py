@@ -122,9 +122,5 @@ class Im2col(Algorithm):
         for rows in row_groups(kh, kw, c):
             buf, gcol = patch_gradient_buffer(xp, g.rows, len(rows) * kw * c, c, w.dtype)
             xp.matmul(g2, w_rows[rows.start : rows.stop].reshape(-1, o).T, out=gcol)
-            part = patch_gradient_sum(buf, shape_pad, oh, ow, rows, kw, g.stride)
-            if grad_pad is None:
-                grad_pad = part
-            else:
-                grad_pad += part
+            grad_pad = patch_gradient_sum(buf, shape_pad, oh, ow, rows, kw, g.stride, out=grad_pad)
         return crop(grad_pad, g.padding)

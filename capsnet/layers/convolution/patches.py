@@ -1,6 +1,6 @@
 """The patch layout every algorithm shares: im2col (a gather of kernel-offset patches),
-its adjoint col2im as a gather too (one index gather and one sum, not KH*KW slice
-additions), and the public ``im2col``/``col2im`` pair.
+its adjoint col2im (on a GPU one index gather and one sum instead of KH*KW slice additions,
+see sum_method), and the public ``im2col``/``col2im`` pair.
 
 The patch matrix of a channels-last batch x (B, H, W, C) has one row per output pixel,
 ordered (b, oy, ox), and one column per kernel tap and channel, ordered (ky, kx, c): every
@@ -18,7 +18,8 @@ import numpy as np
 from capsnet import backend
 from capsnet.layers.base import conv_output_size
 
-__all__ = ["col2im", "gather", "gather_channel_major", "im2col", "pad", "patch_gradient_sum", "row_groups"]
+__all__ = ["SUM_METHODS", "col2im", "gather", "gather_channel_major", "im2col", "pad", "patch_gradient_buffer",
+           "patch_gradient_sum", "patch_view", "row_groups", "sum_method"]
 
 
 def pad(x_nhwc: Any, padding: int) -> Any:
@@ -131,22 +132,51 @@ def patch_gradient_buffer(xp: Any, rows: int, cols: int, channels: int, dtype: A
     return buf, buf[: rows * cols].reshape(rows, cols)
 
 
-def patch_gradient_sum(buf: Any, shape_pad: tuple, oh: int, ow: int, rows: range, kw: int, stride: int) -> Any:
+SUM_METHODS = ("auto", "gather", "offsets")
+
+
+def sum_method(xp: Any, method: str = "auto") -> str:
+    """How :func:`patch_gradient_sum` runs: "gather" (one index gather and one sum: two
+    launches whatever the kernel) on a GPU, where each launch costs 5-20 us; "offsets" (a
+    slice addition per kernel offset, each value written once) on NumPy, where a call costs
+    a microsecond but the gather writes every padded pixel's ceil(K/s)^2 slots, most of them
+    zero at a 9x9 stride-2 kernel on a 6x6 output (measured at PrimaryCaps' batch 8 on the
+    2-core machine: 21 ms by offsets, 77 ms by the gather, 284 ms by numpy.add.at)."""
+    if method not in SUM_METHODS:
+        raise ValueError(f"patch-gradient sum method must be one of {SUM_METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    return "offsets" if backend.device_key(xp)[0] == "numpy" else "gather"
+
+
+def patch_gradient_sum(buf: Any, shape_pad: tuple, oh: int, ow: int, rows: range, kw: int, stride: int,
+                       out: Any | None = None, method: str = "auto") -> Any:
     """The adjoint of :func:`gather`: sum each padded input pixel's patch gradients.
 
     ``buf`` holds the patch gradient of kernel rows ``rows``, (B, OH, OW, len(rows), KW, C),
-    followed by C zeros (see :func:`patch_gradient_buffer`); returns the gradient of the
-    padded input (B, Hp, Wp, C) from those rows. One index gather of the <= ceil(KH/s) *
-    ceil(KW/s) taps that reach each pixel and one sum over them: two launches whatever the
-    kernel size, instead of KH*KW slice additions.
+    followed by C zeros (see :func:`patch_gradient_buffer`). Returns the gradient of the
+    padded input (B, Hp, Wp, C) from those rows, added into ``out`` when given. By
+    :func:`sum_method`: one index gather of the <= ceil(KH/s) * ceil(KW/s) taps that reach
+    each pixel and one sum over them, or one slice addition per kernel offset.
     """
     xp = backend.get_array_module(buf)
     b, hp, wp, c = shape_pad
+    if sum_method(xp, method) == "offsets":
+        gcol = buf[: b * oh * ow * len(rows) * kw * c].reshape(b, oh, ow, len(rows), kw, c)
+        if out is None:
+            out = xp.zeros(shape_pad, dtype=buf.dtype)
+        for a, ky in enumerate(rows):  # a loop over kernel offsets
+            ys = slice(ky, ky + stride * oh, stride)
+            for kx in range(kw):
+                out[:, ys, kx : kx + stride * ow : stride] += gcol[:, :, :, a, kx]
+        return out
     index = _index(xp, b, hp, wp, oh, ow, rows, kw, stride)
     taps = xp.take(buf.reshape(-1, c), index, axis=0)  # (B, Hp, Wp, T, C)
-    if taps.shape[3] == 1:
-        return taps.reshape(b, hp, wp, c)
-    return taps.sum(axis=3)
+    total = taps.reshape(b, hp, wp, c) if taps.shape[3] == 1 else taps.sum(axis=3)
+    if out is None:
+        return total
+    out += total
+    return out
 
 
 def im2col(x_nhwc: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:

@@ -69,20 +69,26 @@ def cost_features(name: str, g: ConvGeometry, training: bool, input_grad: bool =
     c, o, kh, kw = g.in_channels, g.out_channels, g.kernel_h, g.kernel_w
     weights = o * g.depth
     patch_values = g.rows * kh * kw * c
-    # the input gradient's gather-sum reads ceil(K/s)^2 taps (at most the outputs) per padded pixel
-    taps = min(-(-kh // g.stride), g.out_h) * min(-(-kw // g.stride), g.out_w)
-    sum_values = 2 * g.batch * g.padded_h * g.padded_w * c * taps if training and input_grad else 0
+    # the input gradient's patch-gradient sum (patches.sum_method): on a GPU an index gather of
+    # ceil(K/s)^2 slots (at most the outputs) per padded pixel; on NumPy a slice addition per offset
+    sum_calls, sum_values = 0, 0
+    if training and input_grad:
+        if g.backend == "numpy":
+            sum_calls, sum_values = kh * kw, patch_values
+        else:
+            taps = min(-(-kh // g.stride), g.out_h) * min(-(-kw // g.stride), g.out_w)
+            sum_values = 2 * g.batch * g.padded_h * g.padded_w * c * taps
     if name == "pointwise":
         return np.array([2 * passes, passes * g.flops(), 0, g.rows * (c + o) * passes, 0], dtype=float)
     if name == "im2col":
         rows_layout = layout_for(g) == "rows"
         groups = len(row_groups(kh, kw, c)) if rows_layout else 1
-        return np.array([groups * (2 * passes + 1), passes * g.flops(), 0, passes * patch_values + sum_values,
+        return np.array([groups * (2 * passes + 1) + sum_calls, passes * g.flops(), 0, passes * patch_values + sum_values,
                          passes * weights if rows_layout else 0], dtype=float)
     if name == "direct":
         products = g.rows * kh * kw * c * (o // g.groups)
         blocks = max(1, min(kh, -(-products // (1 << 23))))
-        return np.array([3 * passes * blocks, 0, passes * g.flops(), passes * products + sum_values, weights],
+        return np.array([3 * passes * blocks + sum_calls, 0, passes * g.flops(), passes * products + sum_values, weights],
                         dtype=float)
     if name == "fourier":
         args = (g.padded_h, g.padded_w, c, o, kh, kw, g.stride)
