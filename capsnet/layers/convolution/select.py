@@ -113,7 +113,7 @@ _timed: dict[tuple, str] = {}
 def load_cost_model(path: str | os.PathLike | None = None) -> dict:
     """The coefficients of the cost model: {"threads": {"1": {algorithm: [coefficients of FEATURES]}}, ...}."""
     with open(path or COST_MODEL_PATH) as f:
-        model = json.load(f)
+        model = {key: value for key, value in json.load(f).items() if key != "timings"}  # those are the fit's
     for threads, table in model["threads"].items():
         for name, coef in table.items():
             if name not in ALGORITHMS or len(coef) != len(FEATURES):
