@@ -43,7 +43,8 @@ class Im2col(Algorithm):
     name = "im2col"
 
     def __init__(self, layout: str = "auto"):
-        layout_for(ConvGeometry(1, 1, 1, 1, 1, 1, 1), layout)  # refuses an unknown layout now
+        if layout not in LAYOUTS:
+            raise ValueError(f"convolution layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
 
     def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True

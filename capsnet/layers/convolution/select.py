@@ -158,6 +158,7 @@ def set_benchmark(on: bool | None) -> None:
 
 
 def benchmark_enabled() -> bool:
+    """Whether "auto" times the candidates (set_benchmark, else CAPSNET_CONV_BENCHMARK=1)."""
     if _benchmark is not None:
         return _benchmark
     return os.environ.get(BENCHMARK_ENV) == "1"
@@ -168,6 +169,7 @@ def _threads() -> int:
 
 
 def candidates(g: ConvGeometry) -> list[str]:
+    """The names of the algorithms that can carry out ``g``."""
     return [name for name, cls in ALGORITHMS.items() if cls().supports(g)]
 
 
