@@ -155,6 +155,7 @@ def set_benchmark(on: bool | None) -> None:
     global _benchmark
     with _lock:
         _benchmark = on
+        _choices.clear()
 
 
 def benchmark_enabled() -> bool:
@@ -196,9 +197,15 @@ def choose(g: ConvGeometry, training: bool, input_grad: bool = True, algorithm: 
            xp: Any = None) -> str:
     """The algorithm that runs ``g``: ``algorithm`` itself when pinned (refused if it cannot
     carry out ``g``), else the fastest candidate by the cost model or, in benchmark mode, by
-    timing each once. The choice is recorded for :func:`choices`."""
-    names = candidates(g)
+    timing each once. The choice is recorded for :func:`choices`, and a geometry decided
+    before is answered from that record."""
     threads = _threads()
+    key = (g, training, input_grad, threads)
+    known = _choices.get(key)
+    if known is not None and algorithm in ("auto", known["algorithm"]) and \
+            (algorithm == "auto") == (known["chosen_by"] != "pinned"):
+        return known["algorithm"]  # decided already: a dictionary lookup per call
+    names = candidates(g)
     if algorithm != "auto":
         make(algorithm)  # refuses an unknown name
         if algorithm not in names:
@@ -208,7 +215,6 @@ def choose(g: ConvGeometry, training: bool, input_grad: bool = True, algorithm: 
     elif len(names) == 1:
         name, how = names[0], "only candidate"
     elif benchmark_enabled():
-        key = (g, training, input_grad, threads)
         with _lock:  # replicas asking at once time the candidates once
             name = _timed.get(key)
             if name is None:
@@ -218,8 +224,7 @@ def choose(g: ConvGeometry, training: bool, input_grad: bool = True, algorithm: 
     else:
         costs = {n: predicted_seconds(n, g, training, input_grad, threads) for n in names}
         name, how = min(costs, key=costs.get), "cost model"
-    key = (g, training, input_grad, threads)
-    if key not in _choices:
+    if key not in _choices or _choices[key]["algorithm"] != name:
         with _lock:
             _choices[key] = {**dataclasses.asdict(g), "training": training, "input_grad": input_grad,
                              "threads": threads, "algorithm": name, "chosen_by": how}
