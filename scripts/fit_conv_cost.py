@@ -167,6 +167,12 @@ def check(rows: list[dict], table: dict) -> str:
             f"{float(np.exp(np.mean(np.log(regret)))):.3f}x the fastest's time (geometric mean)")
 
 
+def dump(model: dict, path: str) -> None:
+    """One line per top-level key: the tables stay readable, the timings take no indentation."""
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in model.items()]
+    Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -191,7 +197,7 @@ def main() -> None:
             model.setdefault("check", {})[threads] = check(rows, model["threads"][threads])
             print(f"{threads} thread(s): {model['check'][threads]}")
         model["features"] = list(FEATURES)
-        Path(args.out).write_text(json.dumps(model, indent=1) + "\n")
+        dump(model, args.out)
         print(f"refitted {args.refit} into {args.out}")
         return
     model = {"version": 1, "features": list(FEATURES),
@@ -205,7 +211,7 @@ def main() -> None:
             model["timings"][str(threads)] = [_row_to_json(r) for r in rows]
             model.setdefault("check", {})[str(threads)] = check(rows, model["threads"][str(threads)])
             print(f"{threads} thread(s): {model['check'][str(threads)]}")
-    Path(args.out).write_text(json.dumps(model, indent=1) + "\n")
+    dump(model, args.out)
     print(f"wrote {args.out}")
 
 
