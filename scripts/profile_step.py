@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from capsnet.layers import capsule as caps
-from capsnet.layers import conv, fourier
+from capsnet.layers import conv
+from capsnet.layers.convolution import fourier
 from capsnet.models import CapsNet, CapsNetLoss
 from capsnet.optim import Adam
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from capsnet import backend
 from capsnet.layers.base import Module
+from capsnet.layers.convolution import choices as convolution_choices
 from capsnet.training import extensions as ext
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
 from capsnet.training.evaluation import Metric, add, count_correct, mean
@@ -164,6 +165,7 @@ class Trainer:
                 self._fire("start")
                 while self.epoch < self.epochs:
                     history.append(self._run_epoch())
+                    self._record_convolutions()
                     if self.epoch < self.epochs and self.strategy.agree(self.stop_requested):
                         raise KeyboardInterrupt  # noted during the evaluation at the epoch's end
             except KeyboardInterrupt:
@@ -324,8 +326,26 @@ class Trainer:
                 self.folder.trim_metrics(self.epoch)
             else:
                 self.folder.clear_metrics()
-            if self.config is not None:
-                self.folder.write_config({**self.config, "device": backend.describe_device(self.backend_name)})
+            self._written_convolutions: list | None = None
+            self._write_config()
+
+    def _write_config(self, convolutions: list | None = None) -> None:
+        if self.config is None:
+            return
+        record = {**self.config, "device": backend.describe_device(self.backend_name)}
+        if convolutions:
+            record["convolution_algorithms"] = convolutions  # what "auto" chose (capsnet.layers.convolution)
+        self.folder.write_config(record)
+
+    def _record_convolutions(self) -> None:
+        """Add the convolution algorithms chosen so far to config.json once they are known
+        (after the first epoch) and whenever they change."""
+        if not self.strategy.writes:
+            return
+        chosen = convolution_choices()
+        if chosen != getattr(self, "_written_convolutions", None):
+            self._written_convolutions = chosen
+            self._write_config(chosen)
 
     def upgrade_header(self, header: dict[str, Any], path: Path) -> dict[str, Any]:
         """Bring a checkpoint header written by an older version to this loop's form,

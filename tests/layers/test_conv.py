@@ -80,12 +80,15 @@ def test_both_patch_layouts_match_naive_loops(xp, host_rng, layout, stride, padd
 
 
 def test_small_batches_take_the_channel_major_layout():
-    from capsnet.layers.conv import _layout  # noqa: PLC0415
+    from capsnet.layers.convolution import ConvGeometry  # noqa: PLC0415
+    from capsnet.layers.convolution.im2col import layout_for  # noqa: PLC0415
 
-    assert _layout("auto", 36, 256, 256) == "channels"  # PrimaryCaps, batch 1: 36 patch rows
-    assert _layout("auto", 7 * 36, 256, 256) == "channels"
-    assert _layout("auto", 8 * 36, 256, 256) == "rows"
-    assert _layout("auto", 400, 256, 1) == "rows"  # one input channel: the orders are the same
+    primary = ConvGeometry(1, 20, 20, 256, 256, 9, 9, 2)  # 36 patch rows at batch 1
+    assert layout_for(primary) == "channels"
+    assert layout_for(primary.with_batch(7)) == "channels"
+    assert layout_for(primary.with_batch(8)) == "rows"
+    assert layout_for(ConvGeometry(1, 20, 20, 1, 256, 9, 9)) == "rows"  # one input channel: the orders are the same
+    assert layout_for(ConvGeometry(8, 20, 20, 4, 4, 3, 3, groups=2)) == "channels"  # grouped: per-group products
 
 
 def test_gradcheck_conv2d_channel_major(xp, host_rng):
@@ -176,7 +179,8 @@ def test_groups_one_is_the_plain_convolution_bit_for_bit(xp, host_rng):
     np.testing.assert_array_equal(host(layer.weight.data), host(explicit.weight.data))
     x = dev(host_rng.standard_normal((2, 3, 6, 6)))
     y = layer.forward(x)
-    direct = conv2d_nhwc(x.transpose(0, 2, 3, 1), layer.weight.data, layer.bias.data, 1, 1).transpose(0, 3, 1, 2)
+    direct = conv2d_nhwc(x.transpose(0, 2, 3, 1), layer.weight.data, layer.bias.data, 1, 1,
+                         algorithm=layer.algorithm_for(6, 6, 2)).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(host(y), host(direct))
     np.testing.assert_array_equal(host(explicit.forward(x)), host(y))
 

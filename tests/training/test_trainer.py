@@ -35,8 +35,13 @@ def test_a_convolutional_classifier_trains_through_the_loop(mnist_slice, tmp_pat
     assert history[-1]["test_accuracy"] > 0.5
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"checkpoint.npz", "best.npz", "metrics.jsonl",
                                                               "config.json"}
-    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"model": "conv_net", "lr": 3e-3,
-                                                                           "device": "numpy (CPU)"}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    chosen = config.pop("convolution_algorithms")
+    assert config == {"model": "conv_net", "lr": 3e-3, "device": "numpy (CPU)"}
+    # what "auto" picked for the Conv2d (5x5 stride 3 on 28x28, 8 channels), in training and evaluation
+    conv = [c for c in chosen if (c["height"], c["kernel_h"], c["stride"], c["out_channels"]) == (28, 5, 3, 8)]
+    assert {c["training"] for c in conv} == {True, False}
+    assert {c["chosen_by"] for c in conv} == {"cost model"}
     assert trainer.optimizer.lr == pytest.approx(3e-3 * 0.9**3)
 
 

@@ -31,15 +31,20 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from capsnet import backend
 from capsnet.layers.base import conv_output_size
+from capsnet.layers.convolution.algorithm import Algorithm, bias_grad
+from capsnet.layers.convolution.geometry import ConvGeometry
 
 __all__ = [
+    "Fourier",
     "FourierConv",
+    "FourierSaved",
+    "Spectra",
     "SharedSpectrum",
     "SpectrumCache",
     "Workspace",
@@ -47,28 +52,9 @@ __all__ = [
     "conv2d_fourier_nhwc_backward",
     "fourier_flops",
     "fourier_geometry",
-    "fourier_pays_off",
     "input_spectrum",
     "weight_spectrum",
 ]
-
-# Cost of building one value of the weight spectrum, in flops of the matrix products
-# it competes with (the transform is memory-bound: transposes and a 109 MB write
-# for PrimaryCaps). Set so the break-even batch matches the one measured on the
-# 2-core test machine: training steps at batch 8 take the same time with either
-# method, at batch 16 Fourier is 10-14% faster. A training step pays the transform
-# (and the way back for the weight gradient) every call.
-WEIGHT_TRANSFORM_COST = 100
-# In inference the spectrum is reused while the weights are unchanged; what each
-# call pays is comparing them with the copy, counted per weight. Set against the
-# small-batch direct method, which reads the weights in place (conv's "channels"
-# layout), from predict times on the quiet 2-core machine (scripts: see NOTES.md):
-# the MNIST network (20x20 grid) 4.3 / 6.9 / 10.4 / 12.7 ms with im2col at batches
-# 1-4 against 9.7 / 10.5 / 14.6 / 10.9 with Fourier; the MultiMNIST one (28x28 grid)
-# 8.9 / 16.1 ms against 16.1 / 18.3 at batches 1-2, Fourier ahead from 3-4. 165 puts
-# the switch at batch 4 for the first and batch 2 for the second.
-WEIGHT_COMPARE_COST = 165
-
 
 def fourier_geometry(h: int, w: int, kh: int, kw: int, stride: int) -> dict:
     """Sizes of the polyphase Fourier formulation for an (already padded) h x w input."""
@@ -297,13 +283,23 @@ def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None, 
     return spec.reshape(g["bins"], 2, b, s * s * c)
 
 
+class Spectra(NamedTuple):
+    """What the gradients of :func:`conv2d_fourier_nhwc` need."""
+
+    input: Any  # X_f (F, 2, B, s*s*C)
+    weight: Any  # W_f (F, 2, s*s*C, O)
+    padded_shape: tuple  # (B, H, W, C) of the padded input
+    grid: dict  # fourier_geometry
+    plan: Any  # the DFT tables
+
+
 def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, padding: int = 0,
                         work: Any = None, keep: Any = None, weight_cache: SpectrumCache | None = None
-                        ) -> tuple[Any, tuple]:
+                        ) -> tuple[Any, Spectra]:
     """Channels-last convolution, the same map as ``conv2d_nhwc``, computed per frequency.
 
     x (B, H, W, C), w (O, C, KH, KW), b (O,) or None -> (y (B, OH, OW, O), cache),
-    where the cache (both spectra) is what :func:`conv2d_fourier_nhwc_backward` needs.
+    where the cache (:class:`Spectra`) is what :func:`conv2d_fourier_nhwc_backward` needs.
     Workspaces (:class:`~capsnet.layers.base.Workspace`), both optional: ``work``
     for the scratch that dies with the call, ``keep`` for the two spectra in the
     cache. The next call given the same ``keep`` overwrites that cache, so pass it
@@ -338,55 +334,62 @@ def conv2d_fourier_nhwc(x_nhwc: Any, w: Any, b: Any | None, stride: int = 1, pad
     y = grid.reshape(g["oh"], g["ow"], bsz, o).transpose(2, 0, 1, 3).copy()  # never the scratch itself
     if b is not None:
         y += b
-    return y, (xs, ws, (bsz, h, wd, c), g, plan)
+    return y, Spectra(xs, ws, (bsz, h, wd, c), g, plan)
 
 
-def conv2d_fourier_nhwc_backward(
-    grad_y: Any, cache: tuple, w: Any, stride: int = 1, padding: int = 0, need_input_grad: bool = True
-) -> tuple[Any | None, Any, Any]:
-    """Gradients (x, w, b) of :func:`conv2d_fourier_nhwc`; grad_y: (B, OH, OW, O).
-
-    Returns (grad_x (B, H, W, C) or None, grad_w (O, C, KH, KW), grad_b (O,)).
-    """
-    xs, ws, (bsz, h, wd, c), g, plan = cache
-    xp = backend.get_array_module(grad_y, w)
-    o, _, kh, kw = w.shape
-    s, ny, nx, f = stride, g["ny"], g["nx"], g["bins"]
+def output_gradient_spectrum(grad_y: Any, cache: Spectra) -> Any:
+    """dY_f (F, 2, B, O) of grad_y (B, OH, OW, O), shared by both gradients."""
+    xp = backend.get_array_module(grad_y)
+    g, bsz, o = cache.grid, grad_y.shape[0], grad_y.shape[3]
     gy = xp.ascontiguousarray(grad_y.transpose(1, 2, 0, 3)).reshape(g["oh"] * g["ow"], -1)
-    gs = (plan.fwd_out @ gy).reshape(f, 2, bsz, o)  # dY_f
-    g2 = gs.reshape(f, 2 * bsz, o)  # [dYr; dYi]
-    grad_x = None
-    if need_input_grad:
-        # dX = dY W from [dYr; dYi] Wr^T and [dYr; dYi] Wi^T, a quarter of the
-        # frequencies at a time so the two products stay a fraction of the spectrum's size
-        gxs = xp.empty((f, 2, bsz, s * s * c), dtype=w.dtype)
-        step = -(-f // 4)
-        for lo in range(0, f, step):
-            band = slice(lo, min(f, lo + step))
-            pr = g2[band] @ ws[band, 0].transpose(0, 2, 1)  # (n, 2B, K)
-            pi = g2[band] @ ws[band, 1].transpose(0, 2, 1)
-            xp.subtract(pr[:, :bsz], pi[:, bsz:], out=gxs[band, 0])  # dYr Wr - dYi Wi
-            xp.add(pi[:, :bsz], pr[:, bsz:], out=gxs[band, 1])  # dYr Wi + dYi Wr
-            del pr, pi
-        grid = plan.inv @ gxs.reshape(2 * f, -1)
-        del gxs
-        gx = grid.reshape(ny, nx, bsz, s, s, c).transpose(2, 0, 3, 1, 4, 5).reshape(bsz, s * ny, s * nx, c)
-        if s * ny != h or s * nx != wd:
-            full = xp.zeros((bsz, h, wd, c), dtype=gx.dtype)
-            full[:, : min(h, s * ny), : min(wd, s * nx)] = gx[:, :h, :wd]
-            gx = full
-        else:
-            gx = xp.ascontiguousarray(gx)
-        grad_x = gx[:, padding : h - padding, padding : wd - padding] if padding else gx
-    # dW = X^T conj(dY): re = [Xr; Xi]^T [dYr; dYi], im = [Xr; Xi]^T [-dYi; dYr]
+    return (cache.plan.fwd_out @ gy).reshape(g["bins"], 2, bsz, o)
+
+
+def fourier_input_grad(gs: Any, cache: Spectra, stride: int, padding: int) -> Any:
+    """grad_x (B, H, W, C) from dY_f (:func:`output_gradient_spectrum`): dX_f = dY_f W_f^T."""
+    xp = backend.get_array_module(gs)
+    ws, (bsz, h, wd, c), g, plan = cache.weight, cache.padded_shape, cache.grid, cache.plan
+    s, ny, nx, f = stride, g["ny"], g["nx"], g["bins"]
+    g2 = gs.reshape(f, 2 * bsz, -1)  # [dYr; dYi]
+    # dX = dY W from [dYr; dYi] Wr^T and [dYr; dYi] Wi^T, a quarter of the
+    # frequencies at a time so the two products stay a fraction of the spectrum's size
+    gxs = xp.empty((f, 2, bsz, s * s * c), dtype=gs.dtype)
+    step = -(-f // 4)
+    for lo in range(0, f, step):
+        band = slice(lo, min(f, lo + step))
+        pr = g2[band] @ ws[band, 0].transpose(0, 2, 1)  # (n, 2B, K)
+        pi = g2[band] @ ws[band, 1].transpose(0, 2, 1)
+        xp.subtract(pr[:, :bsz], pi[:, bsz:], out=gxs[band, 0])  # dYr Wr - dYi Wi
+        xp.add(pi[:, :bsz], pr[:, bsz:], out=gxs[band, 1])  # dYr Wi + dYi Wr
+        del pr, pi
+    grid = plan.inv @ gxs.reshape(2 * f, -1)
+    del gxs
+    gx = grid.reshape(ny, nx, bsz, s, s, c).transpose(2, 0, 3, 1, 4, 5).reshape(bsz, s * ny, s * nx, c)
+    if s * ny != h or s * nx != wd:
+        full = xp.zeros((bsz, h, wd, c), dtype=gx.dtype)
+        full[:, : min(h, s * ny), : min(wd, s * nx)] = gx[:, :h, :wd]
+        gx = full
+    else:
+        gx = xp.ascontiguousarray(gx)
+    return gx[:, padding : h - padding, padding : wd - padding] if padding else gx
+
+
+def fourier_weight_grad(gs: Any, cache: Spectra, w_shape: tuple, stride: int) -> Any:
+    """grad_w (O, C, KH, KW) from dY_f: dW_f = X_f^T conj(dY_f), back to the kernel taps."""
+    xp = backend.get_array_module(gs)
+    xs, (bsz, _, _, c), g, plan = cache.input, cache.padded_shape, cache.grid, cache.plan
+    o, _, kh, kw = w_shape
+    s, f = stride, g["bins"]
+    g2 = gs.reshape(f, 2 * bsz, o)
+    # re = [Xr; Xi]^T [dYr; dYi], im = [Xr; Xi]^T [-dYi; dYr]
     g2_rot = xp.empty_like(g2)
     xp.negative(gs[:, 1], out=g2_rot[:, :bsz])
     g2_rot[:, bsz:] = gs[:, 0]
     uh, uw = plan.uh, plan.uw
-    grad_w = xp.empty((o, c, kh, kw), dtype=w.dtype)
+    grad_w = xp.empty((o, c, kh, kw), dtype=gs.dtype)
     x2 = xs.reshape(f, 2 * bsz, s * s, c)
-    spec = xp.empty((f, 2, c, o), dtype=w.dtype)
-    taps = xp.empty((c, o, uh, uw), dtype=w.dtype)
+    spec = xp.empty((f, 2, c, o), dtype=gs.dtype)
+    taps = xp.empty((c, o, uh, uw), dtype=gs.dtype)
     for phase in range(s * s):  # one phase's input channels at a time bounds the memory
         p, q = divmod(phase, s)
         xt = x2[:, :, phase].transpose(0, 2, 1)  # (F, C, 2B)
@@ -396,33 +399,19 @@ def conv2d_fourier_nhwc_backward(
         xp.matmul(spec.reshape(2 * f, c * o).T, plan.inv_taps.T, out=taps.reshape(c * o, uh * uw))
         th, tw = len(range(p, kh, s)), len(range(q, kw, s))
         grad_w[:, :, p::s, q::s] = taps[:, :, :th, :tw].transpose(1, 0, 2, 3)
-    return grad_x, grad_w, grad_y.reshape(-1, o).sum(axis=0)
+    return grad_w
 
 
-def fourier_pays_off(h: int, w: int, c: int, o: int, k: int, stride: int, batch: int, *,
-                     training: bool, input_grad: bool = True) -> bool:
-    """Whether the Fourier method is the cheaper one for a batch of (padded) h x w inputs.
+def conv2d_fourier_nhwc_backward(
+    grad_y: Any, cache: Spectra, w: Any, stride: int = 1, padding: int = 0, need_input_grad: bool = True
+) -> tuple[Any | None, Any, Any]:
+    """Gradients (x, w, b) of :func:`conv2d_fourier_nhwc`; grad_y: (B, OH, OW, O).
 
-    It saves ``direct - fourier`` flops per image (:func:`fourier_flops`; in
-    training for the forward and the gradients). A training call pays a transform
-    of the weights, there and back, counted as WEIGHT_TRANSFORM_COST flops per
-    spectrum value; an inference call only the check that the weights are
-    unchanged (WEIGHT_COMPARE_COST per weight). On the 2-core test machine this
-    picks Fourier for PrimaryCaps in training from batch 8 and in inference from
-    batch 4 (the MultiMNIST network's: from batch 2). Memory is not weighed: in training the weight spectrum
-    (109 MB for PrimaryCaps) is held from forward to backward.
+    Returns (grad_x (B, H, W, C) or None, grad_w (O, C, KH, KW), grad_b (O,)).
     """
-    args = (h, w, c, o, k, k, stride)
-    direct, fourier = fourier_flops(*args)
-    saving = direct - fourier
-    if training:
-        direct, fourier = fourier_flops(*args, backward=True, input_grad=input_grad)
-        saving += direct - fourier
-        spectrum = 2 * fourier_geometry(h, w, k, k, stride)["bins"] * stride**2 * c
-        weight_cost = 2 * WEIGHT_TRANSFORM_COST * spectrum * o
-    else:
-        weight_cost = WEIGHT_COMPARE_COST * o * c * k * k
-    return batch * saving > weight_cost
+    gs = output_gradient_spectrum(grad_y, cache)
+    grad_x = fourier_input_grad(gs, cache, stride, padding) if need_input_grad else None
+    return grad_x, fourier_weight_grad(gs, cache, tuple(w.shape), stride), bias_grad(grad_y)
 
 
 class SharedSpectrum:
@@ -501,7 +490,7 @@ class FourierConv:
         self._weights.clear()
 
     def forward(self, x_nhwc: Any, w: Any, b: Any | None, stride: int, padding: int,
-                training: bool) -> tuple[Any, tuple]:
+                training: bool) -> tuple[Any, "FourierSaved"]:
         """:func:`conv2d_fourier_nhwc` with this layer's memory; returns (y, saved for :meth:`backward`)."""
         if training:
             self.start_training()
@@ -515,14 +504,13 @@ class FourierConv:
             weight_cache = self._weights
             self._spare = None  # the training step's spectra arrays are not needed in inference
         y, cache = conv2d_fourier_nhwc(x_nhwc, w, b, stride, padding, work, keep, weight_cache)
-        return y, (cache, keep)
+        return y, FourierSaved(cache, keep)
 
-    def backward(self, grad_y: Any, saved: tuple, w: Any, stride: int, padding: int,
+    def backward(self, grad_y: Any, saved: "FourierSaved", w: Any, stride: int, padding: int,
                  need_input_grad: bool = True) -> tuple[Any | None, Any, Any]:
         """:func:`conv2d_fourier_nhwc_backward` of a training :meth:`forward`."""
-        cache, keep = saved
-        grads = conv2d_fourier_nhwc_backward(grad_y, cache, w, stride, padding, need_input_grad)
-        self._spare = keep
+        grads = conv2d_fourier_nhwc_backward(grad_y, saved.spectra, w, stride, padding, need_input_grad)
+        self._spare = saved.keep
         return grads
 
     def release(self) -> None:
@@ -547,3 +535,52 @@ class FourierConv:
     @property
     def holds_spare(self) -> bool:
         return self._spare is not None
+
+
+class FourierSaved(NamedTuple):
+    spectra: Spectra  # both spectra of the forward
+    keep: Any  # the Workspace holding them, handed back to the layer by backward
+
+
+class Fourier(Algorithm):
+    """The polyphase Fourier method of this module as an engine algorithm: ungrouped
+    convolutions, best for large kernels on small maps (PrimaryCaps' 9x9 stride 2). Holds
+    the layer's memory between calls (:class:`FourierConv`)."""
+
+    name = "fourier"
+    scope = "ungrouped"
+
+    def __init__(self) -> None:
+        self.memory = FourierConv()
+
+    def supports(self, g: ConvGeometry) -> bool:
+        return g.groups == 1
+
+    def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True
+                ) -> tuple[Any, FourierSaved]:
+        return self.memory.forward(x_nhwc, w, b, g.stride, g.padding, training)
+
+    def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> FourierSaved:
+        _, cache = conv2d_fourier_nhwc(x_nhwc, w, None, g.stride, g.padding)
+        return FourierSaved(cache, None)
+
+    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: FourierSaved, w: Any) -> Any:
+        return fourier_input_grad(output_gradient_spectrum(grad_y, saved.spectra), saved.spectra, g.stride,
+                                  g.padding)
+
+    def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: FourierSaved, w: Any) -> Any:
+        return fourier_weight_grad(output_gradient_spectrum(grad_y, saved.spectra), saved.spectra, tuple(w.shape),
+                                   g.stride)
+
+    def backward(self, g: ConvGeometry, grad_y: Any, saved: FourierSaved, w: Any, need_input_grad: bool = True
+                 ) -> tuple[Any | None, Any, Any]:
+        if saved.keep is None:
+            return conv2d_fourier_nhwc_backward(grad_y, saved.spectra, w, g.stride, g.padding, need_input_grad)
+        return self.memory.backward(grad_y, saved, w, g.stride, g.padding, need_input_grad)
+
+    def release(self) -> None:
+        self.memory.release()
+
+    @property
+    def nbytes(self) -> int:
+        return self.memory.nbytes

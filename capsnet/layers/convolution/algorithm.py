@@ -1,0 +1,60 @@
+"""Algorithm: what every convolution algorithm provides (forward, input gradient, weight
+gradient over one ConvGeometry), and the bias gradient they share."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from capsnet.layers.convolution.geometry import ConvGeometry
+
+__all__ = ["Algorithm", "bias_grad"]
+
+
+def bias_grad(grad_y: Any) -> Any:
+    """Gradient of the bias: grad_y (B, OH, OW, O) summed over the pixels -> (O,)."""
+    return grad_y.reshape(-1, grad_y.shape[-1]).sum(axis=0)
+
+
+class Algorithm:
+    """One way of computing the convolution a :class:`ConvGeometry` describes.
+
+    All arrays are channels-last: x (B, H, W, C), w (O, C / groups, KH, KW), y (B, OH, OW, O).
+    ``forward`` returns (y, saved): ``saved`` is the algorithm's own named object holding what
+    its gradients need. An instance may keep memory between calls (the Fourier method's
+    spectra), which :meth:`release` frees; layers hold one instance per algorithm.
+    """
+
+    name: ClassVar[str]
+    scope: ClassVar[str] = "any"  # the geometries it supports, in words for errors
+
+    def supports(self, g: ConvGeometry) -> bool:
+        return True
+
+    def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True
+                ) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> Any:
+        """What the gradients need, without the forward (the pure ``conv2d_backward``)."""
+        return self.forward(g, x_nhwc, w, None, True)[1]
+
+    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any) -> Any:
+        """Gradient of the input (B, H, W, C) from grad_y (B, OH, OW, O)."""
+        raise NotImplementedError
+
+    def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any) -> Any:
+        """Gradient of the weights (O, C / groups, KH, KW) from grad_y (B, OH, OW, O)."""
+        raise NotImplementedError
+
+    def backward(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any, need_input_grad: bool = True
+                 ) -> tuple[Any | None, Any, Any]:
+        """(grad_x or None, grad_w, grad_b)."""
+        gx = self.input_grad(g, grad_y, saved, w) if need_input_grad else None
+        return gx, self.weight_grad(g, grad_y, saved, w), bias_grad(grad_y)
+
+    def release(self) -> None:
+        """Free memory kept between calls."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept between calls."""
+        return 0

@@ -1,0 +1,99 @@
+"""Direct: the convolution as a sum over kernel offsets of shifted element-wise products,
+for depthwise and grouped convolutions with few channels per group (no tiny matrix products).
+
+    forward        y[p]    = sum_k x[s p + k] * w[k]            (per group and channel)
+    weight grad    dw[k]   = sum_{b, p} x[s p + k] * dy[p]
+    input grad     dx[s p + k] += dy[p] * w[k], the adjoint, as the patch-gradient gather
+
+The shifted inputs x[s p + k] of a block of kernel rows are one strided view of the padded
+input (no copy); their products with the weights of those offsets are one broadcast
+multiply and one sum, so a block of offsets costs two launches. Blocks are as many kernel
+rows as keep the product under BLOCK_VALUES values (a memory bound, not a timing).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from capsnet import backend
+from capsnet.layers.convolution.algorithm import Algorithm
+from capsnet.layers.convolution.geometry import ConvGeometry
+from capsnet.layers.convolution.patches import crop, pad, patch_gradient_buffer, patch_gradient_sum, patch_view
+
+__all__ = ["BLOCK_VALUES", "Direct", "DirectSaved"]
+
+BLOCK_VALUES = 1 << 23  # 32 MB of float32 per product block
+
+
+class DirectSaved(NamedTuple):
+    x_pad: Any  # the padded input (B, Hp, Wp, C)
+
+
+def _blocks(g: ConvGeometry) -> list[range]:
+    per_row = g.rows * g.kernel_w * g.in_channels * (g.out_channels // g.groups)
+    n = max(1, min(g.kernel_h, BLOCK_VALUES // max(per_row, 1)))
+    return [range(start, min(start + n, g.kernel_h)) for start in range(0, g.kernel_h, n)]
+
+
+def _weights(w: Any, g: ConvGeometry) -> Any:
+    """w (O, Cg, KH, KW) as (KH, KW, G, O/G, Cg)."""
+    gs = g.groups
+    return w.reshape(gs, g.out_channels // gs, g.in_channels // gs, g.kernel_h, g.kernel_w).transpose(3, 4, 0, 1, 2)
+
+
+class Direct(Algorithm):
+    """Shifted element-wise products; worth it where each output sums few input channels."""
+
+    name = "direct"
+    scope = "grouped (groups > 1)"
+
+    def supports(self, g: ConvGeometry) -> bool:
+        return g.groups > 1  # ungrouped, every output sums all C inputs: a GEMM's work
+
+    def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True
+                ) -> tuple[Any, DirectSaved]:
+        xp = backend.get_array_module(x_nhwc, w)
+        x_pad = pad(x_nhwc, g.padding)
+        gs, cg = g.groups, g.in_channels // g.groups
+        wt = _weights(w, g)
+        y = None
+        for rows in _blocks(g):  # a loop over blocks of kernel offsets
+            v = patch_view(x_pad, rows, g.kernel_w, g.stride, g.out_h, g.out_w)  # (B, OH, OW, r, KW, C)
+            v = v.reshape(*v.shape[:5], gs, 1, cg)
+            part = (v * wt[rows.start : rows.stop]).sum(axis=(3, 4, 7))  # (B, OH, OW, G, O/G)
+            if y is None:
+                y = part
+            else:
+                y += part
+        y = y.reshape(g.batch, g.out_h, g.out_w, g.out_channels)
+        if b is not None:
+            y += b
+        return xp.ascontiguousarray(y), DirectSaved(x_pad)
+
+    def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> DirectSaved:
+        return DirectSaved(pad(x_nhwc, g.padding))
+
+    def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: DirectSaved, w: Any) -> Any:
+        xp = backend.get_array_module(grad_y, w)
+        gs, og, cg = g.groups, g.out_channels // g.groups, g.in_channels // g.groups
+        gy = grad_y.reshape(g.batch, g.out_h, g.out_w, 1, 1, gs, og, 1)
+        gw = xp.empty((g.kernel_h, g.kernel_w, gs, og, cg), dtype=w.dtype)
+        for rows in _blocks(g):
+            v = patch_view(saved.x_pad, rows, g.kernel_w, g.stride, g.out_h, g.out_w)
+            v = v.reshape(*v.shape[:5], gs, 1, cg)
+            gw[rows.start : rows.stop] = (v * gy).sum(axis=(0, 1, 2))
+        return gw.transpose(2, 3, 4, 0, 1).reshape(w.shape)
+
+    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any) -> Any:
+        xp = backend.get_array_module(grad_y, w)
+        gs, og, cg = g.groups, g.out_channels // g.groups, g.in_channels // g.groups
+        kh, kw, c = g.kernel_h, g.kernel_w, g.in_channels
+        buf, gcol = patch_gradient_buffer(xp, g.rows, kh * kw * c, c, w.dtype)
+        gcol = gcol.reshape(g.batch, g.out_h, g.out_w, kh, kw, gs, cg)
+        gy = grad_y.reshape(g.batch, g.out_h, g.out_w, 1, 1, gs, og, 1)
+        wt = _weights(w, g)
+        if og == 1:
+            xp.multiply(gy.reshape(*gy.shape[:6], 1), wt.reshape(kh, kw, gs, cg), out=gcol)
+        else:
+            gcol[...] = (gy * wt).sum(axis=6)
+        shape_pad = (g.batch, g.padded_h, g.padded_w, c)
+        return crop(patch_gradient_sum(buf, shape_pad, g.out_h, g.out_w, range(kh), kw, g.stride), g.padding)

@@ -1,0 +1,127 @@
+"""Im2col: patches (the shared layout of :mod:`.patches`) times the weight matrix, for any
+geometry; grouped convolutions as one product batched over the groups."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from capsnet import backend
+from capsnet.layers.convolution.algorithm import Algorithm
+from capsnet.layers.convolution.geometry import ConvGeometry
+from capsnet.layers.convolution.patches import (
+    crop, gather, gather_channel_major, pad, patch_gradient_buffer, patch_gradient_sum, row_groups)
+
+__all__ = ["LAYOUTS", "Im2col", "Im2colSaved", "layout_for"]
+
+LAYOUTS = ("auto", "rows", "channels")
+
+
+class Im2colSaved(NamedTuple):
+    x_pad: Any  # the padded input (B, Hp, Wp, C): patches are gathered again, not kept
+
+
+def layout_for(g: ConvGeometry, layout: str = "auto") -> str:
+    """The column order of the patch matrix.
+
+    "rows": (ky, kx, c), gathered a group of kernel rows at a time (row_groups), whole
+    channel vectors per copy; the weights are brought to that order on each call.
+    "channels": (c, ky, kx), the weights' own order, so no weight-sized copy; its gather
+    moves single values, which costs less than that copy only while the patch matrix is no
+    larger than the weights (rows <= O). Grouped convolutions always take "channels"."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"convolution layout must be one of {LAYOUTS}, got {layout!r}")
+    if g.groups != 1:
+        return "channels"
+    if layout != "auto":
+        return layout
+    return "channels" if g.in_channels > 1 and g.rows <= g.out_channels else "rows"
+
+
+class Im2col(Algorithm):
+    """im2col + GEMM. The input gradient is one product into the patch gradient and its
+    gather-sum back to the pixels (:func:`~.patches.patch_gradient_sum`)."""
+
+    name = "im2col"
+
+    def __init__(self, layout: str = "auto"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"convolution layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+
+    def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True
+                ) -> tuple[Any, Im2colSaved]:
+        xp = backend.get_array_module(x_nhwc, w)
+        x_pad = pad(x_nhwc, g.padding)
+        o, kh, kw, oh, ow = g.out_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
+        if layout_for(g, self.layout) == "channels":
+            col = gather_channel_major(x_pad, kh, kw, g.stride, oh, ow)  # (N, C KH KW)
+            if g.groups == 1:
+                y = col @ w.reshape(o, -1).T
+            else:
+                gs = g.groups
+                col = col.reshape(-1, gs, g.depth).transpose(1, 0, 2)  # (G, N, Cg KH KW)
+                y = xp.matmul(col, w.reshape(gs, o // gs, -1).transpose(0, 2, 1))  # (G, N, O/G)
+                y = y.transpose(1, 0, 2).reshape(-1, o)
+        else:
+            w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))  # (KH, KW, C, O): the column order
+            y, buf = None, None
+            for rows in row_groups(kh, kw, g.in_channels):
+                if buf is None or buf.shape[3] != len(rows):
+                    buf = xp.empty((g.batch, oh, ow, len(rows), kw, g.in_channels), dtype=x_nhwc.dtype)
+                gather(x_pad, rows, kw, g.stride, oh, ow, buf)
+                part = buf.reshape(g.rows, -1) @ w_rows[rows.start : rows.stop].reshape(-1, o)
+                if y is None:
+                    y = part
+                else:
+                    y += part
+        if b is not None:
+            y += b
+        return y.reshape(g.batch, oh, ow, o), Im2colSaved(x_pad)
+
+    def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> Im2colSaved:
+        return Im2colSaved(pad(x_nhwc, g.padding))
+
+    def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: Im2colSaved, w: Any) -> Any:
+        xp = backend.get_array_module(grad_y, w)
+        o, c, kh, kw, oh, ow = g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
+        g2 = grad_y.reshape(-1, o)
+        if layout_for(g, self.layout) == "channels":
+            col = gather_channel_major(saved.x_pad, kh, kw, g.stride, oh, ow)
+            if g.groups == 1:
+                return (g2.T @ col).reshape(w.shape)
+            gs = g.groups
+            col = col.reshape(-1, gs, g.depth).transpose(1, 0, 2)  # (G, N, Cg KH KW)
+            gg = g2.reshape(-1, gs, o // gs).transpose(1, 2, 0)  # (G, O/G, N)
+            return xp.matmul(gg, col).reshape(w.shape)
+        grad_w_rows = xp.empty((kh, kw, c, o), dtype=w.dtype)
+        buf = None
+        for rows in row_groups(kh, kw, c):
+            if buf is None or buf.shape[3] != len(rows):
+                buf = xp.empty((g.batch, oh, ow, len(rows), kw, c), dtype=w.dtype)
+            gather(saved.x_pad, rows, kw, g.stride, oh, ow, buf)
+            grad_w_rows[rows.start : rows.stop] = (buf.reshape(g.rows, -1).T @ g2).reshape(len(rows), kw, c, o)
+        return grad_w_rows.transpose(3, 2, 0, 1)
+
+    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any) -> Any:
+        xp = backend.get_array_module(grad_y, w)
+        o, c, kh, kw, oh, ow = g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
+        g2 = grad_y.reshape(-1, o)
+        shape_pad = (g.batch, g.padded_h, g.padded_w, c)
+        if layout_for(g, self.layout) == "channels":
+            buf, gcol = patch_gradient_buffer(xp, g.rows, kh * kw * c, c, w.dtype)
+            gcol6 = gcol.reshape(g.batch, oh, ow, kh, kw, c)
+            if g.groups == 1:
+                part = (g2 @ w.reshape(o, -1)).reshape(g.batch, oh, ow, c, kh, kw)
+                gcol6[...] = part.transpose(0, 1, 2, 4, 5, 3)
+            else:
+                gs, cg = g.groups, c // g.groups
+                part = xp.matmul(g2.reshape(-1, gs, o // gs).transpose(1, 0, 2), w.reshape(gs, o // gs, -1))
+                part = part.reshape(gs, g.batch, oh, ow, cg, kh, kw)  # (G, B, OH, OW, Cg, KH, KW)
+                gcol6.reshape(g.batch, oh, ow, kh, kw, gs, cg)[...] = part.transpose(1, 2, 3, 5, 6, 0, 4)
+            return crop(patch_gradient_sum(buf, shape_pad, oh, ow, range(kh), kw, g.stride), g.padding)
+        w_rows = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))  # (KH, KW, C, O)
+        grad_pad = None
+        for rows in row_groups(kh, kw, c):
+            buf, gcol = patch_gradient_buffer(xp, g.rows, len(rows) * kw * c, c, w.dtype)
+            xp.matmul(g2, w_rows[rows.start : rows.stop].reshape(-1, o).T, out=gcol)
+            grad_pad = patch_gradient_sum(buf, shape_pad, oh, ow, rows, kw, g.stride, out=grad_pad)
+        return crop(grad_pad, g.padding)
