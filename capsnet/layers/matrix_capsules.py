@@ -146,7 +146,8 @@ def _lay_out(votes: Any) -> tuple[Any, Any, Any]:
     """(U, U2, c): each parent's votes centred on their plain mean c_j (B, J, P), and their
     squares, each (B, J, I, P) contiguous. votes (B, I, J, P) or (B, I, J, 4, 4), any strides;
     cheapest child-major, as :func:`matrix_votes` gives them: then the centring is contiguous
-    and one transposing copy lays U out."""
+    and one transposing copy lays U out. The layers skip this copy: they write their votes
+    parent-major (:func:`_votes_by_parent`) and centre them in place (:func:`_centre`)."""
     xp = backend.get_array_module(votes)
     b, i, j = votes.shape[:3]
     p = votes.shape[3] if votes.ndim == 4 else POSE
@@ -154,6 +155,17 @@ def _lay_out(votes: Any) -> tuple[Any, Any, Any]:
     centre = by_child.sum(axis=0) * votes.dtype.type(1 / i)  # (B, J, P)
     U = xp.empty((b, j, i, p), dtype=votes.dtype)
     xp.subtract(by_child.transpose(1, 2, 0, 3), centre[:, :, None, :], out=U)  # centred as it is laid out
+    return U, U * U, centre
+
+
+def _centre(U: Any) -> tuple[Any, Any, Any]:
+    """(U, U2, c) from parent-major votes U (B, J, I, P), contiguous, centred in place: the plain
+    mean over the children c (B, J, P) is one batched product (1, I) x (I, P) (a reduction
+    over the middle axis runs element by element, 20x slower here)."""
+    xp = backend.get_array_module(U)
+    i = U.shape[2]
+    centre = xp.matmul(xp.full((1, i), 1 / i, dtype=U.dtype), U)[:, :, 0, :]  # (B, J, P)
+    U -= centre[:, :, None, :]
     return U, U * U, centre
 
 
@@ -204,13 +216,22 @@ def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int 
     :func:`em_routing_backward` needs).
     """
     _check_routing(votes, a_in, beta_u, beta_a, iterations)
-    xp = backend.get_array_module(votes, a_in, beta_u, beta_a)
-    dt = votes.dtype.type
-    b, i, j = votes.shape[:3]
-    share, floor = dt(j / i), dt(var_floor)
+    backend.get_array_module(votes, a_in, beta_u, beta_a)
     U, U2, centre = _lay_out(votes)
-    R = xp.full((b, j, i), 1.0 / j, dtype=votes.dtype)
-    state = EMState(U, U2, centre, tuple(votes.shape), [], [], [], [], [], [], [], [], [], [])
+    return _route(U, U2, centre, tuple(votes.shape), a_in, beta_u, beta_a, iterations, inverse_temperature,
+                  var_floor)
+
+
+def _route(U: Any, U2: Any, centre: Any, shape: tuple, a_in: Any, beta_u: Any, beta_a: Any, iterations: int,
+           inverse_temperature: float, var_floor: float) -> tuple[Any, Any, EMState]:
+    """:func:`em_routing` from votes already laid out (:func:`_lay_out` or :func:`_centre`);
+    shape: the votes' shape as the caller gave them."""
+    xp = backend.get_array_module(U, a_in, beta_u, beta_a)
+    dt = U.dtype.type
+    b, j, i = U.shape[:3]
+    share, floor = dt(j / i), dt(var_floor)
+    R = xp.full((b, j, i), 1.0 / j, dtype=U.dtype)
+    state = EMState(U, U2, centre, shape, [], [], [], [], [], [], [], [], [], [])
     for t in range(iterations):
         lam = dt(inverse_temperature * (t + 1) / iterations)
         w, mass, S, mean, delta, var, log_var, z, a = _m_step(U, U2, centre, R, a_in, beta_u, beta_a, lam, share, floor)
@@ -284,6 +305,18 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
     (B, J, I, n) x (B, J, n, P), the only arrays of the votes' size that the backward writes
     before the child-major copy it returns.
     """
+    g_U, g_a_in, g_beta_u, g_beta_a = _route_backward(grad_mean, grad_a, a_in, beta_u, state, detach)
+    b, j, i, p = g_U.shape
+    xp = backend.get_array_module(g_U)
+    by_child = xp.ascontiguousarray(g_U.transpose(2, 0, 1, 3))  # (I, B, J, P), as matrix_votes lays votes out
+    if len(state.shape) == 5:
+        return by_child.reshape(i, b, j, 4, 4).transpose(1, 0, 2, 3, 4), g_a_in, g_beta_u, g_beta_a
+    return by_child.transpose(1, 0, 2, 3), g_a_in, g_beta_u, g_beta_a
+
+
+def _route_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, state: EMState,
+                    detach: bool) -> tuple[Any, Any, Any, Any]:
+    """:func:`em_routing_backward` with the votes' gradient left parent-major, (B, J, I, P)."""
     U, U2, centre = state.U, state.U2, state.centre
     xp = backend.get_array_module(U, a_in, beta_u)
     dt = U.dtype.type
@@ -327,10 +360,7 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
     g_U2 = xp.matmul(outer, xp.stack([2 * r[1] for r in right], axis=2))  # U2 = U^2: d/dU is 2 U
     g_U2 *= U
     g_U += g_U2  # the centre is held constant: the result does not depend on it
-    by_child = xp.ascontiguousarray(g_U.transpose(2, 0, 1, 3))  # (I, B, J, P), as matrix_votes lays votes out
-    if len(state.shape) == 5:
-        return by_child.reshape(i, b, j, 4, 4).transpose(1, 0, 2, 3, 4), g_a_in, g_beta_u, g_beta_a
-    return by_child.transpose(1, 0, 2, 3), g_a_in, g_beta_u, g_beta_a
+    return g_U, g_a_in, g_beta_u, g_beta_a
 
 
 # -- votes -------------------------------------------------------------------------------------------
@@ -374,6 +404,34 @@ def matrix_votes_backward(grad_votes: Any, poses: Any, w: Any) -> tuple[Any, Any
     return grad_rows.reshape(i, n, 4, 4).transpose(1, 0, 2, 3), grad_w.transpose(0, 2, 1, 3)
 
 
+def _votes_by_parent(rows: Any, blocks: Any, out: Any) -> None:
+    """Votes written straight into the routing's parent-major layout, one product (R, 16) x
+    (16, 16) per (child, parent): rows (..., R, 16) the flattened poses and blocks (..., 16, 16)
+    the transforms :func:`_block_transforms` makes (broadcast against each other), out a view of
+    the parent-major votes whose matrices have contiguous rows, so no transposing copy follows.
+    The products are small, but BLAS writes each vote's 64 bytes whole, where a transposing
+    copy of child-major votes moves them element by element, 3-6x slower than a contiguous copy."""
+    xp = backend.get_array_module(rows, blocks)
+    xp.matmul(rows, blocks, out=out)
+
+
+def _votes_by_parent_backward(g_out: Any, rows: Any, blocks: Any, parent_axis: int) -> tuple[Any, Any]:
+    """Gradients of :func:`_votes_by_parent` w.r.t. (rows, blocks), g_out a view laid out as its
+    ``out``: the rows' gradient summed over the parents (axis ``parent_axis`` of the products,
+    a sum of whole contiguous blocks), the blocks' in the shape of the products' (..., 16, 16)."""
+    xp = backend.get_array_module(g_out, rows, blocks)
+    g_rows = xp.matmul(g_out, blocks.swapaxes(-1, -2)).sum(axis=parent_axis, keepdims=True)
+    g_blocks = xp.matmul(rows.swapaxes(-1, -2), g_out)
+    return g_rows, g_blocks
+
+
+def _unblock(g_blocks: Any) -> Any:
+    """The gradient of the transforms W (..., 4, 4) from that of their blocks (..., 16, 16),
+    entry ((r, k), (r', s)) = [r = r'] W_ks: the sum of the four diagonal 4 x 4 blocks."""
+    g = g_blocks.reshape(*g_blocks.shape[:-2], 4, 4, 4, 4)
+    return g[..., 0, :, 0, :] + g[..., 1, :, 1, :] + g[..., 2, :, 2, :] + g[..., 3, :, 3, :]
+
+
 # -- layers ---------------------------------------------------------------------------------------
 def _check_routing_args(who: str, iterations: int, inverse_temperature: float, var_floor: float) -> None:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
@@ -402,12 +460,16 @@ class _EMLayer(Module):
         self.beta_a = init_param((out_caps,), 0.0, dtype, None, "zeros")
 
     def _route(self, votes: Any, a_in: Any) -> tuple[Any, Any, EMState]:
-        return em_routing(votes, a_in, self.beta_u.data, self.beta_a.data, self.iterations,
-                          self.inverse_temperature, self.var_floor)
+        """Routing of parent-major votes (B, J, I, 16), contiguous, centred here in place."""
+        U, U2, centre = _centre(votes)
+        b, j, i, p = votes.shape
+        return _route(U, U2, centre, (b, i, j, p), a_in, self.beta_u.data, self.beta_a.data, self.iterations,
+                      self.inverse_temperature, self.var_floor)
 
     def _route_backward(self, g_mean: Any, g_a: Any, a_in: Any, state: EMState) -> tuple[Any, Any]:
-        g_votes, g_a_in, g_bu, g_ba = em_routing_backward(g_mean, g_a, a_in, self.beta_u.data, state,
-                                                          self.detach_routing)
+        """(the votes' gradient, parent-major (B, J, I, 16), the input activations' gradient)."""
+        g_votes, g_a_in, g_bu, g_ba = _route_backward(g_mean, g_a, a_in, self.beta_u.data, state,
+                                                      self.detach_routing)
         self.beta_u.grad += g_bu
         self.beta_a.grad += g_ba
         return g_votes, g_a_in
@@ -453,12 +515,21 @@ class ConvCaps(_EMLayer):
         oh, ow = self.output_size(h, w)
         k, c, d = self.kernel_size, self.in_caps, self.out_caps
         pose_map = xp.ascontiguousarray(poses).reshape(b, h, w, c * POSE)
-        patches = im2col(pose_map, k, k, self.stride).reshape(-1, k * k * c, 4, 4)  # (N, I, 4, 4), i = (ky, kx, c)
+        patches = im2col(pose_map, k, k, self.stride).reshape(-1, k * k * c, POSE)  # (N, I, 16), i = (ky, kx, c)
         a_in = im2col(xp.ascontiguousarray(activations), k, k, self.stride)  # (N, I)
-        weight = self.weight.data.reshape(k * k * c, d, 4, 4)
-        mean, a, state = self._route(matrix_votes(patches, weight), a_in)  # votes (N, I, J, 4, 4), laid out once
+        n, i = patches.shape[:2]
+        rows, blocks = self._operands(patches)
+        votes = xp.empty((n, d, i, POSE), dtype=patches.dtype)
+        _votes_by_parent(rows, blocks, votes.transpose(2, 1, 0, 3))  # (I, J, N, 16) products
+        mean, a, state = self._route(votes, a_in)
         self._save(patches, a_in, state, (b, h, w))
         return mean.reshape(b, oh, ow, d, 4, 4), a.reshape(b, oh, ow, d)
+
+    def _operands(self, patches: Any) -> tuple[Any, Any]:
+        """The votes' products: rows (I, 1, N, 16), views of the patches, and blocks (I, J, 16, 16)."""
+        i, d = patches.shape[1], self.out_caps
+        blocks = _block_transforms(self.weight.data.reshape(i, d, 4, 4)).reshape(i, POSE, d, POSE)
+        return patches.transpose(1, 0, 2)[:, None], blocks.transpose(0, 2, 1, 3)
 
     def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
         patches, a_in, state, (b, h, w) = self._pop()
@@ -466,11 +537,11 @@ class ConvCaps(_EMLayer):
         k, c = self.kernel_size, self.in_caps
         g_mean = None if grad_poses is None else grad_poses.reshape(n, d, POSE)
         g_a = None if grad_activations is None else grad_activations.reshape(n, d)
-        g_votes, g_a_in = self._route_backward(g_mean, g_a, a_in, state)
-        g_patches, g_w = matrix_votes_backward(g_votes, patches,
-                                               self.weight.data.reshape(k * k * c, d, 4, 4))
-        self.weight.grad += g_w.reshape(self.weight.shape)
-        g_poses = col2im(g_patches.reshape(n, -1), (b, h, w, c * POSE), k, k, self.stride)
+        g_votes, g_a_in = self._route_backward(g_mean, g_a, a_in, state)  # (N, J, I, 16)
+        rows, blocks = self._operands(patches)
+        g_rows, g_blocks = _votes_by_parent_backward(g_votes.transpose(2, 1, 0, 3), rows, blocks, 1)
+        self.weight.grad += _unblock(g_blocks).reshape(self.weight.shape)
+        g_poses = col2im(g_rows[:, 0].transpose(1, 0, 2).reshape(n, -1), (b, h, w, c * POSE), k, k, self.stride)
         g_act = col2im(g_a_in, (b, h, w, c), k, k, self.stride)
         return g_poses.reshape(b, h, w, c, 4, 4), g_act
 
@@ -503,42 +574,56 @@ class ClassCaps(_EMLayer):
         return (f"{self.in_caps}, n_classes={self.n_classes}, iterations={self.iterations}, "
                 f"coordinate_addition={self.coordinate_addition}")
 
-    def _coordinates(self, h: int, w: int, xp: Any, dtype: Any) -> Any:
-        """(H * W * in_caps, 1, 16): the scaled centres in entries (0, 3) and (1, 3), zeros elsewhere."""
+    @staticmethod
+    def _coordinates(h: int, w: int, xp: Any, dtype: Any) -> tuple[Any, Any]:
+        """The scaled centres (y + 1/2) / H (H,) and (x + 1/2) / W (W,), added to the votes'
+        entries (0, 3) and (1, 3)."""
         dt = dtype.type
-        rows = (xp.arange(h, dtype=dtype) + dt(0.5)) * dt(1 / h)
-        cols = (xp.arange(w, dtype=dtype) + dt(0.5)) * dt(1 / w)
-        coords = xp.zeros((h, w, self.in_caps, 1, POSE), dtype=dtype)
-        coords[..., 3] = rows[:, None, None, None]
-        coords[..., 7] = cols[None, :, None, None]
-        return coords.reshape(h * w * self.in_caps, 1, POSE)
+        return (xp.arange(h, dtype=dtype) + dt(0.5)) * dt(1 / h), (xp.arange(w, dtype=dtype) + dt(0.5)) * dt(1 / w)
 
     def forward(self, poses: Any, activations: Any) -> tuple[Any, Any]:
         _check_capsule_map("ClassCaps", poses, activations, self.in_caps, self.weight.dtype)
         xp = backend.get_array_module(poses, activations, self.weight.data)
         b, h, w, c = poses.shape[:4]
         k = self.n_classes
-        # Rows ordered (position, example) and children (type, position): the votes come out
-        # child-major, (C * H * W, B, K, 16) in memory, as em_routing reads them.
-        flat = xp.ascontiguousarray(poses.transpose(1, 2, 0, 3, 4, 5)).reshape(h * w * b, c, 4, 4)
-        by_child = matrix_votes(flat, self.weight.data).transpose(1, 0, 2, 3, 4).reshape(c * h * w, b, k, POSE)
+        poses = xp.ascontiguousarray(poses)
+        rows, blocks = self._operands(poses)
+        # Children ordered (type, position); the products are (C, K, H * W) of (B, 16) x (16, 16).
+        votes = xp.empty((b, k, c * h * w, POSE), dtype=poses.dtype)
+        _votes_by_parent(rows, blocks, self._by_product(votes, c, h * w))
         if self.coordinate_addition:
-            coords = self._coordinates(h, w, xp, by_child.dtype).reshape(h, w, c, POSE)
-            by_child += coords.transpose(2, 0, 1, 3).reshape(c * h * w, 1, 1, POSE)
+            rows_at, cols_at = self._coordinates(h, w, xp, poses.dtype)
+            by_place = votes.reshape(b, k, c, h, w, POSE)
+            by_place[..., 3] += rows_at[:, None]
+            by_place[..., 7] += cols_at
         a_in = xp.ascontiguousarray(activations.transpose(0, 3, 1, 2)).reshape(b, c * h * w)
-        mean, a, state = self._route(by_child.transpose(1, 0, 2, 3), a_in)
-        self._save(flat, a_in, state, (b, h, w))
+        mean, a, state = self._route(votes, a_in)
+        self._save(poses, a_in, state, (b, h, w))
         return mean.reshape(b, k, 4, 4), a
 
+    def _operands(self, poses: Any) -> tuple[Any, Any]:
+        """The votes' products: rows (C, 1, H * W, B, 16), views of the poses, and blocks
+        (C, K, 1, 16, 16)."""
+        b, h, w, c = poses.shape[:4]
+        blocks = _block_transforms(self.weight.data).reshape(c, POSE, self.n_classes, POSE)
+        rows = poses.reshape(b, h * w, c, POSE).transpose(2, 1, 0, 3)[:, None]
+        return rows, blocks.transpose(0, 2, 1, 3)[:, :, None]
+
+    @staticmethod
+    def _by_product(votes: Any, c: int, places: int) -> Any:
+        """Parent-major votes (B, K, C * H * W, 16) as the products' (C, K, H * W, B, 16) view."""
+        b, k = votes.shape[:2]
+        return votes.reshape(b, k, c, places, POSE).transpose(2, 1, 3, 0, 4)
+
     def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
-        flat, a_in, state, (b, h, w) = self._pop()
+        poses, a_in, state, (b, h, w) = self._pop()
         c, k = self.in_caps, self.n_classes
         g_mean = None if grad_poses is None else grad_poses.reshape(b, k, POSE)
-        g_votes, g_a_in = self._route_backward(g_mean, grad_activations, a_in, state)
-        by_rows = g_votes.transpose(1, 0, 2, 3).reshape(c, h * w * b, k, 4, 4).transpose(1, 0, 2, 3, 4)
-        g_flat, g_w = matrix_votes_backward(by_rows, flat, self.weight.data)
-        self.weight.grad += g_w
-        g_poses = g_flat.reshape(h, w, b, c, 4, 4).transpose(2, 0, 1, 3, 4, 5)
+        g_votes, g_a_in = self._route_backward(g_mean, grad_activations, a_in, state)  # (B, K, I, 16)
+        rows, blocks = self._operands(poses)
+        g_rows, g_blocks = _votes_by_parent_backward(self._by_product(g_votes, c, h * w), rows, blocks, 1)
+        self.weight.grad += _unblock(g_blocks.sum(axis=2))
+        g_poses = g_rows[:, 0].transpose(2, 1, 0, 3).reshape(b, h, w, c, 4, 4)
         return g_poses, g_a_in.reshape(b, c, h, w).transpose(0, 2, 3, 1)
 
 

@@ -233,12 +233,17 @@ def test_gradcheck_classcaps(xp, host_rng, coordinate_addition):
 
 def test_coordinate_addition_moves_the_right_hand_column(xp, host_rng):
     """Same poses at two positions: their votes differ by the scaled offset in entries (0, 3) and (1, 3) only."""
-    layer = ClassCaps(1, 2, iterations=1, dtype=F64, seed=0)
-    coords = host(layer._coordinates(2, 3, xp, np.dtype(F64))).reshape(2, 3, 4, 4)
-    np.testing.assert_allclose(coords[1, 2, 0, 3], 1.5 / 2)
-    np.testing.assert_allclose(coords[1, 2, 1, 3], 2.5 / 3)
-    coords[:, :, 0, 3] = coords[:, :, 1, 3] = 0
-    assert not coords.any()
+    layer = ClassCaps(1, 2, iterations=1, inverse_temperature=0.1, dtype=F64, seed=0)
+    pose = host_rng.standard_normal((1, 1, 1, 1, 4, 4))
+    poses = np.broadcast_to(pose, (1, 2, 3, 1, 4, 4)).copy()  # the same pose at every position
+    layer.forward(dev(poses), dev(np.full((1, 2, 3, 1), 0.5)))
+    state = layer._pop()[2]
+    votes = host(state.U + state.centre[:, :, None, :]).reshape(2, 2, 3, 16)  # (class, y, x, entry)
+    offset = votes - votes[:, :1, :1]
+    np.testing.assert_allclose(offset[:, 1, 2, 3], 1 / 2)
+    np.testing.assert_allclose(offset[:, 1, 2, 7], 2 / 3)
+    offset[..., 3] = offset[..., 7] = 0
+    np.testing.assert_allclose(offset, 0, atol=1e-12)
 
 
 def test_gradcheck_matrix_primary_caps(xp, host_rng):
