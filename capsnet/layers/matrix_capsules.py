@@ -176,10 +176,10 @@ def _m_step(U: Any, U2: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a
     xp = backend.get_array_module(U)
     dt = U.dtype.type
     p = centre.shape[2]
-    r = R * a_in[:, None, :]
-    mass = r.sum(axis=2)  # (B, J)
+    w = R * a_in[:, None, :]  # r, made the weights w in place
+    mass = w.sum(axis=2)  # (B, J)
     inv = 1 / (mass + dt(_MASS_EPS))
-    w = r * inv[:, :, None]
+    w *= inv[:, :, None]
     S1 = xp.matmul(w[:, :, None, :], U)[:, :, 0, :]  # (B, J, P): sum_i w U
     S2 = xp.matmul(w[:, :, None, :], U2)[:, :, 0, :]  # sum_i w U^2
     # w sums to s = m / (m + 1e-8), not 1: mean = sum_i w V = c + delta, delta = S1 - (1 - s) c,
@@ -195,16 +195,20 @@ def _m_step(U: Any, U2: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a
 
 def _e_step(U: Any, U2: Any, delta: Any, var: Any, log_var: Any, z: Any) -> Any:
     """One E-step: R (B, J, I), a softmax over the parents of log a_j + log p_ij, where
-    sum_h (U_ih - delta_h)^2 / var_h is two batched products, U (-2 delta / var) + U2 (1 / var),
-    (B, J, I, P) x (B, J, P, 1)."""
+    -1/2 sum_h (U_ih - delta_h)^2 / var_h is two batched products, U (delta / var) +
+    U2 (-1/2 / var), (B, J, I, P) x (B, J, P, 1), plus a constant per parent. The (B, J, I)
+    arrays are worked on in place (the softmax too): one allocation, no temporaries."""
     xp = backend.get_array_module(U)
     dt = U.dtype.type
     inv_var = 1 / var
-    q = xp.matmul(U, (dt(-2) * delta * inv_var)[..., None])[..., 0]  # (B, J, I)
-    q += xp.matmul(U2, inv_var[..., None])[..., 0]
+    logit = xp.matmul(U, (delta * inv_var)[..., None])[..., 0]  # (B, J, I)
+    logit += xp.matmul(U2, (dt(-0.5) * inv_var)[..., None])[..., 0]
     const = (delta * delta * inv_var).sum(axis=2) + log_var.sum(axis=2)
-    logit = (_log_sigmoid(z) - dt(0.5) * const)[:, :, None] - dt(0.5) * q
-    return softmax(logit, axis=1)
+    logit += (_log_sigmoid(z) - dt(0.5) * const)[:, :, None]
+    logit -= logit.max(axis=1, keepdims=True)  # the softmax over the parents, in place
+    xp.exp(logit, out=logit)
+    logit *= 1 / logit.sum(axis=1, keepdims=True)
+    return logit
 
 
 def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int = 3,
