@@ -88,6 +88,9 @@ __all__ = [
 
 POSE = 16  # entries of a 4x4 pose matrix
 _MASS_EPS = 1e-8
+# Evaluation routes the groups in blocks whose votes and squares take about this many bytes,
+# so the five reads of each block (three M-steps, two E-steps) come from cache, not memory.
+EVAL_BLOCK_BYTES = 4 << 20
 
 
 # -- EM routing --------------------------------------------------------------------------------
@@ -470,6 +473,25 @@ class _EMLayer(Module):
         return _route(U, U2, centre, (b, i, j, p), a_in, self.beta_u.data, self.beta_a.data, self.iterations,
                       self.inverse_temperature, self.var_floor)
 
+    def _route_blocks(self, votes_of: Any, n: int, i: int, a_in: Any, xp: Any, dtype: Any) -> tuple:
+        """(means (N, J, 16), activations (N, J), the state or None): in training mode one
+        call of ``votes_of(0, N)`` (parent-major votes (N, J, I, 16) of groups [0, N)) routed
+        whole, its state kept for backward; in evaluation mode, nothing being kept, the groups
+        in blocks of about EVAL_BLOCK_BYTES of votes, each voted, centred and routed while in
+        cache (a block of groups, never one example at a time)."""
+        if self.training:
+            return self._route(votes_of(0, n), a_in)
+        j = self.beta_u.shape[0]
+        step = max(1, EVAL_BLOCK_BYTES // (2 * j * i * POSE * dtype.itemsize))
+        if step >= n:
+            mean, a, _ = self._route(votes_of(0, n), a_in)
+            return mean, a, None
+        mean, a = xp.empty((n, j, POSE), dtype=dtype), xp.empty((n, j), dtype=dtype)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            mean[lo:hi], a[lo:hi], _ = self._route(votes_of(lo, hi), a_in[lo:hi])
+        return mean, a, None
+
     def _route_backward(self, g_mean: Any, g_a: Any, a_in: Any, state: EMState) -> tuple[Any, Any]:
         """(the votes' gradient, parent-major (B, J, I, 16), the input activations' gradient)."""
         g_votes, g_a_in, g_bu, g_ba = _route_backward(g_mean, g_a, a_in, self.beta_u.data, state,
@@ -523,9 +545,13 @@ class ConvCaps(_EMLayer):
         a_in = im2col(xp.ascontiguousarray(activations), k, k, self.stride)  # (N, I)
         n, i = patches.shape[:2]
         rows, blocks = self._operands(patches)
-        votes = xp.empty((n, d, i, POSE), dtype=patches.dtype)
-        _votes_by_parent(rows, blocks, votes.transpose(2, 1, 0, 3))  # (I, J, N, 16) products
-        mean, a, state = self._route(votes, a_in)
+
+        def votes_of(lo: int, hi: int) -> Any:
+            votes = xp.empty((hi - lo, d, i, POSE), dtype=patches.dtype)
+            _votes_by_parent(rows[:, :, lo:hi], blocks, votes.transpose(2, 1, 0, 3))  # (I, J, N, 16) products
+            return votes
+
+        mean, a, state = self._route_blocks(votes_of, n, i, a_in, xp, patches.dtype)
         self._save(patches, a_in, state, (b, h, w))
         return mean.reshape(b, oh, ow, d, 4, 4), a.reshape(b, oh, ow, d)
 
@@ -592,16 +618,20 @@ class ClassCaps(_EMLayer):
         k = self.n_classes
         poses = xp.ascontiguousarray(poses)
         rows, blocks = self._operands(poses)
-        # Children ordered (type, position); the products are (C, K, H * W) of (B, 16) x (16, 16).
-        votes = xp.empty((b, k, c * h * w, POSE), dtype=poses.dtype)
-        _votes_by_parent(rows, blocks, self._by_product(votes, c, h * w))
-        if self.coordinate_addition:
-            rows_at, cols_at = self._coordinates(h, w, xp, poses.dtype)
-            by_place = votes.reshape(b, k, c, h, w, POSE)
-            by_place[..., 3] += rows_at[:, None]
-            by_place[..., 7] += cols_at
+        rows_at, cols_at = self._coordinates(h, w, xp, poses.dtype)
+
+        def votes_of(lo: int, hi: int) -> Any:
+            # Children ordered (type, position); the products are (C, K, H * W) of (B, 16) x (16, 16).
+            votes = xp.empty((hi - lo, k, c * h * w, POSE), dtype=poses.dtype)
+            _votes_by_parent(rows[..., lo:hi, :], blocks, self._by_product(votes, c, h * w))
+            if self.coordinate_addition:
+                by_place = votes.reshape(hi - lo, k, c, h, w, POSE)
+                by_place[..., 3] += rows_at[:, None]
+                by_place[..., 7] += cols_at
+            return votes
+
         a_in = xp.ascontiguousarray(activations.transpose(0, 3, 1, 2)).reshape(b, c * h * w)
-        mean, a, state = self._route(votes, a_in)
+        mean, a, state = self._route_blocks(votes_of, b, c * h * w, a_in, xp, poses.dtype)
         self._save(poses, a_in, state, (b, h, w))
         return mean.reshape(b, k, 4, 4), a
 

@@ -281,6 +281,27 @@ def test_convcaps_matches_routing_each_window(xp, host_rng):
             np.testing.assert_allclose(host(out_a)[0, oy, ox], a[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("which", ["convcaps", "classcaps"])
+def test_evaluation_in_blocks_equals_training_whole(xp, host_rng, monkeypatch, which):
+    """Evaluation routes the groups in blocks (here of one or two groups, the last one short);
+    the outputs are those of the training-mode forward, which routes all groups at once."""
+    import capsnet.layers.matrix_capsules as mc
+
+    if which == "convcaps":
+        layer = ConvCaps(2, 3, kernel_size=2, stride=1, iterations=3, dtype=F64, seed=4)  # 3 x 4 positions
+        group_bytes = 2 * 3 * 8 * 16 * 8
+    else:
+        layer = ClassCaps(2, 3, iterations=3, dtype=F64, seed=4)
+        group_bytes = 2 * 3 * 2 * 4 * 5 * 16 * 8
+    poses, acts = capsule_map(host_rng, 3, 4, 5, 2)
+    whole = layer.forward(poses, acts)
+    layer.eval()
+    for groups in (1, 2):
+        monkeypatch.setattr(mc, "EVAL_BLOCK_BYTES", groups * group_bytes)
+        for got, want in zip(layer.forward(poses, acts), whole):
+            np.testing.assert_allclose(host(got), host(want), rtol=1e-12, atol=1e-14)
+
+
 def test_matrix_votes_are_pose_times_transform(xp, host_rng):
     poses = host_rng.standard_normal((3, 2, 4, 4))
     w = host_rng.standard_normal((2, 5, 4, 4))
