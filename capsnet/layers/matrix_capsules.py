@@ -35,12 +35,15 @@ The pitfalls the public reimplementations met, and what is done here:
 How it is computed. Routing reads the votes many times (two sums per M-step, one per E-step,
 as many again backward) and does little arithmetic per read, so its speed is the layout:
 
-- **Votes laid out once.** :func:`matrix_votes` writes them child-major, (I, B, J, 16) in
-  memory; :func:`em_routing` centres them on each parent's plain mean c_j (a contiguous
-  reduction and subtraction over the leading axis) and makes one transposing copy,
-  U = V - c parent-major (B, J, I, 16), and U2 = U^2 beside it. The centre changes nothing
-  in the result (mu = c + sum_i w U, the variance is shift-invariant); it keeps float32
-  from cancelling in E_w[U^2] - mu^2 and in the expanded Gaussian exponent below.
+- **Votes laid out once, parent-major.** The layers write them straight into the routing's
+  layout (B, J, I, 16), one (rows, 16) x (16, 16) product per (child, parent) whose output
+  rows are the parent-major votes (:func:`_votes_by_parent`), and centre them in place on
+  each parent's plain mean c_j: U = V - c, and U2 = U^2 beside it (:func:`_centre`). No
+  transposing copy: NumPy copies such a transposed array element by element, 3-6x slower
+  than a contiguous copy. :func:`em_routing` (votes given in any layout) makes that one copy.
+  The centre changes nothing in the result (mu = c + sum_i w U, the variance is
+  shift-invariant); it keeps float32 from cancelling in E_w[U^2] - mu^2 and in the expanded
+  Gaussian exponent below.
 - **Every routing sum a batched product** over contiguous (I, 16) matrices, one per
   (group, parent): the M-step's sum_i w_ij U_ij and sum_i w_ij U2_ij are (1, I) x (I, 16);
   the E-step's sum_h (U_h - delta_h)^2 / var_h is U (-2 delta / var) + U2 (1 / var) +
@@ -51,9 +54,15 @@ as many again backward) and does little arithmetic per read, so its speed is the
   over the children (the mass) are contiguous reductions of (B, J, I) arrays.
 - **Backward in the same layout.** Each M-step's and E-step's part in the gradient of U and
   U2 is an outer product (w g_S, g_q coef); they are kept, small, and applied at the end as
-  two batched products (B, J, I, n) x (B, J, n, 16), n = 2 T - 1, then one copy back to the
-  child-major layout :func:`matrix_votes_backward` reads. The state holds U, U2 and the
-  per-iteration (B, J, I) and (B, J, 16) arrays, nothing else of the votes' size.
+  two batched products (B, J, I, n) x (B, J, n, 16), n = 2 T - 1. The layers read that
+  gradient parent-major through the transposed per-(child, parent) products
+  (:func:`_votes_by_parent_backward`); :func:`em_routing_backward` returns it in the votes'
+  own layout (one copy). The state holds U, U2 and the per-iteration (B, J, I) and
+  (B, J, 16) arrays, nothing else of the votes' size.
+- **Evaluation in blocks.** With nothing kept for backward, the layers vote, centre and route
+  the groups a block of about ``EVAL_BLOCK_BYTES`` (4 MB) of votes at a time, so the five
+  reads of U and U2 (three M-steps, two E-steps) come from cache: at batch 100 the first
+  ConvCaps' U and U2 are 184 MB, past any cache.
 
 Shapes: votes (B, I, J, 16), input activations (B, I), beta_u and beta_a (J,); outputs
 means (B, J, 16) and activations (B, J). Convolutional layers route every output position
