@@ -77,7 +77,7 @@ from typing import Any, NamedTuple
 from capsnet import backend
 from capsnet.layers.activation import sigmoid
 from capsnet.layers.base import Module, as_rng, check_batch, check_input, conv_output_size, init_param
-from capsnet.layers.capsule import check_labels, softmax
+from capsnet.layers.capsule import check_labels
 from capsnet.layers.conv import Conv2d, col2im, im2col
 
 __all__ = [

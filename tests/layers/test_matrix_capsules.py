@@ -20,6 +20,7 @@ from capsnet.layers import (
     em_routing,
     em_routing_backward,
     matrix_votes,
+    matrix_votes_backward,
     spread_loss,
     spread_loss_backward,
     spread_margin,
@@ -309,6 +310,20 @@ def test_matrix_votes_are_pose_times_transform(xp, host_rng):
     assert votes.shape == (3, 2, 5, 4, 4)
     np.testing.assert_allclose(votes[1, 0, 3], poses[1, 0] @ w[0, 3], rtol=1e-12)
 
+
+
+def test_gradcheck_matrix_votes(xp, host_rng):
+    """matrix_votes_backward (the public functions' child-major path; the layers use the
+    parent-major products, checked through their own gradient checks)."""
+    poses, w = dev(host_rng.standard_normal((3, 2, 4, 4))), dev(host_rng.standard_normal((2, 5, 4, 4)))
+    g = dev(host_rng.standard_normal((3, 2, 5, 4, 4)))
+    g_poses, g_w = matrix_votes_backward(g, poses, w)
+
+    def loss():
+        return (matrix_votes(poses, w) * g).sum()
+
+    check_gradient(loss, poses, g_poses, name="poses")
+    check_gradient(loss, w, g_w, name="w")
 
 # -- limits ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
