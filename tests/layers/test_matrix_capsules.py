@@ -299,6 +299,7 @@ def test_evaluation_in_blocks_equals_training_whole(xp, host_rng, monkeypatch, w
     layer.eval()
     for groups in (1, 2):
         monkeypatch.setattr(mc, "EVAL_BLOCK_BYTES", groups * group_bytes)
+        monkeypatch.setattr(mc, "EVAL_BLOCK_GROUPS", 1)
         for got, want in zip(layer.forward(poses, acts), whole):
             np.testing.assert_allclose(host(got), host(want), rtol=1e-12, atol=1e-14)
 
