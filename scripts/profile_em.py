@@ -250,14 +250,14 @@ def profile_capsnet(args: argparse.Namespace) -> dict[str, float]:
             return f"{name} {it['t']} backward"
         return label
 
-    routing, routing_backward = mc.em_routing, mc.em_routing_backward
+    routing, routing_backward = mc._route, mc._route_backward
     m_step, e_step, m_back, e_back = mc._m_step, mc._e_step, mc._m_step_backward, mc._e_step_backward
 
     def em_routing(*a, **k):
         it["t"] = 0
         return routing(*a, **k)
 
-    def em_routing_backward(grad_mean, grad_a, a_in, beta_u, state, detach=False):
+    def em_routing_backward(grad_mean, grad_a, a_in, beta_u, state, detach):
         it["t"] = len(state.a) - 1
         return routing_backward(grad_mean, grad_a, a_in, beta_u, state, detach)
 
@@ -274,15 +274,16 @@ def profile_capsnet(args: argparse.Namespace) -> dict[str, float]:
         it["t"] -= 1
         return out
 
-    mc.em_routing = timer.wrap(em_routing, "routing: other forward")
-    mc.em_routing_backward = timer.wrap(em_routing_backward, "routing: other backward")
+    mc._route = timer.wrap(em_routing, "routing: other forward")  # what the layers call
+    mc._route_backward = timer.wrap(em_routing_backward, "routing: other backward")
     mc._m_step = timer.wrap(m_step_then_count, fwd("M-step"))
     mc._e_step = timer.wrap(e_step_then_count, fwd("E-step"))
     mc._m_step_backward = timer.wrap(m_back_then_count, bwd("M-step"))
     mc._e_step_backward = timer.wrap(e_back, bwd("E-step"))
-    mc._lay_out = timer.wrap(mc._lay_out, "votes forward")
-    mc.matrix_votes = timer.wrap(mc.matrix_votes, "votes forward")
-    mc.matrix_votes_backward = timer.wrap(mc.matrix_votes_backward, "votes backward")
+    mc._votes_by_parent = timer.wrap(mc._votes_by_parent, "votes forward")
+    mc._centre = timer.wrap(mc._centre, "votes forward")
+    mc._votes_by_parent_backward = timer.wrap(mc._votes_by_parent_backward, "votes backward")
+    mc._unblock = timer.wrap(mc._unblock, "votes backward")
     mc.im2col = timer.wrap(mc.im2col, "gather forward")
     mc.col2im = timer.wrap(mc.col2im, "gather backward")
     model, crit, opt, _, _ = build_capsnet(args.preset, 1)

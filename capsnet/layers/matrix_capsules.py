@@ -35,12 +35,15 @@ The pitfalls the public reimplementations met, and what is done here:
 How it is computed. Routing reads the votes many times (two sums per M-step, one per E-step,
 as many again backward) and does little arithmetic per read, so its speed is the layout:
 
-- **Votes laid out once.** :func:`matrix_votes` writes them child-major, (I, B, J, 16) in
-  memory; :func:`em_routing` centres them on each parent's plain mean c_j (a contiguous
-  reduction and subtraction over the leading axis) and makes one transposing copy,
-  U = V - c parent-major (B, J, I, 16), and U2 = U^2 beside it. The centre changes nothing
-  in the result (mu = c + sum_i w U, the variance is shift-invariant); it keeps float32
-  from cancelling in E_w[U^2] - mu^2 and in the expanded Gaussian exponent below.
+- **Votes laid out once, parent-major.** The layers write them straight into the routing's
+  layout (B, J, I, 16), one (rows, 16) x (16, 16) product per (child, parent) whose output
+  rows are the parent-major votes (:func:`_votes_by_parent`), and centre them in place on
+  each parent's plain mean c_j: U = V - c, and U2 = U^2 beside it (:func:`_centre`). No
+  transposing copy: NumPy copies such a transposed array element by element, 3-6x slower
+  than a contiguous copy. :func:`em_routing` (votes given in any layout) makes that one copy.
+  The centre changes nothing in the result (mu = c + sum_i w U, the variance is
+  shift-invariant); it keeps float32 from cancelling in E_w[U^2] - mu^2 and in the expanded
+  Gaussian exponent below.
 - **Every routing sum a batched product** over contiguous (I, 16) matrices, one per
   (group, parent): the M-step's sum_i w_ij U_ij and sum_i w_ij U2_ij are (1, I) x (I, 16);
   the E-step's sum_h (U_h - delta_h)^2 / var_h is U (-2 delta / var) + U2 (1 / var) +
@@ -51,9 +54,15 @@ as many again backward) and does little arithmetic per read, so its speed is the
   over the children (the mass) are contiguous reductions of (B, J, I) arrays.
 - **Backward in the same layout.** Each M-step's and E-step's part in the gradient of U and
   U2 is an outer product (w g_S, g_q coef); they are kept, small, and applied at the end as
-  two batched products (B, J, I, n) x (B, J, n, 16), n = 2 T - 1, then one copy back to the
-  child-major layout :func:`matrix_votes_backward` reads. The state holds U, U2 and the
-  per-iteration (B, J, I) and (B, J, 16) arrays, nothing else of the votes' size.
+  two batched products (B, J, I, n) x (B, J, n, 16), n = 2 T - 1. The layers read that
+  gradient parent-major through the transposed per-(child, parent) products
+  (:func:`_votes_by_parent_backward`); :func:`em_routing_backward` returns it in the votes'
+  own layout (one copy). The state holds U, U2 and the per-iteration (B, J, I) and
+  (B, J, 16) arrays, nothing else of the votes' size.
+- **Evaluation in blocks.** With nothing kept for backward, the layers vote, centre and route
+  the groups a block of about ``EVAL_BLOCK_BYTES`` (4 MB) of votes at a time, so the five
+  reads of U and U2 (three M-steps, two E-steps) come from cache: at batch 100 the first
+  ConvCaps' U and U2 are 184 MB, past any cache.
 
 Shapes: votes (B, I, J, 16), input activations (B, I), beta_u and beta_a (J,); outputs
 means (B, J, 16) and activations (B, J). Convolutional layers route every output position
@@ -68,7 +77,7 @@ from typing import Any, NamedTuple
 from capsnet import backend
 from capsnet.layers.activation import sigmoid
 from capsnet.layers.base import Module, as_rng, check_batch, check_input, conv_output_size, init_param
-from capsnet.layers.capsule import check_labels, softmax
+from capsnet.layers.capsule import check_labels
 from capsnet.layers.conv import Conv2d, col2im, im2col
 
 __all__ = [
@@ -88,6 +97,13 @@ __all__ = [
 
 POSE = 16  # entries of a 4x4 pose matrix
 _MASS_EPS = 1e-8
+# Evaluation routes the groups in blocks whose votes and squares take about this many bytes,
+# so the five reads of each block (three M-steps, two E-steps) come from cache, not memory,
+# but of at least EVAL_BLOCK_GROUPS groups: a block's votes are I x J products of that many
+# rows, and with fewer the BLAS calls' overhead outweighs the cache (the paper's size, I = 288,
+# J = 32, takes 1.2 MB a group).
+EVAL_BLOCK_BYTES = 4 << 20
+EVAL_BLOCK_GROUPS = 64
 
 
 # -- EM routing --------------------------------------------------------------------------------
@@ -146,7 +162,8 @@ def _lay_out(votes: Any) -> tuple[Any, Any, Any]:
     """(U, U2, c): each parent's votes centred on their plain mean c_j (B, J, P), and their
     squares, each (B, J, I, P) contiguous. votes (B, I, J, P) or (B, I, J, 4, 4), any strides;
     cheapest child-major, as :func:`matrix_votes` gives them: then the centring is contiguous
-    and one transposing copy lays U out."""
+    and one transposing copy lays U out. The layers skip this copy: they write their votes
+    parent-major (:func:`_votes_by_parent`) and centre them in place (:func:`_centre`)."""
     xp = backend.get_array_module(votes)
     b, i, j = votes.shape[:3]
     p = votes.shape[3] if votes.ndim == 4 else POSE
@@ -157,6 +174,17 @@ def _lay_out(votes: Any) -> tuple[Any, Any, Any]:
     return U, U * U, centre
 
 
+def _centre(U: Any) -> tuple[Any, Any, Any]:
+    """(U, U2, c) from parent-major votes U (B, J, I, P), contiguous, centred in place: the plain
+    mean over the children c (B, J, P) is one batched product (1, I) x (I, P) (a reduction
+    over the middle axis runs element by element, 20x slower here)."""
+    xp = backend.get_array_module(U)
+    i = U.shape[2]
+    centre = xp.matmul(xp.full((1, i), 1 / i, dtype=U.dtype), U)[:, :, 0, :]  # (B, J, P)
+    U -= centre[:, :, None, :]
+    return U, U * U, centre
+
+
 def _m_step(U: Any, U2: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a: Any, lam: Any, share: Any,
             floor: Any) -> tuple:
     """One M-step (Procedure 1): (w, mass, S, mean, delta, var, log var, z, a); the sums over the
@@ -164,10 +192,10 @@ def _m_step(U: Any, U2: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a
     xp = backend.get_array_module(U)
     dt = U.dtype.type
     p = centre.shape[2]
-    r = R * a_in[:, None, :]
-    mass = r.sum(axis=2)  # (B, J)
+    w = R * a_in[:, None, :]  # r, made the weights w in place
+    mass = w.sum(axis=2)  # (B, J)
     inv = 1 / (mass + dt(_MASS_EPS))
-    w = r * inv[:, :, None]
+    w *= inv[:, :, None]
     S1 = xp.matmul(w[:, :, None, :], U)[:, :, 0, :]  # (B, J, P): sum_i w U
     S2 = xp.matmul(w[:, :, None, :], U2)[:, :, 0, :]  # sum_i w U^2
     # w sums to s = m / (m + 1e-8), not 1: mean = sum_i w V = c + delta, delta = S1 - (1 - s) c,
@@ -183,16 +211,20 @@ def _m_step(U: Any, U2: Any, centre: Any, R: Any, a_in: Any, beta_u: Any, beta_a
 
 def _e_step(U: Any, U2: Any, delta: Any, var: Any, log_var: Any, z: Any) -> Any:
     """One E-step: R (B, J, I), a softmax over the parents of log a_j + log p_ij, where
-    sum_h (U_ih - delta_h)^2 / var_h is two batched products, U (-2 delta / var) + U2 (1 / var),
-    (B, J, I, P) x (B, J, P, 1)."""
+    -1/2 sum_h (U_ih - delta_h)^2 / var_h is two batched products, U (delta / var) +
+    U2 (-1/2 / var), (B, J, I, P) x (B, J, P, 1), plus a constant per parent. The (B, J, I)
+    arrays are worked on in place (the softmax too): one allocation, no temporaries."""
     xp = backend.get_array_module(U)
     dt = U.dtype.type
     inv_var = 1 / var
-    q = xp.matmul(U, (dt(-2) * delta * inv_var)[..., None])[..., 0]  # (B, J, I)
-    q += xp.matmul(U2, inv_var[..., None])[..., 0]
+    logit = xp.matmul(U, (delta * inv_var)[..., None])[..., 0]  # (B, J, I)
+    logit += xp.matmul(U2, (dt(-0.5) * inv_var)[..., None])[..., 0]
     const = (delta * delta * inv_var).sum(axis=2) + log_var.sum(axis=2)
-    logit = (_log_sigmoid(z) - dt(0.5) * const)[:, :, None] - dt(0.5) * q
-    return softmax(logit, axis=1)
+    logit += (_log_sigmoid(z) - dt(0.5) * const)[:, :, None]
+    logit -= logit.max(axis=1, keepdims=True)  # the softmax over the parents, in place
+    xp.exp(logit, out=logit)
+    logit *= 1 / logit.sum(axis=1, keepdims=True)
+    return logit
 
 
 def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int = 3,
@@ -204,13 +236,22 @@ def em_routing(votes: Any, a_in: Any, beta_u: Any, beta_a: Any, iterations: int 
     :func:`em_routing_backward` needs).
     """
     _check_routing(votes, a_in, beta_u, beta_a, iterations)
-    xp = backend.get_array_module(votes, a_in, beta_u, beta_a)
-    dt = votes.dtype.type
-    b, i, j = votes.shape[:3]
-    share, floor = dt(j / i), dt(var_floor)
+    backend.get_array_module(votes, a_in, beta_u, beta_a)
     U, U2, centre = _lay_out(votes)
-    R = xp.full((b, j, i), 1.0 / j, dtype=votes.dtype)
-    state = EMState(U, U2, centre, tuple(votes.shape), [], [], [], [], [], [], [], [], [], [])
+    return _route(U, U2, centre, tuple(votes.shape), a_in, beta_u, beta_a, iterations, inverse_temperature,
+                  var_floor)
+
+
+def _route(U: Any, U2: Any, centre: Any, shape: tuple, a_in: Any, beta_u: Any, beta_a: Any, iterations: int,
+           inverse_temperature: float, var_floor: float) -> tuple[Any, Any, EMState]:
+    """:func:`em_routing` from votes already laid out (:func:`_lay_out` or :func:`_centre`);
+    shape: the votes' shape as the caller gave them."""
+    xp = backend.get_array_module(U, a_in, beta_u, beta_a)
+    dt = U.dtype.type
+    b, j, i = U.shape[:3]
+    share, floor = dt(j / i), dt(var_floor)
+    R = xp.full((b, j, i), 1.0 / j, dtype=U.dtype)
+    state = EMState(U, U2, centre, shape, [], [], [], [], [], [], [], [], [], [])
     for t in range(iterations):
         lam = dt(inverse_temperature * (t + 1) / iterations)
         w, mass, S, mean, delta, var, log_var, z, a = _m_step(U, U2, centre, R, a_in, beta_u, beta_a, lam, share, floor)
@@ -284,6 +325,18 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
     (B, J, I, n) x (B, J, n, P), the only arrays of the votes' size that the backward writes
     before the child-major copy it returns.
     """
+    g_U, g_a_in, g_beta_u, g_beta_a = _route_backward(grad_mean, grad_a, a_in, beta_u, state, detach)
+    b, j, i, p = g_U.shape
+    xp = backend.get_array_module(g_U)
+    by_child = xp.ascontiguousarray(g_U.transpose(2, 0, 1, 3))  # (I, B, J, P), as matrix_votes lays votes out
+    if len(state.shape) == 5:
+        return by_child.reshape(i, b, j, 4, 4).transpose(1, 0, 2, 3, 4), g_a_in, g_beta_u, g_beta_a
+    return by_child.transpose(1, 0, 2, 3), g_a_in, g_beta_u, g_beta_a
+
+
+def _route_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, state: EMState,
+                    detach: bool) -> tuple[Any, Any, Any, Any]:
+    """:func:`em_routing_backward` with the votes' gradient left parent-major, (B, J, I, P)."""
     U, U2, centre = state.U, state.U2, state.centre
     xp = backend.get_array_module(U, a_in, beta_u)
     dt = U.dtype.type
@@ -327,10 +380,7 @@ def em_routing_backward(grad_mean: Any, grad_a: Any, a_in: Any, beta_u: Any, sta
     g_U2 = xp.matmul(outer, xp.stack([2 * r[1] for r in right], axis=2))  # U2 = U^2: d/dU is 2 U
     g_U2 *= U
     g_U += g_U2  # the centre is held constant: the result does not depend on it
-    by_child = xp.ascontiguousarray(g_U.transpose(2, 0, 1, 3))  # (I, B, J, P), as matrix_votes lays votes out
-    if len(state.shape) == 5:
-        return by_child.reshape(i, b, j, 4, 4).transpose(1, 0, 2, 3, 4), g_a_in, g_beta_u, g_beta_a
-    return by_child.transpose(1, 0, 2, 3), g_a_in, g_beta_u, g_beta_a
+    return g_U, g_a_in, g_beta_u, g_beta_a
 
 
 # -- votes -------------------------------------------------------------------------------------------
@@ -374,6 +424,34 @@ def matrix_votes_backward(grad_votes: Any, poses: Any, w: Any) -> tuple[Any, Any
     return grad_rows.reshape(i, n, 4, 4).transpose(1, 0, 2, 3), grad_w.transpose(0, 2, 1, 3)
 
 
+def _votes_by_parent(rows: Any, blocks: Any, out: Any) -> None:
+    """Votes written straight into the routing's parent-major layout, one product (R, 16) x
+    (16, 16) per (child, parent): rows (..., R, 16) the flattened poses and blocks (..., 16, 16)
+    the transforms :func:`_block_transforms` makes (broadcast against each other), out a view of
+    the parent-major votes whose matrices have contiguous rows, so no transposing copy follows.
+    The products are small, but BLAS writes each vote's 64 bytes whole, where a transposing
+    copy of child-major votes moves them element by element, 3-6x slower than a contiguous copy."""
+    xp = backend.get_array_module(rows, blocks)
+    xp.matmul(rows, blocks, out=out)
+
+
+def _votes_by_parent_backward(g_out: Any, rows: Any, blocks: Any, parent_axis: int) -> tuple[Any, Any]:
+    """Gradients of :func:`_votes_by_parent` w.r.t. (rows, blocks), g_out a view laid out as its
+    ``out``: the rows' gradient summed over the parents (axis ``parent_axis`` of the products,
+    a sum of whole contiguous blocks), the blocks' in the shape of the products' (..., 16, 16)."""
+    xp = backend.get_array_module(g_out, rows, blocks)
+    g_rows = xp.matmul(g_out, blocks.swapaxes(-1, -2)).sum(axis=parent_axis, keepdims=True)
+    g_blocks = xp.matmul(rows.swapaxes(-1, -2), g_out)
+    return g_rows, g_blocks
+
+
+def _unblock(g_blocks: Any) -> Any:
+    """The gradient of the transforms W (..., 4, 4) from that of their blocks (..., 16, 16),
+    entry ((r, k), (r', s)) = [r = r'] W_ks: the sum of the four diagonal 4 x 4 blocks."""
+    g = g_blocks.reshape(*g_blocks.shape[:-2], 4, 4, 4, 4)
+    return g[..., 0, :, 0, :] + g[..., 1, :, 1, :] + g[..., 2, :, 2, :] + g[..., 3, :, 3, :]
+
+
 # -- layers ---------------------------------------------------------------------------------------
 def _check_routing_args(who: str, iterations: int, inverse_temperature: float, var_floor: float) -> None:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
@@ -402,12 +480,35 @@ class _EMLayer(Module):
         self.beta_a = init_param((out_caps,), 0.0, dtype, None, "zeros")
 
     def _route(self, votes: Any, a_in: Any) -> tuple[Any, Any, EMState]:
-        return em_routing(votes, a_in, self.beta_u.data, self.beta_a.data, self.iterations,
-                          self.inverse_temperature, self.var_floor)
+        """Routing of parent-major votes (B, J, I, 16), contiguous, centred here in place."""
+        U, U2, centre = _centre(votes)
+        b, j, i, p = votes.shape
+        return _route(U, U2, centre, (b, i, j, p), a_in, self.beta_u.data, self.beta_a.data, self.iterations,
+                      self.inverse_temperature, self.var_floor)
+
+    def _route_blocks(self, votes_of: Any, n: int, i: int, a_in: Any, xp: Any, dtype: Any) -> tuple:
+        """(means (N, J, 16), activations (N, J), the state or None): in training mode one
+        call of ``votes_of(0, N)`` (parent-major votes (N, J, I, 16) of groups [0, N)) routed
+        whole, its state kept for backward; in evaluation mode, nothing being kept, the groups
+        in blocks of about EVAL_BLOCK_BYTES of votes (EVAL_BLOCK_GROUPS at least), each voted, centred and routed while in
+        cache (a block of groups, never one example at a time)."""
+        if self.training:
+            return self._route(votes_of(0, n), a_in)
+        j = self.beta_u.shape[0]
+        step = max(1, EVAL_BLOCK_GROUPS, EVAL_BLOCK_BYTES // (2 * j * i * POSE * dtype.itemsize))
+        if step >= n:
+            mean, a, _ = self._route(votes_of(0, n), a_in)
+            return mean, a, None
+        mean, a = xp.empty((n, j, POSE), dtype=dtype), xp.empty((n, j), dtype=dtype)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            mean[lo:hi], a[lo:hi], _ = self._route(votes_of(lo, hi), a_in[lo:hi])
+        return mean, a, None
 
     def _route_backward(self, g_mean: Any, g_a: Any, a_in: Any, state: EMState) -> tuple[Any, Any]:
-        g_votes, g_a_in, g_bu, g_ba = em_routing_backward(g_mean, g_a, a_in, self.beta_u.data, state,
-                                                          self.detach_routing)
+        """(the votes' gradient, parent-major (B, J, I, 16), the input activations' gradient)."""
+        g_votes, g_a_in, g_bu, g_ba = _route_backward(g_mean, g_a, a_in, self.beta_u.data, state,
+                                                      self.detach_routing)
         self.beta_u.grad += g_bu
         self.beta_a.grad += g_ba
         return g_votes, g_a_in
@@ -453,12 +554,25 @@ class ConvCaps(_EMLayer):
         oh, ow = self.output_size(h, w)
         k, c, d = self.kernel_size, self.in_caps, self.out_caps
         pose_map = xp.ascontiguousarray(poses).reshape(b, h, w, c * POSE)
-        patches = im2col(pose_map, k, k, self.stride).reshape(-1, k * k * c, 4, 4)  # (N, I, 4, 4), i = (ky, kx, c)
+        patches = im2col(pose_map, k, k, self.stride).reshape(-1, k * k * c, POSE)  # (N, I, 16), i = (ky, kx, c)
         a_in = im2col(xp.ascontiguousarray(activations), k, k, self.stride)  # (N, I)
-        weight = self.weight.data.reshape(k * k * c, d, 4, 4)
-        mean, a, state = self._route(matrix_votes(patches, weight), a_in)  # votes (N, I, J, 4, 4), laid out once
+        n, i = patches.shape[:2]
+        rows, blocks = self._operands(patches)
+
+        def votes_of(lo: int, hi: int) -> Any:
+            votes = xp.empty((hi - lo, d, i, POSE), dtype=patches.dtype)
+            _votes_by_parent(rows[:, :, lo:hi], blocks, votes.transpose(2, 1, 0, 3))  # (I, J, N, 16) products
+            return votes
+
+        mean, a, state = self._route_blocks(votes_of, n, i, a_in, xp, patches.dtype)
         self._save(patches, a_in, state, (b, h, w))
         return mean.reshape(b, oh, ow, d, 4, 4), a.reshape(b, oh, ow, d)
+
+    def _operands(self, patches: Any) -> tuple[Any, Any]:
+        """The votes' products: rows (I, 1, N, 16), views of the patches, and blocks (I, J, 16, 16)."""
+        i, d = patches.shape[1], self.out_caps
+        blocks = _block_transforms(self.weight.data.reshape(i, d, 4, 4)).reshape(i, POSE, d, POSE)
+        return patches.transpose(1, 0, 2)[:, None], blocks.transpose(0, 2, 1, 3)
 
     def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
         patches, a_in, state, (b, h, w) = self._pop()
@@ -466,11 +580,11 @@ class ConvCaps(_EMLayer):
         k, c = self.kernel_size, self.in_caps
         g_mean = None if grad_poses is None else grad_poses.reshape(n, d, POSE)
         g_a = None if grad_activations is None else grad_activations.reshape(n, d)
-        g_votes, g_a_in = self._route_backward(g_mean, g_a, a_in, state)
-        g_patches, g_w = matrix_votes_backward(g_votes, patches,
-                                               self.weight.data.reshape(k * k * c, d, 4, 4))
-        self.weight.grad += g_w.reshape(self.weight.shape)
-        g_poses = col2im(g_patches.reshape(n, -1), (b, h, w, c * POSE), k, k, self.stride)
+        g_votes, g_a_in = self._route_backward(g_mean, g_a, a_in, state)  # (N, J, I, 16)
+        rows, blocks = self._operands(patches)
+        g_rows, g_blocks = _votes_by_parent_backward(g_votes.transpose(2, 1, 0, 3), rows, blocks, 1)
+        self.weight.grad += _unblock(g_blocks).reshape(self.weight.shape)
+        g_poses = col2im(g_rows[:, 0].transpose(1, 0, 2).reshape(n, -1), (b, h, w, c * POSE), k, k, self.stride)
         g_act = col2im(g_a_in, (b, h, w, c), k, k, self.stride)
         return g_poses.reshape(b, h, w, c, 4, 4), g_act
 
@@ -503,42 +617,60 @@ class ClassCaps(_EMLayer):
         return (f"{self.in_caps}, n_classes={self.n_classes}, iterations={self.iterations}, "
                 f"coordinate_addition={self.coordinate_addition}")
 
-    def _coordinates(self, h: int, w: int, xp: Any, dtype: Any) -> Any:
-        """(H * W * in_caps, 1, 16): the scaled centres in entries (0, 3) and (1, 3), zeros elsewhere."""
+    @staticmethod
+    def _coordinates(h: int, w: int, xp: Any, dtype: Any) -> tuple[Any, Any]:
+        """The scaled centres (y + 1/2) / H (H,) and (x + 1/2) / W (W,), added to the votes'
+        entries (0, 3) and (1, 3)."""
         dt = dtype.type
-        rows = (xp.arange(h, dtype=dtype) + dt(0.5)) * dt(1 / h)
-        cols = (xp.arange(w, dtype=dtype) + dt(0.5)) * dt(1 / w)
-        coords = xp.zeros((h, w, self.in_caps, 1, POSE), dtype=dtype)
-        coords[..., 3] = rows[:, None, None, None]
-        coords[..., 7] = cols[None, :, None, None]
-        return coords.reshape(h * w * self.in_caps, 1, POSE)
+        return (xp.arange(h, dtype=dtype) + dt(0.5)) * dt(1 / h), (xp.arange(w, dtype=dtype) + dt(0.5)) * dt(1 / w)
 
     def forward(self, poses: Any, activations: Any) -> tuple[Any, Any]:
         _check_capsule_map("ClassCaps", poses, activations, self.in_caps, self.weight.dtype)
         xp = backend.get_array_module(poses, activations, self.weight.data)
         b, h, w, c = poses.shape[:4]
         k = self.n_classes
-        # Rows ordered (position, example) and children (type, position): the votes come out
-        # child-major, (C * H * W, B, K, 16) in memory, as em_routing reads them.
-        flat = xp.ascontiguousarray(poses.transpose(1, 2, 0, 3, 4, 5)).reshape(h * w * b, c, 4, 4)
-        by_child = matrix_votes(flat, self.weight.data).transpose(1, 0, 2, 3, 4).reshape(c * h * w, b, k, POSE)
-        if self.coordinate_addition:
-            coords = self._coordinates(h, w, xp, by_child.dtype).reshape(h, w, c, POSE)
-            by_child += coords.transpose(2, 0, 1, 3).reshape(c * h * w, 1, 1, POSE)
+        poses = xp.ascontiguousarray(poses)
+        rows, blocks = self._operands(poses)
+        rows_at, cols_at = self._coordinates(h, w, xp, poses.dtype)
+
+        def votes_of(lo: int, hi: int) -> Any:
+            # Children ordered (type, position); the products are (C, K, H * W) of (B, 16) x (16, 16).
+            votes = xp.empty((hi - lo, k, c * h * w, POSE), dtype=poses.dtype)
+            _votes_by_parent(rows[..., lo:hi, :], blocks, self._by_product(votes, c, h * w))
+            if self.coordinate_addition:
+                by_place = votes.reshape(hi - lo, k, c, h, w, POSE)
+                by_place[..., 3] += rows_at[:, None]
+                by_place[..., 7] += cols_at
+            return votes
+
         a_in = xp.ascontiguousarray(activations.transpose(0, 3, 1, 2)).reshape(b, c * h * w)
-        mean, a, state = self._route(by_child.transpose(1, 0, 2, 3), a_in)
-        self._save(flat, a_in, state, (b, h, w))
+        mean, a, state = self._route_blocks(votes_of, b, c * h * w, a_in, xp, poses.dtype)
+        self._save(poses, a_in, state, (b, h, w))
         return mean.reshape(b, k, 4, 4), a
 
+    def _operands(self, poses: Any) -> tuple[Any, Any]:
+        """The votes' products: rows (C, 1, H * W, B, 16), views of the poses, and blocks
+        (C, K, 1, 16, 16)."""
+        b, h, w, c = poses.shape[:4]
+        blocks = _block_transforms(self.weight.data).reshape(c, POSE, self.n_classes, POSE)
+        rows = poses.reshape(b, h * w, c, POSE).transpose(2, 1, 0, 3)[:, None]
+        return rows, blocks.transpose(0, 2, 1, 3)[:, :, None]
+
+    @staticmethod
+    def _by_product(votes: Any, c: int, places: int) -> Any:
+        """Parent-major votes (B, K, C * H * W, 16) as the products' (C, K, H * W, B, 16) view."""
+        b, k = votes.shape[:2]
+        return votes.reshape(b, k, c, places, POSE).transpose(2, 1, 3, 0, 4)
+
     def backward(self, grad_poses: Any, grad_activations: Any = None) -> tuple[Any, Any]:
-        flat, a_in, state, (b, h, w) = self._pop()
+        poses, a_in, state, (b, h, w) = self._pop()
         c, k = self.in_caps, self.n_classes
         g_mean = None if grad_poses is None else grad_poses.reshape(b, k, POSE)
-        g_votes, g_a_in = self._route_backward(g_mean, grad_activations, a_in, state)
-        by_rows = g_votes.transpose(1, 0, 2, 3).reshape(c, h * w * b, k, 4, 4).transpose(1, 0, 2, 3, 4)
-        g_flat, g_w = matrix_votes_backward(by_rows, flat, self.weight.data)
-        self.weight.grad += g_w
-        g_poses = g_flat.reshape(h, w, b, c, 4, 4).transpose(2, 0, 1, 3, 4, 5)
+        g_votes, g_a_in = self._route_backward(g_mean, grad_activations, a_in, state)  # (B, K, I, 16)
+        rows, blocks = self._operands(poses)
+        g_rows, g_blocks = _votes_by_parent_backward(self._by_product(g_votes, c, h * w), rows, blocks, 1)
+        self.weight.grad += _unblock(g_blocks.sum(axis=2))
+        g_poses = g_rows[:, 0].transpose(2, 1, 0, 3).reshape(b, h, w, c, 4, 4)
         return g_poses, g_a_in.reshape(b, c, h, w).transpose(0, 2, 3, 1)
 
 

@@ -20,6 +20,7 @@ from capsnet.layers import (
     em_routing,
     em_routing_backward,
     matrix_votes,
+    matrix_votes_backward,
     spread_loss,
     spread_loss_backward,
     spread_margin,
@@ -233,12 +234,17 @@ def test_gradcheck_classcaps(xp, host_rng, coordinate_addition):
 
 def test_coordinate_addition_moves_the_right_hand_column(xp, host_rng):
     """Same poses at two positions: their votes differ by the scaled offset in entries (0, 3) and (1, 3) only."""
-    layer = ClassCaps(1, 2, iterations=1, dtype=F64, seed=0)
-    coords = host(layer._coordinates(2, 3, xp, np.dtype(F64))).reshape(2, 3, 4, 4)
-    np.testing.assert_allclose(coords[1, 2, 0, 3], 1.5 / 2)
-    np.testing.assert_allclose(coords[1, 2, 1, 3], 2.5 / 3)
-    coords[:, :, 0, 3] = coords[:, :, 1, 3] = 0
-    assert not coords.any()
+    layer = ClassCaps(1, 2, iterations=1, inverse_temperature=0.1, dtype=F64, seed=0)
+    pose = host_rng.standard_normal((1, 1, 1, 1, 4, 4))
+    poses = np.broadcast_to(pose, (1, 2, 3, 1, 4, 4)).copy()  # the same pose at every position
+    layer.forward(dev(poses), dev(np.full((1, 2, 3, 1), 0.5)))
+    state = layer._pop()[2]
+    votes = host(state.U + state.centre[:, :, None, :]).reshape(2, 2, 3, 16)  # (class, y, x, entry)
+    offset = votes - votes[:, :1, :1]
+    np.testing.assert_allclose(offset[:, 1, 2, 3], 1 / 2)
+    np.testing.assert_allclose(offset[:, 1, 2, 7], 2 / 3)
+    offset[..., 3] = offset[..., 7] = 0
+    np.testing.assert_allclose(offset, 0, atol=1e-12)
 
 
 def test_gradcheck_matrix_primary_caps(xp, host_rng):
@@ -276,6 +282,28 @@ def test_convcaps_matches_routing_each_window(xp, host_rng):
             np.testing.assert_allclose(host(out_a)[0, oy, ox], a[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("which", ["convcaps", "classcaps"])
+def test_evaluation_in_blocks_equals_training_whole(xp, host_rng, monkeypatch, which):
+    """Evaluation routes the groups in blocks (here of one or two groups, the last one short);
+    the outputs are those of the training-mode forward, which routes all groups at once."""
+    import capsnet.layers.matrix_capsules as mc
+
+    if which == "convcaps":
+        layer = ConvCaps(2, 3, kernel_size=2, stride=1, iterations=3, dtype=F64, seed=4)  # 3 x 4 positions
+        group_bytes = 2 * 3 * 8 * 16 * 8
+    else:
+        layer = ClassCaps(2, 3, iterations=3, dtype=F64, seed=4)
+        group_bytes = 2 * 3 * 2 * 4 * 5 * 16 * 8
+    poses, acts = capsule_map(host_rng, 3, 4, 5, 2)
+    whole = layer.forward(poses, acts)
+    layer.eval()
+    for groups in (1, 2):
+        monkeypatch.setattr(mc, "EVAL_BLOCK_BYTES", groups * group_bytes)
+        monkeypatch.setattr(mc, "EVAL_BLOCK_GROUPS", 1)
+        for got, want in zip(layer.forward(poses, acts), whole):
+            np.testing.assert_allclose(host(got), host(want), rtol=1e-12, atol=1e-14)
+
+
 def test_matrix_votes_are_pose_times_transform(xp, host_rng):
     poses = host_rng.standard_normal((3, 2, 4, 4))
     w = host_rng.standard_normal((2, 5, 4, 4))
@@ -283,6 +311,20 @@ def test_matrix_votes_are_pose_times_transform(xp, host_rng):
     assert votes.shape == (3, 2, 5, 4, 4)
     np.testing.assert_allclose(votes[1, 0, 3], poses[1, 0] @ w[0, 3], rtol=1e-12)
 
+
+
+def test_gradcheck_matrix_votes(xp, host_rng):
+    """matrix_votes_backward (the public functions' child-major path; the layers use the
+    parent-major products, checked through their own gradient checks)."""
+    poses, w = dev(host_rng.standard_normal((3, 2, 4, 4))), dev(host_rng.standard_normal((2, 5, 4, 4)))
+    g = dev(host_rng.standard_normal((3, 2, 5, 4, 4)))
+    g_poses, g_w = matrix_votes_backward(g, poses, w)
+
+    def loss():
+        return (matrix_votes(poses, w) * g).sum()
+
+    check_gradient(loss, poses, g_poses, name="poses")
+    check_gradient(loss, w, g_w, name="w")
 
 # -- limits ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
