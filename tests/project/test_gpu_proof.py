@@ -57,8 +57,8 @@ def test_the_smoke_run_does_or_skips_every_step_with_its_reason(tmp_path):
     parity = json.loads((out / "parity.json").read_text())
     assert {(r["model"], r["dtype"]) for r in parity["results"]} == {
         (m, d) for m in ("capsnet", "efficient", "em") for d in ("float64", "float32")}
-    for row in parity["results"]:  # the emulated device computes with NumPy: the same numbers
-        assert row["worst_gradient"] == 0 and row["within_tolerance"], row["model"]
+    for row in parity["results"]:  # NumPy underneath, but the engine may pick another algorithm per backend
+        assert row["worst_gradient"] <= _proof().TOLERANCE[row["dtype"]] and row["within_tolerance"], row["model"]
         assert row["gradients"] and set(row["gradients"]) == set(row["weights_after_adam"])
 
     speed = json.loads((out / "speed.json").read_text())
@@ -132,3 +132,4 @@ def test_the_relative_difference_is_against_the_largest_reference_entry():
     assert proof.relative(np.array([1.0, 2.5]), np.array([1.0, 2.0])) == pytest.approx(0.25)
     assert proof.relative(np.zeros(3), np.zeros(3)) == 0.0
     assert proof.relative(np.ones(3), np.zeros(3)) == float("inf")
+    assert proof.relative(np.array([3e-9]), np.array([1e-9]), floor=1e-3) == pytest.approx(2e-6)
