@@ -4,14 +4,14 @@
 # dependency; pip's cache is reused), then that extra's tests and the command that needs it,
 # on the MNIST sample shipped with the package. A dependency that only another extra brings
 # (Pillow through matplotlib, say) fails here.
-#   bash scripts/check_extras.sh                 # safetensors mpi viz affnist tensorboard
+#   bash scripts/check_extras.sh                 # safetensors mpi viz affnist svhn tensorboard
 #   bash scripts/check_extras.sh tensorboard     # one of them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 python="${PYTHON:-python}"
 extras=("$@")
-[ ${#extras[@]} -gt 0 ] || extras=(safetensors mpi viz affnist tensorboard)
+[ ${#extras[@]} -gt 0 ] || extras=(safetensors mpi viz affnist svhn tensorboard)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 sample="$repo/capsnet/data/mnist_sample"
@@ -57,12 +57,15 @@ savemat(sys.argv[1], {"affNISTdata": {"image": images, "label_int": rng.integers
 EOF
             "$py" -m capsnet.robustness "$run/best.npz" --affnist "$work/test.mat" --data-dir "$sample" \
                 --test-limit 20 --no-plot --no-progress --out "$work/robustness" ;;
+        svhn)
+            # the reader's tests, then --dataset svhn on files the tests write in SVHN's own format
+            "$py" -m pytest -p no:cacheprovider -q tests/data/test_dataset_files.py tests/cli/test_datasets.py -k svhn ;;
         tensorboard)
             "$py" -m pytest -p no:cacheprovider -q tests/training/test_tensorboard.py
             "$py" -m capsnet.train --dataset mnist-sample "${tiny[@]}" --out "$run" --tensorboard "$work/tb"
             ls "$work/tb"/events.out.tfevents.* > /dev/null ;;
         *)
-            echo "unknown extra: $extra (expected safetensors, mpi, viz, affnist or tensorboard)" >&2
+            echo "unknown extra: $extra (expected safetensors, mpi, viz, affnist, svhn or tensorboard)" >&2
             exit 2 ;;
     esac
     echo "the $extra extra alone: passed in $((SECONDS - start)) s"

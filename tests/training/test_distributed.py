@@ -177,10 +177,15 @@ def test_under_mpi_rank_0_holds_the_run_folder_and_a_held_folder_refuses_every_r
     # a fresh run over it is refused on every rank in the command line's words
     occupied = run(2, ["--", *train_args(mnist_dir, tmp_path / "run", epochs=1)], timeout=120)
     assert occupied.returncode != 0
-    # rank 0's error line and its report as it ends the job (and rank 1's line, when it prints
-    # one before the abort reaches it): never the library's wording
+    # every rank refuses; whichever ends the job first cuts the others' lines short (an abort
+    # is not ordered with another rank's print, which a loaded machine showed), so:
+    # a rank's error line (rank 0's, unless another rank's abort came first), and every report of
+    # a rank ending the job, in the command line's words
+    words = "already holds a run: pass --resume to continue it, or choose another --out"
     assert "fit(resume=True)" not in occupied.stderr
-    assert occupied.stderr.count("already holds a run: pass --resume to continue it, or choose another --out") >= 2
+    assert f"{tmp_path / 'run'} {words}" in occupied.stderr
+    reports = [line for line in occupied.stderr.splitlines() if "failed, ending the job" in line]
+    assert all(words in line for line in reports), reports
 
 
 @needs_mpi
