@@ -71,6 +71,7 @@ import argparse
 import contextlib
 import datetime
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -481,7 +482,10 @@ def step_machine(args: argparse.Namespace) -> dict[str, Any]:
     info["cupy"] = _guarded(_cupy_info)
     info["numpy"] = {"version": np.__version__,
                      "blas": _guarded(lambda: np.show_config(mode="dicts")["Build Dependencies"]["blas"])}
-    info["threadpools"] = _guarded(lambda: __import__("threadpoolctl").threadpool_info())
+    if importlib.util.find_spec("threadpoolctl") is None:  # optional: not a finding when absent
+        info["threadpools"] = "threadpoolctl not installed"
+    else:
+        info["threadpools"] = _guarded(lambda: __import__("threadpoolctl").threadpool_info())
     if args.budget == "gpu":
         info["torch"] = _guarded(_torch_info)
     else:  # importing torch would take a tenth of the smoke run's minute

@@ -18,6 +18,7 @@ go on with no step written twice.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,13 +37,18 @@ def summary_writer_class() -> type:
     Also imports Pillow, which tensorboardX needs for the reconstructions (its
     ``add_images``) but loads only at the first image: without this, a run would fail
     at the end of its first epoch instead of before it."""
-    try:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 - an optional extra
-        import PIL.Image  # noqa: F401, PLC0415 - what tensorboardX's add_images imports
-    except ImportError as exc:
+    missing = []
+    for module in ("tensorboardX", "PIL.Image"):  # PIL.Image: what tensorboardX's add_images imports
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            missing.append(str(exc))
+    if missing:
         raise ImportError(f"TensorBoard logging (--tensorboard on the command line, Trainer(tensorboard=...)) needs "
-                          f"the tensorboardX package and Pillow, which cannot be imported here ({exc}); install "
-                          f"them with {INSTALL_HINT}") from exc
+                          f"the tensorboardX package and Pillow, which cannot be imported here ({'; '.join(missing)}); "
+                          f"install them with {INSTALL_HINT}")
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 - an optional extra, importable as just checked
+
     return SummaryWriter
 
 

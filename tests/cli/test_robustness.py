@@ -104,6 +104,7 @@ def test_an_mnist_checkpoint_needs_only_the_test_files(small_runs, mnist_dir, tm
 
 
 def test_affnist_with_a_28x28_model_is_refused_before_any_work(small_runs, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("scipy", reason="without scipy, --affnist is refused for that first (tested below)")
     import capsnet.robustness as robustness  # noqa: PLC0415
 
     work = []
