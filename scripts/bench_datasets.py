@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,33 +41,6 @@ REPO = Path(__file__).resolve().parent.parent
 # crops it, and the training set's size, for the epoch estimate.
 STORED = {"mnist": ((28, 28), 60000), "fashion-mnist": ((28, 28), 60000), "cifar10": ((3, 32, 32), 50000),
           "svhn": ((3, 32, 32), 73257), "smallnorb": ((2, 48, 48), 24300)}
-
-
-def machine_info(threads: int) -> dict:
-    import numpy as np
-
-    cpu, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-        words = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-        flags = sorted(w for w in words if w.startswith(("avx", "fma", "sse4", "amx")))
-    except OSError:
-        pass
-    blas = []
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [{k: pool.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-                for pool in threadpool_info() if pool.get("user_api") == "blas"]
-    except ImportError:
-        pass
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return {"cpu_model": cpu, "vector_extensions": flags, "cpu_count": os.cpu_count(),
-            "load_average_at_start": list(os.getloadavg()), "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": np.__version__, "blas": blas, "threads": threads,
-            "git_commit": commit.stdout.strip() or None}
 
 
 def make_run(name: str, arch: str, batch_size: int | None = None, seed: int = 0, backend_name: str = "numpy"):

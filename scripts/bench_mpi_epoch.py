@@ -15,40 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 # the issue's command (issue 32): the sample, a smaller CapsNet
 TRAIN = ["--dataset", "mnist-sample", "--epochs", "1", "--conv-channels", "64", "--primary-types", "8",
          "--no-progress"]
-
-
-def machine() -> dict:
-    """The CPU, its vector extensions, NumPy's BLAS and its kernel, the cores and the commit."""
-    import numpy as np
-    import threadpoolctl  # noqa: PLC0415 - for the BLAS's name and kernel only
-
-    cpu, flags = platform.processor(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = sorted({f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "sse4"))})
-    except OSError:
-        pass
-    blas = [{k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-            for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    return {"cpu": cpu, "vector_extensions": flags, "cpus": len(os.sched_getaffinity(0)), "numpy": np.__version__,
-            "blas": blas, "python": platform.python_version(), "commit": commit,
-            "load_average_at_start": os.getloadavg()}
 
 
 def epoch(checkout: Path, ranks: int, extra: list[str]) -> tuple[float, str]:
@@ -79,7 +57,7 @@ def main() -> None:
         runs["mpiexec -n 2, before"] = (args.before.resolve(), 2)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     first_lines: dict[str, str] = {}
-    info = machine()
+    info = machine_info(None)  # each run sets its own threads: the ranks their share
     for r in range(args.rounds):  # alternating, so that a change in the machine's load hits every command
         for name, (checkout, ranks) in runs.items():
             s, first_lines[name] = epoch(checkout, ranks, args.extra)

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchlib import machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,29 +47,6 @@ SHAPES = [
     ("pointwise 256->64", 14, 14, 256, 64, 1, 1, 0, 1, True),
     ("grouped 3x3 g2", 16, 16, 32, 32, 3, 1, 1, 2, True),
 ]
-
-
-def machine() -> dict:
-    cpu, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == "unknown":
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    flags = [x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "fma", "sse4"))]
-    except OSError:
-        pass
-    blas = None
-    try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
-        blas = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
-                for d in threadpool_info() if d.get("user_api") == "blas"]
-    except ImportError:
-        pass
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return {"cpu_model": cpu, "vector_extensions": flags, "blas": blas, "numpy": np.__version__,
-            "platform": platform.platform(), "git_commit": commit.stdout.strip() or None}
 
 
 def time_round(algs: dict, g, x, w, gy, training: bool, input_grad: bool) -> dict:
@@ -202,7 +179,7 @@ def main() -> None:
         return
     model = {"version": 1, "features": list(FEATURES),
              "command": "PYTHONPATH=$PWD python scripts/fit_conv_cost.py " + " ".join(sys.argv[1:]),
-             "machine": machine(), "batches": args.batches, "threads": {}, "timings": {}}
+             "machine": machine_info(None), "batches": args.batches, "threads": {}, "timings": {}}
     for threads in args.threads:
         with blas_limit(threads):
             print(f"-- {threads} BLAS thread(s)")
