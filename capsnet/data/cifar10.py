@@ -27,9 +27,13 @@ __all__ = ["ARCHIVE", "CLASSES", "FILES", "FOLDER", "RECORD_BYTES", "TEST_FILES"
            "read_cifar10_records"]
 
 ARCHIVE = "cifar-10-binary.tar.gz"
+"""The binary version's archive, as distributed (read in place)."""
 FOLDER = "cifar-10-batches-bin"
+"""The folder the archive unpacks to (read instead of the archive when present)."""
 TRAIN_FILES = tuple(f"data_batch_{k}.bin" for k in range(1, 6))
+"""The five training batches (10,000 records each)."""
 TEST_FILES = ("test_batch.bin",)
+"""The test batch (10,000 records)."""
 META = "batches.meta.txt"
 RECORD_BYTES = 1 + 3 * 32 * 32
 """One record: a label byte and a 3x32x32 image, channels then rows."""

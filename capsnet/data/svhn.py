@@ -21,7 +21,9 @@ from capsnet.data import files
 __all__ = ["FILES", "TEST_FILE", "TRAIN_FILE", "load_svhn", "read_svhn_mat"]
 
 TRAIN_FILE = "train_32x32.mat"
+"""The cropped digits' training file."""
 TEST_FILE = "test_32x32.mat"
+"""The cropped digits' test file."""
 
 
 def _loadmat():

@@ -22,9 +22,12 @@ from capsnet.layers.convolution.patches import crop, pad, patch_gradient_buffer,
 __all__ = ["BLOCK_VALUES", "Direct", "DirectSaved"]
 
 BLOCK_VALUES = 1 << 23  # 32 MB of float32 per product block
+"""The most products one block of kernel rows forms at once (the direct method's temporary)."""
 
 
 class DirectSaved(NamedTuple):
+    """What the direct method's backward needs from its forward."""
+
     x_pad: Any  # the padded input (B, Hp, Wp, C)
 
 

@@ -538,6 +538,8 @@ class FourierConv:
 
 
 class FourierSaved(NamedTuple):
+    """What the Fourier method's backward needs from its forward."""
+
     spectra: Spectra  # both spectra of the forward
     keep: Any  # the Workspace holding them, handed back to the layer by backward
 

@@ -13,9 +13,12 @@ from capsnet.layers.convolution.patches import (
 __all__ = ["LAYOUTS", "Im2col", "Im2colSaved", "layout_for"]
 
 LAYOUTS = ("auto", "rows", "channels")
+"""The patch-column orders im2col can use (see :func:`layout_for`)."""
 
 
 class Im2colSaved(NamedTuple):
+    """What im2col's backward needs from its forward."""
+
     x_pad: Any  # the padded input (B, Hp, Wp, C): patches are gathered again, not kept
 
 

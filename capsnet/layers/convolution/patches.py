@@ -133,6 +133,7 @@ def patch_gradient_buffer(xp: Any, rows: int, cols: int, channels: int, dtype: A
 
 
 SUM_METHODS = ("auto", "gather", "offsets")
+"""How the patch-gradient sum may be done: one index gather, or a slice addition per kernel offset."""
 
 
 def sum_method(xp: Any, method: str = "auto") -> str:

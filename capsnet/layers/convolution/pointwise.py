@@ -11,6 +11,8 @@ __all__ = ["Pointwise", "PointwiseSaved"]
 
 
 class PointwiseSaved(NamedTuple):
+    """What the 1x1 product's backward needs from its forward."""
+
     x: Any  # the input (B, H, W, C)
 
 

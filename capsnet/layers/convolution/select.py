@@ -43,8 +43,11 @@ __all__ = [
 
 ALGORITHMS: dict[str, type[Algorithm]] = {"im2col": Im2col, "fourier": Fourier, "direct": Direct,
                                           "pointwise": Pointwise}
+"""The algorithms by name, each an :class:`~capsnet.layers.convolution.algorithm.Algorithm` class."""
 BENCHMARK_ENV = "CAPSNET_CONV_BENCHMARK"
+"""The environment variable that turns benchmark mode on (``1``)."""
 COST_MODEL_PATH = Path(__file__).with_name("cost_model.json")
+"""The shipped cost model, fitted by ``scripts/fit_conv_cost.py``."""
 FEATURES = ("calls", "gemm_flops", "elementwise_flops", "values_moved", "weight_values")
 
 
