@@ -99,3 +99,15 @@ def emulated_cupy(monkeypatch):
 def torch():
     """PyTorch, for the parity tests of single layers; they are skipped without it."""
     return pytest.importorskip("torch", reason="the PyTorch parity tests need torch")
+
+
+@pytest.fixture
+def isolated_env(monkeypatch, tmp_path):
+    """No $CAPSNET_DATA_DIR, a throwaway per-user cache, and no proxy (the tests' HTTP servers
+    listen on 127.0.0.1): what the dataset readers' download and offline tests run in."""
+    monkeypatch.delenv("CAPSNET_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    return tmp_path

@@ -44,17 +44,6 @@ LOADERS = {"fashion-mnist": (load_fashion_mnist, write_fashion_mnist, fashion_mn
            "smallnorb": (load_smallnorb, write_smallnorb, smallnorb)}
 
 
-@pytest.fixture
-def isolated_env(monkeypatch, tmp_path):
-    """No $CAPSNET_DATA_DIR, a cache of its own, no proxy for 127.0.0.1."""
-    monkeypatch.delenv("CAPSNET_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    return tmp_path
-
-
 def same(got, wrote: dict[str, np.ndarray]) -> None:
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         np.testing.assert_array_equal(getattr(got, key), wrote[key], err_msg=key)

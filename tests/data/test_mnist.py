@@ -83,17 +83,6 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def isolated_env(monkeypatch, tmp_path):
-    """No $CAPSNET_DATA_DIR, a throwaway per-user cache, and no proxies."""
-    monkeypatch.delenv("CAPSNET_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    return tmp_path
-
-
 # --------------------------------------------------------------- real data
 
 
