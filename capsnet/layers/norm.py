@@ -22,12 +22,43 @@ def _axes_and_shape(x: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return axes, (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
+def _channels_last(x: Any) -> bool:
+    """Whether x (B, C, H, W) is a view of channels-last memory (B, H, W, C), as the
+    convolutions return it: then the channel statistics are column sums of an (N, C) matrix."""
+    return x.ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def _column_sum(rows: Any, batch: int) -> Any:
+    """rows (N, C), N = batch x pixels -> (C,): summed per image first, then over the batch,
+    so float32 rounding grows with the pixels plus the batch, not with their product."""
+    return rows.reshape(batch, -1, rows.shape[1]).sum(axis=1).sum(axis=0)
+
+
 def batch_norm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, mean: Any = None,
                var: Any = None) -> tuple[Any, tuple]:
     """x (B, C, ...) -> (y, saved for the backward). Channel statistics of the batch when
     ``mean`` and ``var`` are None (training), else the given ones (eval). The saved state
-    also holds the batch mean and biased variance, for the running statistics."""
+    also holds the batch mean and biased variance, for the running statistics.
+
+    A (B, C, H, W) view of channels-last memory, as the convolutions return, is computed as
+    (B H W, C) rows and stays channels-last: the same values, without strided reductions."""
     xp = backend.get_array_module(x, weight)
+    if _channels_last(x):
+        b, c, h, w = x.shape
+        rows = x.transpose(0, 2, 3, 1).reshape(-1, c)
+        n = rows.shape[0]
+        if mean is None:
+            mean = _column_sum(rows, b) / x.dtype.type(n)
+            xhat = rows - mean
+            var = _column_sum(xhat * xhat, b) / x.dtype.type(n)
+        else:
+            xhat = rows - mean
+        inv_std = 1 / xp.sqrt(var + x.dtype.type(eps))
+        xhat *= inv_std
+        y = xhat * weight
+        y += bias
+        return (y.reshape(b, h, w, c).transpose(0, 3, 1, 2),
+                (xhat.reshape(b, h, w, c).transpose(0, 3, 1, 2), inv_std, mean, var))
     axes, shape = _axes_and_shape(x)
     if mean is None:
         mean = x.mean(axis=axes)
@@ -43,6 +74,23 @@ def batch_norm_backward(grad_out: Any, saved: tuple, weight: Any,
     """Gradients (x, weight, bias) of :func:`batch_norm`. With ``batch_statistics`` the
     mean and variance depend on x (training), else they are constants (eval)."""
     xhat, inv_std = saved[0], saved[1]
+    if _channels_last(xhat):
+        xp = backend.get_array_module(grad_out, xhat)
+        b, c, h, w = xhat.shape
+        xhat_rows = xhat.transpose(0, 2, 3, 1).reshape(-1, c)
+        g_rows = xp.ascontiguousarray(grad_out.transpose(0, 2, 3, 1)).reshape(-1, c)
+        g_bias = _column_sum(g_rows, b)
+        g_weight = _column_sum(g_rows * xhat_rows, b)
+        scale = weight * inv_std
+        if not batch_statistics:
+            gx = g_rows * scale
+        else:
+            n = grad_out.dtype.type(g_rows.shape[0])
+            gx = xhat_rows * (g_weight / n)
+            gx += g_bias / n
+            xp.subtract(g_rows, gx, out=gx)
+            gx *= scale
+        return gx.reshape(b, h, w, c).transpose(0, 3, 1, 2), g_weight, g_bias
     axes, shape = _axes_and_shape(grad_out)
     g_bias = grad_out.sum(axis=axes)
     g_weight = (grad_out * xhat).sum(axis=axes)

@@ -86,7 +86,7 @@ class EfficientCapsNet(Module):
         layers: list[Module] = []
         for k, (out, kernel, stride) in enumerate(zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides)):
             layers += [Conv2d(c, out, kernel, stride, input_grad=k > 0, dtype=dtype, seed=rng),
-                       BatchNorm2d(out, dtype=dtype), ReLU()]
+                       BatchNorm2d(out, dtype=dtype), ReLU(inplace=True)]  # on BatchNorm's fresh output
             c = out
         self.features = Sequential(*layers)
         self.primary = DepthwisePrimaryCaps(cfg.primary_caps, cfg.primary_dim, cfg.feature_size[0], dtype=dtype,
@@ -98,7 +98,7 @@ class EfficientCapsNet(Module):
         decoder: list[Module] = []
         for k in range(len(sizes) - 1):
             decoder += [Linear(sizes[k], sizes[k + 1], dtype=dtype, seed=rng),
-                        ReLU() if k < len(sizes) - 2 else Sigmoid()]
+                        ReLU(inplace=True) if k < len(sizes) - 2 else Sigmoid()]  # on Linear's fresh output
         self.decoder = Sequential(*decoder)
 
     def extra_repr(self) -> str:

@@ -36,11 +36,54 @@ def test_gradcheck_batch_norm_1d(xp, host_rng, shape):
     check_module(layer, dev(host_rng.standard_normal(shape)))
 
 
+def _in_layout(x: np.ndarray, layout: str):
+    """x (B, C, H, W) on the device, in NCHW memory or as the NCHW view of channels-last
+    memory that the convolutions return (BatchNorm2d's row path)."""
+    if layout == "nchw":
+        return dev(x)
+    return dev(np.ascontiguousarray(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_gradcheck_batch_norm_2d(xp, host_rng, batch):
+def test_gradcheck_batch_norm_2d(xp, host_rng, batch, layout):
     layer = BatchNorm2d(2, dtype=F64)
     layer.weight.data[...] = dev(host_rng.uniform(0.5, 2, 2))
-    check_module(layer, dev(host_rng.standard_normal((batch, 2, 3, 3))))
+    check_module(layer, _in_layout(host_rng.standard_normal((batch, 2, 3, 3)), layout))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_input_gives_the_nchw_result_and_stays_channels_last(xp, host_rng, training):
+    """The row path for channels-last memory (the convolutions' output) computes what the
+    generic path computes, in both modes, and returns channels-last arrays."""
+    from capsnet.layers.norm import batch_norm, batch_norm_backward
+
+    x = host_rng.standard_normal((3, 4, 5, 2)) * 2 + 1
+    g = host_rng.standard_normal((3, 4, 5, 2))
+    w, b = dev(host_rng.uniform(0.5, 2, 4)), dev(host_rng.standard_normal(4))
+    stats = (None, None) if training else (dev(host_rng.standard_normal(4)), dev(host_rng.uniform(0.5, 2, 4)))
+    results = []
+    for layout in ("nchw", "channels_last"):
+        y, saved = batch_norm(_in_layout(x, layout), w, b, 1e-5, *stats)
+        grads = batch_norm_backward(_in_layout(g, layout), saved, w, batch_statistics=training)
+        results.append((y, *saved[:2], *grads))
+        if layout == "channels_last":
+            assert y.transpose(0, 2, 3, 1).flags.c_contiguous
+            assert grads[0].transpose(0, 2, 3, 1).flags.c_contiguous
+    for generic, rows in zip(*results):
+        np.testing.assert_allclose(host(rows), host(generic), rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_statistics_keep_float32_accuracy(xp, host_rng):
+    """Sums over a large float32 batch (per image, then over the batch) stay within a few
+    float32 ulps of the float64 statistics, for values far from zero mean."""
+    from capsnet.layers.norm import batch_norm
+
+    x = (host_rng.standard_normal((64, 3, 24, 24)) * 0.1 + 100).astype(np.float32)
+    one, zero = dev(np.ones(3, np.float32)), dev(np.zeros(3, np.float32))
+    _, saved = batch_norm(_in_layout(x, "channels_last"), one, zero)
+    np.testing.assert_allclose(host(saved[2]), x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(host(saved[3]), x.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-3)
 
 
 def test_gradcheck_batch_norm_in_eval_mode(xp, host_rng):
