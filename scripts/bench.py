@@ -74,8 +74,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import (PeakMemory, gemm_gflops, machine_heading, machine_info, median_rate, run_child, thread_env,
-                      torch_setup, torch_skip_reason)
+from benchlib import (TORCH_ALLOCATORS, PeakMemory, allocator_env, gemm_gflops, machine_heading, machine_info,
+                      median_rate, run_child, thread_env, torch_setup, torch_skip_reason)
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with the MNIST files (else $CAPSNET_DATA_DIR, the per-user cache, "
                         "../shared/data/mnist); random images when none is found")
     p.add_argument("--no-torch", action="store_true", help="measure this library only")
+    p.add_argument("--torch-allocator", choices=TORCH_ALLOCATORS, default="system",
+                   help="PyTorch's host allocator: system (glibc's defaults, as its users run it) or tuned "
+                        "(the thresholds capsnet sets on import, capsnet.allocator, through glibc's variables)")
     p.add_argument("--network", choices=(*NETWORKS, *ROUTING_NETWORKS), default="mnist",
                    help="mnist: the paper's MNIST CapsNet (28x28, 1,152 primary capsules); multimnist: its "
                         "MultiMNIST network (36x36, 3,200 primary capsules, two digits per image); "
@@ -411,6 +414,8 @@ def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--min-repeat-time", str(args.min_repeat_time), "--gemm-repeats", str(args.gemm_repeats)]
     env = thread_env(args.threads)
+    if kind in ("torch", "launches-torch"):
+        env.update(allocator_env(args.torch_allocator))
     if kind == "launches-ours":
         env["CAPSNET_EMULATE_CUPY"] = "1"  # the emulated device counts what a GPU would launch
     return run_child(cmd, env, result)
@@ -596,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.launches:
         return count_launches(args, frameworks, torch_note)
 
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, args.torch_allocator)
     if info["load_average_at_start"][0] > 0.5 * (info["usable_cpus"] or 1):
         print(f"warning: load average {info['load_average_at_start'][0]:.2f} at start; "
               "other work on this machine will distort the numbers")

@@ -302,7 +302,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def machine_info(threads: int | None) -> dict[str, Any]:
+def machine_info(threads: int | None, torch_allocator: str = "system") -> dict[str, Any]:
     """Where a figure was measured: CPU, vector extensions, BLAS and kernel, threads,
     versions, commit. Loads NumPy (call it in the parent, or in a child after its threads
     are set). torch's version is read from its metadata, without importing it."""
@@ -333,7 +333,40 @@ def machine_info(threads: int | None) -> dict[str, Any]:
         "threads": threads,
         "git_commit": commit.stdout.strip() or None,
         "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
+        "host_allocator": host_allocator(torch_allocator),
     }
+
+
+TORCH_ALLOCATORS = ("system", "tuned")
+"""How a PyTorch child's host allocator is set: glibc's defaults, as PyTorch's users run it
+(the default), or capsnet's thresholds, to see what they give PyTorch."""
+
+
+def allocator_env(setting: str) -> dict[str, str]:
+    """Environment variables for a child's host allocator: "system" keeps glibc's defaults
+    (capsnet's setting off, should the child import capsnet); "tuned" sets capsnet's thresholds
+    through glibc's own variables, so they hold in a process that never imports capsnet."""
+    import capsnet.allocator as allocator
+
+    if setting not in TORCH_ALLOCATORS:
+        raise ValueError(f"allocator setting must be one of {TORCH_ALLOCATORS}, got {setting!r}")
+    if setting == "system":
+        return {allocator.ENV: "system"}
+    return {"MALLOC_MMAP_THRESHOLD_": str(allocator.MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(allocator.TRIM_THRESHOLD)}
+
+
+def host_allocator(torch_allocator: str = "system") -> dict[str, Any]:
+    """The host allocator each side runs with: capsnet's processes as ``import capsnet`` sets
+    it (capsnet.allocator, unless CAPSNET_MALLOC=system or glibc's own variables are set);
+    PyTorch's children as ``torch_allocator`` says (:func:`allocator_env`)."""
+    import capsnet.allocator
+
+    torch_side = ("glibc defaults" if torch_allocator == "system"
+                  else "capsnet's thresholds, through MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_")
+    return {"capsnet": capsnet.allocator.state(), "torch": torch_side,
+            "environment": {k: os.environ[k] for k in (capsnet.allocator.ENV, *capsnet.allocator.GLIBC_VARIABLES)
+                            if k in os.environ}}
 
 
 def machine_heading(info: dict[str, Any], threads: Any = None) -> str:

@@ -43,6 +43,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from benchlib import TORCH_ALLOCATORS, allocator_env, host_allocator
+
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 PRESETS = {"default": {}, "paper": {"conv_channels": 32, "primary_types": 32, "caps1": 32, "caps2": 32}}
@@ -201,6 +203,8 @@ def run_worker(impl: str, batch_size: int, args: argparse.Namespace, torch_modul
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     env.pop("CAPSNET_EMULATE_CUPY", None)
+    if impl == "torch":  # the reference imports capsnet for its weights: its allocator is set here
+        env.update(allocator_env(args.torch_allocator))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -414,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of fresh processes (median)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per process (median)")
     p.add_argument("--torch-module", default=str(SCRIPTS / "torch_matrix_capsnet.py"))
+    p.add_argument("--torch-allocator", choices=TORCH_ALLOCATORS, default="system",
+                   help="the references' host allocator: system (glibc's defaults, as PyTorch's users run it) or "
+                        "tuned (the thresholds capsnet sets on import, capsnet.allocator)")
     p.add_argument("--compare-torch", default=None,
                    help="another reference file (the old one) measured in the same rounds")
     p.add_argument("--slices", action="store_true",
@@ -430,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    report: dict[str, Any] = {"machine": machine_info(args.threads), "preset": args.preset,
+    report: dict[str, Any] = {"machine": {**machine_info(args.threads),
+                                          "host_allocator": host_allocator(args.torch_allocator)},
+                              "preset": args.preset,
                               "config": PRESETS[args.preset], "rounds": args.rounds, "steps": args.steps,
                               "torch_module": args.torch_module, "compare_torch": args.compare_torch}
     impls = [("capsnet", "capsnet", None, None), ("torch", "torch", args.torch_module, None)]
