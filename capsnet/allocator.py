@@ -9,10 +9,11 @@ faults per training step of the EM and Efficient-CapsNet networks at batch 16, a
 batch-1 prediction of the EM network: a third of their time
 (``scripts/bench_allocator.py`` measures it).
 
-:func:`keep_freed_memory` sets the two thresholds with glibc's ``mallopt``: blocks of up to
-``mmap_threshold`` (32 MiB, glibc's largest) come from the heap, and up to
-``trim_threshold`` (512 MiB) of freed heap stays with the process. ``import capsnet`` calls
-it once, unless
+:func:`keep_freed_memory` sets three of glibc's ``mallopt`` parameters: blocks of up to
+``mmap_threshold`` (32 MiB, glibc's largest) come from the heap; up to ``trim_threshold``
+(512 MiB) of freed heap stays with the process; and each heap keeps ``top_pad`` (64 MiB) of
+slack, without which a replica thread's arena (:mod:`capsnet.replicas`) hands back a whole
+heap as soon as it is empty. ``import capsnet`` calls it once, unless
 
 - ``CAPSNET_MALLOC=system`` is set (glibc's own behaviour is kept), or
 - one of glibc's own variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
@@ -31,7 +32,7 @@ import platform
 import threading
 from typing import Any
 
-__all__ = ["ENV", "GLIBC_VARIABLES", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory", "state"]
+__all__ = ["ENV", "GLIBC_VARIABLES", "MMAP_THRESHOLD", "TOP_PAD", "TRIM_THRESHOLD", "keep_freed_memory", "state"]
 
 ENV = "CAPSNET_MALLOC"
 """The environment variable: ``system`` keeps glibc's defaults; unset or ``tuned`` applies them."""
@@ -41,8 +42,11 @@ MMAP_THRESHOLD = 32 << 20
 """Blocks up to this size (glibc's largest allowed threshold on 64-bit) come from the heap."""
 TRIM_THRESHOLD = 512 << 20
 """Freed heap kept by the process before glibc returns the top of it to the system."""
+TOP_PAD = 64 << 20
+"""Slack each heap keeps when it grows or shrinks (virtual until touched)."""
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 _lock = threading.Lock()
@@ -66,13 +70,16 @@ def _glibc() -> Any | None:
     return libc
 
 
-def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
-    """Set glibc's mmap and trim thresholds (bytes) so freed arrays are reused, not remapped.
+def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
+                      top_pad: int = TOP_PAD) -> bool:
+    """Set glibc's mmap threshold, trim threshold and top pad (bytes) so freed arrays are
+    reused, not remapped.
 
-    Returns True when both were set; False where the C library is not glibc or refused a
+    Returns True when all three were set; False where the C library is not glibc or refused a
     value (:func:`state` says why). Process-wide and idempotent; any thread may call it.
     """
-    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold),
+                        ("top_pad", top_pad)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
             raise ValueError(f"keep_freed_memory {name} must be an integer number of bytes in (0, 2**31), "
                              f"got {value!r}")
@@ -82,10 +89,11 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
             _state.update(applied=False, reason="the C library is not glibc: the allocator is left as it is")
             return False
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
+              and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+              and libc.mallopt(_M_TOP_PAD, top_pad) == 1)
         _state.clear()
         _state.update(applied=ok, glibc=libc._capsnet_glibc_version, mmap_threshold=mmap_threshold,
-                      trim_threshold=trim_threshold,
+                      trim_threshold=trim_threshold, top_pad=top_pad,
                       reason="set by capsnet.allocator" if ok else "glibc's mallopt refused a threshold")
         return ok
 

@@ -11,7 +11,8 @@ median over the rounds. Run it on a quiet machine:
     PYTHONPATH=$PWD python scripts/bench_allocator.py --cases em:1:infer efficient:32:train
 
 The JSON (default scripts/results/allocator-<cores>core.json) records the machine
-(scripts/benchlib.py) and each process's allocator state.
+(scripts/benchlib.py), each process's allocator state and its peak resident memory
+(ru_maxrss: the whole process, model and data included).
 """
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ def worker(spec: dict[str, Any], out: str) -> None:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / spec["steps"]
     with open(out, "w") as f:
         json.dump({"step_s": statistics.median(times), "faults_per_step": faults, "allocator": allocator.state(),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "replicas": getattr(runner, "threads", 1)}, f)
 
 
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             for setting in SETTINGS:
                 row[setting] = {"step_ms": 1e3 * statistics.median(g["step_s"] for g in runs[setting]),
                                 "faults_per_step": statistics.median(g["faults_per_step"] for g in runs[setting]),
+                                "peak_rss_mb": statistics.median(g["peak_rss_mb"] for g in runs[setting]),
                                 "rounds_step_ms": [1e3 * g["step_s"] for g in runs[setting]],
                                 "allocator": runs[setting][0]["allocator"], "replicas": runs[setting][0]["replicas"]}
             row["speedup"] = row["system"]["step_ms"] / row["tuned"]["step_ms"]
@@ -151,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row['tuned']['faults_per_step']:.0f}): {row['speedup']:.2f}x", flush=True)
     table = markdown_table(
         ["network", "batch", "mode", "glibc defaults, ms", "faults/step", "capsnet's setting, ms", "faults/step",
-         "speed-up"],
+         "speed-up", "peak RSS MB, defaults / capsnet's"],
         [[r["network"], r["batch"], r["mode"], f"{r['system']['step_ms']:.2f}", f"{r['system']['faults_per_step']:.0f}",
-          f"{r['tuned']['step_ms']:.2f}", f"{r['tuned']['faults_per_step']:.0f}", f"{r['speedup']:.2f}x"]
+          f"{r['tuned']['step_ms']:.2f}", f"{r['tuned']['faults_per_step']:.0f}", f"{r['speedup']:.2f}x",
+          f"{r['system']['peak_rss_mb']:.0f} / {r['tuned']['peak_rss_mb']:.0f}"]
          for r in results],
-        right=[False, True, False, True, True, True, True, True])
+        right=[False, True, False, True, True, True, True, True, True])
     print(table)
     out = args.out or str(SCRIPTS / "results" / f"allocator-{info.get('cpu_count', 'n')}core.json")
     write_json(out, {"machine": info, "settings": {"rounds": args.rounds, "steps": args.steps,

@@ -353,7 +353,7 @@ def allocator_env(setting: str) -> dict[str, str]:
     if setting == "system":
         return {allocator.ENV: "system"}
     return {"MALLOC_MMAP_THRESHOLD_": str(allocator.MMAP_THRESHOLD),
-            "MALLOC_TRIM_THRESHOLD_": str(allocator.TRIM_THRESHOLD)}
+            "MALLOC_TRIM_THRESHOLD_": str(allocator.TRIM_THRESHOLD), "MALLOC_TOP_PAD_": str(allocator.TOP_PAD)}
 
 
 def host_allocator(torch_allocator: str = "system") -> dict[str, Any]:
@@ -363,7 +363,7 @@ def host_allocator(torch_allocator: str = "system") -> dict[str, Any]:
     import capsnet.allocator
 
     torch_side = ("glibc defaults" if torch_allocator == "system"
-                  else "capsnet's thresholds, through MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_")
+                  else "capsnet's settings, through MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and MALLOC_TOP_PAD_")
     return {"capsnet": capsnet.allocator.state(), "torch": torch_side,
             "environment": {k: os.environ[k] for k in (capsnet.allocator.ENV, *capsnet.allocator.GLIBC_VARIABLES)
                             if k in os.environ}}

@@ -67,6 +67,7 @@ def test_default_state_names_the_thresholds_and_glibc():
     got = _child(STATE)
     assert got["applied"] is True
     assert got["mmap_threshold"] == allocator.MMAP_THRESHOLD and got["trim_threshold"] == allocator.TRIM_THRESHOLD
+    assert got["top_pad"] == allocator.TOP_PAD
     assert got["glibc"].split(".")[0].isdigit()
 
 
@@ -79,7 +80,7 @@ def test_a_wrong_setting_is_refused_at_import_naming_the_choices():
 
 
 @pytest.mark.parametrize("kwargs", [{"mmap_threshold": 0}, {"trim_threshold": 2**31}, {"mmap_threshold": 1.5},
-                                    {"trim_threshold": True}])
+                                    {"trim_threshold": True}, {"top_pad": -1}])
 def test_thresholds_are_checked(kwargs):
     with pytest.raises(ValueError, match="keep_freed_memory .* must be an integer number of bytes"):
         allocator.keep_freed_memory(**kwargs)
