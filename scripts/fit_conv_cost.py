@@ -11,6 +11,11 @@ element-wise flops, values moved), and writes them with the machine they came fr
     PYTHONPATH=$PWD python scripts/fit_conv_cost.py                   # writes the shipped table
     PYTHONPATH=$PWD python scripts/fit_conv_cost.py --out /tmp/m.json --batches 1 8 --threads 1
     PYTHONPATH=$PWD python scripts/fit_conv_cost.py --refit /tmp/m.json --out /tmp/m.json   # new features, same timings
+    PYTHONPATH=$PWD python scripts/fit_conv_cost.py --update winograd   # a new algorithm: its shapes timed again
+
+``--update ALGORITHM`` times again, at the shipped table's batch sizes and thread counts, only
+the shapes that ALGORITHM can run (every candidate of each), keeps the table's other timings
+and refits every algorithm from the union: a new algorithm joins without a whole sweep.
 
 The shipped table is capsnet/layers/convolution/cost_model.json, with the timings it was
 fitted from; each timing is the median of --rounds rounds in which the candidates alternate,
@@ -62,14 +67,26 @@ def time_round(algs: dict, g, x, w, gy, training: bool, input_grad: bool) -> dic
     return times
 
 
-def sweep(batches: list[int], rounds: int, max_seconds: float) -> list[dict]:
+def shapes_for(algorithm: str | None) -> list[tuple]:
+    """SHAPES, or those that ``algorithm`` can run (at batch 1: support does not depend on the batch)."""
+    if algorithm is None:
+        return list(SHAPES)
+    from capsnet.layers.convolution import ConvGeometry, make  # noqa: PLC0415
+
+    alg = make(algorithm)
+    return [shape for shape in SHAPES
+            if alg.supports(ConvGeometry(1, shape[1], shape[2], shape[3], shape[4], shape[5], shape[5], shape[6],
+                                         shape[7], shape[8]))]
+
+
+def sweep(batches: list[int], rounds: int, max_seconds: float, shapes: list[tuple] | None = None) -> list[dict]:
     """Per shape, batch and mode, the candidates alternate within each round (a load spike
     from other jobs hits them alike); each one's median over the rounds, after a warm-up."""
     from capsnet.layers.convolution import ConvGeometry, candidates, make  # noqa: PLC0415
 
     rows = []
     rng = np.random.default_rng(0)
-    for name, h, wd, c, o, k, s, p, groups, input_grad in SHAPES:
+    for name, h, wd, c, o, k, s, p, groups, input_grad in SHAPES if shapes is None else shapes:
         for batch in batches:
             g = ConvGeometry(batch, h, wd, c, o, k, k, s, p, groups)
             x = rng.standard_normal((batch, h, wd, c)).astype(np.float32)
@@ -159,6 +176,10 @@ def main() -> None:
                         help="a candidate slower than this and than 10x the best in the first round is not timed again")
     parser.add_argument("--refit", metavar="JSON",
                         help="fit again from the timings stored in a model file (after the features changed)")
+    parser.add_argument("--update", metavar="ALGORITHM",
+                        help="time again only the shapes ALGORITHM can run, keep the other timings of --base, refit")
+    parser.add_argument("--base", default=str(REPO / "capsnet" / "layers" / "convolution" / "cost_model.json"),
+                        help="the model whose timings --update keeps")
     parser.add_argument("--out", default=str(REPO / "capsnet" / "layers" / "convolution" / "cost_model.json"))
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -176,6 +197,32 @@ def main() -> None:
         model["features"] = list(FEATURES)
         dump(model, args.out)
         print(f"refitted {args.refit} into {args.out}")
+        return
+    if args.update:
+        from capsnet.layers.convolution import ALGORITHMS  # noqa: PLC0415
+
+        if args.update not in ALGORITHMS:
+            parser.error(f"--update must name one of {tuple(ALGORITHMS)}, got {args.update!r}")
+        model = json.loads(Path(args.base).read_text())
+        shapes = shapes_for(args.update)
+        names = {shape[0] for shape in shapes}
+        print(f"--update {args.update}: timing again {sorted(names)} at batches {model['batches']}")
+        for threads in list(model["timings"]):
+            with blas_limit(int(threads)):
+                print(f"-- {threads} BLAS thread(s)")
+                new = sweep(model["batches"], args.rounds, args.max_seconds, shapes)
+            kept = [_row_from_json(r) for r in model["timings"][threads] if r["shape"] not in names]
+            rows = kept + new
+            model["threads"][threads] = fit(rows)
+            model["timings"][threads] = [_row_to_json(r) for r in rows]
+            model.setdefault("check", {})[threads] = check(rows, model["threads"][threads])
+            print(f"{threads} thread(s): {model['check'][threads]}")
+        model["features"] = list(FEATURES)
+        model.setdefault("updates", []).append({
+            "command": "PYTHONPATH=$PWD python scripts/fit_conv_cost.py " + " ".join(sys.argv[1:]),
+            "shapes": sorted(names), "machine": machine_info(None)})
+        dump(model, args.out)
+        print(f"wrote {args.out}")
         return
     model = {"version": 1, "features": list(FEATURES),
              "command": "PYTHONPATH=$PWD python scripts/fit_conv_cost.py " + " ".join(sys.argv[1:]),

@@ -32,6 +32,9 @@ GEOMETRIES = [
     (1, 6, 5, 3, 6, 3, 1, 1, 3),  # depthwise with a channel multiplier of 2
     (2, 5, 6, 4, 3, 1, 1, 0, 1),  # 1x1 stride 1: the pointwise GEMM
     (1, 7, 7, 4, 3, 1, 2, 1, 1),  # 1x1 with stride and padding: not pointwise
+    (1, 8, 9, 3, 2, 3, 1, 0, 1),  # 3x3 stride 1 (Winograd too): odd output width, no padding
+    (2, 5, 4, 2, 3, 3, 1, 2, 1),  # 3x3 stride 1 with padding 2: the widest Winograd takes
+    (1, 3, 3, 2, 2, 3, 1, 0, 1),  # a single output pixel: one half-empty Winograd tile
 ]
 
 
@@ -74,6 +77,9 @@ def test_every_geometry_has_im2col_and_the_specialists_where_they_apply():
     assert names[(2, 9, 9, 3, 3, 9, 1, 0, 3)] == ["im2col", "direct"]
     assert names[(2, 5, 6, 4, 3, 1, 1, 0, 1)] == ["im2col", "fourier", "pointwise"]
     assert "pointwise" not in names[(1, 7, 7, 4, 3, 1, 2, 1, 1)]
+    winograd = {geometry for geometry, v in names.items() if "winograd" in v}
+    assert winograd == {(2, 7, 6, 3, 4, 3, 1, 1, 1), (1, 8, 9, 3, 2, 3, 1, 0, 1), (2, 5, 4, 2, 3, 3, 1, 2, 1),
+                        (1, 3, 3, 2, 2, 3, 1, 0, 1)}  # 3x3, stride 1, one group
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -127,7 +133,9 @@ def test_a_pinned_algorithm_that_cannot_run_the_geometry_is_refused(xp, host_rng
     with pytest.raises(ValueError, match="'fourier' cannot run .* ungrouped convolutions only"):
         layer.forward(dev(host_rng.standard_normal((1, 4, 5, 5))))
     with pytest.raises(ValueError, match="must be one of"):
-        Conv2d(4, 4, 3, algorithm="winograd")
+        Conv2d(4, 4, 3, algorithm="winograd4x4")
+    with pytest.raises(ValueError, match="'winograd' cannot run .* 3x3, stride-1, ungrouped"):
+        Conv2d(4, 4, 3, stride=2, algorithm="winograd", dtype=F64).forward(dev(host_rng.standard_normal((1, 4, 7, 7))))
 
 
 def test_the_saved_state_is_named(xp, host_rng):
@@ -189,6 +197,33 @@ def test_the_cost_model_decides_auto(fresh_choices):
         model["threads"]["1"] = {n: ([1.0, 0, 0, 0, 0] if n != favourite else [1e-9, 0, 0, 0, 0]) for n in table}
         engine.set_cost_model(model)
         assert engine.choose(g, training=True) == favourite
+
+
+def test_winograd_in_float32_stays_close_to_the_direct_method(xp, host_rng):
+    """Efficient-CapsNet's second 3x3 layer in float32: the transforms' entries are 0, 1/2 and
+    1, so Winograd's rounding stays within a few float32 ulps of im2col's."""
+    g = ConvGeometry(4, 22, 22, 64, 64, 3, 3, 1, 0, 1, "float32")
+    x = dev(host_rng.standard_normal((4, 22, 22, 64)).astype(np.float32))
+    w = dev((host_rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32))
+    gy = dev(host_rng.standard_normal((4, 20, 20, 64)).astype(np.float32))
+    results = []
+    for name in ("im2col", "winograd"):
+        alg = make(name)
+        y, saved = alg.forward(g, x, w, None)
+        results.append([host(a) for a in (y, *alg.backward(g, gy, saved, w)[:2])])
+    for direct, wino in zip(*results):
+        assert wino.dtype == np.float32
+        assert np.abs(wino - direct).max() <= 1e-5 * np.abs(direct).max()
+
+
+def test_a_cost_model_fitted_before_an_algorithm_existed_does_not_propose_it(fresh_choices):
+    g = ConvGeometry(8, 22, 22, 64, 64, 3, 3, 1, 0, 1)
+    assert "winograd" in candidates(g)
+    without = {n: [1.0, 0, 0, 0, 0] for n in engine.ALGORITHMS if n != "winograd"}
+    engine.set_cost_model({"threads": {"1": without}})
+    assert engine.choose(g, training=True) != "winograd"
+    engine.set_cost_model({"threads": {"1": {**without, "winograd": [1e-9, 0, 0, 0, 0]}}})
+    assert engine.choose(g, training=True) == "winograd"
 
 
 def test_the_shipped_cost_model_loads_and_names_every_algorithm():

@@ -23,6 +23,7 @@ from capsnet.layers.convolution.geometry import ConvGeometry
 from capsnet.layers.convolution.im2col import Im2col, layout_for
 from capsnet.layers.convolution.patches import row_groups
 from capsnet.layers.convolution.pointwise import Pointwise
+from capsnet.layers.convolution.winograd import Winograd, winograd_flops
 
 __all__ = [
     "ALGORITHMS",
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 ALGORITHMS: dict[str, type[Algorithm]] = {"im2col": Im2col, "fourier": Fourier, "direct": Direct,
-                                          "pointwise": Pointwise}
+                                          "pointwise": Pointwise, "winograd": Winograd}
 """The algorithms by name, each an :class:`~capsnet.layers.convolution.algorithm.Algorithm` class."""
 BENCHMARK_ENV = "CAPSNET_CONV_BENCHMARK"
 """The environment variable that turns benchmark mode on (``1``)."""
@@ -103,6 +104,22 @@ def cost_features(name: str, g: ConvGeometry, training: bool, input_grad: bool =
         grids = g.batch * grid["ny"] * grid["nx"] * g.stride ** 2 * c * passes
         # training transforms the weights there and back every call; inference compares them with a copy
         return np.array([12 * passes, spectral, 0, grids, 2 * spectrum if training else 2 * weights], dtype=float)
+    if name == "winograd":
+        th, tw = -(-g.out_h // 2), -(-g.out_w // 2)
+        tiles = g.batch * th * tw
+        # forward: padded input, 4x4 tiles (16 T C), their transform, products (16 T O) and the
+        # output tiles; the weight gradient: output-gradient tiles and their adjoint transform;
+        # the input gradient: the forward's work on the output gradient, channels swapped
+        forward = g.batch * (2 * th + 2) * (2 * tw + 2) * c + 2 * 16 * tiles * c + 16 * tiles * o + 2 * g.rows * o
+        moved = forward
+        if training:
+            moved += 2 * 16 * tiles * o + 16 * tiles * c
+            if input_grad:
+                tiles_in = g.batch * -(-g.height // 2) * -(-g.width // 2)
+                moved += (g.batch * (2 * -(-g.height // 2) + 2) * (2 * -(-g.width // 2) + 2) * o
+                          + 2 * 16 * tiles_in * o + 16 * tiles_in * c + 2 * g.batch * g.height * g.width * c)
+        return np.array([10 * passes, winograd_flops(g, training, input_grad), 0, moved, 3 * passes * weights],
+                        dtype=float)
     raise ValueError(f"no cost features for algorithm {name!r}")
 
 
@@ -225,7 +242,8 @@ def choose(g: ConvGeometry, training: bool, input_grad: bool = True, algorithm: 
                 name = _timed[key] = min(times, key=times.get)
         how = "benchmark"
     else:
-        costs = {n: predicted_seconds(n, g, training, input_grad, threads) for n in names}
+        fitted = _coefficients(threads)  # a model fitted before an algorithm existed does not propose it
+        costs = {n: predicted_seconds(n, g, training, input_grad, threads) for n in names if n in fitted}
         name, how = min(costs, key=costs.get), "cost model"
     if key not in _choices or _choices[key]["algorithm"] != name:
         with _lock:
