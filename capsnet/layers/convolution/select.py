@@ -108,17 +108,18 @@ def cost_features(name: str, g: ConvGeometry, training: bool, input_grad: bool =
         th, tw = -(-g.out_h // 2), -(-g.out_w // 2)
         tiles = g.batch * th * tw
         # forward: padded input, 4x4 tiles (16 T C), their transform, products (16 T O) and the
-        # output tiles; the weight gradient: output-gradient tiles and their adjoint transform;
-        # the input gradient: the forward's work on the output gradient, channels swapped
-        forward = g.batch * (2 * th + 2) * (2 * tw + 2) * c + 2 * 16 * tiles * c + 16 * tiles * o + 2 * g.rows * o
-        moved = forward
+        # output tiles; backward: output-gradient tiles and their adjoint transform (dM, shared),
+        # and for the input gradient dV (16 T C), its adjoint transform and the tiles' sum
+        padded = g.batch * (2 * th + 2) * (2 * tw + 2) * c
+        moved = padded + 2 * 16 * tiles * c + 16 * tiles * o + 2 * g.rows * o
+        calls = 8
         if training:
             moved += 2 * 16 * tiles * o + 16 * tiles * c
+            calls += 6
             if input_grad:
-                tiles_in = g.batch * -(-g.height // 2) * -(-g.width // 2)
-                moved += (g.batch * (2 * -(-g.height // 2) + 2) * (2 * -(-g.width // 2) + 2) * o
-                          + 2 * 16 * tiles_in * o + 16 * tiles_in * c + 2 * g.batch * g.height * g.width * c)
-        return np.array([10 * passes, winograd_flops(g, training, input_grad), 0, moved, 3 * passes * weights],
+                moved += 2 * 16 * tiles * c + 2 * 16 * tiles * c + 2 * padded
+                calls += 20
+        return np.array([calls, winograd_flops(g, training, input_grad), 0, moved, 3 * passes * weights],
                         dtype=float)
     raise ValueError(f"no cost features for algorithm {name!r}")
 

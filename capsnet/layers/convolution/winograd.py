@@ -22,8 +22,9 @@ Backward, with the same layout:
 
 - weight gradient: dM[xi] = sum_q AA[q, xi] dY[q] (the adjoint of the output transform),
   dU[xi] = V[xi]^T dM[xi], (C, T) x (T, O), and dw = GG^T dU: V is what the forward keeps;
-- input gradient: the full correlation of the output gradient with the flipped kernel,
-  itself a 3x3 stride-1 convolution (padding 2 - p), computed by the same forward.
+- input gradient: the adjoint of the forward from the same dM: dV[xi] = dM[xi] U[xi]^T,
+  (T, O) x (O, C), dD = BB^T dV, and each 4x4 tile's gradient added back where the tile
+  was read (16 strided slice additions; neighbouring tiles overlap by two rows or columns).
 
 Float32 rounding: the transforms' entries are 0, +-1/2 and +-1, so the method loses little
 to the direct one (the tests compare both in float64 to 1e-10 and the gradients by a float64
@@ -37,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from capsnet import backend
-from capsnet.layers.convolution.algorithm import Algorithm
+from capsnet.layers.convolution.algorithm import Algorithm, bias_grad
 from capsnet.layers.convolution.geometry import ConvGeometry
 
 __all__ = ["Winograd", "WinogradSaved", "winograd_flops"]
@@ -122,6 +123,19 @@ def _output_tiles_adjoint(grad_y: Any, g: ConvGeometry, th: int, tw: int) -> Any
     return xp.matmul(_matrices(xp, grad_y.dtype)["AAT"], tiles).reshape(16, b * th * tw, o)
 
 
+def _input_transform_adjoint(dV: Any, g: ConvGeometry, th: int, tw: int) -> Any:
+    """The input gradient (B, H, W, C), contiguous, from dV (16, T, C): the adjoint of
+    :func:`_input_transform` (BB^T, then each tile's 16 entries added where they were read)."""
+    xp = backend.get_array_module(dV)
+    c, p = dV.shape[2], g.padding
+    dD = xp.matmul(_matrices(xp, dV.dtype)["BBT"], dV.reshape(16, -1)).reshape(4, 4, g.batch, th, tw, c)
+    grad_pad = xp.zeros((g.batch, 2 * th + 2, 2 * tw + 2, c), dtype=dV.dtype)
+    for r in range(4):  # a loop over the 16 tile entries
+        for s in range(4):
+            grad_pad[:, r : r + 2 * th : 2, s : s + 2 * tw : 2] += dD[r, s]
+    return xp.ascontiguousarray(grad_pad[:, p : p + g.height, p : p + g.width])
+
+
 def winograd_flops(g: ConvGeometry, training: bool = False, input_grad: bool = True) -> int:
     """Flops (2 per multiply-add) of the matrix products one call executes: the channel
     products and the tile transforms; with ``training`` the weight gradient and (``input_grad``)
@@ -133,8 +147,7 @@ def winograd_flops(g: ConvGeometry, training: bool = False, input_grad: bool = T
         return forward
     total = forward + 2 * (16 * t * c * o + 16 * 4 * t * o + 9 * 16 * c * o)
     if input_grad:
-        ti = g.batch * -(-g.height // 2) * -(-g.width // 2)
-        total += 2 * (16 * ti * o * c + 16 * 16 * ti * o + 4 * 16 * ti * c + 16 * 9 * c * o)
+        total += 2 * (16 * t * o * c + 16 * 16 * t * c)
     return total
 
 
@@ -161,20 +174,30 @@ class Winograd(Algorithm):
         V, tiles = _input_transform(g, x_nhwc)
         return WinogradSaved(V, tiles)
 
-    def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any) -> Any:
-        xp = backend.get_array_module(grad_y, w)
+    def _weight_grad(self, g: ConvGeometry, dM: Any, saved: WinogradSaved, w: Any) -> Any:
+        xp = backend.get_array_module(dM, w)
         if saved.V is None:
             raise ValueError("Winograd weight gradient needs the forward of a training call (training=True)")
-        dM = _output_tiles_adjoint(grad_y, g, *saved.tiles)
         dU = xp.matmul(saved.V.transpose(0, 2, 1), dM)  # (16, C, O)
         c, o = g.in_channels, g.out_channels
         dw9 = xp.matmul(_matrices(xp, w.dtype)["GGT"], dU.reshape(16, c * o))  # (9, C O)
         return xp.ascontiguousarray(dw9.reshape(3, 3, c, o).transpose(3, 2, 0, 1))
 
-    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any) -> Any:
-        # the full correlation of grad_y with the flipped kernel, channels swapped: a 3x3
-        # stride-1 convolution of grad_y (B, OH, OW, O) with padding 2 - p back to (B, H, W, C)
-        flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, O, 3, 3)
-        adjoint = ConvGeometry(g.batch, g.out_h, g.out_w, g.out_channels, g.in_channels, 3, 3, 1, 2 - g.padding,
-                               1, g.dtype, g.backend)
-        return self.forward(adjoint, grad_y, flipped, None, training=False)[0]
+    def _input_grad(self, g: ConvGeometry, dM: Any, tiles: tuple, w: Any) -> Any:
+        xp = backend.get_array_module(dM, w)
+        dV = xp.matmul(dM, _kernel_transform(w).transpose(0, 2, 1))  # (16, T, C)
+        return _input_transform_adjoint(dV, g, *tiles)
+
+    def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any) -> Any:
+        return self._weight_grad(g, _output_tiles_adjoint(grad_y, g, *saved.tiles), saved, w)
+
+    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any) -> Any:
+        tiles = _tiles(g)
+        return self._input_grad(g, _output_tiles_adjoint(grad_y, g, *tiles), tiles, w)
+
+    def backward(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any, need_input_grad: bool = True
+                 ) -> tuple[Any | None, Any, Any]:
+        """Both gradients from one transform of grad_y (dM)."""
+        dM = _output_tiles_adjoint(grad_y, g, *saved.tiles)
+        gx = self._input_grad(g, dM, saved.tiles, w) if need_input_grad else None
+        return gx, self._weight_grad(g, dM, saved, w), bias_grad(grad_y)
