@@ -137,7 +137,9 @@ def test_the_replicas_follow_weights_replaced_in_the_model():
     model.load_state_dict(other.state_dict())
     for p in model.parameters():  # and a rebinding, as Module.astype or a user might do
         p.data = p.data.copy()
-    np.testing.assert_allclose(runner.predict(x)[1], other.predict(x)[1], rtol=1e-6)
+    # float32, and a slice of 3 may take another convolution algorithm than the batch of 6
+    # (the engine chooses per batch size): rounding differs by ~1e-6; other weights by far more
+    np.testing.assert_allclose(runner.predict(x)[1], other.predict(x)[1], rtol=1e-4)
 
 
 def test_dropout_masks_do_not_depend_on_the_thread_count():
