@@ -3,7 +3,7 @@ pure forward/backward functions in NCHW and NHWC, and the FLOP count.
 
 Thin wrappers over the engine in :mod:`capsnet.layers.convolution`: each call describes
 its convolution once (a ConvGeometry) and one of the engine's algorithms (im2col + GEMM,
-Fourier, direct shifted products, pointwise GEMM, Winograd F(2x2, 3x3)) carries it out; ``algorithm="auto"``
+Fourier, direct shifted products, pointwise GEMM, Winograd F(2x2, 3x3) and F(4x4, 3x3)) carries it out; ``algorithm="auto"``
 lets the engine choose by measurement. ``im2col``/``col2im`` are the engine's shared
 patch layout, re-exported here.
 """
@@ -106,7 +106,7 @@ class Conv2d(Module):
     PyTorch. ``input_grad=False`` skips the input gradient (a network's first layer).
 
     ``algorithm`` picks how the same map is computed: one of the engine's algorithms
-    (``"im2col"``, ``"fourier"``, ``"direct"``, ``"pointwise"``, ``"winograd"``, see
+    (``"im2col"``, ``"fourier"``, ``"direct"``, ``"pointwise"``, ``"winograd"``, ``"winograd4"``, see
     :mod:`capsnet.layers.convolution`) or ``"auto"``, which asks the engine per input
     geometry, training or not (:meth:`algorithm_for`; a fitted cost model, or timing in
     benchmark mode). All agree to rounding; the attribute may be changed between steps.

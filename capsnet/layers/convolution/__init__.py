@@ -1,5 +1,5 @@
 """The convolution engine: a ConvGeometry says what a convolution is; an algorithm
-(im2col, fourier, direct, pointwise, winograd; one file each) carries it out over the shared patch
+(im2col, fourier, direct, pointwise, winograd and winograd4; one file each but the two Winograds) carries it out over the shared patch
 layout of :mod:`.patches`; :func:`choose` picks one by a fitted cost model or by timing
 (benchmark mode), and :func:`choices` lists what was picked.
 
@@ -15,7 +15,7 @@ from capsnet.layers.convolution.geometry import ConvGeometry, check_groups
 from capsnet.layers.convolution.im2col import Im2col, Im2colSaved
 from capsnet.layers.convolution.patches import col2im, im2col
 from capsnet.layers.convolution.pointwise import Pointwise, PointwiseSaved
-from capsnet.layers.convolution.winograd import Winograd, WinogradSaved
+from capsnet.layers.convolution.winograd import Winograd, Winograd4, WinogradSaved
 from capsnet.layers.convolution.select import (
     ALGORITHMS,
     BENCHMARK_ENV,
@@ -46,6 +46,7 @@ __all__ = [
     "Pointwise",
     "PointwiseSaved",
     "Winograd",
+    "Winograd4",
     "WinogradSaved",
     "benchmark_enabled",
     "bias_grad",

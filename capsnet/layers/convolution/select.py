@@ -23,7 +23,7 @@ from capsnet.layers.convolution.geometry import ConvGeometry
 from capsnet.layers.convolution.im2col import Im2col, layout_for
 from capsnet.layers.convolution.patches import row_groups
 from capsnet.layers.convolution.pointwise import Pointwise
-from capsnet.layers.convolution.winograd import Winograd, winograd_flops
+from capsnet.layers.convolution.winograd import Winograd, Winograd4, winograd_flops
 
 __all__ = [
     "ALGORITHMS",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 ALGORITHMS: dict[str, type[Algorithm]] = {"im2col": Im2col, "fourier": Fourier, "direct": Direct,
-                                          "pointwise": Pointwise, "winograd": Winograd}
+                                          "pointwise": Pointwise, "winograd": Winograd, "winograd4": Winograd4}
 """The algorithms by name, each an :class:`~capsnet.layers.convolution.algorithm.Algorithm` class."""
 BENCHMARK_ENV = "CAPSNET_CONV_BENCHMARK"
 """The environment variable that turns benchmark mode on (``1``)."""
@@ -104,22 +104,24 @@ def cost_features(name: str, g: ConvGeometry, training: bool, input_grad: bool =
         grids = g.batch * grid["ny"] * grid["nx"] * g.stride ** 2 * c * passes
         # training transforms the weights there and back every call; inference compares them with a copy
         return np.array([12 * passes, spectral, 0, grids, 2 * spectrum if training else 2 * weights], dtype=float)
-    if name == "winograd":
-        th, tw = -(-g.out_h // 2), -(-g.out_w // 2)
+    if name in ("winograd", "winograd4"):
+        m = ALGORITHMS[name].m
+        e = (m + 2) ** 2  # tile entries
+        th, tw = -(-g.out_h // m), -(-g.out_w // m)
         tiles = g.batch * th * tw
-        # forward: padded input, 4x4 tiles (16 T C), their transform, products (16 T O) and the
+        # forward: padded input, tiles (e T C), their transform, products (e T O) and the
         # output tiles; backward: output-gradient tiles and their adjoint transform (dM, shared),
-        # and for the input gradient dV (16 T C), its adjoint transform and the tiles' sum
-        padded = g.batch * (2 * th + 2) * (2 * tw + 2) * c
-        moved = padded + 2 * 16 * tiles * c + 16 * tiles * o + 2 * g.rows * o
+        # and for the input gradient dV (e T C), its adjoint transform and the tiles' sum
+        padded = g.batch * (m * th + 2) * (m * tw + 2) * c
+        moved = padded + 2 * e * tiles * c + e * tiles * o + 2 * g.rows * o
         calls = 8
         if training:
-            moved += 2 * 16 * tiles * o + 16 * tiles * c
+            moved += 2 * e * tiles * o + e * tiles * c
             calls += 6
             if input_grad:
-                moved += 2 * 16 * tiles * c + 2 * 16 * tiles * c + 2 * padded
-                calls += 20
-        return np.array([calls, winograd_flops(g, training, input_grad), 0, moved, 3 * passes * weights],
+                moved += 4 * e * tiles * c + 2 * padded
+                calls += 4 + e
+        return np.array([calls, winograd_flops(g, training, input_grad, m), 0, moved, 3 * passes * weights],
                         dtype=float)
     raise ValueError(f"no cost features for algorithm {name!r}")
 
