@@ -216,7 +216,10 @@ def get_array_module(*arrays: Any) -> ModuleType:
     Raises :class:`BackendError` when NumPy and CuPy arrays are mixed, which
     would otherwise fail deep inside an operation or copy silently.
     """
-    on_gpu = [is_cupy_array(a) for a in arrays if a is not None]
+    cupy = _imported_cupy()
+    if cupy is None:  # nothing imported CuPy, so nothing can be a CuPy array
+        return numpy
+    on_gpu = [isinstance(a, cupy.ndarray) for a in arrays if a is not None]
     if any(on_gpu):
         if not all(on_gpu):
             kinds = ", ".join(type(a).__module__ + "." + type(a).__name__ for a in arrays if a is not None)
@@ -224,7 +227,7 @@ def get_array_module(*arrays: Any) -> ModuleType:
                 f"arrays on different backends were mixed ({kinds}): "
                 "move them to one device first with capsnet.backend.to_device"
             )
-        return _imported_cupy()  # type: ignore[return-value]
+        return cupy
     return numpy
 
 

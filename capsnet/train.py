@@ -171,6 +171,7 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
 
 
 FLAGS = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+FLAGS.update({field: FLAGS[flag] for flag, field in CNN_KEYS.items() if field not in FLAGS})
 """The option that sets each configuration field (``lr``: ``--lr``, ``arch``: ``--model``)."""
 
 

@@ -135,6 +135,10 @@ class TrainConfig(DictConfig):
             raise ValueError(f"lr_min must be >= 0, got {self.lr_min}")
         if self.test_pairs < 1:
             raise ValueError(f"test_pairs must be at least 1, got {self.test_pairs}")
+        for name, value in self.model.items():  # sizes, counts and iterations: positive integers
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in values):
+                raise ValueError(f"{name} must be at least 1, got {value}")
         spec = dataset(self.dataset)
         shape = tuple(spec.input_shape)
         model = self.model_config()

@@ -48,6 +48,19 @@ def test_a_bad_value_names_the_option_and_the_value(tmp_path, capsys, flag, valu
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--routing", "0"], "--routing must be at least 1, got 0"),
+    (["--conv-channels", "0"], "--conv-channels must be at least 1, got 0"),
+    (["--decoder-hidden", "512", "0"], "--decoder-hidden must be at least 1, got [512, 0]"),
+    (["--model", "cnn", "--cnn-channels", "0", "5"], "--cnn-channels must be at least 1, got [0, 5]"),
+    (["--model", "em", "--caps1", "0"], "--caps1 must be at least 1, got 0")])
+def test_a_model_size_below_one_names_the_flag_not_the_layer(tmp_path, capsys, flags, words):
+    data = ["--dataset", "mnist-sample", "--train-limit", "50", "--test-limit", "20", "--no-progress"]
+    code, _, err = train(["--out", tmp_path / "run", *data, *flags], capsys)
+    assert code == 2 and err == f"error: {words}\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_dataset_that_does_not_train_the_model_says_model_not_arch(tmp_path, capsys, no_data):
     code, _, err = train(["--out", tmp_path / "run", "--dataset", "multimnist", "--model", "cnn"], capsys)
     assert code == 2 and err == "error: --dataset multimnist trains --model capsnet only; got --model cnn\n"
