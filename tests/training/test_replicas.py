@@ -309,3 +309,21 @@ def test_a_training_batch_is_split_only_into_slices_of_the_minimum_size(monkeypa
     fresh.eval()
     fresh(x[:8])
     assert len(fresh.models) == 2  # inference splits at any size
+
+
+def test_efficient_capsnet_splits_batch_32_but_trains_batch_16_whole():
+    """EfficientCapsNet.min_train_slice = 16: a batch of 32 trains as two replicas, the
+    authors' batch of 16 as one, so its BatchNorm normalises the whole batch."""
+    from capsnet.models import EfficientCapsNet
+
+    model = EfficientCapsNet(dtype="float32", seed=0)
+    runner = Replicas(model, 2)
+    model.train()
+    rng = np.random.default_rng(0)
+    for batch, replicas in ((16, 1), (32, 2)):
+        x = rng.random((batch, 1, 28, 28)).astype(np.float32)
+        labels = rng.integers(0, 10, batch)
+        lengths, recon = runner(x, labels)
+        assert len(runner._slices) == replicas
+        runner.backward(np.ones_like(lengths), np.zeros_like(recon))
+    assert len(runner.models) == 2
