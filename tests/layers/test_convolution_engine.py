@@ -219,6 +219,50 @@ def test_winograd_in_float32_stays_close_to_the_direct_method(xp, host_rng, name
         assert np.abs(wino - direct).max() <= tolerance * np.abs(direct).max()
 
 
+@pytest.mark.parametrize("name", ["winograd", "winograd4"])
+def test_winograd_inference_kernel_follows_every_weight_change(xp, host_rng, name):
+    """In evaluation, the transformed kernel is reused while the weights keep their values,
+    and made again after any change: in place, a new array, another dtype; a training
+    forward drops it and saves its own for the input gradient."""
+    from tests.helpers import naive_conv2d  # noqa: PLC0415
+
+    layer = Conv2d(3, 4, 3, padding=1, algorithm=name, dtype=F64, seed=0)
+    layer.eval()
+    x = host_rng.standard_normal((2, 3, 7, 6))
+
+    def check():
+        w, b = host(layer.weight.data), host(layer.bias.data)
+        np.testing.assert_allclose(host(layer.forward(dev(x))), naive_conv2d(x, w, b, 1, 1), rtol=1e-10, atol=1e-12)
+
+    check()
+    kept = layer._instance(name)._kernel[1]
+    check()
+    assert layer._instance(name)._kernel[1] is kept  # reused
+    assert layer._scratch_nbytes() == kept.nbytes + layer.weight.data.nbytes  # U and the weights' copy
+    layer.weight.data[0, 0, 0, 0] += 1.0  # in place
+    check()
+    layer.weight.data = layer.weight.data * 0.5  # a new array
+    check()
+    layer.astype("float32")
+    assert layer.forward(dev(x.astype(np.float32))).dtype == np.float32
+    layer.astype("float64")
+    check()
+    layer.train()
+    y = layer.forward(dev(x))
+    assert layer._instance(name)._kernel is None  # a training forward drops it
+    _, _, saved = layer._cache
+    assert saved.U is not None and saved.U.shape == ((layer._instance(name).m + 2) ** 2, 3, 4)
+    gy = host_rng.standard_normal(host(y).shape)
+    layer.weight.grad[...] = 0
+    gx = host(layer.backward(dev(gy)))
+    from tests.helpers import naive_conv2d_backward  # noqa: PLC0415
+    want = naive_conv2d_backward(gy, x, host(layer.weight.data), 1, 1)
+    np.testing.assert_allclose(gx, want[0], rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(host(layer.weight.grad), want[1], rtol=1e-9, atol=1e-11)
+    layer.release()
+    assert layer._scratch_nbytes() == 0
+
+
 def test_a_cost_model_fitted_before_an_algorithm_existed_does_not_propose_it(fresh_choices):
     g = ConvGeometry(8, 22, 22, 64, 64, 3, 3, 1, 0, 1)
     assert "winograd" in candidates(g)

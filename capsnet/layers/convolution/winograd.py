@@ -80,6 +80,7 @@ class WinogradSaved(NamedTuple):
 
     V: Any  # the transformed input tiles (a^2, T, C); None after an inference forward
     tiles: tuple  # (th, tw): output tiles per column and per row
+    U: Any = None  # the transformed kernel (a^2, C, O) the forward used, for the input gradient
 
 
 def _tiles(g: ConvGeometry, m: int) -> tuple[int, int]:
@@ -172,21 +173,48 @@ class Winograd(Algorithm):
     scope = "3x3, stride-1, ungrouped (padding at most 2)"
     m = 2  # output tile size
 
+    def __init__(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self._kernel: tuple | None = None  # inference: (a copy of the weights, U made from them)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._kernel) if self._kernel is not None else 0
+
     def supports(self, g: ConvGeometry) -> bool:
         return g.kernel_h == g.kernel_w == 3 and g.stride == 1 and g.groups == 1 and g.padding <= 2
+
+    def _inference_kernel(self, w: Any) -> Any:
+        """U for an inference forward, reused while the weights keep their values: they are
+        compared with a copy taken when U was made (a read of twice their size, less than the
+        transform's (a^2 x 9) product), so any change, in place or not, is seen; as the Fourier
+        method's weight spectrum (:class:`~capsnet.layers.convolution.fourier.SpectrumCache`)."""
+        xp = backend.get_array_module(w)
+        kept = self._kernel
+        if (kept is None or kept[0].shape != w.shape or kept[0].dtype != w.dtype
+                or backend.device_key(kept[0]) != backend.device_key(w) or not bool(xp.array_equal(kept[0], w))):
+            kept = self._kernel = (w.copy(), _kernel_transform(w, self.m))
+        return kept[1]
 
     def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True
                 ) -> tuple[Any, WinogradSaved]:
         xp = backend.get_array_module(x_nhwc, w)
         V, (th, tw) = _input_transform(g, x_nhwc, self.m)
-        y = _output_transform(xp.matmul(V, _kernel_transform(w, self.m)), g, th, tw, self.m)
+        if training:
+            self._kernel = None  # the weights are about to change: nothing to reuse
+            U = _kernel_transform(w, self.m)
+        else:
+            U = self._inference_kernel(w)
+        y = _output_transform(xp.matmul(V, U), g, th, tw, self.m)
         if b is not None:
             y += b
-        return y, WinogradSaved(V if training else None, (th, tw))
+        return y, (WinogradSaved(V, (th, tw), U) if training else WinogradSaved(None, (th, tw)))
 
     def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> WinogradSaved:
         V, tiles = _input_transform(g, x_nhwc, self.m)
-        return WinogradSaved(V, tiles)
+        return WinogradSaved(V, tiles, _kernel_transform(w, self.m))
 
     def _weight_grad(self, g: ConvGeometry, dM: Any, saved: WinogradSaved, w: Any) -> Any:
         xp = backend.get_array_module(dM, w)
@@ -197,23 +225,26 @@ class Winograd(Algorithm):
         dw9 = xp.matmul(_matrices(xp, w.dtype, self.m)["GGT"], dU.reshape(dU.shape[0], c * o))  # (9, C O)
         return xp.ascontiguousarray(dw9.reshape(3, 3, c, o).transpose(3, 2, 0, 1))
 
-    def _input_grad(self, g: ConvGeometry, dM: Any, tiles: tuple, w: Any) -> Any:
+    def _input_grad(self, g: ConvGeometry, dM: Any, tiles: tuple, w: Any, U: Any = None) -> Any:
         xp = backend.get_array_module(dM, w)
-        dV = xp.matmul(dM, _kernel_transform(w, self.m).transpose(0, 2, 1))  # (a^2, T, C)
+        if U is None:
+            U = _kernel_transform(w, self.m)
+        dV = xp.matmul(dM, U.transpose(0, 2, 1))  # (a^2, T, C)
         return _input_transform_adjoint(dV, g, *tiles, self.m)
 
     def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any) -> Any:
         return self._weight_grad(g, _output_tiles_adjoint(grad_y, g, *saved.tiles, self.m), saved, w)
 
-    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any) -> Any:
+    def input_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved | None, w: Any) -> Any:
         tiles = _tiles(g, self.m)
-        return self._input_grad(g, _output_tiles_adjoint(grad_y, g, *tiles, self.m), tiles, w)
+        U = getattr(saved, "U", None)
+        return self._input_grad(g, _output_tiles_adjoint(grad_y, g, *tiles, self.m), tiles, w, U)
 
     def backward(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any, need_input_grad: bool = True
                  ) -> tuple[Any | None, Any, Any]:
         """Both gradients from one transform of grad_y (dM)."""
         dM = _output_tiles_adjoint(grad_y, g, *saved.tiles, self.m)
-        gx = self._input_grad(g, dM, saved.tiles, w) if need_input_grad else None
+        gx = self._input_grad(g, dM, saved.tiles, w, saved.U) if need_input_grad else None
         return gx, self._weight_grad(g, dM, saved, w), bias_grad(grad_y)
 
 
