@@ -152,6 +152,8 @@ class Replicas:
 
     def _replicas(self, n: int) -> list[Module]:
         """The first ``n`` replicas, their parameters bound to the model's current arrays."""
+        if n == 1:
+            return [self.model]  # no copy to bind (batch 1: spares a walk of the tree)
         params = self.model.parameters()
         while len(self._copies) < n - 1:
             self._copies.append(self._clone())
@@ -232,7 +234,7 @@ class Replicas:
         training = self.model.training
         slices = self._plan(rows, training)
         replicas = self._replicas(len(slices))
-        buffers = [buf for _, buf in self.model.named_buffers()]
+        buffers = [buf for _, buf in self.model.named_buffers()] if len(replicas) > 1 else []
         for clone in replicas[1:]:
             for mine, theirs in zip((buf for _, buf in clone.named_buffers()), buffers):
                 mine.data[...] = theirs.data
