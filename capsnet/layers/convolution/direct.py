@@ -9,6 +9,11 @@ The shifted inputs x[s p + k] of a block of kernel rows are one strided view of 
 input (no copy); their products with the weights of those offsets are one broadcast
 multiply and one sum, so a block of offsets costs two launches. Blocks are as many kernel
 rows as keep the product under BLOCK_VALUES values (a memory bound, not a timing).
+
+A depthwise convolution (one input and one output channel per group, Efficient-CapsNet's
+primary capsules) forms no product array at all: its forward and weight gradient are one
+``einsum`` each over the same view, a sum of products with no temporary (2x to 3.5x faster
+than the broadcast product on one EPYC thread, batch 32 and 100).
 """
 from __future__ import annotations
 
@@ -43,6 +48,17 @@ def _weights(w: Any, g: ConvGeometry) -> Any:
     return w.reshape(gs, g.out_channels // gs, g.in_channels // gs, g.kernel_h, g.kernel_w).transpose(3, 4, 0, 1, 2)
 
 
+def _depthwise(g: ConvGeometry) -> bool:
+    """One input and one output channel per group."""
+    return g.groups == g.in_channels == g.out_channels
+
+
+def _depthwise_weights(w: Any, g: ConvGeometry) -> Any:
+    """w (C, 1, KH, KW) as (KH, KW, C), contiguous (einsum is several times slower on the strided view)."""
+    xp = backend.get_array_module(w)
+    return xp.ascontiguousarray(w.reshape(g.out_channels, g.kernel_h, g.kernel_w).transpose(1, 2, 0))
+
+
 class Direct(Algorithm):
     """Shifted element-wise products; worth it where each output sums few input channels."""
 
@@ -57,6 +73,12 @@ class Direct(Algorithm):
         xp = backend.get_array_module(x_nhwc, w)
         x_pad = pad(x_nhwc, g.padding)
         gs, cg = g.groups, g.in_channels // g.groups
+        if _depthwise(g):
+            v = patch_view(x_pad, range(g.kernel_h), g.kernel_w, g.stride, g.out_h, g.out_w)  # (B, OH, OW, KH, KW, C)
+            y = xp.einsum("bhwrkc,rkc->bhwc", v, _depthwise_weights(w, g))
+            if b is not None:
+                y += b
+            return y, DirectSaved(x_pad)
         wt = _weights(w, g)
         y = None
         for rows in _blocks(g):  # a loop over blocks of kernel offsets
@@ -77,6 +99,10 @@ class Direct(Algorithm):
 
     def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: DirectSaved, w: Any) -> Any:
         xp = backend.get_array_module(grad_y, w)
+        if _depthwise(g):
+            v = patch_view(saved.x_pad, range(g.kernel_h), g.kernel_w, g.stride, g.out_h, g.out_w)
+            gw = xp.einsum("bhwrkc,bhwc->crk", v, grad_y)  # (C, KH, KW)
+            return xp.ascontiguousarray(gw).reshape(w.shape)
         gs, og, cg = g.groups, g.out_channels // g.groups, g.in_channels // g.groups
         gy = grad_y.reshape(g.batch, g.out_h, g.out_w, 1, 1, gs, og, 1)
         gw = xp.empty((g.kernel_h, g.kernel_w, gs, og, cg), dtype=w.dtype)
