@@ -57,13 +57,14 @@ def test_conv2d_module_matches_naive_loops(xp, host_rng):
     np.testing.assert_allclose(host(layer.bias.grad), eb, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("layout", ["rows", "channels"])
+@pytest.mark.parametrize("layout", ["rows", "channels", "taps"])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (3, 2)])
-def test_both_patch_layouts_match_naive_loops(xp, host_rng, layout, stride, padding):
+@pytest.mark.parametrize("channels", [3, 1])
+def test_every_patch_layout_matches_naive_loops(xp, host_rng, layout, stride, padding, channels):
     from capsnet.layers.conv import conv2d_nhwc, conv2d_nhwc_backward  # noqa: PLC0415
 
-    x = host_rng.standard_normal((2, 3, 8, 7))
-    w = host_rng.standard_normal((5, 3, 3, 3))
+    x = host_rng.standard_normal((2, channels, 8, 7))
+    w = host_rng.standard_normal((5, channels, 3, 3))
     b = host_rng.standard_normal(5)
     x_nhwc = dev(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
     y = host(conv2d_nhwc(x_nhwc, dev(w), dev(b), stride, padding, layout=layout)).transpose(0, 3, 1, 2)
@@ -87,7 +88,9 @@ def test_small_batches_take_the_channel_major_layout():
     assert layout_for(primary) == "channels"
     assert layout_for(primary.with_batch(7)) == "channels"
     assert layout_for(primary.with_batch(8)) == "rows"
-    assert layout_for(ConvGeometry(1, 20, 20, 1, 256, 9, 9)) == "rows"  # one input channel: the orders are the same
+    assert layout_for(ConvGeometry(1, 20, 20, 1, 256, 9, 9)) == "taps"  # one input channel: a row of outputs per copy
+    assert layout_for(ConvGeometry(100, 28, 28, 1, 32, 5, 5)) == "taps"
+    assert layout_for(ConvGeometry(100, 28, 28, 1, 32, 5, 5), "rows") == "rows"  # pinned
     assert layout_for(ConvGeometry(8, 20, 20, 4, 4, 3, 3, groups=2)) == "channels"  # grouped: per-group products
 
 

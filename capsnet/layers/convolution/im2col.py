@@ -8,11 +8,11 @@ from capsnet import backend
 from capsnet.layers.convolution.algorithm import Algorithm
 from capsnet.layers.convolution.geometry import ConvGeometry
 from capsnet.layers.convolution.patches import (
-    crop, gather, gather_channel_major, pad, patch_gradient_buffer, patch_gradient_sum, row_groups)
+    crop, gather, gather_channel_major, gather_taps, pad, patch_gradient_buffer, patch_gradient_sum, row_groups)
 
 __all__ = ["LAYOUTS", "Im2col", "Im2colSaved", "layout_for"]
 
-LAYOUTS = ("auto", "rows", "channels")
+LAYOUTS = ("auto", "rows", "channels", "taps")
 """The patch-column orders im2col can use (see :func:`layout_for`)."""
 
 
@@ -29,14 +29,20 @@ def layout_for(g: ConvGeometry, layout: str = "auto") -> str:
     channel vectors per copy; the weights are brought to that order on each call.
     "channels": (c, ky, kx), the weights' own order, so no weight-sized copy; its gather
     moves single values, which costs less than that copy only while the patch matrix is no
-    larger than the weights (rows <= O). Grouped convolutions always take "channels"."""
+    larger than the weights (rows <= O). Grouped convolutions always take "channels".
+    "taps": the "channels" order stored transposed, (C KH KW, N), gathered a row of outputs
+    per copy; taken for one input channel, where the other orders copy runs of KW values
+    (Efficient-CapsNet's first layer at batch 32: 1.6x faster forward, one thread), and its
+    products read both operands transposed."""
     if layout not in LAYOUTS:
         raise ValueError(f"convolution layout must be one of {LAYOUTS}, got {layout!r}")
     if g.groups != 1:
         return "channels"
     if layout != "auto":
         return layout
-    return "channels" if g.in_channels > 1 and g.rows <= g.out_channels else "rows"
+    if g.in_channels == 1:
+        return "taps"
+    return "channels" if g.rows <= g.out_channels else "rows"
 
 
 class Im2col(Algorithm):
@@ -55,7 +61,10 @@ class Im2col(Algorithm):
         xp = backend.get_array_module(x_nhwc, w)
         x_pad = pad(x_nhwc, g.padding)
         o, kh, kw, oh, ow = g.out_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
-        if layout_for(g, self.layout) == "channels":
+        layout = layout_for(g, self.layout)
+        if layout == "taps":
+            y = gather_taps(x_pad, kh, kw, g.stride, oh, ow).T @ w.reshape(o, -1).T  # (N, C KH KW) (C KH KW, O)
+        elif layout == "channels":
             col = gather_channel_major(x_pad, kh, kw, g.stride, oh, ow)  # (N, C KH KW)
             if g.groups == 1:
                 y = col @ w.reshape(o, -1).T
@@ -87,7 +96,10 @@ class Im2col(Algorithm):
         xp = backend.get_array_module(grad_y, w)
         o, c, kh, kw, oh, ow = g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
         g2 = grad_y.reshape(-1, o)
-        if layout_for(g, self.layout) == "channels":
+        layout = layout_for(g, self.layout)
+        if layout == "taps":
+            return (g2.T @ gather_taps(saved.x_pad, kh, kw, g.stride, oh, ow).T).reshape(w.shape)
+        if layout == "channels":
             col = gather_channel_major(saved.x_pad, kh, kw, g.stride, oh, ow)
             if g.groups == 1:
                 return (g2.T @ col).reshape(w.shape)
@@ -109,7 +121,7 @@ class Im2col(Algorithm):
         o, c, kh, kw, oh, ow = g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
         g2 = grad_y.reshape(-1, o)
         shape_pad = (g.batch, g.padded_h, g.padded_w, c)
-        if layout_for(g, self.layout) == "channels":
+        if layout_for(g, self.layout) in ("channels", "taps"):  # the patch gradient in the weights' order
             buf, gcol = patch_gradient_buffer(xp, g.rows, kh * kw * c, c, w.dtype)
             gcol6 = gcol.reshape(g.batch, oh, ow, kh, kw, c)
             if g.groups == 1:

@@ -18,7 +18,7 @@ import numpy as np
 from capsnet import backend
 from capsnet.layers.base import conv_output_size
 
-__all__ = ["SUM_METHODS", "col2im", "gather", "gather_channel_major", "im2col", "pad", "patch_gradient_buffer",
+__all__ = ["SUM_METHODS", "col2im", "gather", "gather_channel_major", "gather_taps", "im2col", "pad", "patch_gradient_buffer",
            "patch_gradient_sum", "patch_view", "row_groups", "sum_method"]
 
 
@@ -67,6 +67,18 @@ def gather(x_pad: Any, rows: range, kw: int, stride: int, oh: int, ow: int, out:
         return backend.get_array_module(x_pad).ascontiguousarray(view)
     out[...] = view
     return out
+
+
+def gather_taps(x_pad: Any, kh: int, kw: int, stride: int, oh: int, ow: int) -> Any:
+    """Patches transposed: (C * KH * KW, B * OH * OW), rows ordered (c, ky, kx) (the weights'
+    own order), one copy. Each run it copies is a row of OW outputs, where the other layouts
+    copy runs of C or KW values: for inputs of one or a few channels (a network's first layer)."""
+    xp = backend.get_array_module(x_pad)
+    b, _, _, c = x_pad.shape
+    sb, sh, sw, sc = x_pad.strides
+    view = xp.lib.stride_tricks.as_strided(
+        x_pad, shape=(c, kh, kw, b, oh, ow), strides=(sc, sh, sw, sb, stride * sh, stride * sw))
+    return xp.ascontiguousarray(view).reshape(c * kh * kw, -1)
 
 
 def gather_channel_major(x_pad: Any, kh: int, kw: int, stride: int, oh: int, ow: int) -> Any:
