@@ -31,16 +31,18 @@ def layout_for(g: ConvGeometry, layout: str = "auto") -> str:
     moves single values, which costs less than that copy only while the patch matrix is no
     larger than the weights (rows <= O). Grouped convolutions always take "channels".
     "taps": the "channels" order stored transposed, (C KH KW, N), gathered a row of outputs
-    per copy; taken for one input channel, where the other orders copy runs of KW values
-    (Efficient-CapsNet's first layer at batch 32: 1.6x faster forward, one thread), and its
-    products read both operands transposed."""
+    per copy; taken for one input channel and at most 64 outputs, where the other orders copy
+    runs of KW values (the first layers of Efficient-CapsNet and MatrixCapsNet: 1.3x to 1.5x
+    faster forward at batch 32 and 100, quiet); with 256 outputs its transposed products were
+    up to 1.2x slower than "rows" (the CapsNet's and the baseline CNN's first layers). The
+    input gradient takes the "rows" path (one product straight into the patch gradient)."""
     if layout not in LAYOUTS:
         raise ValueError(f"convolution layout must be one of {LAYOUTS}, got {layout!r}")
     if g.groups != 1:
         return "channels"
     if layout != "auto":
         return layout
-    if g.in_channels == 1:
+    if g.in_channels == 1 and g.out_channels <= 64:
         return "taps"
     return "channels" if g.rows <= g.out_channels else "rows"
 
@@ -121,7 +123,7 @@ class Im2col(Algorithm):
         o, c, kh, kw, oh, ow = g.out_channels, g.in_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
         g2 = grad_y.reshape(-1, o)
         shape_pad = (g.batch, g.padded_h, g.padded_w, c)
-        if layout_for(g, self.layout) in ("channels", "taps"):  # the patch gradient in the weights' order
+        if layout_for(g, self.layout) == "channels":
             buf, gcol = patch_gradient_buffer(xp, g.rows, kh * kw * c, c, w.dtype)
             gcol6 = gcol.reshape(g.batch, oh, ow, kh, kw, c)
             if g.groups == 1:
