@@ -44,7 +44,7 @@ def layout_for(g: ConvGeometry, layout: str = "auto") -> str:
         return layout
     if g.in_channels == 1 and g.out_channels <= 64:
         return "taps"
-    return "channels" if g.rows <= g.out_channels else "rows"
+    return "channels" if g.in_channels > 1 and g.rows <= g.out_channels else "rows"
 
 
 class Im2col(Algorithm):
