@@ -75,10 +75,11 @@ class EfficientCapsNet(Module):
     """
 
     # Its GEMMs are small (at most 64 output channels): under capsnet.replicas a batch of 32
-    # trains 1.12x faster as two replicas of 16 than as one with BLAS on both cores; two of 8
-    # gain only 1.03x, so batch 16 (the authors' setup) stays one replica and its BatchNorm sees
-    # the whole batch (2 cores, quiet; see NOTES.md, 2026-12-07 third session). Each replica's
-    # BatchNorm normalises its own slice, as in data-parallel training.
+    # trained 1.12x faster as two replicas of 16 than as one with BLAS on both cores; two of 8
+    # gained only 1.03x, so batch 16 (the authors' setup) stays one replica and its BatchNorm
+    # sees the whole batch (2 cores, quiet, an A/B of the two settings in one process; see
+    # NOTES.md, 2026-12-07 third session). Each replica's BatchNorm normalises its own slice,
+    # as in data-parallel training.
     min_train_slice = 16
 
     def __init__(self, config: EfficientCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,
