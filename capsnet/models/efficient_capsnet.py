@@ -77,8 +77,8 @@ class EfficientCapsNet(Module):
     # Its GEMMs are small (at most 64 output channels): under capsnet.replicas a batch of 32
     # trained 1.12x faster as two replicas of 16 than as one with BLAS on both cores; two of 8
     # gained only 1.03x, so batch 16 (the authors' setup) stays one replica and its BatchNorm
-    # sees the whole batch (2 cores, quiet, an A/B of the two settings in one process; see
-    # NOTES.md, 2026-12-07 third session). Each replica's BatchNorm normalises its own slice,
+    # sees the whole batch (2 cores, quiet, an A/B of the two settings in one process:
+    # scripts/bench_replica_split.py; NOTES.md, 2026-12-07 third session). Each replica's BatchNorm normalises its own slice,
     # as in data-parallel training.
     min_train_slice = 16
 
