@@ -220,6 +220,20 @@ def test_winograd_in_float32_stays_close_to_the_direct_method(xp, host_rng, name
 
 
 @pytest.mark.parametrize("name", ["winograd", "winograd4"])
+@pytest.mark.parametrize("size", [10, 11])  # output 8x8 (whole tiles for m = 2 and 4) and 9x9 (overhanging)
+def test_winograd_output_in_whole_and_overhanging_tiles_matches_the_loop(xp, host_rng, name, size):
+    from tests.helpers import naive_conv2d  # noqa: PLC0415
+
+    g = ConvGeometry(2, size, size, 3, 4, 3, 3, 1, 0, 1, F64)
+    x = host_rng.standard_normal((2, size, size, 3))
+    w = host_rng.standard_normal((4, 3, 3, 3))
+    y, _ = make(name).forward(g, dev(x), dev(w), None, training=False)
+    assert y.flags.c_contiguous and y.shape == (2, size - 2, size - 2, 4)
+    want = naive_conv2d(x.transpose(0, 3, 1, 2), w, None, 1, 0).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(host(y), want, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["winograd", "winograd4"])
 def test_winograd_inference_kernel_follows_every_weight_change(xp, host_rng, name):
     """In evaluation, the transformed kernel is reused while the weights keep their values,
     and made again after any change: in place, a new array, another dtype; a training

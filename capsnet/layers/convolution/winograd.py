@@ -118,9 +118,12 @@ def _output_transform(M: Any, g: ConvGeometry, th: int, tw: int, m: int) -> Any:
     xp = backend.get_array_module(M)
     o = M.shape[2]
     q = xp.matmul(_matrices(xp, M.dtype, m)["AA"], M.reshape(M.shape[0], -1))  # (m^2, T O)
-    tiles = q.reshape(m, m, g.batch, th, tw, o).transpose(2, 3, 0, 4, 1, 5).reshape(g.batch, m * th, m * tw, o)
+    tiles = q.reshape(m, m, g.batch, th, tw, o).transpose(2, 3, 0, 4, 1, 5)  # (B, th, m, tw, m, O), a view
     y = xp.empty((g.batch, g.out_h, g.out_w, o), dtype=M.dtype)
-    y[...] = tiles[:, : g.out_h, : g.out_w]
+    if (g.out_h, g.out_w) == (m * th, m * tw):  # whole tiles: one copy into place
+        y.reshape(g.batch, th, m, tw, m, o)[...] = tiles
+    else:  # the last tiles overhang: gathered whole, then cropped
+        y[...] = tiles.reshape(g.batch, m * th, m * tw, o)[:, : g.out_h, : g.out_w]
     return y
 
 
