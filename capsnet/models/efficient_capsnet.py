@@ -75,11 +75,10 @@ class EfficientCapsNet(Module):
     """
 
     # Its GEMMs are small (at most 64 output channels): under capsnet.replicas a batch of 32
-    # trained 1.12x faster as two replicas of 16 than as one with BLAS on both cores; two of 8
-    # gained only 1.03x, so batch 16 (the authors' setup) stays one replica and its BatchNorm
-    # sees the whole batch (2 cores, quiet, an A/B of the two settings in one process:
-    # scripts/bench_replica_split.py; NOTES.md, 2026-12-07 third session). Each replica's BatchNorm normalises its own slice,
-    # as in data-parallel training.
+    # trained 1.12x faster as two replicas of 16 than as one with BLAS on both cores (2 cores,
+    # quiet, twice: scripts/bench_replica_split.py; NOTES.md, 2026-12-07 third session). Batch
+    # 16, the authors' setup, stays one replica so its BatchNorm normalises the whole batch, as
+    # the setup being reproduced does (split, each replica normalises its own slice of 8).
     min_train_slice = 16
 
     def __init__(self, config: EfficientCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,

@@ -33,9 +33,10 @@ def layout_for(g: ConvGeometry, layout: str = "auto") -> str:
     "taps": the "channels" order stored transposed, (C KH KW, N), gathered a row of outputs
     per copy; taken for one input channel and at most 64 outputs, where the other orders copy
     runs of KW values (the first layers of Efficient-CapsNet and MatrixCapsNet: 1.2x to 1.5x
-    faster forward at batch 32 and 100, 1 and 2 threads, quiet, ``scripts/bench_conv.py``); with 256 outputs its transposed products were
-    up to 1.2x slower than "rows" (the CapsNet's and the baseline CNN's first layers). The
-    input gradient takes the "rows" path (one product straight into the patch gradient)."""
+    faster forward at batch 32 and 100, 1 and 2 threads, quiet, ``scripts/bench_conv.py``);
+    with 256 outputs its transposed products were up to 1.2x slower than "rows" (the
+    CapsNet's and the baseline CNN's first layers). The input gradient takes the "rows" path
+    (one product straight into the patch gradient)."""
     if layout not in LAYOUTS:
         raise ValueError(f"convolution layout must be one of {LAYOUTS}, got {layout!r}")
     if g.groups != 1:

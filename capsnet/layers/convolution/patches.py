@@ -18,8 +18,8 @@ import numpy as np
 from capsnet import backend
 from capsnet.layers.base import conv_output_size
 
-__all__ = ["SUM_METHODS", "col2im", "gather", "gather_channel_major", "gather_taps", "im2col", "pad", "patch_gradient_buffer",
-           "patch_gradient_sum", "patch_view", "row_groups", "sum_method"]
+__all__ = ["SUM_METHODS", "col2im", "gather", "gather_channel_major", "gather_taps", "im2col", "pad",
+           "patch_gradient_buffer", "patch_gradient_sum", "patch_view", "row_groups", "sum_method"]
 
 
 def pad(x_nhwc: Any, padding: int) -> Any:
