@@ -2,11 +2,47 @@
 gradient over one ConvGeometry), and the bias gradient they share."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
+from capsnet import backend
 from capsnet.layers.convolution.geometry import ConvGeometry
 
-__all__ = ["Algorithm", "bias_grad"]
+__all__ = ["Algorithm", "WeightCache", "bias_grad"]
+
+
+class WeightCache:
+    """What an algorithm makes from the weights alone (the Fourier method's weight spectrum,
+    Winograd's transformed kernel), kept while the weights keep their values: for inference,
+    where the same weights meet batch after batch.
+
+    The weights are compared value by value with a copy taken when the value was made (a read
+    of twice their size), so any change, in place or not, is seen (array_equal compares
+    values: -0.0 counts as 0.0, and weights holding NaN are transformed every call). On CuPy
+    the comparison waits for the device."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._weights: Any = None
+        self._key: tuple | None = None
+        self._value: Any = None
+
+    def get(self, w: Any, key: tuple, make: Callable[[], Any]) -> Any:
+        """The value for weights ``w`` and the caller's ``key`` (what else it depends on):
+        kept, or ``make()`` when either changed."""
+        xp = backend.get_array_module(w)
+        key = (*key, w.shape, w.dtype, *backend.device_key(w))
+        if key != self._key or not bool(xp.array_equal(self._weights, w)):
+            self.clear()
+            self._value = make()
+            self._weights, self._key = w.copy(), key
+        return self._value
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the value and the copy of the weights it was made from."""
+        return sum(a.nbytes for a in (self._value, self._weights) if a is not None)
 
 
 def bias_grad(grad_y: Any) -> Any:

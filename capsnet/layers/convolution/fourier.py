@@ -37,7 +37,7 @@ import numpy as np
 
 from capsnet import backend
 from capsnet.layers.base import conv_output_size
-from capsnet.layers.convolution.algorithm import Algorithm, bias_grad
+from capsnet.layers.convolution.algorithm import Algorithm, WeightCache, bias_grad
 from capsnet.layers.convolution.geometry import ConvGeometry
 
 __all__ = [
@@ -234,38 +234,12 @@ class Workspace:
         return sum(a.nbytes for a in self._arrays.values())
 
 
-class SpectrumCache:
-    """The weight spectrum of the last call, reused while the weights stay the same.
+class SpectrumCache(WeightCache):
+    """The weight spectrum of the last call, reused while the weights stay the same (a few ms
+    to compare them against ~30 ms to transform PrimaryCaps' kernel; see :class:`WeightCache`)."""
 
-    For inference, where the same weights meet batch after batch: the weights are
-    compared value by value with a copy taken when the spectrum was made (a read of
-    twice their size, a few ms, against ~30 ms to transform PrimaryCaps' kernel),
-    so any change of value, in place or not, is seen (array_equal compares values:
-    -0.0 counts as 0.0, and weights holding NaN are transformed every call). On
-    CuPy the comparison waits for the device.
-    """
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self._weights: Any = None
-        self._key: tuple | None = None
-        self._spectrum: Any = None
-
-    def get(self, w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:
-        xp = backend.get_array_module(w)
-        key = (stride, g["ny"], g["nx"], w.shape, w.dtype, *backend.device_key(w))
-        if key != self._key or not bool(xp.array_equal(self._weights, w)):
-            self.clear()
-            self._spectrum = weight_spectrum(w, stride, plan, g, work)
-            self._weights, self._key = w.copy(), key
-        return self._spectrum
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: the spectrum and the copy of the weights it was made from."""
-        return sum(a.nbytes for a in (self._spectrum, self._weights) if a is not None)
+    def get(self, w: Any, stride: int, plan: _Plan, g: dict, work: Any = None) -> Any:  # type: ignore[override]
+        return super().get(w, (stride, g["ny"], g["nx"]), lambda: weight_spectrum(w, stride, plan, g, work))
 
 
 def input_spectrum(x: Any, stride: int, plan: _Plan, g: dict, work: Any = None, keep: Any = None) -> Any:

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from capsnet import backend
-from capsnet.layers.convolution.algorithm import Algorithm, bias_grad
+from capsnet.layers.convolution.algorithm import Algorithm, WeightCache, bias_grad
 from capsnet.layers.convolution.geometry import ConvGeometry
 
 __all__ = ["Winograd", "Winograd4", "WinogradSaved", "winograd_flops"]
@@ -177,39 +177,27 @@ class Winograd(Algorithm):
     m = 2  # output tile size
 
     def __init__(self) -> None:
-        self.release()
+        self._kernel = WeightCache()  # inference: U, reused while the weights keep their values
 
     def release(self) -> None:
-        self._kernel: tuple | None = None  # inference: (a copy of the weights, U made from them)
+        self._kernel.clear()
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._kernel) if self._kernel is not None else 0
+        return self._kernel.nbytes
 
     def supports(self, g: ConvGeometry) -> bool:
         return g.kernel_h == g.kernel_w == 3 and g.stride == 1 and g.groups == 1 and g.padding <= 2
-
-    def _inference_kernel(self, w: Any) -> Any:
-        """U for an inference forward, reused while the weights keep their values: they are
-        compared with a copy taken when U was made (a read of twice their size, less than the
-        transform's (a^2 x 9) product), so any change, in place or not, is seen; as the Fourier
-        method's weight spectrum (:class:`~capsnet.layers.convolution.fourier.SpectrumCache`)."""
-        xp = backend.get_array_module(w)
-        kept = self._kernel
-        if (kept is None or kept[0].shape != w.shape or kept[0].dtype != w.dtype
-                or backend.device_key(kept[0]) != backend.device_key(w) or not bool(xp.array_equal(kept[0], w))):
-            kept = self._kernel = (w.copy(), _kernel_transform(w, self.m))
-        return kept[1]
 
     def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True
                 ) -> tuple[Any, WinogradSaved]:
         xp = backend.get_array_module(x_nhwc, w)
         V, (th, tw) = _input_transform(g, x_nhwc, self.m)
         if training:
-            self._kernel = None  # the weights are about to change: nothing to reuse
+            self._kernel.clear()  # the weights are about to change: nothing to reuse
             U = _kernel_transform(w, self.m)
         else:
-            U = self._inference_kernel(w)
+            U = self._kernel.get(w, (), lambda: _kernel_transform(w, self.m))
         y = _output_transform(xp.matmul(V, U), g, th, tw, self.m)
         if b is not None:
             y += b
