@@ -8,7 +8,7 @@ the pure functions of :mod:`capsnet.layers.conv` go through here.
 """
 from __future__ import annotations
 
-from capsnet.layers.convolution.algorithm import Algorithm, bias_grad
+from capsnet.layers.convolution.algorithm import Algorithm, WeightCache, bias_grad
 from capsnet.layers.convolution.direct import Direct, DirectSaved
 from capsnet.layers.convolution.fourier import Fourier, FourierSaved
 from capsnet.layers.convolution.geometry import ConvGeometry, check_groups
@@ -45,6 +45,7 @@ __all__ = [
     "Im2colSaved",
     "Pointwise",
     "PointwiseSaved",
+    "WeightCache",
     "Winograd",
     "Winograd4",
     "WinogradSaved",
