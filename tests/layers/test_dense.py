@@ -3,6 +3,7 @@ Sigmoid, float64 gradient checks on every backend, the pure functions against th
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from capsnet.gradcheck import check_module
 from capsnet.layers import (
@@ -125,3 +126,25 @@ F64 = "float64"
 def test_gradcheck_reshape(xp, host_rng):
     check_module(Sequential(Linear(6, 12, dtype=F64, seed=0), Reshape(3, 2, 2), Flatten()),
                  dev(host_rng.standard_normal((2, 6))))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_of_large_arrays_is_numpys_maximum_bit_for_bit(xp, host_rng, dtype):
+    """Above a few thousand elements the NumPy path compares blocks of memory with a block of
+    zeros (capsnet.layers.activation): the values, signs of zero, NaN and infinities of
+    max(x, 0), for contiguous arrays, channels-last views (in the input's layout) and strided
+    views (the plain path), in place and not, with sizes that end in a partial block."""
+    x = host_rng.standard_normal((3, 70001)).astype(dtype)
+    x[0, :4] = [-0.0, np.nan, np.inf, -np.inf]
+    nhwc = host_rng.standard_normal((4, 23, 21, 64)).astype(dtype)
+    for a in (x, nhwc.transpose(0, 3, 1, 2), x[:, ::3]):
+        expected = np.maximum(a, 0)
+        y = host(relu(dev(a)))
+        np.testing.assert_array_equal(y, expected)
+        np.testing.assert_array_equal(np.signbit(y), np.signbit(expected))
+        held = dev(np.array(a, order="K") if a.base is nhwc else np.ascontiguousarray(a))
+        out = ReLU(inplace=True).forward(held)
+        np.testing.assert_array_equal(host(held), expected)
+        np.testing.assert_array_equal(host(out), expected)
+    y = relu(dev(nhwc.transpose(0, 3, 1, 2)))
+    assert y.transpose(0, 2, 3, 1).flags.c_contiguous  # the layout of its input, channels-last
