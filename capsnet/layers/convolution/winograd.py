@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from capsnet import backend
-from capsnet.layers.convolution.algorithm import Algorithm, WeightCache, bias_grad
+from capsnet.layers.convolution.algorithm import Algorithm, WeightCache
 from capsnet.layers.convolution.geometry import ConvGeometry
 
 __all__ = ["Winograd", "Winograd4", "WinogradSaved", "winograd_flops"]
@@ -58,6 +58,10 @@ _TRANSFORMS = {
 }
 _HOST = {m: {name: np.kron(np.array(t, dtype=np.float64), np.array(t, dtype=np.float64))
              for name, t in zip(("BB", "GG", "AA"), ts)} for m, ts in _TRANSFORMS.items()}
+# The tile entry whose column of AA is all ones (the point 1 in both directions): a bias added
+# to M at that entry reaches every output of the tile once, so the forward adds it to a 1/a^2
+# slice of M instead of the whole output, and the bias gradient is that entry of dM summed
+_BIAS_ENTRY = {m: int(np.flatnonzero((t["AA"] == 1).all(axis=0))[0]) for m, t in _HOST.items()}
 
 _matrices_lock = threading.Lock()
 _DEVICE: dict[tuple, dict[str, Any]] = {}
@@ -198,9 +202,10 @@ class Winograd(Algorithm):
             U = _kernel_transform(w, self.m)
         else:
             U = self._kernel.get(w, (), lambda: _kernel_transform(w, self.m))
-        y = _output_transform(xp.matmul(V, U), g, th, tw, self.m)
+        M = xp.matmul(V, U)
         if b is not None:
-            y += b
+            M[_BIAS_ENTRY[self.m]] += b
+        y = _output_transform(M, g, th, tw, self.m)
         return y, (WinogradSaved(V, (th, tw), U) if training else WinogradSaved(None, (th, tw)))
 
     def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> WinogradSaved:
@@ -236,7 +241,7 @@ class Winograd(Algorithm):
         """Both gradients from one transform of grad_y (dM)."""
         dM = _output_tiles_adjoint(grad_y, g, *saved.tiles, self.m)
         gx = self._input_grad(g, dM, saved.tiles, w, saved.U) if need_input_grad else None
-        return gx, self._weight_grad(g, dM, saved, w), bias_grad(grad_y)
+        return gx, self._weight_grad(g, dM, saved, w), dM[_BIAS_ENTRY[self.m]].sum(axis=0)
 
 
 class Winograd4(Winograd):
