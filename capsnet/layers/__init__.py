@@ -76,7 +76,14 @@ from capsnet.layers.loss import (
     reconstruction_loss,
     reconstruction_loss_backward,
 )
-from capsnet.layers.norm import BatchNorm1d, BatchNorm2d, batch_norm, batch_norm_backward
+from capsnet.layers.norm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    batch_norm,
+    batch_norm_backward,
+    batch_norm_inference,
+    inference_affine,
+)
 from capsnet.layers.pool import MaxPool2d, max_pool2d, max_pool2d_backward
 from capsnet.layers.stochastic import Dropout, dropout, dropout_backward
 
@@ -127,6 +134,7 @@ __all__ = [
     "Squash",
     "batch_norm",
     "batch_norm_backward",
+    "batch_norm_inference",
     "capsule_length",
     "capsule_length_backward",
     "capsule_predictions",
@@ -143,6 +151,7 @@ __all__ = [
     "dynamic_routing",
     "dynamic_routing_backward",
     "im2col",
+    "inference_affine",
     "linear",
     "linear_backward",
     "longest_capsules",

@@ -111,6 +111,13 @@ class Module:
     def backward(self, grad_out: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
 
+    def folded_with(self, following: "Module") -> Any:
+        """In evaluation, a function computing ``following(self(x))`` in one step, or None
+        (the default) when this module cannot fold ``following`` into itself. A convolution
+        folds the batch norm after it into its weights (:meth:`capsnet.layers.Conv2d.folded_with`);
+        :class:`Sequential` asks each child about the next one in evaluation."""
+        return None
+
     def _save(self, *values: Any) -> None:
         """Cache values for backward, in training mode only."""
         self._cache = values if self.training else None
@@ -296,8 +303,13 @@ class Sequential(Module):
         return (self[i] for i in range(self._n))
 
     def forward(self, x: Any) -> Any:
-        for layer in self:
-            x = layer(x)
+        """The children in order; in evaluation a child that can fold the next one into itself
+        (:meth:`Module.folded_with`: a convolution and the batch norm after it) runs both at once."""
+        layers, i = list(self), 0
+        while i < len(layers):
+            both = layers[i].folded_with(layers[i + 1]) if not self.training and i + 1 < len(layers) else None
+            x = layers[i](x) if both is None else both(x)
+            i += 1 if both is None else 2
         return x
 
     def backward(self, grad_out: Any) -> Any:

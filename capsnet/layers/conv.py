@@ -19,8 +19,15 @@ from capsnet.layers.convolution import Algorithm, ConvGeometry, Im2col, check_gr
 from capsnet.layers.convolution.fourier import fourier_flops
 from capsnet.layers.convolution.im2col import LAYOUTS
 from capsnet.layers.convolution.patches import col2im, im2col
+from capsnet.layers.norm import BatchNorm2d
 
 ALGORITHMS = ("auto", *ENGINE_ALGORITHMS)
+
+
+def _forward_replaced(module: Module, cls: type) -> bool:
+    """Whether ``module`` computes its forward otherwise than ``cls`` does (a subclass's
+    override, a wrapper set on the instance): then nothing is folded into or out of it."""
+    return "forward" in vars(module) or type(module).forward is not cls.forward
 
 
 def _run_forward(x_nhwc: Any, w: Any, b: Any | None, stride: int, padding: int, groups: int, algorithm: str,
@@ -195,16 +202,37 @@ class Conv2d(Module):
 
     def forward_nhwc(self, x_nhwc: Any) -> Any:
         """(B, H, W, C) -> (B, OH, OW, O), for layers that stay channels-last."""
+        return self._forward_nhwc(x_nhwc, self.weight.data, self.bias.data if self.bias is not None else None)
+
+    def folded_with(self, following: Module) -> Any:
+        """In evaluation, a :class:`~capsnet.layers.BatchNorm2d` of this layer's output
+        channels after it becomes part of the convolution: weights w scale and bias
+        b scale + shift (:meth:`~capsnet.layers.BatchNorm2d.inference_affine`), made at each
+        call from the current parameters and statistics, so the batch norm's passes over the
+        output are gone. The same map up to float rounding. None otherwise (training, or
+        any other module)."""
+        if (self.training or following.training or not isinstance(following, BatchNorm2d)
+                or following.num_features != self.out_channels or _forward_replaced(self, Conv2d)
+                or _forward_replaced(following, BatchNorm2d)):
+            return None
+
+        def conv_then_batch_norm(x: Any) -> Any:
+            scale, shift = following.inference_affine()
+            return self._forward(x, self.weight.data * scale.reshape(-1, 1, 1, 1),
+                                 shift if self.bias is None else self.bias.data * scale + shift)
+
+        return conv_then_batch_norm
+
+    def _forward_nhwc(self, x_nhwc: Any, w: Any, b: Any | None) -> Any:
         check_input(type(self).__name__, x_nhwc, (None, None, None, self.in_channels), self.weight.dtype,
                     "channels-last input")
-        b = self.bias.data if self.bias is not None else None
         backend.get_array_module(x_nhwc, self.weight.data)
         g = self.geometry(x_nhwc.shape[1], x_nhwc.shape[2], x_nhwc.shape[0])
         name = choose(g, self.training, self.input_grad, self.algorithm, backend.get_array_module(x_nhwc))
         if self.training and "fourier" in self._algorithms:
             self._algorithms["fourier"].memory.start_training()  # inference memory goes back before training
         alg = self._instance(name)
-        y, saved = alg.forward(g, x_nhwc, self.weight.data, b, self.training)
+        y, saved = alg.forward(g, x_nhwc, w, b, self.training)
         self._save(g, alg, saved)
         return y
 
@@ -217,9 +245,12 @@ class Conv2d(Module):
         return gx
 
     def forward(self, x: Any) -> Any:
+        return self._forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
+
+    def _forward(self, x: Any, w: Any, b: Any | None) -> Any:
         check_input(type(self).__name__, x, (None, self.in_channels, None, None), self.weight.dtype)
         xp = backend.get_array_module(x, self.weight.data)
-        return self.forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+        return self._forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b).transpose(0, 3, 1, 2)
 
     def backward(self, grad_out: Any) -> Any:
         xp = backend.get_array_module(grad_out)

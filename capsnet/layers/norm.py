@@ -13,7 +13,8 @@ from typing import Any
 from capsnet import backend
 from capsnet.layers.base import Buffer, Module, check_input, init_param
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm", "batch_norm_backward"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "batch_norm", "batch_norm_backward", "batch_norm_inference",
+           "inference_affine"]
 
 
 def _axes_and_shape(x: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -67,6 +68,33 @@ def batch_norm(x: Any, weight: Any, bias: Any, eps: float = 1e-5, mean: Any = No
     xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
     y = xhat * weight.reshape(shape) + bias.reshape(shape)
     return y, (xhat, inv_std, mean, var)
+
+
+def inference_affine(weight: Any, bias: Any, mean: Any, var: Any, eps: float = 1e-5) -> tuple[Any, Any]:
+    """(scale, shift), each (C,): eval-mode batch norm as the per-channel map x scale + shift,
+    scale = weight / sqrt(var + eps), shift = bias - mean scale."""
+    xp = backend.get_array_module(weight, mean)
+    scale = weight / xp.sqrt(var + var.dtype.type(eps))
+    return scale, bias - mean * scale
+
+
+def batch_norm_inference(x: Any, weight: Any, bias: Any, mean: Any, var: Any, eps: float = 1e-5) -> Any:
+    """Eval-mode batch norm, x (B, C, ...) -> y of x's shape: with the given (running)
+    statistics it is one affine map per channel, y = x scale + shift with
+    scale = weight / sqrt(var + eps) and shift = bias - mean scale (as PyTorch's CPU kernel
+    folds it), two passes over x where :func:`batch_norm` makes four and keeps x-hat for a
+    backward that evaluation never runs. Equal to ``batch_norm(x, weight, bias, eps, mean,
+    var)[0]`` up to float rounding; a channels-last view stays channels-last."""
+    scale, shift = inference_affine(weight, bias, mean, var, eps)
+    if _channels_last(x):
+        b, c, h, w = x.shape
+        y = x.transpose(0, 2, 3, 1).reshape(-1, c) * scale
+        y += shift
+        return y.reshape(b, h, w, c).transpose(0, 3, 1, 2)
+    _, shape = _axes_and_shape(x)
+    y = x * scale.reshape(shape)
+    y += shift.reshape(shape)
+    return y
 
 
 def batch_norm_backward(grad_out: Any, saved: tuple, weight: Any,
@@ -145,11 +173,18 @@ class _BatchNorm(Module):
             self.running_mean.data += m * saved[2]
             self.running_var.data *= 1 - m
             self.running_var.data += m * unbiased
-        else:
-            y, saved = batch_norm(x, self.weight.data, self.bias.data, self.eps, self.running_mean.data,
-                                  self.running_var.data)
-        self._save(saved)
-        return y
+            self._save(saved)
+            return y
+        self._save()  # evaluation keeps nothing for a backward
+        return batch_norm_inference(x, self.weight.data, self.bias.data, self.running_mean.data,
+                                    self.running_var.data, self.eps)
+
+    def inference_affine(self) -> tuple[Any, Any]:
+        """(scale, shift), each (C,): what evaluation computes, x scale + shift per channel,
+        from the running statistics; a convolution before it folds them into its weights
+        (:meth:`capsnet.layers.Conv2d.folded_with`)."""
+        return inference_affine(self.weight.data, self.bias.data, self.running_mean.data, self.running_var.data,
+                                self.eps)
 
     def backward(self, grad_out: Any) -> Any:
         (saved,) = self._pop()

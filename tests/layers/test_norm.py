@@ -74,6 +74,35 @@ def test_channels_last_input_gives_the_nchw_result_and_stays_channels_last(xp, h
         np.testing.assert_allclose(host(rows), host(generic), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_eval_forward_is_the_folded_affine_map_of_the_formula(xp, host_rng, layout):
+    """Evaluation runs batch_norm_inference (x scale + shift): the formula's values in
+    float64, within float32 rounding of them in float32, in the input's layout, with
+    nothing kept for a backward (which then refuses)."""
+    from capsnet.layers.norm import batch_norm
+
+    x = host_rng.standard_normal((3, 4, 5, 2)) * 2 + 1
+    layer = BatchNorm2d(4, dtype=F64)
+    layer.weight.data[...] = dev(host_rng.uniform(-2, 2, 4))
+    layer.bias.data[...] = dev(host_rng.standard_normal(4))
+    layer.running_mean.data[...] = dev(host_rng.standard_normal(4))
+    layer.running_var.data[...] = dev(host_rng.uniform(0.5, 2, 4))
+    layer.eval()
+    y = layer(_in_layout(x, layout))
+    stats = (layer.running_mean.data, layer.running_var.data)
+    expected = host(batch_norm(dev(x), layer.weight.data, layer.bias.data, 1e-5, *stats)[0])
+    np.testing.assert_allclose(host(y), expected, rtol=1e-12, atol=1e-12)
+    assert (y.transpose(0, 2, 3, 1) if layout == "channels_last" else y).flags.c_contiguous
+    with pytest.raises(RuntimeError, match="without a cached forward"):
+        layer.backward(y)
+    single = BatchNorm2d(4, dtype="float32")
+    single.load_state_dict({k: host(v).astype(np.float32) for k, v in layer.state_dict().items()})
+    single.eval()
+    y32 = host(single(_in_layout(x.astype(np.float32), layout)))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_channels_last_statistics_keep_float32_accuracy(xp, host_rng):
     """Sums over a large float32 batch (per image, then over the batch) stay within a few
     float32 ulps of the float64 statistics, for values far from zero mean."""
@@ -140,3 +169,57 @@ def test_batch_norm_parity_with_pytorch_training_and_eval(torch, host_rng, kind,
     ref.eval()
     x = host_rng.standard_normal(shape)
     assert rel_error(ours(x), ref(torch.tensor(x)).detach().numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd4"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_evaluation_folds_batch_norm_into_the_convolution_before_it(xp, host_rng, monkeypatch, algorithm, bias):
+    """In a Sequential in eval mode, Conv2d -> BatchNorm2d runs as one convolution with
+    weights w scale and bias b scale + shift: the layer-by-layer values (float64), without
+    calling the batch norm, following every change of the weights or statistics; training
+    runs both layers as before."""
+    from capsnet.layers import Conv2d, ReLU, Sequential
+
+    conv = Conv2d(3, 4, 3, bias=bias, algorithm=algorithm, dtype=F64, seed=0)
+    bn = BatchNorm2d(4, dtype=F64)
+    net = Sequential(conv, bn, ReLU())
+    x = dev(host_rng.standard_normal((2, 3, 8, 7)))
+    net(x)  # training: the batch norm runs and its running statistics move
+    assert float(host(bn.running_mean.data).std()) > 0
+    bn.weight.data[...] = dev(host_rng.uniform(-2, 2, 4))
+    bn.bias.data[...] = dev(host_rng.standard_normal(4))
+    net.eval()
+
+    def layer_by_layer():
+        h = x
+        for layer in net:
+            h = layer(h)
+        return host(h)
+
+    expected = layer_by_layer()
+    calls = []
+    monkeypatch.setattr(BatchNorm2d, "forward", lambda self, h: calls.append(h) or 1 / 0)
+    np.testing.assert_allclose(host(net(x)), expected, rtol=1e-12, atol=1e-12)
+    assert calls == []  # folded: the batch norm's forward never ran
+    conv.weight.data[...] *= 0.5  # in place, as an optimizer step: the folded weights follow
+    bn.running_var.data[...] = dev(host_rng.uniform(0.5, 2, 4))
+    monkeypatch.undo()
+    expected = layer_by_layer()
+    np.testing.assert_allclose(host(net(x)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_batch_norm_whose_forward_is_replaced_is_not_folded(xp, host_rng):
+    from capsnet.layers import Conv2d, Sequential
+
+    class Shifted(BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    conv, bn = Conv2d(2, 3, 3, dtype=F64, seed=0), Shifted(3, dtype=F64)
+    net = Sequential(conv, bn).eval()
+    assert conv.folded_with(bn) is None
+    assert conv.folded_with(BatchNorm2d(4, dtype=F64).eval()) is None  # other channels
+    x = dev(host_rng.standard_normal((1, 2, 5, 5)))
+    np.testing.assert_allclose(host(net(x)), host(bn(conv(x))), rtol=1e-12)
+    conv.train()
+    assert conv.folded_with(BatchNorm2d(3, dtype=F64).eval()) is None  # training
