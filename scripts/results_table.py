@@ -114,6 +114,7 @@ def page_body(results: Path = rr.RESULTS, figures: Path = FIGURES) -> str:
         if png.exists():
             parts += [f"![{exp.title}: test accuracy against epochs and hours](figures/{png.name})", ""]
         parts += after_summary(exp, results)
+        parts += time_to_accuracy_lines(exp, results)
         parts += ["| Epoch | Test accuracy | Hours | Images/s | Commit |", "|---|---|---|---|---|"]
         parts += [f"| {x['epoch']} | {x['test_accuracy'] * 100:.2f}% | {x['wall_seconds'] / 3600:.2f} | "
                   f"{x['images_per_second']:.0f} | {x['commit']} |" for x in lines]
@@ -136,6 +137,39 @@ def after_summary(exp: rr.Experiment, results: Path) -> list[str]:
                            for name, points in run["sweeps"].items())
         lines.append(f"- affNIST-style mixed set: {run['mixed'] * 100:.2f}%; {sweeps}"
                      if isinstance(run.get("mixed"), (int, float)) else f"- {sweeps}")
+    return lines + [""]
+
+
+def time_to_accuracy_lines(exp: rr.Experiment, results: Path) -> list[str]:
+    """The time-to-accuracy table of the experiment's network against PyTorch, if committed
+    (``docs/results/NAME-time-to-accuracy.json``, written by scripts/time_to_accuracy.py)."""
+    path = results / f"{exp.name}-time-to-accuracy.json"
+    if not path.exists():
+        return []
+    import json  # noqa: PLC0415
+
+    data = json.loads(path.read_text())
+    m, res = data["machine"], data["results"]
+    lines = [f"Time to accuracy against the PyTorch reference, same setup, same initial weights and batches, "
+             f"one framework after the other on {m['cpu_model']} with {m['threads']} threads, commit "
+             f"{m['commit'][:10]} (`PYTHONPATH=$PWD python scripts/time_to_accuracy.py {data['network']}`, "
+             f"`docs/results/{path.name}`); training and the evaluation after each epoch count:", "",
+             "| Target | capsnet | PyTorch | capsnet / PyTorch |", "|---|---|---|---|"]
+
+    def cell(framework: str, target: str) -> str:
+        if framework not in res:
+            return "not run"
+        curve = res[framework]["curve"]
+        seconds = res[framework]["seconds_to_target"].get(target)
+        if seconds is None:
+            return f"not reached in {len(curve)} epochs (best {max(c['test_accuracy'] for c in curve) * 100:.2f}%)"
+        epoch = next(c["epoch"] for c in curve if c["seconds"] == seconds)
+        return f"{seconds / 60:.1f} min (epoch {epoch})"
+
+    for target in (f"{t:g}" for t in data["targets"]):
+        ratio = (data.get("ratio_capsnet_over_torch") or {}).get(target)
+        lines.append(f"| {target}% | {cell('capsnet', target)} | {cell('torch', target)} | "
+                     + ("—" if ratio is None else f"{ratio:.2f}") + " |")
     return lines + [""]
 
 

@@ -16,7 +16,8 @@ one after the other: the machine should be quiet (compare only numbers of one ru
     PYTHONPATH=$PWD python scripts/time_to_accuracy.py capsnet --dataset mnist-sample --train-limit 300 \\
         --test-limit 200 --target 30 --max-epochs 2 --out /tmp/tta.json
 
-Writes a JSON (default scripts/results/time-to-accuracy-NETWORK.json) with the machine (CPU
+Writes a JSON (default docs/results/EXPERIMENT-time-to-accuracy.json, which
+scripts/results_table.py shows on the results page under the experiment) with the machine (CPU
 model, vector extensions, BLAS, threads, commit), the setup, and for each framework the test
 accuracy and the cumulative seconds after each epoch and the seconds to each target (null: not
 reached within --max-epochs). Needs torch (the PyTorch reference).
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int)
     p.add_argument("--test-limit", type=int)
     p.add_argument("--data-dir", help="the MNIST files (default $CAPSNET_DATA_DIR)")
-    p.add_argument("--out", type=Path, help="the JSON (default scripts/results/time-to-accuracy-NETWORK.json)")
+    p.add_argument("--out", type=Path, help="the JSON (default docs/results/EXPERIMENT-time-to-accuracy.json)")
     p.add_argument("--worker", choices=("capsnet", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.target = sorted(args.target or [99.0, 99.3])
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             for t, s in results["capsnet"]["seconds_to_target"].items()}
         print("capsnet / PyTorch time to target: " + ", ".join(
             f"{t}%: {r:.2f}" if r is not None else f"{t}%: -" for t, r in report["ratio_capsnet_over_torch"].items()))
-    out = args.out or rr.REPO / "scripts" / "results" / f"time-to-accuracy-{args.network}.json"
+    out = args.out or rr.RESULTS / f"{NETWORKS[args.network]}-time-to-accuracy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")

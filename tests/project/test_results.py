@@ -76,3 +76,24 @@ def test_the_robustness_sweeps_committed_beside_a_record_reach_the_page(tmp_path
     page = table.page_body(tmp_path, tmp_path)
     assert "on the best epoch, 1,000 test digits each" in page
     assert "- affNIST-style mixed set: 75.12%; rotation 0: 99.0%, 30: 80.0%" in page
+
+
+def test_a_committed_time_to_accuracy_reaches_the_page_under_its_experiment(tmp_path):
+    rr.write_jsonl(tmp_path / "mnist-capsnet.jsonl", record("mnist-capsnet", [0.99]))
+    curve = {"capsnet": [{"epoch": 1, "test_accuracy": 0.991, "seconds": 300.0},
+                         {"epoch": 2, "test_accuracy": 0.9935, "seconds": 600.0}],
+             "torch": [{"epoch": 1, "test_accuracy": 0.9905, "seconds": 900.0},
+                       {"epoch": 2, "test_accuracy": 0.992, "seconds": 1800.0}]}
+    (tmp_path / "mnist-capsnet-time-to-accuracy.json").write_text(json.dumps({
+        "machine": {"cpu_model": "Test CPU", "threads": 2, "commit": "0123456789abcdef"}, "network": "capsnet",
+        "targets": [99.0, 99.3],
+        "results": {fw: {"curve": c, "seconds_to_target": {"99": c[0]["seconds"],
+                                                           "99.3": 600.0 if fw == "capsnet" else None}}
+                    for fw, c in curve.items()},
+        "ratio_capsnet_over_torch": {"99": 300 / 900, "99.3": None}}))
+    page = table.page_body(tmp_path, tmp_path)
+    section = page.split("{#mnist-capsnet}")[1].split("\n## ")[0]
+    assert "on Test CPU with 2 threads, commit 0123456789" in section
+    assert "| 99% | 5.0 min (epoch 1) | 15.0 min (epoch 1) | 0.33 |" in section
+    assert "| 99.3% | 10.0 min (epoch 2) | not reached in 2 epochs (best 99.20%) | — |" in section
+    assert "time-to-accuracy" not in page.split("{#mnist-capsnet}")[0]  # only under its experiment
