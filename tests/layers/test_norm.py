@@ -103,6 +103,39 @@ def test_eval_forward_is_the_folded_affine_map_of_the_formula(xp, host_rng, layo
     np.testing.assert_allclose(y32, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_per_channel_operations_are_numpys_broadcasting_bit_for_bit(xp, host_rng):
+    """_per_channel reshapes k rows into one long row against the vector tiled k times (NumPy)
+    and leaves a tail of rows to plain broadcasting: the same bits as rows op vector."""
+    from capsnet.layers.norm import _ROW_BLOCK, _per_channel
+
+    for n, c in ((3 * _ROW_BLOCK // 64 + 5, 64), (2 * _ROW_BLOCK // 32, 32), (7, 5), (40_000, 3)):
+        rows = dev(host_rng.standard_normal((n, c)).astype(np.float32))
+        vector = dev(host_rng.standard_normal(c).astype(np.float32))
+        for op in (xp.add, xp.subtract, xp.multiply):
+            np.testing.assert_array_equal(host(_per_channel(op, rows, vector)), host(op(rows, vector)))
+        held = rows.copy()
+        assert _per_channel(xp.multiply, held, vector, out=held) is held
+        np.testing.assert_array_equal(host(held), host(rows * vector))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_large_channels_last_batches_give_the_generic_results(xp, host_rng, training):
+    """Batches large enough for the blocked per-channel operations and the BLAS column sums:
+    forward and backward equal the generic NCHW path's in float64."""
+    from capsnet.layers.norm import batch_norm, batch_norm_backward
+
+    x = host_rng.standard_normal((12, 16, 15, 13)) * 3 + 2  # 2,340 rows of 16: blocks of 1,024 and a tail
+    g = host_rng.standard_normal(x.shape)
+    w, b = dev(host_rng.uniform(0.5, 2, 16)), dev(host_rng.standard_normal(16))
+    stats = (None, None) if training else (dev(host_rng.standard_normal(16)), dev(host_rng.uniform(0.5, 2, 16)))
+    results = []
+    for layout in ("nchw", "channels_last"):
+        y, saved = batch_norm(_in_layout(x, layout), w, b, 1e-5, *stats)
+        results.append((y, *saved, *batch_norm_backward(_in_layout(g, layout), saved, w, batch_statistics=training)))
+    for generic, rows in zip(*results):
+        np.testing.assert_allclose(host(rows), host(generic), rtol=1e-11, atol=1e-11)
+
+
 def test_channels_last_statistics_keep_float32_accuracy(xp, host_rng):
     """Sums over a large float32 batch (per image, then over the batch) stay within a few
     float32 ulps of the float64 statistics, for values far from zero mean."""
