@@ -471,8 +471,9 @@ def prepare_data(args: argparse.Namespace, path: str) -> str:
 
 def combine_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One framework's processes at one batch size as one entry: the first process's, with
-    each images/s the median over the processes and every process's figure beside it
-    (``rounds_images_per_s``); the first error if a process failed."""
+    each images/s and the training peak memory the median over the processes and every
+    process's figure beside it (``rounds_images_per_s``, ``rounds_peak_increase_mb``); the
+    first error if a process failed."""
     failed = next((r for r in results if "error" in r), None)
     if failed is not None:
         return failed
@@ -481,7 +482,9 @@ def combine_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
         rates = [r[mode]["images_per_s"] for r in results]
         entry[mode]["images_per_s"] = statistics.median(rates)
         entry[mode]["rounds_images_per_s"] = rates
-    entry["train"]["memory"]["rounds_peak_increase_mb"] = [r["train"]["memory"]["peak_increase_mb"] for r in results]
+    peaks = [r["train"]["memory"]["peak_increase_mb"] for r in results]
+    entry["train"]["memory"]["peak_increase_mb"] = statistics.median(peaks)
+    entry["train"]["memory"]["rounds_peak_increase_mb"] = peaks
     return entry
 
 
