@@ -52,6 +52,24 @@ def test_fourier_matches_the_loop_oracle(xp, host_rng, geometry):
     np.testing.assert_allclose(host(gb), eb, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.parametrize("per_block", [1, 2], ids=["one-channel", "uneven-blocks"])
+def test_weight_gradient_by_blocks_of_channels_matches_the_loop_oracle(xp, host_rng, monkeypatch, per_block):
+    """The weight gradient's spectrum is made a block of input channels at a time: one channel
+    per block, and blocks of 2 with a shorter last one (5 channels), give the oracle's grad_w."""
+    import capsnet.layers.convolution.fourier as fourier
+
+    b, h, w, c, o, k, s = 2, 11, 11, 5, 4, 5, 2
+    f = fourier_geometry(h, w, k, k, s)["bins"]
+    # the limit counts elements of the (F, 2, channels, O) block: 5 blocks of 1, or 2 + 2 + 1
+    monkeypatch.setattr(fourier, "WEIGHT_GRAD_BLOCK", 2 * f * o * per_block)
+    x = host_rng.standard_normal((b, c, h, w))
+    wt = host_rng.standard_normal((o, c, k, k))
+    y, cache = conv2d_fourier_nhwc(dev(x.transpose(0, 2, 3, 1)), dev(wt), None, s)
+    gy = host_rng.standard_normal(host(y).transpose(0, 3, 1, 2).shape)
+    _, gw, _ = conv2d_fourier_nhwc_backward(dev(gy.transpose(0, 2, 3, 1)), cache, dev(wt), s, need_input_grad=False)
+    np.testing.assert_allclose(host(gw), naive_conv2d_backward(gy, x, wt, s, 0)[1], rtol=1e-10, atol=1e-11)
+
+
 def test_fourier_without_input_gradient(xp, host_rng):
     x = dev(host_rng.standard_normal((2, 9, 9, 3)))
     wt = dev(host_rng.standard_normal((4, 3, 5, 5)))

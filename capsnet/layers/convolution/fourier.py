@@ -187,19 +187,22 @@ def _fit(x: Any, rows: int, cols: int) -> Any:
 def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None, keep: Any = None) -> Any:
     """W_f split into (F, 2, s*s*C, O), from w (O, C, KH, KW); rows ordered (phase p, q, c).
 
+    One polyphase sub-kernel at a time: its taps (UH, UW, C*O), zero where the kernel
+    ends, go through the DFT into the phase's rows of the spectrum, so the scratch is
+    one sub-kernel (6.5 MB for PrimaryCaps), not the whole zero-extended kernel twice.
     Scratch comes from workspace ``work``, the result from workspace ``keep`` (when given)."""
     xp = backend.get_array_module(w)
     o, c, kh, kw = w.shape
     s, uh, uw = stride, plan.uh, plan.uw
-    # zero-extend the kernel to (s*UH, s*UW) so every phase has a full UH x UW sub-kernel
-    full = _scratch(work, xp, "kernel", (s * uh, s * uw, c, o), w.dtype)
-    full[kh:] = 0
-    full[:kh, kw:] = 0
-    full[:kh, :kw] = w.transpose(2, 3, 1, 0)
-    taps = _scratch(work, xp, "taps", (s, s, uh, uw, c * o), w.dtype)
-    taps[...] = full.reshape(uh, s, uw, s, c * o).transpose(1, 3, 0, 2, 4)
     spec = _scratch(keep, xp, "weight_spectrum", (2 * g["bins"], s * s, c * o), w.dtype)
-    xp.matmul(plan.fwd_taps, taps.reshape(s * s, uh * uw, c * o), out=spec.transpose(1, 0, 2))
+    taps = _scratch(work, xp, "taps", (uh, uw, c, o), w.dtype)
+    for phase in range(s * s):
+        p, q = divmod(phase, s)
+        th, tw = len(range(p, kh, s)), len(range(q, kw, s))  # this phase's taps of the kernel
+        taps[th:] = 0
+        taps[:th, tw:] = 0
+        taps[:th, :tw] = w[:, :, p::s, q::s].transpose(2, 3, 1, 0)
+        xp.matmul(plan.fwd_taps, taps.reshape(uh * uw, c * o), out=spec[:, phase])
     return spec.reshape(g["bins"], 2, s * s * c, o)
 
 
@@ -348,8 +351,18 @@ def fourier_input_grad(gs: Any, cache: Spectra, stride: int, padding: int) -> An
     return gx[:, padding : h - padding, padding : wd - padding] if padding else gx
 
 
+# Elements of the weight gradient's spectrum computed at once (8 MB of float32): it is made
+# and taken back to the kernel taps a block of input channels at a time, so the backward's
+# peak holds a block of it beside grad_w, not the whole (F, 2, C, O) spectrum (27 MB per
+# phase for PrimaryCaps, which peaked above PyTorch's training step at batch 32).
+WEIGHT_GRAD_BLOCK = 1 << 21
+
+
 def fourier_weight_grad(gs: Any, cache: Spectra, w_shape: tuple, stride: int) -> Any:
-    """grad_w (O, C, KH, KW) from dY_f: dW_f = X_f^T conj(dY_f), back to the kernel taps."""
+    """grad_w (O, C, KH, KW) from dY_f: dW_f = X_f^T conj(dY_f), back to the kernel taps.
+
+    One polyphase component (phase) and one block of input channels at a time
+    (:data:`WEIGHT_GRAD_BLOCK`)."""
     xp = backend.get_array_module(gs)
     xs, (bsz, _, _, c), g, plan = cache.input, cache.padded_shape, cache.grid, cache.plan
     o, _, kh, kw = w_shape
@@ -362,17 +375,22 @@ def fourier_weight_grad(gs: Any, cache: Spectra, w_shape: tuple, stride: int) ->
     uh, uw = plan.uh, plan.uw
     grad_w = xp.empty((o, c, kh, kw), dtype=gs.dtype)
     x2 = xs.reshape(f, 2 * bsz, s * s, c)
-    spec = xp.empty((f, 2, c, o), dtype=gs.dtype)
-    taps = xp.empty((c, o, uh, uw), dtype=gs.dtype)
-    for phase in range(s * s):  # one phase's input channels at a time bounds the memory
+    blocks = -(-(2 * f * c * o) // WEIGHT_GRAD_BLOCK)
+    width = -(-c // blocks)
+    spec_buf = xp.empty(f * 2 * width * o, dtype=gs.dtype)
+    taps = xp.empty((width, o, uh, uw), dtype=gs.dtype)
+    for phase in range(s * s):
         p, q = divmod(phase, s)
-        xt = x2[:, :, phase].transpose(0, 2, 1)  # (F, C, 2B)
-        xp.matmul(xt, g2, out=spec[:, 0])
-        xp.matmul(xt, g2_rot, out=spec[:, 1])
-        # back to the sub-kernel taps, laid out (c, o, tap) so the final reordering moves runs of taps
-        xp.matmul(spec.reshape(2 * f, c * o).T, plan.inv_taps.T, out=taps.reshape(c * o, uh * uw))
         th, tw = len(range(p, kh, s)), len(range(q, kw, s))
-        grad_w[:, :, p::s, q::s] = taps[:, :, :th, :tw].transpose(1, 0, 2, 3)
+        for lo in range(0, c, width):
+            n = min(width, c - lo)
+            xt = x2[:, :, phase, lo : lo + n].transpose(0, 2, 1)  # (F, n, 2B)
+            spec = spec_buf[: f * 2 * n * o].reshape(f, 2, n, o)
+            xp.matmul(xt, g2, out=spec[:, 0])
+            xp.matmul(xt, g2_rot, out=spec[:, 1])
+            # back to the sub-kernel taps, laid out (c, o, tap) so the final reordering moves runs of taps
+            xp.matmul(spec.reshape(2 * f, n * o).T, plan.inv_taps.T, out=taps[:n].reshape(n * o, uh * uw))
+            grad_w[:, lo : lo + n, p::s, q::s] = taps[:n, :, :th, :tw].transpose(1, 0, 2, 3)
     return grad_w
 
 
