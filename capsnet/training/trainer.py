@@ -185,7 +185,9 @@ class Trainer:
     def _run_epoch(self) -> dict[str, Any]:
         batches = self._epoch_batches()
         self.model.train()
-        start, images = time.perf_counter(), 0
+        # an epoch resumed after a stop counts the seconds and images before it (self.running,
+        # kept in the checkpoint), so its record gives the epoch's whole time and rate
+        start, images = time.perf_counter() - self.running.get("seconds", 0.0), self.running.get("images", 0)
         self._fire("epoch_start")
         try:
             for idx in batches[self.step_in_epoch:]:
@@ -199,6 +201,7 @@ class Trainer:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             self._read()  # the steps taken count in the checkpoint's running sums
+            self.running.update(seconds=time.perf_counter() - start, images=images)
             raise
         train_seconds = time.perf_counter() - start
         seen = self.running["seen"]

@@ -67,6 +67,27 @@ def test_kill_and_resume_of_a_non_capsnet_model_is_bit_exact(mnist_slice, tmp_pa
         pytest.approx(r, rel=1e-12) for r in strip(tmp_path / "resumed" / "metrics.jsonl")]
 
 
+def test_an_epoch_resumed_after_a_stop_counts_the_time_and_images_before_the_stop(mnist_slice, tmp_path):
+    """The record of an interrupted epoch gives its whole training time and images/s, not only
+    the part after the resume (the results records' hours are the sum of epoch_seconds)."""
+    import time
+
+    def slow_then_stop(trainer, epoch, step):
+        if epoch == 1:
+            time.sleep(0.1)  # four slow steps before the stop
+            if step == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(mnist_slice, tmp_path / "run", epochs=2, on_step=slow_then_stop).fit()
+    resumed = make_trainer(mnist_slice, tmp_path / "run", epochs=2)
+    (record,) = resumed.fit(resume=True)
+    assert record["epoch"] == 2
+    assert record["train_seconds"] >= 0.4 and record["epoch_seconds"] >= record["train_seconds"]
+    images = len(mnist_slice[0])
+    assert record["train_images_per_second"] == pytest.approx(images / record["train_seconds"])
+
+
 def test_custom_metrics_are_logged_in_metrics_jsonl(mnist_slice, tmp_path):
     def errors(outputs, batch):
         return (outputs.argmax(axis=1) != batch[1]).sum()
