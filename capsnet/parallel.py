@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "shard", "share_blas_threads", "threads"]
+__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "run_together", "shard", "share_blas_threads", "threads"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -180,6 +180,37 @@ def shard(n: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(n, size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+def run_together(tasks: list[Callable[[], None]]) -> None:
+    """Run every task at the same time, each on a thread of its own (the first on the calling
+    thread), and wait for all of them; the first error that is not a broken barrier is raised
+    once every task has ended. For tasks that wait for each other (replicas exchanging batch
+    statistics, :class:`capsnet.layers.BatchGroup`), which :func:`run_all` may run one after
+    the other. Nested :func:`run_all` calls inside the tasks run in order, as in run_all's."""
+    errors: list[BaseException | None] = [None] * len(tasks)
+
+    def run(k: int) -> None:
+        outer = getattr(_inside, "active", False)
+        _inside.active = True
+        try:
+            tasks[k]()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors[k] = exc
+        finally:
+            _inside.active = outer
+
+    threads = [threading.Thread(target=run, args=(k,), name=f"capsnet-together-{k}", daemon=True)
+               for k in range(1, len(tasks))]
+    for thread in threads:
+        thread.start()
+    if tasks:
+        run(0)
+    for thread in threads:
+        thread.join()
+    failures = [e for e in errors if e is not None]
+    if failures:
+        raise next((e for e in failures if not isinstance(e, threading.BrokenBarrierError)), failures[0])
 
 
 def run_all(tasks: list[Callable[[], None]]) -> None:

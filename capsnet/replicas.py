@@ -27,9 +27,13 @@ runs on ``T`` cores. NumPy releases the GIL inside its calls on large arrays.
   hands its copies a holder that the first replica fills.
 - **Buffers.** Dropout draws the mask of the whole batch and keeps the slice's rows
   (:func:`capsnet.layers.stochastic.batch_slice`), so masks do not depend on the thread
-  count; copies take the model's buffers before each forward. BatchNorm normalises each
-  slice with its own statistics; the running statistics are averaged over the replicas
-  after each training forward.
+  count; copies take the model's buffers before each forward.
+- **Batch norm over the whole batch.** The replicas of a BatchNorm layer share a
+  :class:`~capsnet.layers.BatchGroup` and exchange their per-image channel sums in the forward
+  and the backward (as PyTorch's SyncBatchNorm does across processes): statistics, running
+  statistics and gradients are the whole batch's, the same bits as one replica on
+  channels-last rows. Their jobs then run at once, each on a thread of its own
+  (:func:`capsnet.parallel.run_together`), and a replica that fails releases the others.
 
 Only NumPy models are split, and only where BLAS's thread count can be controlled
 (OpenBLAS, what NumPy's wheels ship); otherwise, and with one thread,
@@ -44,7 +48,7 @@ from typing import Any, Callable
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
-from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all, shard
+from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all, run_together, shard
 
 __all__ = ["Replicas", "replicate", "split_reason"]
 
@@ -177,20 +181,36 @@ class Replicas:
         n = max(1, min(self.threads, most))
         return [shard(rows, r, n) for r in range(n)]
 
-    def _run(self, jobs: list[Callable[[], Any]]) -> list:
-        """The jobs on the host threads, BLAS on one thread each; their results in order."""
+    def _run(self, jobs: list[Callable[[], Any]], groups: list[Any] = ()) -> list:
+        """The jobs on the host threads, BLAS on one thread each; their results in order.
+        With ``groups`` (open :class:`~capsnet.layers.BatchGroup` s, whose members wait for
+        each other) every job runs at once on a thread of its own, and a job that fails
+        aborts the groups so that the others stop waiting for it."""
         results: list = [None] * len(jobs)
 
         def task(k: int) -> Callable[[], None]:
             def run() -> None:
-                results[k] = jobs[k]()
+                try:
+                    results[k] = jobs[k]()
+                except BaseException:
+                    for group in groups:
+                        group.abort()
+                    raise
             return run
         if len(jobs) == 1:
             results[0] = jobs[0]()
             return results
         with blas_limit(1):
-            run_all([task(k) for k in range(len(jobs))])
+            (run_together if groups else run_all)([task(k) for k in range(len(jobs))])
         return results
+
+    def _open(self, parties: int) -> tuple[list[Any], list[Any]]:
+        """Open what the replicas share for a training step of ``parties`` slices: (every
+        holder, the groups among them whose members wait for each other)."""
+        shared = self._shared if parties > 1 else []
+        for holder in shared:
+            holder.open(parties)
+        return shared, [h for h in shared if getattr(h, "waits_for_members", False)]
 
     @property
     def models(self) -> list[Module]:
@@ -250,11 +270,9 @@ class Replicas:
                 with batch_slice(total, base + lo, base + hi):
                     return replica(*args)
             return run
-        shared = self._shared if training and len(slices) > 1 else []
-        for holder in shared:
-            holder.open()
+        shared, groups = self._open(len(slices)) if training else ([], [])
         try:
-            outputs = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)])
+            outputs = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)], groups)
         finally:
             for holder in shared:
                 holder.close()
@@ -275,7 +293,14 @@ class Replicas:
 
         def job(replica: Module, lo: int, hi: int) -> Callable[[], Any]:
             return lambda: replica.backward(*_split(grads, rows, lo, hi))
-        results = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)])
+        groups = [h for h in self._shared if getattr(h, "waits_for_members", False)] if len(slices) > 1 else []
+        for group in groups:  # the batch norms exchange their gradient sums again
+            group.open(len(slices))
+        try:
+            results = self._run([job(r, lo, hi) for r, (lo, hi) in zip(replicas, slices)], groups)
+        finally:
+            for group in groups:
+                group.close()
         if len(replicas) > 1:
             self._reduce(replicas)
         return _join(results, slices, "input gradients")

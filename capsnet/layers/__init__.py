@@ -77,6 +77,7 @@ from capsnet.layers.loss import (
     reconstruction_loss_backward,
 )
 from capsnet.layers.norm import (
+    BatchGroup,
     BatchNorm1d,
     BatchNorm2d,
     batch_norm,
@@ -108,6 +109,7 @@ __all__ = [
     "spread_loss",
     "spread_loss_backward",
     "spread_margin",
+    "BatchGroup",
     "BatchNorm1d",
     "BatchNorm2d",
     "Buffer",

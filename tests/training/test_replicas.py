@@ -8,7 +8,7 @@ import pytest
 from capsnet import backend, parallel
 from capsnet import replicas as replicas_module
 from capsnet.data import ArrayDataset, random_shift
-from capsnet.layers import BatchNorm1d, Dropout, Linear, Mask, Sequential
+from capsnet.layers import BatchNorm1d, BatchNorm2d, Dropout, Linear, Mask, Module, Sequential
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss
 from capsnet.optim import Adam
 from capsnet.replicas import Replicas, replicate, split_reason
@@ -164,20 +164,92 @@ def test_dropout_masks_do_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(s3["1.state"], s1["1.state"])
 
 
-def test_batchnorm_running_statistics_are_the_mean_over_the_slices():
+def _replicated_and_whole(make, x, g):
+    """(outputs, input gradients, state, parameter gradients) of ``make()`` run through two
+    replicas and of ``make()`` alone on the whole batch, one training step each."""
+    results = []
+    for threads in (2, 1):
+        model = make()
+        runner = Replicas(model, 2) if threads == 2 else model
+        y = runner(x)
+        gx = runner.backward(g)
+        if threads == 2:
+            assert len(runner._copies) == 1  # two slices ran
+        results.append((y, gx, model.state_dict(), {n: p.grad.copy() for n, p in model.named_parameters()}))
+    return results
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (8, 5, 3), (8, 5, 3, 2)], ids=["1d", "1d-length", "2d-nchw"])
+def test_replicas_batch_norm_normalises_the_whole_batch(shape):
+    """The replicas of a batch norm exchange their per-image sums (BatchGroup): outputs,
+    running statistics and gradients are the whole batch's, as PyTorch's SyncBatchNorm."""
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((8, 5))
-    make = lambda: Sequential(BatchNorm1d(5, dtype="float64"))  # noqa: E731
-    model = make()
-    Replicas(model, 2)(x)
-    halves = []
-    for lo, hi in ((0, 4), (4, 8)):
-        alone = make()
-        alone(x[lo:hi])
-        halves.append(alone.state_dict())
-    for name, value in model.state_dict().items():
-        if value.dtype.kind == "f":
-            np.testing.assert_allclose(value, (halves[0][name] + halves[1][name]) / 2, rtol=1e-14, err_msg=name)
+    x, g = rng.standard_normal(shape) * 2 + 1, rng.standard_normal(shape)
+    kind = BatchNorm2d if len(shape) == 4 else BatchNorm1d
+    weight = rng.uniform(0.5, 2, 5)
+
+    def make():
+        layer = kind(5, dtype="float64")
+        layer.weight.data[...] = weight
+        return Sequential(layer)
+    (y2, gx2, s2, p2), (y1, gx1, s1, p1) = _replicated_and_whole(make, x, g)
+    np.testing.assert_allclose(y2, y1, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(gx2, gx1, rtol=1e-12, atol=1e-14)
+    for name, value in s1.items():
+        np.testing.assert_allclose(s2[name], value, rtol=1e-13, err_msg=name)
+    for name, value in p1.items():
+        np.testing.assert_allclose(p2[name], value, rtol=1e-12, err_msg=name)
+
+
+def test_replicas_batch_norm_on_channels_last_rows_is_the_whole_batch_bit_for_bit():
+    """On the convolutions' channels-last output the per-image sums are gathered in batch
+    order and summed as one replica sums them: the same bits, float32."""
+    rng = np.random.default_rng(5)
+    x = np.ascontiguousarray((rng.standard_normal((6, 5, 4, 3)) * 3 + 1).astype(np.float32)).transpose(0, 3, 1, 2)
+    g = np.ascontiguousarray(rng.standard_normal((6, 5, 4, 3)).astype(np.float32)).transpose(0, 3, 1, 2)
+    (y2, gx2, s2, p2), (y1, gx1, s1, p1) = _replicated_and_whole(lambda: Sequential(BatchNorm2d(3)), x, g)
+    np.testing.assert_array_equal(y2, y1)
+    np.testing.assert_array_equal(gx2, gx1)
+    for name, value in {**s1, **p1}.items():
+        np.testing.assert_array_equal({**s2, **p2}[name], value, err_msg=name)
+
+
+class _FailsOnMarkedRows(Module):
+    """Raises on a slice whose first row starts with 999 (a replica failing mid-step)."""
+
+    def forward(self, x):
+        if x[0, 0] == 999:
+            raise ValueError("marked row")
+        return x
+
+    def backward(self, grad_out):
+        return grad_out
+
+
+def test_a_failing_replica_does_not_leave_the_others_waiting_in_the_batch_norm():
+    model = Sequential(_FailsOnMarkedRows(), BatchNorm1d(5, dtype="float64"))
+    runner = Replicas(model, 2)
+    x = np.random.default_rng(6).standard_normal((8, 5))
+    bad = x.copy()
+    bad[4, 0] = 999  # the second slice's first row: replica 1 fails, replica 0 waits in gather
+    with pytest.raises(ValueError, match="marked row"):
+        runner(bad)
+    y = runner(x)  # the next step works: the group is opened afresh
+    runner.backward(np.ones_like(y))
+    expected = Sequential(BatchNorm1d(5, dtype="float64"))(x)
+    np.testing.assert_allclose(y, expected, rtol=1e-13, atol=1e-14)
+
+
+def test_a_copy_of_a_replicated_model_normalises_on_its_own():
+    import copy
+
+    model = Sequential(BatchNorm1d(5, dtype="float64"))
+    Replicas(model, 2)(np.random.default_rng(7).standard_normal((8, 5)))
+    clone = copy.deepcopy(model)
+    assert model[0]._group is not None and clone[0]._group is None
+    x = np.random.default_rng(8).standard_normal((4, 5))
+    y = clone(x)
+    clone.backward(np.ones_like(y))
 
 
 def test_outputs_without_the_batch_first_are_refused_with_the_fix():

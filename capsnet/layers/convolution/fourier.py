@@ -419,8 +419,9 @@ class SharedSpectrum:
         self._spectrum: Any = None
         self._open = False
 
-    def open(self) -> None:
-        """A new step: the weights may have changed since the last spectrum."""
+    def open(self, parties: int | None = None) -> None:
+        """A new step (of ``parties`` replicas; any number share one spectrum): the weights
+        may have changed since the last spectrum."""
         with self._lock:
             self._spectrum, self._open = None, True
 
