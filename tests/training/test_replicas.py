@@ -399,3 +399,33 @@ def test_efficient_capsnet_splits_batch_32_but_trains_batch_16_whole():
         assert len(runner._slices) == replicas
         runner.backward(np.ones_like(lengths), np.zeros_like(recon))
     assert len(runner.models) == 2
+
+
+def test_efficient_capsnet_split_in_two_trains_as_the_whole_batch_to_rounding():
+    """Efficient-CapsNet's batch norms see the whole batch when it runs as two replicas: one
+    training step split in two gives the whole batch's outputs, gradients and running
+    statistics to float64 rounding (each replica normalising its own half would not)."""
+    from capsnet.models import EfficientCapsNet
+
+    rng = np.random.default_rng(9)
+    x = rng.random((8, 1, 28, 28))
+    labels = rng.integers(0, 10, 8)
+    results = []
+    for split in (True, False):
+        model = EfficientCapsNet(dtype="float64", seed=0)
+        model.min_train_slice = 1
+        runner = Replicas(model, 2) if split else model
+        model.train()
+        lengths, recon = runner(x, labels)
+        runner.backward(np.ones_like(lengths), recon - x)
+        if split:
+            assert len(runner.models) == 2  # the batch ran as two replicas
+        results.append((lengths, recon, {n: p.grad.copy() for n, p in model.named_parameters()},
+                        model.state_dict()))
+    (l2, r2, g2, s2), (l1, r1, g1, s1) = results
+    np.testing.assert_allclose(l2, l1, rtol=1e-10)
+    np.testing.assert_allclose(r2, r1, rtol=1e-10, atol=1e-12)
+    for name, value in g1.items():
+        np.testing.assert_allclose(g2[name], value, rtol=1e-7, atol=1e-12, err_msg=name)
+    for name, value in s1.items():
+        np.testing.assert_allclose(s2[name], value, rtol=1e-10, atol=1e-12, err_msg=name)
