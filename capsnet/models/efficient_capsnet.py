@@ -76,9 +76,9 @@ class EfficientCapsNet(Module):
 
     # Its GEMMs are small (at most 64 output channels): under capsnet.replicas a batch of 32
     # trained 1.12x faster as two replicas of 16 than as one with BLAS on both cores (2 cores,
-    # quiet, twice: scripts/bench_replica_split.py; NOTES.md, 2026-12-07 third session). Batch
-    # 16, the authors' setup, stays one replica so its BatchNorm normalises the whole batch, as
-    # the setup being reproduced does (split, each replica normalises its own slice of 8).
+    # quiet, twice: scripts/bench_replica_split.py; NOTES.md, 2026-12-07 third session), 1.10x
+    # with the replicas' batch norms normalising the whole batch together (0.5.3). Batch 16, the
+    # authors' setup, as two replicas of 8 ran at 0.87x (0.5.3, 9 rounds), so it stays one.
     min_train_slice = 16
 
     def __init__(self, config: EfficientCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,

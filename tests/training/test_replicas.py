@@ -385,7 +385,7 @@ def test_a_training_batch_is_split_only_into_slices_of_the_minimum_size(monkeypa
 
 def test_efficient_capsnet_splits_batch_32_but_trains_batch_16_whole():
     """EfficientCapsNet.min_train_slice = 16: a batch of 32 trains as two replicas, the
-    authors' batch of 16 as one, so its BatchNorm normalises the whole batch."""
+    authors' batch of 16 as one (two replicas of 8 were slower)."""
     from capsnet.models import EfficientCapsNet
 
     model = EfficientCapsNet(dtype="float32", seed=0)
