@@ -1,6 +1,7 @@
 """Host threads for NumPy's single-threaded work: how many (host_threads, threads), a shared
-pool that runs a list of tasks (run_all), the slice of n items each part takes (shard), and
-the BLAS thread count around them (blas_threads, blas_limit).
+pool that runs a list of tasks (run_all), tasks that wait for each other on threads of their
+own (run_together), the slice of n items each part takes (shard), and the BLAS thread count
+around them (blas_threads, blas_limit).
 
 A NumPy element-wise pass runs on one core while OpenBLAS's large products use all of
 them. Work that splits into independent pieces (the chunks of an optimizer update, the
@@ -22,7 +23,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "run_together", "shard", "share_blas_threads", "threads"]
+__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "run_together", "shard", "share_blas_threads",
+           "threads"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0

@@ -187,22 +187,28 @@ def _fit(x: Any, rows: int, cols: int) -> Any:
 def weight_spectrum(w: Any, stride: int, plan: _Plan, g: dict, work: Any = None, keep: Any = None) -> Any:
     """W_f split into (F, 2, s*s*C, O), from w (O, C, KH, KW); rows ordered (phase p, q, c).
 
-    One polyphase sub-kernel at a time: its taps (UH, UW, C*O), zero where the kernel
-    ends, go through the DFT into the phase's rows of the spectrum, so the scratch is
-    one sub-kernel (6.5 MB for PrimaryCaps), not the whole zero-extended kernel twice.
+    The polyphase sub-kernels' taps (UH, UW, C*O), zero where the kernel ends, go through the
+    DFT into their phase's rows of the spectrum. On NumPy one phase at a time, so the scratch
+    is one sub-kernel (6.5 MB for PrimaryCaps, where a zero-extended copy of the whole kernel
+    and its taps took 52 MB); on a GPU all phases in one product, for fewer launches.
     Scratch comes from workspace ``work``, the result from workspace ``keep`` (when given)."""
     xp = backend.get_array_module(w)
     o, c, kh, kw = w.shape
     s, uh, uw = stride, plan.uh, plan.uw
     spec = _scratch(keep, xp, "weight_spectrum", (2 * g["bins"], s * s, c * o), w.dtype)
-    taps = _scratch(work, xp, "taps", (uh, uw, c, o), w.dtype)
-    for phase in range(s * s):
-        p, q = divmod(phase, s)
-        th, tw = len(range(p, kh, s)), len(range(q, kw, s))  # this phase's taps of the kernel
-        taps[th:] = 0
-        taps[:th, tw:] = 0
-        taps[:th, :tw] = w[:, :, p::s, q::s].transpose(2, 3, 1, 0)
-        xp.matmul(plan.fwd_taps, taps.reshape(uh * uw, c * o), out=spec[:, phase])
+    n = 1 if xp is np else s * s  # phases per product
+    taps = _scratch(work, xp, "taps", (n, uh, uw, c, o), w.dtype)
+    if n > 1:
+        taps[...] = 0
+    for first in range(0, s * s, n):
+        for k in range(n):
+            p, q = divmod(first + k, s)
+            th, tw = len(range(p, kh, s)), len(range(q, kw, s))  # this phase's taps of the kernel
+            if n == 1:  # only the margins the kernel leaves are zeroed
+                taps[k, th:] = 0
+                taps[k, :th, tw:] = 0
+            taps[k, :th, :tw] = w[:, :, p::s, q::s].transpose(2, 3, 1, 0)
+        xp.matmul(plan.fwd_taps, taps.reshape(n, uh * uw, c * o), out=spec[:, first : first + n].transpose(1, 0, 2))
     return spec.reshape(g["bins"], 2, s * s * c, o)
 
 
@@ -351,10 +357,11 @@ def fourier_input_grad(gs: Any, cache: Spectra, stride: int, padding: int) -> An
     return gx[:, padding : h - padding, padding : wd - padding] if padding else gx
 
 
-# Elements of the weight gradient's spectrum computed at once (8 MB of float32): it is made
-# and taken back to the kernel taps a block of input channels at a time, so the backward's
-# peak holds a block of it beside grad_w, not the whole (F, 2, C, O) spectrum (27 MB per
-# phase for PrimaryCaps, which peaked above PyTorch's training step at batch 32).
+# Elements of the weight gradient's spectrum computed at once on NumPy (8 MB of float32): it
+# is made and taken back to the kernel taps a block of input channels at a time, so the
+# backward's peak holds a block of it beside grad_w, not the whole (F, 2, C, O) spectrum (27 MB
+# per phase for PrimaryCaps, which peaked above PyTorch's training step at batch 32). A GPU
+# takes each phase whole: fewer launches.
 WEIGHT_GRAD_BLOCK = 1 << 21
 
 
@@ -375,7 +382,7 @@ def fourier_weight_grad(gs: Any, cache: Spectra, w_shape: tuple, stride: int) ->
     uh, uw = plan.uh, plan.uw
     grad_w = xp.empty((o, c, kh, kw), dtype=gs.dtype)
     x2 = xs.reshape(f, 2 * bsz, s * s, c)
-    blocks = -(-(2 * f * c * o) // WEIGHT_GRAD_BLOCK)
+    blocks = -(-(2 * f * c * o) // WEIGHT_GRAD_BLOCK) if xp is np else 1
     width = -(-c // blocks)
     spec_buf = xp.empty(f * 2 * width * o, dtype=gs.dtype)
     taps = xp.empty((width, o, uh, uw), dtype=gs.dtype)
