@@ -11,14 +11,21 @@ the decoder; the reference's capsules and lengths under ``torch.inference_mode``
 
     PYTHONPATH=$PWD python scripts/profile_efficient_layers.py --batch 16 --rounds 40 \\
         --json scripts/results/efficient-layers-b16-1thread.json
+    PYTHONPATH=$PWD python scripts/profile_efficient_layers.py --training --threads 2 --batch 16
 
 Batch 16 on one thread is what each of the two replicas of a batch-32 prediction runs on
-this project's 2-core machines. Needs torch. Threads: NumPy's BLAS and torch both limited
-to one (threadpoolctl when installed, else the OPENBLAS/OMP variables set before NumPy loads).
+this project's 2-core machines. ``--training`` times each stage's forward and backward in
+training mode instead (batch statistics, parameter gradients; the first convolution without an
+input gradient, as in the network), the decoder, and a whole training step without the
+optimizer (forward, margin + reconstruction loss, backward); with ``--threads 2`` at batch 16
+that is the authors' setup as the training loop runs it here (one replica, BLAS on both cores).
+Needs torch. Threads: NumPy's BLAS and torch both limited to ``--threads`` (threadpoolctl when
+installed, else the OPENBLAS/OMP variables set before NumPy loads).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -26,8 +33,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+def _threads_arg(argv: list[str]) -> str:
+    """--threads as given on the command line (read before NumPy loads), else "1"."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+        if arg == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "1"
+
+
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # before NumPy loads: one thread unless the caller says otherwise
+    os.environ.setdefault(_var, _threads_arg(sys.argv[1:]))  # before NumPy loads, unless the caller set it
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,9 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="images per prediction (default 16)")
     p.add_argument("--rounds", type=int, default=40, help="timed rounds; each row is their median (default 40)")
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    p.add_argument("--training", action="store_true",
+                   help="time forward and backward in training mode, and a whole training step")
+    p.add_argument("--threads", type=int, default=1, help="BLAS and torch threads (default 1)")
     p.add_argument("--json", type=Path, help="write the rows and the machine here")
     args = p.parse_args(argv)
-    for name in ("batch", "rounds"):
+    for name in ("batch", "rounds", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -120,23 +140,100 @@ def stages(ours: Any, theirs: Any, x: np.ndarray) -> dict[str, dict[str, Callabl
     return rows
 
 
+def training_stages(ours: Any, theirs: Any, x: np.ndarray) -> dict[str, dict[str, Callable[[], Any]]]:
+    """{row: {framework: a call running that stage's forward and backward in training mode on
+    the stage's real input}}: each stage gets a fixed random output gradient; parameter
+    gradients accumulate on both sides, as in a step."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from capsnet.layers import MarginLoss, ReconstructionLoss  # noqa: PLC0415
+    from torch_capsnet import total_loss  # noqa: PLC0415
+    from torch_efficient_capsnet import efficient_squash  # noqa: PLC0415
+
+    ours.train()
+    theirs.train()
+    rng = np.random.default_rng(1)
+    b = x.shape[0]
+    labels = rng.integers(0, 10, b)
+    rows: dict[str, dict[str, Callable[[], Any]]] = {}
+
+    def pair(ours_fn: Callable[[Any], Any], ours_bwd: Callable[[Any], Any], ours_in: Any,
+             torch_fn: Callable[[Any], Any], torch_in: Any, input_grad: bool = True) -> tuple:
+        """Both calls of a stage, and the stage's outputs (for the next stage)."""
+        y = ours_fn(ours_in)
+        shape = y.shape
+        g = rng.standard_normal(shape).astype(np.float32)
+        if y.ndim == 4:  # the layout the network's own gradient arrives in: channels-last memory
+            g = np.ascontiguousarray(g.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        ours_bwd(g)
+        leaf = torch_in.detach().clone().requires_grad_(input_grad)
+        tg = torch.from_numpy(np.ascontiguousarray(g))
+
+        def ours_call() -> None:
+            ours_fn(ours_in)
+            ours_bwd(g)
+
+        def torch_call() -> None:
+            torch_fn(leaf).backward(tg)
+        with torch.no_grad():
+            ty = torch_fn(torch_in)
+        return {"capsnet": ours_call, "torch": torch_call}, y, ty
+
+    h, t = x, torch.from_numpy(x)
+    layers = list(ours.features)
+    for k, (conv, norm) in enumerate(zip(theirs.convs, theirs.norms)):
+        c, n, r = layers[3 * k: 3 * k + 3]
+        name = f"conv {k} ({c.in_channels}->{c.out_channels} {c.kernel_size}x{c.kernel_size})"
+        rows[name], hc, tc = pair(c, c.backward, h, conv, t, input_grad=k > 0)
+        rows[f"batch norm {k}"], hn, tn = pair(n, n.backward, hc, norm, tc)
+        rows[f"relu {k}"], h, t = pair(r, r.backward, hn, F.relu, tn)  # in place as in the network: idempotent
+    rows["primary capsules"], u, tu = pair(
+        ours.primary, ours.primary.backward, h,
+        lambda a: efficient_squash(theirs.primary(a).reshape(b, theirs.primary_caps, theirs.primary_dim)), t)
+    rows["FCCaps routing"], v, tv = pair(ours.digit, ours.digit.backward, u, theirs.digit, tu)
+    masked = ours.mask(v, labels)
+    tmasked = torch.from_numpy(np.ascontiguousarray(masked.reshape(b, -1)))
+
+    def torch_decoder(a: Any) -> Any:
+        for j, layer in enumerate(theirs.decoder):
+            a = layer(a)
+            a = torch.relu(a) if j < len(theirs.decoder) - 1 else torch.sigmoid(a)
+        return a
+    rows["decoder"], _, _ = pair(ours.decoder, ours.decoder.backward, masked, torch_decoder, tmasked)
+    margin, recon_loss = MarginLoss(), ReconstructionLoss(0.0005)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(labels)
+
+    def ours_step() -> None:
+        lengths, recon = ours(x, labels)
+        margin(lengths, labels)
+        recon_loss(recon, x)
+        ours.backward(margin.backward(), recon_loss.backward())
+
+    def torch_step() -> None:
+        lengths, recon = theirs(tx, ty)
+        total_loss(lengths, recon, ty, tx, 0.0005).backward()
+    rows["whole training step (no optimizer)"] = {"capsnet": ours_step, "torch": torch_step}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         import torch  # noqa: PLC0415
     except ImportError:
         raise SystemExit("profile_efficient_layers.py needs torch for the PyTorch reference: pip install torch") from None
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_limits  # noqa: PLC0415
-        limit = threadpool_limits(1)
+        limit = threadpool_limits(args.threads)
     except ImportError:  # the environment variables above hold NumPy's BLAS to one thread
         limit = None
     try:
         ours, theirs, x = build(args.batch)
-        rows = stages(ours, theirs, x)
+        rows = training_stages(ours, theirs, x) if args.training else stages(ours, theirs, x)
         times: dict[tuple[str, str], list[float]] = {}
-        with torch.inference_mode():
+        with contextlib.nullcontext() if args.training else torch.inference_mode():
             for r in range(args.warmup + args.rounds):
                 for name, calls in rows.items():
                     order = list(calls.items())
@@ -153,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         ms = {fw: 1e3 * statistics.median(times[(name, fw)]) for fw in ("capsnet", "torch")}
         table.append({"stage": name, "capsnet_ms": ms["capsnet"], "torch_ms": ms["torch"],
                       "torch_over_capsnet": ms["torch"] / ms["capsnet"]})
-    info = machine_info(1)
-    print(machine_heading(info, 1) + f"; Efficient-CapsNet prediction, batch {args.batch}, median of "
+    info = machine_info(args.threads)
+    what = "training, forward and backward," if args.training else "prediction,"
+    print(machine_heading(info, args.threads) + f"; Efficient-CapsNet {what} batch {args.batch}, median of "
           f"{args.rounds} rounds\n")
     print(markdown_table(["stage", "capsnet ms", "torch ms", "torch / capsnet"],
                          [[r["stage"], f"{r['capsnet_ms']:.3f}", f"{r['torch_ms']:.3f}",
