@@ -17,8 +17,11 @@ Batch 16 on one thread is what each of the two replicas of a batch-32 prediction
 this project's 2-core machines. ``--training`` times each stage's forward and backward in
 training mode instead (batch statistics, parameter gradients; the first convolution without an
 input gradient, as in the network), the decoder, and a whole training step without the
-optimizer (forward, margin + reconstruction loss, backward); with ``--threads 2`` at batch 16
-that is the authors' setup as the training loop runs it here (one replica, BLAS on both cores).
+optimizer (forward, margin + reconstruction loss, backward). Compare at one thread: with
+``--threads 2`` both frameworks' thread pools live in one process and get in each other's way
+(capsnet's whole step took 48.8 ms at 2 threads against 41.1 ms at 1, PyTorch's 73.6 against
+45.0; scripts/results/efficient-training-b16-*thread-0.5.3.json). Two threads are compared in
+separate processes by scripts/time_to_accuracy.py and scripts/bench.py.
 Needs torch. Threads: NumPy's BLAS and torch both limited to ``--threads`` (threadpoolctl when
 installed, else the OPENBLAS/OMP variables set before NumPy loads).
 """
