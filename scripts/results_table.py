@@ -99,7 +99,7 @@ def page_body(results: Path = rr.RESULTS, figures: Path = FIGURES) -> str:
                 "- best public port: no figure checked yet"]
         if exp.target:
             refs.append(f"- target of issue 30: at least {exp.target:.2f}%")
-        parts += refs + [""]
+        parts += refs + [""] + archived_lines(exp, results)
         if not lines:
             parts += [f"**{NONE_YET}** (record: `docs/results/{exp.name}.jsonl`).", ""]
             continue
@@ -120,6 +120,21 @@ def page_body(results: Path = rr.RESULTS, figures: Path = FIGURES) -> str:
                   f"{x['images_per_second']:.0f} | {x['commit']} |" for x in lines]
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def archived_lines(exp: rr.Experiment, results: Path) -> list[str]:
+    """One line per earlier run of the experiment whose record ``--restart`` archived
+    (``results/archive/NAME.RUN_ID.jsonl``): where it stood when it was replaced."""
+    out = []
+    for path in sorted((results / "archive").glob(f"{exp.name}.*.jsonl")):
+        lines = rr.read_jsonl(path)
+        if not lines:
+            continue
+        s = summary(lines)
+        out.append(f"- archived run `{s['run_id']}` (`docs/results/archive/{path.name}`): {s['epochs']} of "
+                   f"{exp.epochs} epochs, best {s['best']:.2f}% at epoch {s['best_epoch']}, {s['hours']:.2f} h on "
+                   f"{s['cpu']}; replaced by a new run (`reproduce.py {exp.name} --restart`)")
+    return ["Earlier runs:", "", *out, ""] if out else []
 
 
 def after_summary(exp: rr.Experiment, results: Path) -> list[str]:

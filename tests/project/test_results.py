@@ -50,6 +50,17 @@ def test_a_record_reaches_the_table_and_the_page(tmp_path):
     assert "![Matrix capsules with EM routing on MNIST" in table.page_body(tmp_path, tmp_path)
 
 
+def test_an_archived_record_is_listed_under_its_experiment(tmp_path):
+    (tmp_path / "archive").mkdir()
+    rr.write_jsonl(tmp_path / "archive" / "mnist-em.old1.jsonl", record("mnist-em", [0.90, 0.95, 0.94], "old1"))
+    page = table.page_body(tmp_path, tmp_path)
+    section = page.split("{#mnist-em}")[1].split("\n## ")[0]
+    assert ("- archived run `old1` (`docs/results/archive/mnist-em.old1.jsonl`): 3 of 30 epochs, best 95.00% at "
+            "epoch 2, 1.50 h on Test CPU") in section
+    assert table.NONE_YET in section  # the archived run is not the experiment's record
+    assert "archived run" not in page.split("{#mnist-em}")[0]
+
+
 def test_a_stale_block_is_reported(tmp_path, monkeypatch, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{table.BEGIN}\nold numbers\n{table.END}\nrest\n")
