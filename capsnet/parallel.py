@@ -184,12 +184,21 @@ def shard(n: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+_together_lock = threading.Lock()
+
+
 def run_together(tasks: list[Callable[[], None]]) -> None:
-    """Run every task at the same time, each on a thread of its own (the first on the calling
-    thread), and wait for all of them; the first error that is not a broken barrier is raised
-    once every task has ended. For tasks that wait for each other (replicas exchanging batch
-    statistics, :class:`capsnet.layers.BatchGroup`), which :func:`run_all` may run one after
-    the other. Nested :func:`run_all` calls inside the tasks run in order, as in run_all's."""
+    """Run every task at the same time and wait for all of them; the first error that is not
+    a broken barrier is raised once every task has ended. For tasks that wait for each other
+    (replicas exchanging batch statistics, :class:`capsnet.layers.BatchGroup`), which
+    :func:`run_all` may run one after the other.
+
+    They run on the shared pool of :func:`run_all`, grown to one worker per task, so that a
+    step's replicas keep their threads (and glibc's per-thread heaps) from one call to the
+    next: with a fresh thread per call, Efficient-CapsNet's training peak at batch 100 grew
+    from 212 to 283 MB. A call from inside a pool task, or while another call holds the pool,
+    gets threads of its own. Nested :func:`run_all` calls inside the tasks run in order."""
+    global _pool, _pool_size
     errors: list[BaseException | None] = [None] * len(tasks)
 
     def run(k: int) -> None:
@@ -202,14 +211,27 @@ def run_together(tasks: list[Callable[[], None]]) -> None:
         finally:
             _inside.active = outer
 
-    threads = [threading.Thread(target=run, args=(k,), name=f"capsnet-together-{k}", daemon=True)
-               for k in range(1, len(tasks))]
-    for thread in threads:
-        thread.start()
-    if tasks:
+    if len(tasks) <= 1:
+        for k in range(len(tasks)):
+            run(k)
+    elif not getattr(_inside, "active", False) and _together_lock.acquire(blocking=False):
+        try:
+            with _pool_lock:
+                if _pool is None or _pool_size < len(tasks):  # grow only, as in run_all
+                    _pool, _pool_size = ThreadPoolExecutor(len(tasks), thread_name_prefix="capsnet"), len(tasks)
+                pool = _pool
+            for future in [pool.submit(run, k) for k in range(len(tasks))]:
+                future.result()
+        finally:
+            _together_lock.release()
+    else:
+        threads = [threading.Thread(target=run, args=(k,), name=f"capsnet-together-{k}", daemon=True)
+                   for k in range(1, len(tasks))]
+        for thread in threads:
+            thread.start()
         run(0)
-    for thread in threads:
-        thread.join()
+        for thread in threads:
+            thread.join()
     failures = [e for e in errors if e is not None]
     if failures:
         raise next((e for e in failures if not isinstance(e, threading.BrokenBarrierError)), failures[0])
