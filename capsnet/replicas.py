@@ -210,7 +210,12 @@ class Replicas:
         shared = self._shared if parties > 1 else []
         for holder in shared:
             holder.open(parties)
-        return shared, [h for h in shared if getattr(h, "waits_for_members", False)]
+        return shared, self._groups(parties)
+
+    def _groups(self, parties: int) -> list[Any]:
+        """The shared holders whose members wait for each other (batch norms), for a step of
+        ``parties`` slices: none when one replica runs the whole batch."""
+        return [h for h in self._shared if getattr(h, "waits_for_members", False)] if parties > 1 else []
 
     @property
     def models(self) -> list[Module]:
@@ -293,7 +298,7 @@ class Replicas:
 
         def job(replica: Module, lo: int, hi: int) -> Callable[[], Any]:
             return lambda: replica.backward(*_split(grads, rows, lo, hi))
-        groups = [h for h in self._shared if getattr(h, "waits_for_members", False)] if len(slices) > 1 else []
+        groups = self._groups(len(slices))
         for group in groups:  # the batch norms exchange their gradient sums again
             group.open(len(slices))
         try:
