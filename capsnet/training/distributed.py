@@ -90,11 +90,22 @@ class MPIComm:
 
     def abort(self, code: int) -> None:
         """End every rank of the job now (a rank that failed must not leave the others
-        waiting in a collective)."""
+        waiting in a collective).
+
+        The output is flushed, then forwarded for :data:`ABORT_GRACE_SECONDS` before the
+        abort: mpiexec relays each rank's output through its proxy, and an abort that
+        reaches the proxy first ends the job with that output unread (it happened in CI:
+        the job ended with code 1 and an empty stderr, the failing rank's report lost).
+        """
         sys.stderr.flush()
         sys.stdout.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
         self._comm.Abort(code)
 
+
+ABORT_GRACE_SECONDS = 1.0
+"""How long a failing rank waits, its report flushed, before ``MPI_Abort`` (see
+:meth:`MPIComm.abort`): a failure costs this once, a lost report costs the user the cause."""
 
 _WORLD: LocalComm | MPIComm | None = None
 

@@ -150,8 +150,9 @@ def test_a_rank_that_fails_ends_the_job_quickly_and_leaves_the_checkpoint(mnist_
     failed = run(2, ["--fail-on-rank", "1", "1", "1", "--", *train_args(mnist_dir, tmp_path / "run", epochs=3)],
                  timeout=120)
     elapsed = time.monotonic() - start
-    assert failed.returncode != 0
-    assert "rank 1 of 2 failed" in failed.stderr and "bad data on this node" in failed.stderr
+    report = f"exit code {failed.returncode}, stdout {failed.stdout!r}, stderr {failed.stderr!r}"
+    assert failed.returncode != 0, report
+    assert "rank 1 of 2 failed" in failed.stderr and "bad data on this node" in failed.stderr, report
     assert elapsed < 60
     header = load_checkpoint(tmp_path / "run" / "checkpoint.npz")[0]  # the end of epoch 1, intact
     assert header["epoch"] == 1 and header["step_in_epoch"] == 0
@@ -235,6 +236,38 @@ def test_the_baseline_with_dropout_on_two_ranks_matches_one_process(mnist_dir, t
     assert_same(weights(tmp_path / "two"), weights(tmp_path / "one"))
 
 
+def test_a_failing_rank_flushes_its_report_and_waits_before_the_abort(monkeypatch):
+    """mpiexec relays a rank's output through its proxy; an abort that arrives first ends
+    the job with the report unread (a CI run ended with code 1 and an empty stderr)."""
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def write(self, text):
+            events.append(("write", self.name))
+
+        def flush(self):
+            events.append(("flush", self.name))
+
+    class FakeMPI:
+        def Abort(self, code):  # noqa: N802 - mpi4py's name
+            events.append(("abort", code, time.monotonic()))
+
+    comm = distributed.MPIComm.__new__(distributed.MPIComm)
+    comm._comm, comm.rank, comm.size = FakeMPI(), 1, 2
+    monkeypatch.setattr(sys, "stderr", Stream("stderr"))
+    monkeypatch.setattr(sys, "stdout", Stream("stdout"))
+    start = time.monotonic()
+    distributed.fail(comm, RuntimeError("bad data on this node"), code=3)
+    assert distributed.ABORT_GRACE_SECONDS >= 0.5
+    flushed = [e for e in events if e[0] == "flush"]
+    assert ("flush", "stderr") in flushed and ("flush", "stdout") in flushed
+    assert events[-1][:2] == ("abort", 3) and events[-1][2] - start >= distributed.ABORT_GRACE_SECONDS
+    assert all(e[0] != "write" for e in events[events.index(flushed[-1]):])  # nothing written after the flush
+
+
 LIBRARY_FAILURE = """
 import sys
 sys.path.insert(0, {repo!r})
@@ -271,6 +304,7 @@ def test_a_failing_rank_ends_a_job_that_uses_the_trainer_as_a_library(mnist_dir,
     start = time.monotonic()
     proc = subprocess.run([mpiexec(), "-n", "2", sys.executable, str(script)], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "rank 1 of 2 failed" in proc.stderr and "bad data on this node" in proc.stderr
+    report = f"exit code {proc.returncode}, stdout {proc.stdout!r}, stderr {proc.stderr!r}"
+    assert proc.returncode != 0, report
+    assert "rank 1 of 2 failed" in proc.stderr and "bad data on this node" in proc.stderr, report
     assert time.monotonic() - start < 60
