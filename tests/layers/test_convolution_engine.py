@@ -362,3 +362,41 @@ def test_both_patch_gradient_sums_are_the_adjoint_of_the_gather(xp, host_rng, ca
                                                     method=method), p))
         np.testing.assert_allclose((host(col) * y).sum(), (x * sums[method]).sum(), rtol=1e-10)
     np.testing.assert_allclose(sums["gather"], sums["offsets"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["winograd", "winograd4"])
+@pytest.mark.parametrize("per_block", [1, 2])
+@pytest.mark.parametrize("size, padding", [(10, 1), (11, 0), (7, 2)])  # whole, overhanging and padded tiles
+def test_winograd_in_blocks_of_images_matches_the_loop(host_rng, monkeypatch, name, per_block, size, padding):
+    """On NumPy a Winograd call runs a block of images at a time (BLOCK_BYTES): blocks of one
+    and of two images (the last one shorter) give the loop oracle's output and gradients,
+    in training and in inference, with and without the input gradient."""
+    from capsnet.layers.convolution import winograd  # noqa: PLC0415
+    from tests.helpers import naive_conv2d, naive_conv2d_backward  # noqa: PLC0415
+
+    alg = make(name)
+    g = ConvGeometry(5, size, size, 3, 4, 3, 3, 1, padding, 1, F64)
+    th, tw = winograd._tiles(g, alg.m)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", per_block * (alg.m + 2) ** 2 * th * tw * 4 * 8)
+    blocks = winograd._blocks(g, alg.m, 4, np)
+    assert [hi - lo for lo, hi in blocks] == [per_block] * (5 // per_block) + [5 % per_block] * (5 % per_block > 0)
+    x = host_rng.standard_normal((5, 3, size, size))
+    w = host_rng.standard_normal((4, 3, 3, 3))
+    b = host_rng.standard_normal(4)
+    want = naive_conv2d(x, w, b, 1, padding)
+    gy = host_rng.standard_normal(want.shape)
+    ex, ew, eb = naive_conv2d_backward(gy, x, w, 1, padding)
+    x_nhwc, gy_nhwc = x.transpose(0, 2, 3, 1), gy.transpose(0, 2, 3, 1)
+    y, _ = alg.forward(g, x_nhwc, w, b, training=False)
+    np.testing.assert_allclose(y.transpose(0, 3, 1, 2), want, rtol=1e-10, atol=1e-11)
+    y, saved = alg.forward(g, x_nhwc, w, b, training=True)
+    np.testing.assert_allclose(y.transpose(0, 3, 1, 2), want, rtol=1e-10, atol=1e-11)
+    assert saved.V.shape[1] == 5 * th * tw
+    gx, gw, gb = alg.backward(g, gy_nhwc, saved, w)
+    np.testing.assert_allclose(gx.transpose(0, 3, 1, 2), ex, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(gw, ew, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(gb, eb, rtol=1e-10, atol=1e-11)
+    none, gw2, _ = alg.backward(g, gy_nhwc, saved, w, need_input_grad=False)
+    assert none is None
+    np.testing.assert_allclose(gw2, ew, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(alg.input_grad(g, gy_nhwc, None, w).transpose(0, 3, 1, 2), ex, rtol=1e-10, atol=1e-11)

@@ -23,7 +23,7 @@ from capsnet.layers.convolution.geometry import ConvGeometry
 from capsnet.layers.convolution.im2col import Im2col, layout_for
 from capsnet.layers.convolution.patches import row_groups
 from capsnet.layers.convolution.pointwise import Pointwise
-from capsnet.layers.convolution.winograd import Winograd, Winograd4, winograd_flops
+from capsnet.layers.convolution.winograd import Winograd, Winograd4, winograd_blocks, winograd_flops
 
 __all__ = [
     "ALGORITHMS",
@@ -114,13 +114,14 @@ def cost_features(name: str, g: ConvGeometry, training: bool, input_grad: bool =
         # and for the input gradient dV (e T C), its adjoint transform and the tiles' sum
         padded = g.batch * (m * th + 2) * (m * tw + 2) * c
         moved = padded + 2 * e * tiles * c + e * tiles * o + 2 * g.rows * o
-        calls = 8
+        blocks = winograd_blocks(g, m)  # on NumPy, each block of images is a pass of its own
+        calls = 2 + 8 * blocks
         if training:
             moved += 2 * e * tiles * o + e * tiles * c
-            calls += 6
+            calls += 4 + 6 * blocks
             if input_grad:
                 moved += 4 * e * tiles * c + 2 * padded
-                calls += 4 + e
+                calls += 10 * blocks
         return np.array([calls, winograd_flops(g, training, input_grad, m), 0, moved, 3 * passes * weights],
                         dtype=float)
     raise ValueError(f"no cost features for algorithm {name!r}")

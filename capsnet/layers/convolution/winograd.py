@@ -17,7 +17,11 @@ one per tile entry (the "frequency" xi):
 - output: M[xi] = V[xi] U[xi], (T, C) x (C, O);  Y[q, t, o] = sum_xi AA[q, xi] M[xi, t, o]
 
 with BB = B^T (x) B^T, GG = G (x) G and AA = A^T (x) A^T, Kronecker products acting on
-row-major flattened tiles.
+row-major flattened tiles. The tile transforms apply them as two passes of the one-dimensional
+factor (B^T over the tile's rows, then over its columns: :func:`_kron_apply`), each a product
+with an a-long inner dimension: 2 x 6 x 36 multiplications per F(4x4, 3x3) tile entry instead
+of 36 x 36. They read and write memory twice, but a product this shallow is bound by memory
+either way, and the dense Kronecker product had the larger share of the layer's time.
 
 Backward, with the same layout:
 
@@ -25,7 +29,14 @@ Backward, with the same layout:
   dU[xi] = V[xi]^T dM[xi], (C, T) x (T, O), and dw = GG^T dU: V is what the forward keeps;
 - input gradient: the adjoint of the forward from the same dM: dV[xi] = dM[xi] U[xi]^T,
   (T, O) x (O, C), dD = BB^T dV, and each tile's gradient added back where the tile was read
-  (a^2 strided slice additions; neighbouring tiles overlap by two rows or columns).
+  (neighbouring tiles overlap by two rows or columns: two additions fold the overlap into the
+  next tile, then four copies place the tiles, :func:`_input_transform_adjoint`).
+
+On NumPy all of this runs a block of images at a time (:data:`BLOCK_BYTES`, sized to the
+cache): the gather, the transforms and the products of a block stay in the cache, where the
+whole batch's tiles went out to memory and back at every pass. The transformed input V is
+written into the whole batch's array in training, for the weight gradient; the weight
+gradient's channel products are summed block by block.
 
 Float32 rounding: F(2x2, 3x3)'s transforms have entries 0, +-1/2 and +-1 and stay within
 about 1e-6 of the direct method (relative to the output's largest value); F(4x4, 3x3)'s reach
@@ -34,6 +45,7 @@ the tests compare them with a loop convolution in float64 to 1e-10.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, NamedTuple
 
@@ -43,7 +55,7 @@ from capsnet import backend
 from capsnet.layers.convolution.algorithm import Algorithm, WeightCache
 from capsnet.layers.convolution.geometry import ConvGeometry
 
-__all__ = ["Winograd", "Winograd4", "WinogradSaved", "winograd_flops"]
+__all__ = ["BLOCK_BYTES", "Winograd", "Winograd4", "WinogradSaved", "winograd_blocks", "winograd_flops"]
 
 # (B^T, G, A^T) of F(m, 3) for m = 2 (points 0, +-1) and m = 4 (points 0, +-1, +-2)
 _TRANSFORMS = {
@@ -58,6 +70,10 @@ _TRANSFORMS = {
 }
 _HOST = {m: {name: np.kron(np.array(t, dtype=np.float64), np.array(t, dtype=np.float64))
              for name, t in zip(("BB", "GG", "AA"), ts)} for m, ts in _TRANSFORMS.items()}
+# The one-dimensional factors the tile transforms apply twice (:func:`_kron_apply`): Bt = B^T
+# (a x a) and At = A^T (m x a), and their transposes B and A for the adjoints
+for _m, (_bt, _g, _at) in _TRANSFORMS.items():
+    _HOST[_m].update(Bt=np.array(_bt, dtype=np.float64), At=np.array(_at, dtype=np.float64))
 # The tile entry whose column of AA is all ones (the point 1 in both directions): a bias added
 # to M at that entry reaches every output of the tile once, so the forward adds it to a 1/a^2
 # slice of M instead of the whole output, and the bias gradient is that entry of dM summed
@@ -79,6 +95,15 @@ def _matrices(xp: Any, dtype: Any, m: int) -> dict[str, Any]:
     return found
 
 
+def _kron_apply(xp: Any, t: Any, x: Any) -> Any:
+    """(t (x) t) x for t (p, k) and x (k^2, N) (rows: row-major k x k tiles): t over the
+    tiles' rows, then over their columns, two products with a k-long inner dimension
+    instead of one with k^2. Returns (p^2, N)."""
+    p, k = t.shape
+    rows = xp.matmul(t, x.reshape(k, -1))  # (p, k N): [i, s, n] = sum_r t[i, r] x[r, s, n]
+    return xp.matmul(t, rows.reshape(p, k, -1)).reshape(p * p, -1)  # [i, j, n] = sum_s t[j, s] rows[i, s, n]
+
+
 class WinogradSaved(NamedTuple):
     """What the weight gradient needs from the forward."""
 
@@ -91,22 +116,68 @@ def _tiles(g: ConvGeometry, m: int) -> tuple[int, int]:
     return -(-g.out_h // m), -(-g.out_w // m)
 
 
-def _input_transform(g: ConvGeometry, x_nhwc: Any, m: int) -> tuple[Any, tuple[int, int]]:
-    """(V (a^2, T, C), (th, tw)): the a x a input tiles under each m x m output tile, T = B th tw
-    ordered (b, ty, tx), gathered from the zero-padded input (one copy) and transformed by BB."""
+def _cache_bytes() -> int:
+    """The working set of one block of images: 3/4 of a core's L2 cache as the OS reports it
+    (1 MiB on the AMD EPYC and the Intel Xeons these machines have), 768 KiB where it says nothing."""
+    try:
+        l2 = int(os.sysconf("SC_LEVEL2_CACHE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        l2 = 0
+    return 3 * l2 // 4 if l2 > 0 else 768 << 10
+
+
+BLOCK_BYTES = _cache_bytes()
+"""On NumPy, a Winograd convolution runs a block of images at a time from the gather to the
+output, so that the transformed tiles, their products and the transforms between stay in the
+cache: the largest of them (a^2 x tiles x channels values) at most this many bytes, one image
+at least. Each pass of these transforms is bound by memory; measured on the 2-core AMD EPYC
+(1 MiB L2, one thread, ``scripts/bench_winograd_blocks.py``), Efficient-CapsNet's 3x3 layers
+ran about twice as fast in blocks of 0.5 to 0.7 MB as over the whole batch at once, and slower
+again from 1.3 MB. On CuPy the whole batch is one block."""
+
+
+def _blocks(g: ConvGeometry, m: int, width: int, xp: Any) -> list[tuple[int, int]]:
+    """The (first, last + 1) images of each block (see :data:`BLOCK_BYTES`); ``width``: the
+    widest channel count of the tiles (in or out)."""
+    if xp is not np:
+        return [(0, g.batch)]
+    th, tw = _tiles(g, m)
+    per_image = (m + 2) ** 2 * th * tw * width * np.dtype(g.dtype).itemsize
+    n = max(1, BLOCK_BYTES // per_image)
+    return [(lo, min(lo + n, g.batch)) for lo in range(0, g.batch, n)]
+
+
+def winograd_blocks(g: ConvGeometry, m: int) -> int:
+    """How many blocks of images a call of F(m x m, 3x3) on ``g`` runs in (1 off NumPy)."""
+    return len(_blocks(g, m, max(g.in_channels, g.out_channels), np if g.backend == "numpy" else None))
+
+
+def _padded(g: ConvGeometry, x_nhwc: Any, m: int) -> Any:
+    """x zero-padded to the (m th + 2) x (m tw + 2) extent the tiles read (x itself when that is its size)."""
     xp = backend.get_array_module(x_nhwc)
+    th, tw = _tiles(g, m)
+    p = g.padding
+    bottom, right = m * th + 2 - g.height - p, m * tw + 2 - g.width - p  # at least p: more where m does not divide
+    if p == bottom == right == 0:
+        return x_nhwc
+    return xp.pad(x_nhwc, ((0, 0), (p, bottom), (p, right), (0, 0)))
+
+
+def _input_transform(g: ConvGeometry, x_pad: Any, m: int, lo: int = 0, hi: int | None = None) -> Any:
+    """V (a^2, T, C) of images lo..hi of the padded input: the a x a tiles under each m x m output
+    tile, T = (hi - lo) th tw ordered (b, ty, tx), gathered (one copy) and transformed by B^T on
+    both sides."""
+    xp = backend.get_array_module(x_pad)
     a = m + 2
     th, tw = _tiles(g, m)
-    b, h, w, c = x_nhwc.shape
-    p = g.padding
-    hn, wn = m * th + 2, m * tw + 2  # the padded extent the tiles cover: more rows/columns when m does not divide
-    x_pad = xp.pad(x_nhwc, ((0, 0), (p, hn - h - p), (p, wn - w - p), (0, 0)))
-    sb, sh, sw, sc = x_pad.strides
-    view = xp.lib.stride_tricks.as_strided(x_pad, shape=(a, a, b, th, tw, c),
+    part = x_pad[lo:hi]
+    b, c = part.shape[0], part.shape[3]
+    sb, sh, sw, sc = part.strides
+    view = xp.lib.stride_tricks.as_strided(part, shape=(a, a, b, th, tw, c),
                                            strides=(sh, sw, sb, m * sh, m * sw, sc))
     d = xp.ascontiguousarray(view).reshape(a * a, -1)
-    V = xp.matmul(_matrices(xp, x_nhwc.dtype, m)["BB"], d)
-    return V.reshape(a * a, b * th * tw, c), (th, tw)
+    V = _kron_apply(xp, _matrices(xp, x_pad.dtype, m)["Bt"], d)
+    return V.reshape(a * a, b * th * tw, c)
 
 
 def _kernel_transform(w: Any, m: int) -> Any:
@@ -117,64 +188,80 @@ def _kernel_transform(w: Any, m: int) -> Any:
     return xp.matmul(_matrices(xp, w.dtype, m)["GG"], w9).reshape((m + 2) ** 2, c, o)
 
 
-def _output_transform(M: Any, g: ConvGeometry, th: int, tw: int, m: int) -> Any:
-    """y (B, OH, OW, O), contiguous, from the tile products M (a^2, T, O)."""
+def _output_transform(M: Any, y: Any, th: int, tw: int, m: int) -> None:
+    """Writes y (b, OH, OW, O), a block of the output, from its tile products M (a^2, b th tw, O):
+    A^T on both sides, then each tile into place (cropped where the last tiles overhang)."""
     xp = backend.get_array_module(M)
-    o = M.shape[2]
-    q = xp.matmul(_matrices(xp, M.dtype, m)["AA"], M.reshape(M.shape[0], -1))  # (m^2, T O)
-    tiles = q.reshape(m, m, g.batch, th, tw, o).transpose(2, 3, 0, 4, 1, 5)  # (B, th, m, tw, m, O), a view
-    y = xp.empty((g.batch, g.out_h, g.out_w, o), dtype=M.dtype)
-    if (g.out_h, g.out_w) == (m * th, m * tw):  # whole tiles: one copy into place
-        y.reshape(g.batch, th, m, tw, m, o)[...] = tiles
-    else:  # the last tiles overhang: gathered whole, then cropped
-        y[...] = tiles.reshape(g.batch, m * th, m * tw, o)[:, : g.out_h, : g.out_w]
-    return y
+    b, oh, ow, o = y.shape
+    q = _kron_apply(xp, _matrices(xp, M.dtype, m)["At"], M.reshape(M.shape[0], -1))  # (m^2, T O)
+    tiles = q.reshape(m, m, b, th, tw, o).transpose(2, 3, 0, 4, 1, 5)  # (b, th, m, tw, m, O), a view
+    if (oh, ow) == (m * th, m * tw):  # whole tiles: one copy into place
+        y.reshape(b, th, m, tw, m, o)[...] = tiles
+    else:  # the last tiles overhang: in place whole in a scratch block, then cropped
+        whole = xp.empty((b, th, m, tw, m, o), dtype=M.dtype)
+        whole[...] = tiles
+        y[...] = whole.reshape(b, m * th, m * tw, o)[:, :oh, :ow]
 
 
-def _output_tiles_adjoint(grad_y: Any, g: ConvGeometry, th: int, tw: int, m: int) -> Any:
-    """dM (a^2, T, O): the adjoint of :func:`_output_transform` applied to grad_y (B, OH, OW, O)."""
+def _output_tiles_adjoint(grad_y: Any, th: int, tw: int, m: int) -> Any:
+    """dM (a^2, T, O): the adjoint of :func:`_output_transform` applied to grad_y (b, OH, OW, O)."""
     xp = backend.get_array_module(grad_y)
     b, oh, ow, o = grad_y.shape
-    if (oh, ow) != (m * th, m * tw):
+    if (oh, ow) != (m * th, m * tw):  # the last tiles overhang the output: zeros there
         padded = xp.zeros((b, m * th, m * tw, o), dtype=grad_y.dtype)
         padded[:, :oh, :ow] = grad_y
         grad_y = padded
     tiles = xp.ascontiguousarray(grad_y.reshape(b, th, m, tw, m, o).transpose(2, 4, 0, 1, 3, 5)).reshape(m * m, -1)
-    return xp.matmul(_matrices(xp, grad_y.dtype, m)["AAT"], tiles).reshape((m + 2) ** 2, b * th * tw, o)
+    return _kron_apply(xp, _matrices(xp, grad_y.dtype, m)["AtT"], tiles).reshape((m + 2) ** 2, b * th * tw, o)
 
 
-def _input_transform_adjoint(dV: Any, g: ConvGeometry, th: int, tw: int, m: int) -> Any:
-    """The input gradient (B, H, W, C), contiguous, from dV (a^2, T, C): the adjoint of
-    :func:`_input_transform` (BB^T, then each tile's a^2 entries added where they were read)."""
+def _input_transform_adjoint(dV: Any, g: ConvGeometry, gx: Any, th: int, tw: int, m: int) -> None:
+    """Writes gx (b, H, W, C), a block of the input gradient, from its dV (a^2, b th tw, C): the
+    adjoint of :func:`_input_transform`, B on both sides, then each tile's a^2 entries added
+    where they were read. Neighbouring tiles overlap by e = 2 rows and columns: the entries
+    past m (r >= m) are first added to entry r - m of the next tile, column-wise then row-wise
+    (two additions), after which the padded gradient is four copies: the m x m cores of the
+    tiles, the last column's and last row's overhang, and the corner."""
     xp = backend.get_array_module(dV)
-    a, c, p = m + 2, dV.shape[2], g.padding
-    dD = xp.matmul(_matrices(xp, dV.dtype, m)["BBT"], dV.reshape(a * a, -1)).reshape(a, a, g.batch, th, tw, c)
-    grad_pad = xp.zeros((g.batch, m * th + 2, m * tw + 2, c), dtype=dV.dtype)
-    for r in range(a):  # a loop over the a^2 tile entries
-        for s in range(a):
-            grad_pad[:, r : r + m * th : m, s : s + m * tw : m] += dD[r, s]
-    return xp.ascontiguousarray(grad_pad[:, p : p + g.height, p : p + g.width])
+    a, e, c, p = m + 2, 2, dV.shape[2], g.padding
+    b = gx.shape[0]
+    dD = _kron_apply(xp, _matrices(xp, dV.dtype, m)["BtT"], dV.reshape(a * a, -1)).reshape(a, a, b, th, tw, c)
+    if tw > 1:
+        dD[:, :e, :, :, 1:] += dD[:, m:, :, :, :-1]
+    if th > 1:
+        dD[:e, :, :, 1:] += dD[m:, :, :, :-1]
+    grad_pad = xp.empty((b, m * th + e, m * tw + e, c), dtype=dV.dtype)
+    grad_pad[:, : m * th, : m * tw].reshape(b, th, m, tw, m, c)[...] = dD[:m, :m].transpose(2, 3, 0, 4, 1, 5)
+    grad_pad[:, : m * th, m * tw :].reshape(b, th, m, e, c)[...] = dD[:m, m:, :, :, -1].transpose(2, 3, 0, 1, 4)
+    grad_pad[:, m * th :, : m * tw].reshape(b, e, tw, m, c)[...] = dD[m:, :m, :, -1].transpose(2, 0, 3, 1, 4)
+    grad_pad[:, m * th :, m * tw :] = dD[m:, m:, :, -1, -1].transpose(2, 0, 1, 3)
+    gx[...] = grad_pad[:, p : p + g.height, p : p + g.width]
 
 
 def winograd_flops(g: ConvGeometry, training: bool = False, input_grad: bool = True, m: int = 2) -> int:
     """Flops (2 per multiply-add) of the matrix products one call of F(m x m, 3x3) executes:
-    the channel products and the tile transforms; with ``training`` the weight gradient and
+    the channel products and the tile transforms (each applied as two passes of its
+    one-dimensional factor, :func:`_kron_apply`); with ``training`` the weight gradient and
     (``input_grad``) the input gradient too (:class:`Winograd`, :class:`Winograd4`)."""
     th, tw = _tiles(g, m)
-    e = (m + 2) ** 2  # tile entries
+    a = m + 2
+    e = a * a  # tile entries
     t, c, o = g.batch * th * tw, g.in_channels, g.out_channels
-    forward = 2 * (e * t * c * o + e * e * t * c + m * m * e * t * o + e * 9 * c * o)
+    tile_in = 2 * a ** 3  # B^T on both sides of an a x a tile, per channel
+    tile_out = m * a * a + m * m * a  # A^T on both sides, down to m x m
+    forward = 2 * (e * t * c * o + tile_in * t * c + tile_out * t * o + e * 9 * c * o)
     if not training:
         return forward
-    total = forward + 2 * (e * t * c * o + e * m * m * t * o + 9 * e * c * o)
+    total = forward + 2 * (e * t * c * o + tile_out * t * o + 9 * e * c * o)
     if input_grad:
-        total += 2 * (e * t * o * c + e * e * t * c)
+        total += 2 * (e * t * o * c + tile_in * t * c)
     return total
 
 
 class Winograd(Algorithm):
     """Winograd F(2x2, 3x3): 3x3, stride-1, ungrouped convolutions with padding 0 to 2, in
-    4/9 of the direct method's channel multiplications (see the module docstring)."""
+    4/9 of the direct method's channel multiplications (see the module docstring). On NumPy
+    each call runs in blocks of images (:data:`BLOCK_BYTES`)."""
 
     name = "winograd"
     scope = "3x3, stride-1, ungrouped (padding at most 2)"
@@ -196,52 +283,73 @@ class Winograd(Algorithm):
     def forward(self, g: ConvGeometry, x_nhwc: Any, w: Any, b: Any | None, training: bool = True
                 ) -> tuple[Any, WinogradSaved]:
         xp = backend.get_array_module(x_nhwc, w)
-        V, (th, tw) = _input_transform(g, x_nhwc, self.m)
+        m, th, tw = self.m, *_tiles(g, self.m)
         if training:
             self._kernel.clear()  # the weights are about to change: nothing to reuse
-            U = _kernel_transform(w, self.m)
+            U = _kernel_transform(w, m)
         else:
-            U = self._kernel.get(w, (), lambda: _kernel_transform(w, self.m))
-        M = xp.matmul(V, U)
-        if b is not None:
-            M[_BIAS_ENTRY[self.m]] += b
-        y = _output_transform(M, g, th, tw, self.m)
-        return y, (WinogradSaved(V, (th, tw), U) if training else WinogradSaved(None, (th, tw)))
+            U = self._kernel.get(w, (), lambda: _kernel_transform(w, m))
+        x_pad = _padded(g, x_nhwc, m)
+        y = xp.empty((g.batch, g.out_h, g.out_w, g.out_channels), dtype=x_nhwc.dtype)
+        blocks = _blocks(g, m, max(g.in_channels, g.out_channels), xp)
+        keep = None
+        if training and len(blocks) > 1:
+            keep = xp.empty(((m + 2) ** 2, g.batch * th * tw, g.in_channels), dtype=x_nhwc.dtype)
+        for lo, hi in blocks:
+            V = _input_transform(g, x_pad, m, lo, hi)
+            if keep is not None:
+                keep[:, lo * th * tw : hi * th * tw] = V
+            elif training:
+                keep = V  # one block: V is the whole batch's
+            M = xp.matmul(V, U)
+            if b is not None:
+                M[_BIAS_ENTRY[m]] += b
+            _output_transform(M, y[lo:hi], th, tw, m)
+        return y, (WinogradSaved(keep, (th, tw), U) if training else WinogradSaved(None, (th, tw)))
 
     def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> WinogradSaved:
-        V, tiles = _input_transform(g, x_nhwc, self.m)
-        return WinogradSaved(V, tiles, _kernel_transform(w, self.m))
+        V = _input_transform(g, _padded(g, x_nhwc, self.m), self.m)
+        return WinogradSaved(V, _tiles(g, self.m), _kernel_transform(w, self.m))
 
-    def _weight_grad(self, g: ConvGeometry, dM: Any, saved: WinogradSaved, w: Any) -> Any:
-        xp = backend.get_array_module(dM, w)
-        if saved.V is None:
+    def _gradients(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved | None, w: Any, need_input: bool,
+                   need_weight: bool) -> tuple[Any | None, Any | None, Any]:
+        """(grad_x, grad_w, grad_b), block by block from dM, the adjoint of the output
+        transform; the weight gradient's channel products are summed over the blocks."""
+        xp = backend.get_array_module(grad_y, w)
+        m, th, tw = self.m, *_tiles(g, self.m)
+        if need_weight and (saved is None or saved.V is None):
             raise ValueError("Winograd weight gradient needs the forward of a training call (training=True)")
-        dU = xp.matmul(saved.V.transpose(0, 2, 1), dM)  # (a^2, C, O)
-        c, o = g.in_channels, g.out_channels
-        dw9 = xp.matmul(_matrices(xp, w.dtype, self.m)["GGT"], dU.reshape(dU.shape[0], c * o))  # (9, C O)
-        return xp.ascontiguousarray(dw9.reshape(3, 3, c, o).transpose(3, 2, 0, 1))
-
-    def _input_grad(self, g: ConvGeometry, dM: Any, tiles: tuple, w: Any, U: Any = None) -> Any:
-        xp = backend.get_array_module(dM, w)
-        if U is None:
-            U = _kernel_transform(w, self.m)
-        dV = xp.matmul(dM, U.transpose(0, 2, 1))  # (a^2, T, C)
-        return _input_transform_adjoint(dV, g, *tiles, self.m)
+        U = getattr(saved, "U", None)
+        if need_input and U is None:
+            U = _kernel_transform(w, m)
+        gx = xp.empty((g.batch, g.height, g.width, g.in_channels), dtype=grad_y.dtype) if need_input else None
+        dU = db = None
+        for lo, hi in _blocks(g, m, max(g.in_channels, g.out_channels), xp):
+            dM = _output_tiles_adjoint(grad_y[lo:hi], th, tw, m)
+            part = dM[_BIAS_ENTRY[m]].sum(axis=0)
+            db = part if db is None else db + part
+            if need_weight:
+                part = xp.matmul(saved.V[:, lo * th * tw : hi * th * tw].transpose(0, 2, 1), dM)  # (a^2, C, O)
+                dU = part if dU is None else dU + part
+            if need_input:
+                _input_transform_adjoint(xp.matmul(dM, U.transpose(0, 2, 1)), g, gx[lo:hi], th, tw, m)
+        dw = None
+        if need_weight:
+            c, o = g.in_channels, g.out_channels
+            dw9 = xp.matmul(_matrices(xp, w.dtype, m)["GGT"], dU.reshape(dU.shape[0], c * o))  # (9, C O)
+            dw = xp.ascontiguousarray(dw9.reshape(3, 3, c, o).transpose(3, 2, 0, 1))
+        return gx, dw, db
 
     def weight_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any) -> Any:
-        return self._weight_grad(g, _output_tiles_adjoint(grad_y, g, *saved.tiles, self.m), saved, w)
+        return self._gradients(g, grad_y, saved, w, need_input=False, need_weight=True)[1]
 
     def input_grad(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved | None, w: Any) -> Any:
-        tiles = _tiles(g, self.m)
-        U = getattr(saved, "U", None)
-        return self._input_grad(g, _output_tiles_adjoint(grad_y, g, *tiles, self.m), tiles, w, U)
+        return self._gradients(g, grad_y, saved, w, need_input=True, need_weight=False)[0]
 
     def backward(self, g: ConvGeometry, grad_y: Any, saved: WinogradSaved, w: Any, need_input_grad: bool = True
                  ) -> tuple[Any | None, Any, Any]:
-        """Both gradients from one transform of grad_y (dM)."""
-        dM = _output_tiles_adjoint(grad_y, g, *saved.tiles, self.m)
-        gx = self._input_grad(g, dM, saved.tiles, w, saved.U) if need_input_grad else None
-        return gx, self._weight_grad(g, dM, saved, w), dM[_BIAS_ENTRY[self.m]].sum(axis=0)
+        """Both gradients from one transform of grad_y (dM) per block."""
+        return self._gradients(g, grad_y, saved, w, need_input=need_input_grad, need_weight=True)
 
 
 class Winograd4(Winograd):
