@@ -15,15 +15,11 @@ block size (3/4 of the L2 cache the OS reports) is marked, and the JSON records 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchlib import Timed, alternate, machine_heading, machine_info, markdown_table, write_json  # noqa: E402
+from benchlib import Timed, alternate, machine_heading, machine_info, markdown_table, write_json
 
 # (name, height, width, in, out, padding)
 SHAPES = [
@@ -45,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="scripts/results/winograd-blocks.json", help="where to write every figure")
     args = p.parse_args(argv)
 
+    from capsnet.parallel import blas_limit  # noqa: PLC0415
+
+    with blas_limit(1):  # one BLAS thread, as in a replica
+        return _sweep(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
     from capsnet.layers.convolution import ConvGeometry, make, winograd  # noqa: PLC0415
 
     default_bytes = winograd.BLOCK_BYTES
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 impls = {label: Timed(with_block(size, call)) for label, size in sizes.items()}
                 timed = alternate(impls, args.rounds, warmup=1, min_round_time=args.min_round_time)
                 ms = {label: timed[label]["seconds"] * 1e3 for label in sizes}
-                blocks = {label: len(winograd._blocks(g, alg.m, max(c, o), np)) for label in sizes}
+                blocks = {label: with_block(size, lambda: len(winograd._blocks(g, alg.m, max(c, o), np)))()
+                          for label, size in sizes.items()}
                 best = min(ms, key=ms.get)
                 rows.append({"shape": name, "batch": batch, "direction": direction, "ms": ms, "blocks": blocks,
                              "rounds": {label: timed[label]["rounds"] for label in sizes}, "fastest": best,
