@@ -367,60 +367,12 @@ def test_both_patch_gradient_sums_are_the_adjoint_of_the_gather(xp, host_rng, ca
 @pytest.mark.parametrize("name", ["winograd", "winograd4"])
 @pytest.mark.parametrize("per_block", [1, 2])
 @pytest.mark.parametrize("size, padding", [(10, 1), (11, 0), (7, 2)])  # whole, overhanging and padded tiles
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_winograd_in_blocks_of_images_matches_the_loop(host_rng, monkeypatch, name, per_block, size, padding, threads):
-    """On NumPy a Winograd call runs a block of images at a time (BLOCK_BYTES), the blocks
-    shared out among the host threads: blocks of one and of two images (the last one
-    shorter), on 1 to 3 threads, give the loop oracle's output and gradients, in training
-    and in inference, with and without the input gradient."""
-    from capsnet import parallel  # noqa: PLC0415
+def test_winograd_in_blocks_of_images_matches_the_loop(host_rng, monkeypatch, name, per_block, size, padding):
+    """On NumPy a Winograd call runs a block of images at a time (BLOCK_BYTES): blocks of one
+    and of two images (the last one shorter) give the loop oracle's output and gradients,
+    in training and in inference, with and without the input gradient."""
     from capsnet.layers.convolution import winograd  # noqa: PLC0415
     from tests.helpers import naive_conv2d, naive_conv2d_backward  # noqa: PLC0415
-
-    with parallel.threads(threads):
-        _check_winograd_blocks(host_rng, monkeypatch, name, per_block, size, padding, winograd,
-                               naive_conv2d, naive_conv2d_backward)
-        shares = winograd._shares(winograd._blocks(ConvGeometry(5, size, size, 3, 4, 3, 3, 1, padding, 1, F64),
-                                                   make(name).m, 4, np), np)
-        assert len(shares) == min(threads, -(-5 // per_block))
-        assert [blk for share in shares for blk in share] == winograd._blocks(
-            ConvGeometry(5, size, size, 3, 4, 3, 3, 1, padding, 1, F64), make(name).m, 4, np)
-
-
-def test_winograd_shares_give_the_same_bits_at_once_and_in_turn(host_rng, monkeypatch):
-    """The cut into shares depends on the thread count alone: run at once on the pool, or in
-    turn (as inside a replica's job), a training call gives the same bits."""
-    from capsnet import parallel  # noqa: PLC0415
-    from capsnet.layers.convolution import winograd  # noqa: PLC0415
-
-    alg = make("winograd4")
-    g = ConvGeometry(6, 14, 14, 5, 7, 3, 3, 1, 1, 1, "float32")
-    th, tw = winograd._tiles(g, alg.m)
-    monkeypatch.setattr(winograd, "BLOCK_BYTES", 36 * th * tw * 7 * 4)  # one image a block
-    x = host_rng.standard_normal((6, 14, 14, 5)).astype(np.float32)
-    w = host_rng.standard_normal((7, 5, 3, 3)).astype(np.float32)
-    gy = host_rng.standard_normal((6, 14, 14, 7)).astype(np.float32)
-
-    def call():
-        y, saved = alg.forward(g, x, w, None, training=True)
-        return (y, *alg.backward(g, gy, saved, w))
-
-    in_turn = []
-
-    def inside_a_task():
-        with parallel.threads(2):  # the same cut, run in turn there
-            in_turn.extend(call())
-
-    with parallel.threads(2):
-        at_once = call()
-        parallel.run_all([inside_a_task, lambda: None])
-        assert len(winograd._shares(winograd._blocks(g, alg.m, 7, np), np)) == 2
-    for a, b in zip(at_once, in_turn):
-        np.testing.assert_array_equal(a, b)
-
-
-def _check_winograd_blocks(host_rng, monkeypatch, name, per_block, size, padding, winograd, naive_conv2d,
-                           naive_conv2d_backward):
 
     alg = make(name)
     g = ConvGeometry(5, size, size, 3, 4, 3, 3, 1, padding, 1, F64)

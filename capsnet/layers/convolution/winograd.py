@@ -47,14 +47,13 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from capsnet import backend
 from capsnet.layers.convolution.algorithm import Algorithm, WeightCache
 from capsnet.layers.convolution.geometry import ConvGeometry
-from capsnet.parallel import blas_limit, host_threads, run_all, shard
 
 __all__ = ["BLOCK_BYTES", "Winograd", "Winograd4", "WinogradSaved", "winograd_blocks", "winograd_flops"]
 
@@ -146,33 +145,6 @@ def _blocks(g: ConvGeometry, m: int, width: int, xp: Any) -> list[tuple[int, int
     per_image = (m + 2) ** 2 * th * tw * width * np.dtype(g.dtype).itemsize
     n = max(1, BLOCK_BYTES // per_image)
     return [(lo, min(lo + n, g.batch)) for lo in range(0, g.batch, n)]
-
-
-def _shares(blocks: list[tuple[int, int]], xp: Any) -> list[list[tuple[int, int]]]:
-    """The blocks cut into one contiguous share per host thread (:func:`~capsnet.parallel.host_threads`;
-    one share off NumPy or with one thread). The cut depends on the thread count alone, not on
-    where the shares run, so a call gives the same bits whether they run at once or in turn
-    (inside a replica's job they run in turn)."""
-    n = min(host_threads(), len(blocks)) if xp is np else 1
-    if n <= 1:
-        return [blocks]
-    return [blocks[lo:hi] for lo, hi in (shard(len(blocks), r, n) for r in range(n))]
-
-
-def _run_shares(shares: list[list[tuple[int, int]]], work: Callable[[list[tuple[int, int]]], Any]) -> list:
-    """``work(share)`` for each share, on the shared pool's threads with BLAS on one thread each
-    (here, in turn, with one share or inside a pool task); the results in share order."""
-    if len(shares) == 1:
-        return [work(shares[0])]
-    results: list = [None] * len(shares)
-
-    def task(k: int) -> Callable[[], None]:
-        def run() -> None:
-            results[k] = work(shares[k])
-        return run
-    with blas_limit(1):
-        run_all([task(k) for k in range(len(shares))])
-    return results
 
 
 def winograd_blocks(g: ConvGeometry, m: int) -> int:
@@ -323,20 +295,16 @@ class Winograd(Algorithm):
         keep = None
         if training and len(blocks) > 1:
             keep = xp.empty(((m + 2) ** 2, g.batch * th * tw, g.in_channels), dtype=x_nhwc.dtype)
-
-        def work(share: list[tuple[int, int]]) -> Any:
-            for lo, hi in share:  # each block writes its own rows of y (and of keep)
-                V = _input_transform(g, x_pad, m, lo, hi)
-                if keep is not None:
-                    keep[:, lo * th * tw : hi * th * tw] = V
-                M = xp.matmul(V, U)
-                if b is not None:
-                    M[_BIAS_ENTRY[m]] += b
-                _output_transform(M, y[lo:hi], th, tw, m)
-            return V
-        last = _run_shares(_shares(blocks, xp), work)[-1]
-        if training and keep is None:
-            keep = last  # one block: its V is the whole batch's
+        for lo, hi in blocks:
+            V = _input_transform(g, x_pad, m, lo, hi)
+            if keep is not None:
+                keep[:, lo * th * tw : hi * th * tw] = V
+            elif training:
+                keep = V  # one block: V is the whole batch's
+            M = xp.matmul(V, U)
+            if b is not None:
+                M[_BIAS_ENTRY[m]] += b
+            _output_transform(M, y[lo:hi], th, tw, m)
         return y, (WinogradSaved(keep, (th, tw), U) if training else WinogradSaved(None, (th, tw)))
 
     def save(self, g: ConvGeometry, x_nhwc: Any, w: Any) -> WinogradSaved:
@@ -355,26 +323,16 @@ class Winograd(Algorithm):
         if need_input and U is None:
             U = _kernel_transform(w, m)
         gx = xp.empty((g.batch, g.height, g.width, g.in_channels), dtype=grad_y.dtype) if need_input else None
-
-        def work(share: list[tuple[int, int]]) -> tuple[Any, Any]:
-            """This share's sums of the bias and kernel gradients; its rows of gx written."""
-            dU = db = None
-            for lo, hi in share:
-                dM = _output_tiles_adjoint(grad_y[lo:hi], th, tw, m)
-                part = dM[_BIAS_ENTRY[m]].sum(axis=0)
-                db = part if db is None else db + part
-                if need_weight:
-                    part = xp.matmul(saved.V[:, lo * th * tw : hi * th * tw].transpose(0, 2, 1), dM)  # (a^2, C, O)
-                    dU = part if dU is None else dU + part
-                if need_input:
-                    _input_transform_adjoint(xp.matmul(dM, U.transpose(0, 2, 1)), g, gx[lo:hi], th, tw, m)
-            return dU, db
-        parts = _run_shares(_shares(_blocks(g, m, max(g.in_channels, g.out_channels), xp), xp), work)
-        dU, db = parts[0]
-        for more_dU, more_db in parts[1:]:  # in share order: the same sum wherever the shares ran
-            db = db + more_db
+        dU = db = None
+        for lo, hi in _blocks(g, m, max(g.in_channels, g.out_channels), xp):
+            dM = _output_tiles_adjoint(grad_y[lo:hi], th, tw, m)
+            part = dM[_BIAS_ENTRY[m]].sum(axis=0)
+            db = part if db is None else db + part
             if need_weight:
-                dU = dU + more_dU
+                part = xp.matmul(saved.V[:, lo * th * tw : hi * th * tw].transpose(0, 2, 1), dM)  # (a^2, C, O)
+                dU = part if dU is None else dU + part
+            if need_input:
+                _input_transform_adjoint(xp.matmul(dM, U.transpose(0, 2, 1)), g, gx[lo:hi], th, tw, m)
         dw = None
         if need_weight:
             c, o = g.in_channels, g.out_channels
