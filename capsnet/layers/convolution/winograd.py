@@ -118,7 +118,7 @@ def _tiles(g: ConvGeometry, m: int) -> tuple[int, int]:
 
 def _cache_bytes() -> int:
     """The working set of one block of images: 3/4 of a core's L2 cache as the OS reports it
-    (1 MiB on the AMD EPYC and the Intel Xeons these machines have), 768 KiB where it says nothing."""
+    (1 MiB on the project's AMD EPYC), 768 KiB where it says nothing."""
     try:
         l2 = int(os.sysconf("SC_LEVEL2_CACHE_SIZE"))
     except (AttributeError, ValueError, OSError):
@@ -130,10 +130,12 @@ BLOCK_BYTES = _cache_bytes()
 """On NumPy, a Winograd convolution runs a block of images at a time from the gather to the
 output, so that the transformed tiles, their products and the transforms between stay in the
 cache: the largest of them (a^2 x tiles x channels values) at most this many bytes, one image
-at least. Each pass of these transforms is bound by memory; measured on the 2-core AMD EPYC
-(1 MiB L2, one thread, ``scripts/bench_winograd_blocks.py``), Efficient-CapsNet's 3x3 layers
-ran about twice as fast in blocks of 0.5 to 0.7 MB as over the whole batch at once, and slower
-again from 1.3 MB. On CuPy the whole batch is one block."""
+at least. Each pass of these transforms is bound by memory. Measured on the project's 2-core
+AMD EPYC (1 MiB L2, one thread, ``scripts/bench_winograd_blocks.py``, batch 16 to 100) on
+Efficient-CapsNet's two 3x3 layers and a CIFAR-style 3x3: this size took at most 1.11x the time
+of the fastest size tried (256 KiB to 4 MiB), and the whole batch as one block 1.5x to 2.1x its
+time in inference, 1.1x to 1.8x in training. Rerun that script on another CPU. On CuPy the
+whole batch is one block."""
 
 
 def _blocks(g: ConvGeometry, m: int, width: int, xp: Any) -> list[tuple[int, int]]:
