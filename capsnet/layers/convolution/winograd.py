@@ -68,23 +68,26 @@ _TRANSFORMS = {
          [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
-_HOST = {m: {name: np.kron(np.array(t, dtype=np.float64), np.array(t, dtype=np.float64))
-             for name, t in zip(("BB", "GG", "AA"), ts)} for m, ts in _TRANSFORMS.items()}
-# The one-dimensional factors the tile transforms apply twice (:func:`_kron_apply`): Bt = B^T
-# (a x a) and At = A^T (m x a), and their transposes B and A for the adjoints
-for _m, (_bt, _g, _at) in _TRANSFORMS.items():
-    _HOST[_m].update(Bt=np.array(_bt, dtype=np.float64), At=np.array(_at, dtype=np.float64))
-# The tile entry whose column of AA is all ones (the point 1 in both directions): a bias added
-# to M at that entry reaches every output of the tile once, so the forward adds it to a 1/a^2
-# slice of M instead of the whole output, and the bias gradient is that entry of dM summed
-_BIAS_ENTRY = {m: int(np.flatnonzero((t["AA"] == 1).all(axis=0))[0]) for m, t in _HOST.items()}
+# What the products use, per m: the kernel transform GG = G (x) G (one product over the 9 taps),
+# and the one-dimensional factors the tile transforms apply twice (:func:`_kron_apply`),
+# Bt = B^T (a x a) and At = A^T (m x a); :func:`_matrices` adds their transposes for the adjoints
+_HOST = {m: {"GG": np.kron(np.array(g, dtype=np.float64), np.array(g, dtype=np.float64)),
+             "Bt": np.array(bt, dtype=np.float64), "At": np.array(at, dtype=np.float64)}
+         for m, (bt, g, at) in _TRANSFORMS.items()}
+# The tile entry whose column of AA = At (x) At is all ones: (j, j) for the column j of At that is
+# all ones (the point 1). A bias added to M at that entry reaches every output of the tile once,
+# so the forward adds it to a 1/a^2 slice of M instead of the whole output, and the bias gradient
+# is that entry of dM summed
+_ONES = {m: int(np.flatnonzero((t["At"] == 1).all(axis=0))[0]) for m, t in _HOST.items()}
+_BIAS_ENTRY = {m: j * (m + 2) + j for m, j in _ONES.items()}
 
 _matrices_lock = threading.Lock()
 _DEVICE: dict[tuple, dict[str, Any]] = {}
 
 
 def _matrices(xp: Any, dtype: Any, m: int) -> dict[str, Any]:
-    """F(m, 3)'s BB, GG, AA (and their transposes, contiguous) on the device of ``xp``, in ``dtype``."""
+    """F(m, 3)'s GG, Bt and At (and their transposes, contiguous, as GGT, BtT, AtT) on the device
+    of ``xp``, in ``dtype``."""
     key = (*backend.device_key(xp), np.dtype(dtype).name, m)
     found = _DEVICE.get(key)
     if found is None:
