@@ -43,6 +43,7 @@ runs each call in parallel, and a device and stream belong to the calling thread
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Callable
 
 from capsnet import backend
@@ -50,7 +51,7 @@ from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
 from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all, run_together, shard
 
-__all__ = ["Replicas", "replicate", "split_reason"]
+__all__ = ["ENV", "KINDS", "Replicas", "plan_slices", "replica_kind", "replicate", "split_reason"]
 
 CHUNK = 1 << 18  # elements per task of the gradient reduction: 1 MB of float32 per array
 # A training batch is split only into slices of at least this many examples. Measured at 2
@@ -75,13 +76,55 @@ def split_reason(model: Module, threads: int | None = None) -> str | None:
     return None
 
 
-def replicate(model: Module, threads: int | None = None) -> Any:
-    """``model`` run as :class:`Replicas` on ``threads`` host threads (default
-    :func:`~capsnet.parallel.host_threads`), or ``model`` itself where that cannot help
-    (see :func:`split_reason`). Both answer ``__call__``, ``backward``, ``predict``,
-    ``train``, ``eval``, ``training``, ``parameters`` and ``release``."""
+KINDS = ("threads", "processes")
+ENV = "CAPSNET_REPLICAS"
+
+
+def replica_kind(kind: str | None = None, model: Module | None = None) -> str:
+    """Where replicas run: ``kind`` if given; else the environment's CAPSNET_REPLICAS; else
+    the model's own ``replica_kind`` (networks of many small calls, where processes were
+    measured faster, say ``"processes"``); else ``"threads"``. A value not in KINDS is refused."""
+    for chosen, source in ((kind, "replicas"), (os.environ.get(ENV) or None, ENV)):
+        if chosen is not None:
+            if chosen not in KINDS:
+                raise ValueError(f"{source} must be one of {', '.join(KINDS)}, got {chosen!r}")
+            return chosen
+    preferred = getattr(model, "replica_kind", "threads")
+    if preferred == "processes":
+        from capsnet.processes import process_reason  # noqa: PLC0415 - imports this module
+
+        if process_reason(model) is not None:  # a preference only: a subclass defined in a script stays in-process
+            return "threads"
+    return preferred if preferred in KINDS else "threads"
+
+
+def replicate(model: Module, threads: int | None = None, kind: str | None = None) -> Any:
+    """``model`` run by ``threads`` replicas (default :func:`~capsnet.parallel.host_threads`),
+    or ``model`` itself where that cannot help (see :func:`split_reason`). ``kind`` says where
+    the replicas run (default: :func:`replica_kind`): ``"threads"`` (:class:`Replicas`, one
+    process) or ``"processes"`` (:class:`capsnet.processes.ProcessReplicas`: this process and
+    worker processes, which escape the GIL; refused, with the reason, for a model a worker
+    cannot import). All answer ``__call__``, ``backward``, ``predict``, ``train``, ``eval``,
+    ``training``, ``parameters`` and ``release``; both kinds compute the same bits."""
     n = host_threads() if threads is None else threads
-    return model if split_reason(model, n) is not None else Replicas(model, n)
+    chosen = replica_kind(kind, model)
+    if split_reason(model, n) is not None:
+        return model
+    if chosen == "processes":
+        from capsnet.processes import ProcessReplicas  # noqa: PLC0415 - imports this module
+
+        return ProcessReplicas(model, n)
+    return Replicas(model, n)
+
+
+def plan_slices(model: Module, parts: int, rows: int, training: bool = False) -> list[tuple[int, int]]:
+    """The slices of a batch of ``rows`` for ``parts`` replicas: one per replica, each of at
+    least one example (at least MIN_TRAIN_SLICE in training, below which one replica with
+    BLAS on every core is faster; a model whose step is mostly element-wise passes sets its
+    own ``min_train_slice``)."""
+    most = rows // getattr(model, "min_train_slice", MIN_TRAIN_SLICE) if training else rows
+    n = max(1, min(parts, most))
+    return [shard(rows, r, n) for r in range(n)]
 
 
 def _split(value: Any, rows: int, lo: int, hi: int) -> Any:
@@ -173,13 +216,7 @@ class Replicas:
         return [self.model, *self._copies[:n - 1]]
 
     def _plan(self, rows: int, training: bool = False) -> list[tuple[int, int]]:
-        """The slices of a batch of ``rows``: one per thread, each of at least one example
-        (at least MIN_TRAIN_SLICE in training, below which one replica with BLAS on every
-        core is faster; a model whose step is mostly element-wise passes sets its own
-        ``min_train_slice``)."""
-        most = rows // getattr(self.model, "min_train_slice", MIN_TRAIN_SLICE) if training else rows
-        n = max(1, min(self.threads, most))
-        return [shard(rows, r, n) for r in range(n)]
+        return plan_slices(self.model, self.threads, rows, training)
 
     def _run(self, jobs: list[Callable[[], Any]], groups: list[Any] = ()) -> list:
         """The jobs on the host threads, BLAS on one thread each; their results in order.

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--seed", type=int, help=f"seed for weights, data order and shifts (default {d.seed})")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--replicas", choices=("threads", "processes"),
+                   help="where the model's replicas run, one per core and a slice of each batch each: threads of "
+                        "this process, or worker processes (escape the GIL; faster for Efficient-CapsNet and EM). "
+                        "Both give the same bits. Default: the model's choice, or $CAPSNET_REPLICAS")
     g.add_argument("--log-every", type=int, help=f"update the running loss every N steps (default {d.log_every})")
     g.add_argument("--tensorboard", type=Path, metavar="DIR",
                    help="write TensorBoard curves to DIR: the running loss, metrics and learning rate every "

@@ -26,30 +26,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 
-def build(network: str, min_slice: int, threads: int, batch: int, seed: int) -> benchlib.Timed:
-    """A Timed training step of ``network`` through Replicas with ``min_train_slice = min_slice``
-    (its ``runner`` attribute: the Replicas)."""
-    from capsnet.layers import MarginLoss
-    from capsnet.models import CapsNet, EfficientCapsNet
+def build(network: str, min_slice: int, threads: int, batch: int, seed: int, kind: str = "threads",
+          mode: str = "train") -> benchlib.Timed:
+    """A Timed training step (``mode`` "train") or prediction ("infer") of ``network`` through
+    Replicas (``kind`` "threads") or ProcessReplicas ("processes") with ``min_train_slice =
+    min_slice`` (its ``runner`` attribute: the replicas)."""
+    from capsnet.layers import MarginLoss, SpreadLoss
+    from capsnet.models import CapsNet, EfficientCapsNet, MatrixCapsNet
     from capsnet.optim import Adam
+    from capsnet.processes import ProcessReplicas
     from capsnet.replicas import Replicas
 
-    model = {"efficient": EfficientCapsNet, "capsnet": CapsNet}[network](dtype="float32", seed=0)
+    model = {"efficient": EfficientCapsNet, "capsnet": CapsNet, "em": MatrixCapsNet}[network](dtype="float32", seed=0)
     model.min_train_slice = min_slice
-    runner = Replicas(model, threads)
-    runner.train()
+    runner = (ProcessReplicas if kind == "processes" else Replicas)(model, threads)
     optimizer, criterion = Adam(model.parameters(), lr=1e-4), MarginLoss()
+    spread = SpreadLoss(0.9)
     rng = np.random.default_rng(seed)
     x = rng.uniform(0, 1, (batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, batch)
 
     def step() -> None:
-        lengths, recon = runner(x, y)
-        criterion(lengths, y)
-        runner.backward(criterion.backward(), (recon - x) * 1e-3)
+        if network == "em":
+            spread(runner(x), y)
+            runner.backward(spread.backward())
+        else:
+            lengths, recon = runner(x, y)
+            criterion(lengths, y)
+            runner.backward(criterion.backward(), (recon - x) * 1e-3)
         optimizer.step()
         optimizer.zero_grad()
-    timed = benchlib.Timed(step)
+    runner.train(mode == "train")
+    timed = benchlib.Timed(step if mode == "train" else (lambda: runner.predict(x)))
     timed.runner = runner
     return timed
 
@@ -57,12 +65,16 @@ def build(network: str, min_slice: int, threads: int, batch: int, seed: int) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--network", choices=("efficient", "capsnet"), default="efficient")
+    p.add_argument("--network", choices=("efficient", "capsnet", "em"), default="efficient")
+    p.add_argument("--mode", choices=("train", "infer"), default="train",
+                   help="a training step (default) or a prediction")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count(), help="replicas when split, BLAS threads when whole (default: usable CPUs)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; each figure is their median")
     p.add_argument("--min-round-time", type=float, default=0.5, help="seconds per round of the slower setting")
+    p.add_argument("--processes", action="store_true",
+                   help="also time the split batch on replica processes (capsnet.processes) instead of threads")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
     if args.threads < 2:
@@ -73,14 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.network}: one training step, one replica (BLAS on {args.threads} threads) against "
           f"{args.threads} replicas (BLAS on one thread each)")
     for batch in args.batch_sizes:
-        impls = {"whole": build(args.network, batch + 1, args.threads, batch, 1),
-                 "split": build(args.network, 1, args.threads, batch, 1)}
+        impls = {"whole": build(args.network, batch + 1, args.threads if args.mode == "train" else 1, batch, 1,
+                                mode=args.mode),
+                 "split": build(args.network, 1, args.threads, batch, 1, mode=args.mode)}
+        if args.processes:
+            impls["processes"] = build(args.network, 1, args.threads, batch, 1, kind="processes", mode=args.mode)
         timed = benchlib.alternate(impls, args.rounds, warmup=3, min_round_time=args.min_round_time)
+        for impl in impls.values():
+            close = getattr(impl.runner, "close", None)
+            if close is not None:
+                close()
         whole, split = timed["whole"]["seconds"], timed["split"]["seconds"]
-        rows.append({"batch": batch, "whole_ms": whole * 1e3, "split_ms": split * 1e3, "split_speedup": whole / split,
-                     "rounds": {k: timed[k]["rounds"] for k in impls}})
-        print(f"batch {batch:4d}: whole {whole * 1e3:8.2f} ms, split {split * 1e3:8.2f} ms, "
-              f"split / whole speed {whole / split:.3f}", flush=True)
+        row = {"batch": batch, "whole_ms": whole * 1e3, "split_ms": split * 1e3, "split_speedup": whole / split,
+               "rounds": {k: timed[k]["rounds"] for k in impls}}
+        line = (f"batch {batch:4d}: whole {whole * 1e3:8.2f} ms, split {split * 1e3:8.2f} ms, "
+                f"split / whole speed {whole / split:.3f}")
+        if args.processes:
+            procs = timed["processes"]["seconds"]
+            row |= {"processes_ms": procs * 1e3, "processes_speedup": whole / procs,
+                    "processes_over_threads": split / procs}
+            line += f"; processes {procs * 1e3:8.2f} ms, {whole / procs:.3f}x whole, {split / procs:.3f}x threads"
+        rows.append(row)
+        print(line, flush=True)
     if args.json:
         benchlib.write_json(args.json, {"machine": benchlib.machine_info(args.threads), "settings": vars(args) | {
             "json": str(args.json)}, "rows": rows})

@@ -80,6 +80,11 @@ class EfficientCapsNet(Module):
     # with the replicas' batch norms normalising the whole batch together (0.5.3). Batch 16, the
     # authors' setup, as two replicas of 8 ran at 0.87x (0.5.3, 9 rounds), so it stays one.
     min_train_slice = 16
+    # Its step is hundreds of small NumPy calls, whose Python side holds the GIL: replicas in
+    # worker processes (capsnet.processes) ran its batch-32 training step 1.11x and its
+    # predictions at batch 16 to 100 1.19x to 1.33x faster than replicas on threads (2 cores,
+    # quiet: scripts/bench_replica_split.py --processes, scripts/results/replica-processes-*.json).
+    replica_kind = "processes"
 
     def __init__(self, config: EfficientCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,
                  **overrides: Any):

@@ -29,6 +29,7 @@ from capsnet.models.config import DictConfig
 from capsnet.models.efficient_capsnet import EfficientCapsNet, EfficientCapsNetConfig
 from capsnet.models.matrix_capsnet import MatrixCapsNet, MatrixCapsNetConfig, SpreadTask
 from capsnet.optim import SGD, Adam, ExponentialLR
+from capsnet.replicas import KINDS as REPLICA_KINDS
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
 from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.datasets import DATASETS, EXPANDED_PAD, dataset, expand, pair_errors  # noqa: F401 - re-exported
@@ -82,6 +83,7 @@ class TrainConfig(DictConfig):
     test_limit: int | None = None
     data_dir: str | None = None
     log_every: int = 10
+    replicas: str | None = None
     arch: str = "capsnet"
     model: dict[str, Any] | None = None
     dataset: str = "mnist"
@@ -133,6 +135,8 @@ class TrainConfig(DictConfig):
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if not self.lr_min >= 0:
             raise ValueError(f"lr_min must be >= 0, got {self.lr_min}")
+        if self.replicas is not None and self.replicas not in REPLICA_KINDS:
+            raise ValueError(f"replicas must be one of {', '.join(REPLICA_KINDS)} or None, got {self.replicas!r}")
         if self.test_pairs < 1:
             raise ValueError(f"test_pairs must be at least 1, got {self.test_pairs}")
         for name, value in self.model.items():  # sizes, counts and iterations: positive integers
@@ -278,7 +282,8 @@ class RunTrainer(Trainer):
                          metrics=run_metrics(cfg), seed=cfg.seed + 1, log_every=cfg.log_every,
                          config=cfg.as_dict(), must_match=cfg.fixed_items(), best="test_accuracy",
                          progress=progress, log=log, on_step=on_step, comm=comm, strategy=strategy,
-                         tensorboard=tensorboard, extensions=extensions, stop_on_nan=stop_on_nan)
+                         tensorboard=tensorboard, extensions=extensions, stop_on_nan=stop_on_nan,
+                         replicas=cfg.replicas)
         if isinstance(self.task, SpreadTask):  # the spread loss's margin follows the training clock
             self.task.progress = lambda: (self.epoch + self.step_in_epoch / self.steps_per_epoch) / self.epochs
 

@@ -42,6 +42,7 @@ import numpy as np
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.convolution import choices as convolution_choices
+from capsnet.replicas import replica_kind
 from capsnet.training import extensions as ext
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint, save_checkpoint
 from capsnet.training.evaluation import Metric, add, count_correct, mean
@@ -80,6 +81,9 @@ class Trainer:
       (:class:`~capsnet.training.TerminateOnNaN`; default True).
     - ``on_step(trainer, epoch, step)``: called after every optimizer step (:class:`~capsnet.training.OnStep`).
     - ``extensions``: more :class:`~capsnet.training.Extension` objects (also :meth:`extend`).
+    - ``replicas``: where the model's replicas run on the host's cores, ``"threads"`` or
+      ``"processes"`` (default: :func:`capsnet.replicas.replica_kind`, the model's choice);
+      both compute the same bits, so a run may resume with the other.
 
     ``fit(resume=False)`` returns the metrics records of the epochs it ran. The backend
     is the model's (scoped with ``backend.use`` while fitting).
@@ -92,7 +96,8 @@ class Trainer:
                  best: str | None = None, eval_name: str = "test", progress: bool = True, log: bool = True,
                  on_step: Callable[["Trainer", int, int], None] | None = None, comm: Any = None,
                  strategy: Any = None, tensorboard: str | Path | None = None, stop_on_nan: bool = True,
-                 extensions: Iterable[ext.Extension] = ()):
+                 extensions: Iterable[ext.Extension] = (), replicas: str | None = None):
+        replica_kind(replicas)  # an unknown kind fails here, not at the first step
         task = _check_arguments(model, task, train_data, eval_data, epochs=epochs, batch_size=batch_size,
                                 log_every=log_every)
         self.model, self.task, self.optimizer, self.schedule = model, task, optimizer, schedule
@@ -109,7 +114,7 @@ class Trainer:
         self.folder = RunFolder(run_dir)
         params = model.parameters()
         self.backend_name = backend.backend_of(params[0].data) if params else backend.get_backend()
-        self.updater = Updater(model, task, optimizer, self.metrics, self.strategy)
+        self.updater = Updater(model, task, optimizer, self.metrics, self.strategy, replicas=replicas)
         self.checkpointer = ext.Checkpoint()
         self.best = ext.BestModel(best or (f"{eval_name}_accuracy" if "accuracy" in self.metrics
                                            else f"{eval_name}_loss"))
@@ -213,7 +218,7 @@ class Trainer:
         record.update(train_seconds=train_seconds,
                       train_images_per_second=images / train_seconds if train_seconds > 0 else math.nan,
                       epoch_seconds=time.perf_counter() - start, world_size=self.strategy.size,
-                      host_threads=self.updater.threads)
+                      host_threads=self.updater.threads, replicas=self.updater.kind)
         self.epoch, self.step_in_epoch, self.epoch_rng_state = self.epoch + 1, 0, None
         self.running = {"loss": 0.0, "seen": 0, "metrics": {}}
         if self.schedule is not None:

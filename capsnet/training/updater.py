@@ -30,8 +30,9 @@ class Updater:
     """
 
     def __init__(self, model: Module, task: Any, optimizer: Any, metrics: Mapping[str, Metric],
-                 strategy: Any = None):
+                 strategy: Any = None, replicas: str | None = None):
         self.model, self.task, self.optimizer = model, task, optimizer
+        self.replicas = replicas
         self.metrics = dict(metrics)
         self.strategy = strategy if strategy is not None else SingleProcess()
         self.runner: Any = model
@@ -39,15 +40,21 @@ class Updater:
 
     def start(self) -> None:
         self.strategy.setup(self.model)
-        # one model replica per host thread, a slice of each batch each (capsnet.replicas);
-        # the model itself with one thread or off NumPy
-        self.runner = replicate(self.model)
+        # one model replica per host thread, a slice of each batch each, on threads or in
+        # worker processes (capsnet.replicas); the model itself with one thread or off NumPy
+        self.runner = replicate(self.model, kind=self.replicas)
         self.sums = Sums(self.metrics, backend.xp())
 
     @property
     def threads(self) -> int:
         """The host threads that split each batch (a resume is bit-exact with the same count)."""
         return getattr(self.runner, "threads", 1)
+
+    @property
+    def kind(self) -> str | None:
+        """Where the replicas run ("threads" or "processes"), None when the model runs whole."""
+        runner = self.runner
+        return None if runner is self.model else ("processes" if hasattr(runner, "close") else "threads")
 
     def update(self, batch: tuple, stop: bool = False) -> bool:
         """One optimizer step on the global ``batch``; ``stop``: this process asks to stop
@@ -74,5 +81,9 @@ class Updater:
         return combine_sums(self.strategy.gather(self.sums.read()))
 
     def close(self) -> None:
-        """Drop what the steps cached (no step's cache or spectra outlive the run)."""
+        """Drop what the steps cached (no step's cache or spectra outlive the run) and end
+        the replica processes, if any."""
         self.runner.release()
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()

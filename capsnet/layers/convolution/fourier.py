@@ -455,6 +455,9 @@ class SharedSpectrum:
     def nbytes(self) -> int:
         return self._keep.nbytes
 
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copy of the layer outside capsnet.replicas computes its own spectrum
+
 
 class FourierConv:
     """What one convolution layer keeps between calls of the Fourier method, and its release.
