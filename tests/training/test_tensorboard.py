@@ -124,6 +124,11 @@ def test_a_resumed_run_continues_the_curves_without_duplicate_steps(tmp_path, st
 def test_without_tensorboardx_the_option_fails_at_the_start_naming_the_extra(monkeypatch, tmp_path, capsys, missing):
     from capsnet.data import mnist
 
+    pil = sys.modules.get("PIL")
+    if pil is not None and hasattr(pil, "Image"):
+        # a PIL.Image imported afresh while hidden replaces the package's attribute too; put back,
+        # or a later savefig (matplotlib: from PIL import Image) finds no PNG writer in it
+        monkeypatch.setattr(pil, "Image", pil.Image)
     monkeypatch.setitem(sys.modules, missing, None)  # importing it raises ImportError
     monkeypatch.delitem(sys.modules, "PIL.Image", raising=False)
     monkeypatch.setattr(mnist, "read_idx", lambda *a, **k: pytest.fail("the data was read before the refusal"))
