@@ -191,7 +191,7 @@ class _Worker:
             self.kill()
             raise WorkerError(f"replica process {member} did not start within {START_TIMEOUT:.0f} s")
         self.pending = True
-        self.expect("ready")
+        self.ready_rss_kb = self.expect("ready")  # its resident memory before any step (for benchmarks)
 
     def request(self, *message: Any) -> None:
         try:
@@ -542,7 +542,7 @@ def serve(sock_fd: int, params_fd: int, grads_fd: int) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the leading process
         _send_error(conn, exc)
         return
-    conn.send(("ready",))
+    conn.send(("ready", _rss_kb()))
     named = [buf for _, buf in model.named_buffers()]
     with blas_limit(1), threads(1):
         while True:
@@ -586,6 +586,15 @@ def serve(sock_fd: int, params_fd: int, grads_fd: int) -> None:
                 _send_error(conn, exc)
                 continue
             conn.send(("done", result))
+
+
+def _rss_kb() -> int | None:
+    """This process's resident memory in kB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None
 
 
 def _send_error(conn: Connection, exc: BaseException) -> None:

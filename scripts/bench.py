@@ -105,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with the MNIST files (else $CAPSNET_DATA_DIR, the per-user cache, "
                         "../shared/data/mnist); random images when none is found")
     p.add_argument("--no-torch", action="store_true", help="measure this library only")
+    p.add_argument("--replicas", choices=("threads", "processes"),
+                   help="where capsnet's replicas run (sets CAPSNET_REPLICAS; default: the model's choice)")
     p.add_argument("--torch-allocator", choices=TORCH_ALLOCATORS, default="system",
                    help="PyTorch's host allocator: system (glibc's defaults, as its users run it) or tuned "
                         "(the thresholds capsnet sets on import, capsnet.allocator, through glibc's variables)")
@@ -167,6 +169,11 @@ ROUTING_NETWORKS = ("efficient", "em")
 SPREAD_MARGIN = 0.9  # the spread loss's margin at the end of training (SpreadTask's default)
 
 
+def _kind(runner: Any, model: Any) -> str | None:
+    """Where the replicas ran: "threads", "processes", or None (the model whole)."""
+    return None if runner is model else ("processes" if hasattr(runner, "close") else "threads")
+
+
 def routing_model(network: str):
     """The library's routing model for ``network`` (float32, seed 0, default configuration)."""
     from capsnet.models import EfficientCapsNet, MatrixCapsNet
@@ -210,6 +217,7 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     crit = CapsNetLoss()
     opt = Adam(model.parameters(), lr=1e-3)
     runner = replicate(model)  # one replica per thread, a slice of the batch each (capsnet.replicas)
+    memory.runner = runner  # worker processes' memory counts too
 
     def train_step() -> None:
         lengths, recon = runner(x, y)
@@ -231,7 +239,8 @@ def worker_ours(args: argparse.Namespace) -> dict[str, Any]:
     conv.train()
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
             "primary_conv_method": method, "versions": {"numpy": np.__version__},
-            "replicas": getattr(runner, "threads", 1), "one_replica_because": split_reason(model)}
+            "replicas": getattr(runner, "threads", 1), "replica_kind": _kind(runner, model),
+            "one_replica_because": split_reason(model)}
 
 
 def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,6 +298,7 @@ def worker_ours_routing(args: argparse.Namespace) -> dict[str, Any]:
     model = routing_model(args.worker_network)
     opt = Adam(model.parameters(), lr=1e-3)
     runner = replicate(model)  # as the training loop runs it: one replica per thread
+    memory.runner = runner  # worker processes' memory counts too
     if args.worker_network == "efficient":
         crit = CapsNetLoss()
 
@@ -314,7 +324,8 @@ def worker_ours_routing(args: argparse.Namespace) -> dict[str, Any]:
     train = _measure_training(train_step, args.worker_batch, args, memory)
     return {"train": train, "infer": _median_rate(infer, args.worker_batch, args),
             "versions": {"numpy": np.__version__},
-            "replicas": getattr(runner, "threads", 1), "one_replica_because": split_reason(model)}
+            "replicas": getattr(runner, "threads", 1), "replica_kind": _kind(runner, model),
+            "one_replica_because": split_reason(model)}
 
 
 def worker_torch_routing(args: argparse.Namespace) -> dict[str, Any]:
@@ -414,6 +425,8 @@ def spawn(kind: str, args: argparse.Namespace, workdir: str, batch: int = 0,
            "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--min-repeat-time", str(args.min_repeat_time), "--gemm-repeats", str(args.gemm_repeats)]
     env = thread_env(args.threads)
+    if args.replicas is not None and kind == "ours":
+        env["CAPSNET_REPLICAS"] = args.replicas
     if kind in ("torch", "launches-torch"):
         env.update(allocator_env(args.torch_allocator))
     if kind == "launches-ours":

@@ -191,6 +191,32 @@ def _reset_peak_rss() -> bool:
     return hwm is not None and rss is not None and hwm <= rss + 1024
 
 
+def _proc_status_kb(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def worker_memory(runner: Any) -> dict[str, Any] | None:
+    """The peak memory the replica processes of ``runner`` (capsnet.processes.ProcessReplicas)
+    added, in MB: each worker's peak RSS (VmHWM) less its RSS when it was ready (the
+    interpreter and its imports, as the PyTorch side's imports are not counted either) and less
+    the shared memory it maps (the weights, counted in the leading process). None without
+    worker processes."""
+    workers = getattr(runner, "_workers", None)
+    if not workers:
+        return None
+    total = 0.0
+    for w in workers:
+        hwm, shmem = _proc_status_kb(w.proc.pid, "VmHWM"), _proc_status_kb(w.proc.pid, "RssShmem") or 0
+        if hwm is None or w.ready_rss_kb is None:
+            return None
+        total += max(hwm - shmem - w.ready_rss_kb, 0) / 1024
+    return {"workers": len(workers), "workers_peak_increase_mb": total}
+
+
 class PeakMemory:
     """Peak RSS increase over the RSS at ``start()``, in MB.
 
@@ -200,6 +226,7 @@ class PeakMemory:
     """
 
     pre_model_kb: int | None = None
+    runner: Any = None  # replicas whose worker processes' memory counts too (worker_memory)
 
     def before_model(self) -> None:
         gc.collect()
@@ -217,14 +244,17 @@ class PeakMemory:
             lifetime = peak <= self.maxrss_before_kb  # the peak may predate the measurement
         else:
             peak, lifetime = _status_kb("VmHWM"), False
+        workers = worker_memory(self.runner)
+        extra = workers["workers_peak_increase_mb"] if workers else 0.0
         return {
             "method": self.method,
             "baseline_rss_mb": self.base_kb / 1024,
             "peak_rss_mb": peak / 1024,
-            "peak_increase_mb": (peak - self.base_kb) / 1024,
+            "peak_increase_mb": (peak - self.base_kb) / 1024 + extra,
             "peak_may_predate_training": lifetime,
             "peak_increase_over_pre_model_mb": None if self.pre_model_kb is None
-            else (peak - self.pre_model_kb) / 1024,
+            else (peak - self.pre_model_kb) / 1024 + extra,
+            **({"this_process_peak_increase_mb": (peak - self.base_kb) / 1024, **workers} if workers else {}),
         }
 
 
