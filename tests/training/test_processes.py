@@ -262,3 +262,42 @@ def test_a_run_on_processes_is_the_run_on_threads_and_resumes_on_either(mnist_sl
 def test_an_unknown_kind_fails_when_the_trainer_is_made(mnist_slice, tmp_path):
     with pytest.raises(ValueError, match="replicas must be one of threads, processes, got 'gpu'"):
         capsnet_trainer(mnist_slice, tmp_path / "run", "gpu")
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_ctrl_c_in_a_terminal_stops_the_run_saves_it_and_leaves_no_worker(tmp_path):
+    """Ctrl-C reaches the whole process group, workers included: they ignore it, the run
+    stops after its step and saves, and the workers end with it."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, CAPSNET_REPLICAS="processes", OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, "-m", "capsnet.train", "--model", "efficient", "--dataset", "mnist-sample",
+                             "--train-limit", "640", "--test-limit", "64", "--epochs", "50", "--batch-size", "32",
+                             "--out", str(out), "--no-progress"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := _children(proc.pid)) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert workers, "no worker process started"
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "state saved" in output and (out / "checkpoint.npz").exists()
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
