@@ -171,7 +171,7 @@ class _Worker:
         self.member = member
         self.grads = _Block(layout)
         here, there = socket.socketpair()
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", CAPSNET_BACKEND="numpy")
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         # the worker imports what this process imports: capsnet where it was found, and the
         # model's modules from this process's path (a script's folder, a test's root)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
