@@ -94,7 +94,7 @@ class _Block:
             size += -(-max(nbytes, 1) // ALIGN) * ALIGN
         size = max(size, ALIGN)
         if fd is None:
-            fd = os.memfd_create("capsnet-replicas", 0)  # closed on exec unless passed on
+            fd = os.memfd_create("capsnet-replicas")  # close-on-exec: only the workers it is passed to get it
             os.ftruncate(fd, size)
         self.fd, self.layout = fd, layout
         self._map = mmap.mmap(fd, size)
@@ -485,7 +485,8 @@ class ProcessReplicas:
             return getattr(self.model, name)(*args)
         workers = self._start(len(slices))
         training = self.model.training
-        requests = [("call", name, training, _split(args, rows, lo, hi)) for lo, hi in slices[1:]]
+        buffers = [buf.data for _, buf in self.model.named_buffers()]
+        requests = [("call", name, training, _split(args, rows, lo, hi), buffers) for lo, hi in slices[1:]]
         lo, hi = slices[0]
         results = self._step(workers, requests, lambda: getattr(self.model, name)(*_split(args, rows, lo, hi)))
         return _join(results, slices, f"{name} results")
@@ -573,9 +574,11 @@ def serve(sock_fd: int, params_fd: int, grads_fd: int) -> None:
                     group.parties = parties
                     result = model.backward(*grad_out)
                 elif op == "call":
-                    _, name, training, args = message
+                    _, name, training, args, buffers = message
                     if model.training != training:
                         model.train(training)
+                    for buf, value in zip(named, buffers):
+                        buf.data[...] = value
                     result = getattr(model, name)(*args)
                 elif op == "release":
                     model.release()

@@ -187,6 +187,21 @@ def test_weights_replaced_in_the_model_reach_the_workers(closing):
         runner(x)
 
 
+def test_running_statistics_loaded_into_the_model_reach_the_workers(closing):
+    model = EfficientCapsNet(seed=0)
+    runner = closing(model)
+    x = np.random.default_rng(5).random((8, 1, 28, 28)).astype(np.float32)
+    model.eval()
+    runner.predict(x)
+    state = model.state_dict()
+    for name in state:
+        if name.endswith("running_mean") or name.endswith("running_var"):
+            state[name] = state[name] + np.float32(0.5)
+    model.load_state_dict(state)
+    for method in (runner.predict, runner):  # map() and an eval forward
+        _same(method(x), model.predict(x) if method == runner.predict else model(x), "after load_state_dict")
+
+
 def test_dropout_masks_and_draw_counters_match_the_threads(closing):
     def run(kind):
         model = Sequential(Linear(6, 8, dtype="float64", seed=np.random.default_rng(1)), Dropout(0.5, seed=11))
