@@ -1,6 +1,7 @@
-"""Where a network's training batch should be split across replicas: one training step of a
-batch run as one replica with BLAS on every core, against the same batch split into one
-replica per thread (capsnet.replicas), in alternating rounds in one process.
+"""Where a network's training batch should be split across replicas: one training step (or,
+with ``--mode infer``, one prediction) of a batch run as one replica with BLAS on every core,
+against the same batch split into one replica per thread (capsnet.replicas) and, with
+``--processes``, into one replica per process (capsnet.processes), in alternating rounds.
 
 This is the measurement behind a model's ``min_train_slice`` (the smallest slice a training
 batch is split into): Efficient-CapsNet's 16 (batch 32 trains as two replicas of 16) and the
@@ -11,6 +12,8 @@ library's default of 32 (scripts/bench_compare.py, the paper's CapsNet).
 
 Run it on a quiet machine: each figure is the median over rounds, and the ratio is
 split / whole speed (above 1: splitting is faster).
+
+    PYTHONPATH=$PWD python scripts/bench_replica_split.py --network em --mode infer --processes --batch-sizes 16 32 100
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     print(benchlib.machine_heading(benchlib.machine_info(args.threads), args.threads))
-    print(f"{args.network}: one training step, one replica (BLAS on {args.threads} threads) against "
+    print(f"{args.network}: {'one training step' if args.mode == 'train' else 'one prediction'}, one replica (BLAS on {args.threads} threads) against "
           f"{args.threads} replicas (BLAS on one thread each)")
     for batch in args.batch_sizes:
         impls = {"whole": build(args.network, batch + 1, args.threads if args.mode == "train" else 1, batch, 1,

@@ -34,3 +34,15 @@ def test_one_thread_cannot_split_a_batch():
     split = reference("bench_replica_split")
     with pytest.raises(SystemExit):
         split.main(["--threads", "1"])
+
+
+def test_a_smoke_run_with_processes_and_predictions_times_all_three(tmp_path, capsys):
+    split = reference("bench_replica_split")
+    out = tmp_path / "split.json"
+    assert split.main(["--network", "em", "--mode", "infer", "--processes", "--batch-sizes", "4", "--threads", "2",
+                       "--rounds", "1", "--min-round-time", "0", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["rounds"]) == {"whole", "split", "processes"} and row["processes_ms"] > 0
+    assert row["processes_over_threads"] == pytest.approx(row["split_ms"] / row["processes_ms"])
+    printed = capsys.readouterr().out
+    assert "one prediction" in printed and "x threads" in printed
