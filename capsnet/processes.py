@@ -53,6 +53,7 @@ import numpy as np
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
 from capsnet.parallel import blas_limit, run_all, threads
+from capsnet.slices import batch_rows, join_rows, plan_slices, split_reason, split_rows
 
 __all__ = ["ProcessReplicas", "WorkerError", "process_reason", "serve"]
 
@@ -296,8 +297,6 @@ class ProcessReplicas:
     plus :meth:`close` (also done at exit). ``threads`` is the number of replicas."""
 
     def __init__(self, model: Module, processes: int):
-        from capsnet.replicas import split_reason  # noqa: PLC0415 - capsnet.replicas imports this module
-
         if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
             raise ValueError(f"ProcessReplicas processes must be a positive integer, got {processes!r}")
         reason = split_reason(model, max(processes, 2)) or process_reason(model)
@@ -365,8 +364,6 @@ class ProcessReplicas:
         self._group.parties = 0
 
     def _plan(self, rows: int, training: bool = False) -> list[tuple[int, int]]:
-        from capsnet.replicas import plan_slices  # noqa: PLC0415
-
         return plan_slices(self.model, self.threads, rows, training)
 
     def _step(self, workers: list[_Worker], requests: list[tuple], mine: Callable[[], Any],
@@ -426,9 +423,7 @@ class ProcessReplicas:
 
     def forward(self, *inputs: Any) -> Any:
         """The model's forward on each slice of the batch (the first input's rows), joined."""
-        from capsnet.replicas import _join, _rows, _split  # noqa: PLC0415
-
-        rows = _rows(inputs)
+        rows = batch_rows(inputs)
         training = self.model.training
         slices = self._plan(rows, training)
         self._slices = None
@@ -440,25 +435,23 @@ class ProcessReplicas:
         workers = self._start(len(slices))
         buffers = [buf.data for _, buf in self.model.named_buffers()]
         total, base = (rows, 0) if (outer := current_batch_slice()) is None else (outer[0], outer[1])
-        requests = [("forward", training, _split(inputs, rows, lo, hi), buffers, (total, base + lo, base + hi),
+        requests = [("forward", training, split_rows(inputs, rows, lo, hi), buffers, (total, base + lo, base + hi),
                      len(slices)) for lo, hi in slices[1:]]
         lo, hi = slices[0]
 
         def mine() -> Any:
             with batch_slice(total, base + lo, base + hi):
-                return self.model(*_split(inputs, rows, lo, hi))
+                return self.model(*split_rows(inputs, rows, lo, hi))
         results = self._step(workers, requests, mine, len(slices))
         outputs = [results[0]] + [out for out, _ in results[1:]]
         if training:
             self._average_buffers([theirs for _, theirs in results[1:]])
         self._slices = slices if training else None
-        return _join(outputs, slices, "outputs")
+        return join_rows(outputs, slices, "outputs")
 
     def backward(self, *grads: Any) -> Any:
         """The model's backward, slice by slice, with the workers' parameter gradients added
         into the model's; returns the input gradient joined (or None)."""
-        from capsnet.replicas import _join, _split  # noqa: PLC0415
-
         if self._slices is None:
             raise RuntimeError("ProcessReplicas.backward called without a training forward before it: call "
                                "forward in training mode (train()) before each backward")
@@ -467,29 +460,27 @@ class ProcessReplicas:
             return self.model.backward(*grads)
         rows = slices[-1][1]
         workers = self._workers[:len(slices) - 1]
-        requests = [("backward", _split(grads, rows, lo, hi), len(slices)) for lo, hi in slices[1:]]
+        requests = [("backward", split_rows(grads, rows, lo, hi), len(slices)) for lo, hi in slices[1:]]
         lo, hi = slices[0]
-        results = self._step(workers, requests, lambda: self.model.backward(*_split(grads, rows, lo, hi)),
+        results = self._step(workers, requests, lambda: self.model.backward(*split_rows(grads, rows, lo, hi)),
                              len(slices))
         self._reduce(workers)
-        return _join(results, slices, "input gradients")
+        return join_rows(results, slices, "input gradients")
 
     def map(self, name: str, *args: Any) -> Any:
         """``model.<name>(*args)`` run slice by slice on the replicas and joined (for batch
         methods that keep no cache, such as ``predict``)."""
-        from capsnet.replicas import _join, _rows, _split  # noqa: PLC0415
-
-        rows = _rows(args)
+        rows = batch_rows(args)
         slices = self._plan(rows)
         if len(slices) == 1:
             return getattr(self.model, name)(*args)
         workers = self._start(len(slices))
         training = self.model.training
         buffers = [buf.data for _, buf in self.model.named_buffers()]
-        requests = [("call", name, training, _split(args, rows, lo, hi), buffers) for lo, hi in slices[1:]]
+        requests = [("call", name, training, split_rows(args, rows, lo, hi), buffers) for lo, hi in slices[1:]]
         lo, hi = slices[0]
-        results = self._step(workers, requests, lambda: getattr(self.model, name)(*_split(args, rows, lo, hi)))
-        return _join(results, slices, f"{name} results")
+        results = self._step(workers, requests, lambda: getattr(self.model, name)(*split_rows(args, rows, lo, hi)))
+        return join_rows(results, slices, f"{name} results")
 
     def predict(self, x: Any) -> Any:
         return self.map("predict", x)

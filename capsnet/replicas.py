@@ -49,31 +49,13 @@ from typing import Any, Callable
 from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
-from capsnet.parallel import blas_limit, blas_threads, host_threads, run_all, run_together, shard
+from capsnet.parallel import blas_limit, host_threads, run_all, run_together
+from capsnet.slices import MIN_TRAIN_SLICE, batch_rows, join_rows, plan_slices, split_reason, split_rows
 
-__all__ = ["ENV", "KINDS", "Replicas", "plan_slices", "replica_kind", "replicate", "split_reason"]
+__all__ = ["ENV", "KINDS", "MIN_TRAIN_SLICE", "Replicas", "plan_slices", "replica_kind", "replicate", "split_reason"]
 
 CHUNK = 1 << 18  # elements per task of the gradient reduction: 1 MB of float32 per array
-# A training batch is split only into slices of at least this many examples. Measured at 2
-# threads on the paper's network (scripts/bench_compare.py, quiet machine): slices of 50
-# (batch 100) trained 1.20x faster than one replica with BLAS on both cores, slices of 16
-# (batch 32) 0.93x. Inference splits at any size (batch 32: 1.20x).
-MIN_TRAIN_SLICE = 32
 
-
-def split_reason(model: Module, threads: int | None = None) -> str | None:
-    """Why ``model`` would run on one thread (a sentence), or None when it can be split."""
-    n = host_threads() if threads is None else threads
-    if n <= 1:
-        return "one host thread (OMP_NUM_THREADS, capsnet.parallel.threads)"
-    params = model.parameters()
-    if not params:
-        return "the model has no parameters"
-    if any(backend.backend_of(p.data) != "numpy" for p in params):
-        return "the model is not on the NumPy backend (the GPU parallelises each call)"
-    if blas_threads() is None:
-        return "the BLAS thread count cannot be controlled (no OpenBLAS loaded)"
-    return None
 
 
 KINDS = ("threads", "processes")
@@ -115,47 +97,6 @@ def replicate(model: Module, threads: int | None = None, kind: str | None = None
 
         return ProcessReplicas(model, n)
     return Replicas(model, n)
-
-
-def plan_slices(model: Module, parts: int, rows: int, training: bool = False) -> list[tuple[int, int]]:
-    """The slices of a batch of ``rows`` for ``parts`` replicas: one per replica, each of at
-    least one example (at least MIN_TRAIN_SLICE in training, below which one replica with
-    BLAS on every core is faster; a model whose step is mostly element-wise passes sets its
-    own ``min_train_slice``)."""
-    most = rows // getattr(model, "min_train_slice", MIN_TRAIN_SLICE) if training else rows
-    n = max(1, min(parts, most))
-    return [shard(rows, r, n) for r in range(n)]
-
-
-def _split(value: Any, rows: int, lo: int, hi: int) -> Any:
-    """Rows [lo, hi) of every array with ``rows`` rows in ``value`` (tuples and lists
-    followed); anything else as it is."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(_split(v, rows, lo, hi) for v in value)
-    if hasattr(value, "shape") and len(value.shape) >= 1 and value.shape[0] == rows:
-        return value[lo:hi]
-    return value
-
-
-def _join(parts: list, slices: list[tuple[int, int]], what: str) -> Any:
-    """The replicas' results joined along the batch axis (tuples followed; None stays None).
-    Each must have its slice's rows: an output laid out otherwise (a model returning
-    (targets * batch, ...) rows) cannot be joined and is refused."""
-    first = parts[0]
-    if first is None:
-        return None
-    if isinstance(first, (tuple, list)):
-        return type(first)(_join([p[k] for p in parts], slices, what) for k in range(len(first)))
-    if len(parts) == 1:
-        return first
-    for part, (lo, hi) in zip(parts, slices):
-        if not hasattr(part, "shape") or len(part.shape) == 0 or part.shape[0] != hi - lo:
-            shape = tuple(part.shape) if hasattr(part, "shape") else type(part).__name__
-            raise ValueError(f"Replicas cannot join the replicas' {what}: a slice of {hi - lo} rows gave {shape}, "
-                             "expected the batch along the first axis. Run this model on one thread "
-                             "(OMP_NUM_THREADS=1, or capsnet.parallel.threads(1))")
-    xp = backend.get_array_module(*parts)
-    return xp.concatenate(parts, axis=0)
 
 
 class Replicas:
@@ -292,7 +233,7 @@ class Replicas:
 
     def forward(self, *inputs: Any) -> Any:
         """The model's forward on each slice of the batch (the first input's rows), joined."""
-        rows = _rows(inputs)
+        rows = batch_rows(inputs)
         training = self.model.training
         slices = self._plan(rows, training)
         replicas = self._replicas(len(slices))
@@ -306,7 +247,7 @@ class Replicas:
 
         def job(replica: Module, lo: int, hi: int) -> Callable[[], Any]:
             def run() -> Any:
-                args = _split(inputs, rows, lo, hi)
+                args = split_rows(inputs, rows, lo, hi)
                 if len(slices) == 1:
                     return replica(*args)
                 with batch_slice(total, base + lo, base + hi):
@@ -321,7 +262,7 @@ class Replicas:
         if training and len(slices) > 1:
             self._average_buffers(replicas)
         self._slices = slices if training else None
-        return _join(outputs, slices, "outputs")
+        return join_rows(outputs, slices, "outputs")
 
     def backward(self, *grads: Any) -> Any:
         """The model's backward, slice by slice, with the copies' parameter gradients added
@@ -334,7 +275,7 @@ class Replicas:
         replicas = self._replicas(len(slices))
 
         def job(replica: Module, lo: int, hi: int) -> Callable[[], Any]:
-            return lambda: replica.backward(*_split(grads, rows, lo, hi))
+            return lambda: replica.backward(*split_rows(grads, rows, lo, hi))
         groups = self._groups(len(slices))
         for group in groups:  # the batch norms exchange their gradient sums again
             group.open(len(slices))
@@ -345,17 +286,17 @@ class Replicas:
                 group.close()
         if len(replicas) > 1:
             self._reduce(replicas)
-        return _join(results, slices, "input gradients")
+        return join_rows(results, slices, "input gradients")
 
     def map(self, name: str, *args: Any) -> Any:
         """``model.<name>(*args)`` run slice by slice on the replicas and joined (for batch
         methods that keep no cache, such as ``predict``)."""
-        rows = _rows(args)
+        rows = batch_rows(args)
         slices = self._plan(rows)
         replicas = self._replicas(len(slices))
-        jobs = [(lambda r=r, lo=lo, hi=hi: getattr(r, name)(*_split(args, rows, lo, hi)))
+        jobs = [(lambda r=r, lo=lo, hi=hi: getattr(r, name)(*split_rows(args, rows, lo, hi)))
                 for r, (lo, hi) in zip(replicas, slices)]
-        return _join(self._run(jobs), slices, f"{name} results")
+        return join_rows(self._run(jobs), slices, f"{name} results")
 
     def predict(self, x: Any) -> Any:
         return self.map("predict", x)
@@ -389,11 +330,3 @@ class Replicas:
             for other in named[1:]:
                 total += other[name].data
             buf.data[...] = total / len(replicas)
-
-
-def _rows(args: tuple) -> int:
-    first = args[0] if args else None
-    if not hasattr(first, "shape") or len(first.shape) == 0:
-        raise TypeError("Replicas needs the batch as the first input (an array with a batch axis), "
-                        f"got {type(first).__name__}")
-    return int(first.shape[0])

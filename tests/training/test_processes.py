@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from capsnet import parallel
-from capsnet import replicas as replicas_module
+from capsnet import slices as slices_module
 from capsnet.data import ArrayDataset, random_shift
 from capsnet.layers import BatchNorm1d, Dropout, Linear, Module, Sequential
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss, EfficientCapsNet, MatrixCapsNet
@@ -30,7 +30,7 @@ SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, deco
 
 @pytest.fixture(autouse=True)
 def split_small_batches(monkeypatch):
-    monkeypatch.setattr(replicas_module, "MIN_TRAIN_SLICE", 1)
+    monkeypatch.setattr(slices_module, "MIN_TRAIN_SLICE", 1)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from capsnet import backend, parallel
-from capsnet import replicas as replicas_module
+from capsnet import slices as slices_module
 from capsnet.data import ArrayDataset, random_shift
 from capsnet.layers import BatchNorm1d, BatchNorm2d, Dropout, Linear, Mask, Module, Sequential
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss
@@ -21,7 +21,7 @@ from tests.helpers import conv_net
 def split_small_batches(monkeypatch):
     """These tests split batches of a few examples; the library splits a training batch only
     into slices of MIN_TRAIN_SLICE or more (tested below with its own value)."""
-    monkeypatch.setattr(replicas_module, "MIN_TRAIN_SLICE", 1)
+    monkeypatch.setattr(slices_module, "MIN_TRAIN_SLICE", 1)
 
 
 pytestmark = pytest.mark.skipif(parallel.blas_threads() is None,
@@ -365,7 +365,7 @@ def test_nothing_threaded_touches_a_device_model(emulated_cupy, mnist_slice, tmp
 
 
 def test_a_training_batch_is_split_only_into_slices_of_the_minimum_size(monkeypatch):
-    monkeypatch.setattr(replicas_module, "MIN_TRAIN_SLICE", 32)
+    monkeypatch.setattr(slices_module, "MIN_TRAIN_SLICE", 32)
     model = conv_net(dtype="float64")
     runner = Replicas(model, 2)
     model.train()

@@ -1,0 +1,85 @@
+"""How replicas share a batch: which models can be split (:func:`split_reason`), into which
+slices (:func:`plan_slices`, at least :data:`MIN_TRAIN_SLICE` examples each in training), and
+the slices cut from the inputs and joined back along the batch axis (:func:`split_rows`,
+:func:`join_rows`), for :mod:`capsnet.replicas` (threads) and :mod:`capsnet.processes`
+(worker processes) alike."""
+from __future__ import annotations
+
+from typing import Any
+
+from capsnet import backend
+from capsnet.layers.base import Module
+from capsnet.parallel import blas_threads, host_threads, shard
+
+__all__ = ["MIN_TRAIN_SLICE", "batch_rows", "join_rows", "plan_slices", "split_reason", "split_rows"]
+
+# A training batch is split only into slices of at least this many examples. Measured at 2
+# threads on the paper's network (scripts/bench_compare.py, quiet machine): slices of 50
+# (batch 100) trained 1.20x faster than one replica with BLAS on both cores, slices of 16
+# (batch 32) 0.93x. Inference splits at any size (batch 32: 1.20x).
+MIN_TRAIN_SLICE = 32
+
+
+def split_reason(model: Module, threads: int | None = None) -> str | None:
+    """Why ``model`` would run on one thread (a sentence), or None when it can be split."""
+    n = host_threads() if threads is None else threads
+    if n <= 1:
+        return "one host thread (OMP_NUM_THREADS, capsnet.parallel.threads)"
+    params = model.parameters()
+    if not params:
+        return "the model has no parameters"
+    if any(backend.backend_of(p.data) != "numpy" for p in params):
+        return "the model is not on the NumPy backend (the GPU parallelises each call)"
+    if blas_threads() is None:
+        return "the BLAS thread count cannot be controlled (no OpenBLAS loaded)"
+    return None
+
+
+def plan_slices(model: Module, parts: int, rows: int, training: bool = False) -> list[tuple[int, int]]:
+    """The slices of a batch of ``rows`` for ``parts`` replicas: one per replica, each of at
+    least one example (at least MIN_TRAIN_SLICE in training, below which one replica with
+    BLAS on every core is faster; a model whose step is mostly element-wise passes sets its
+    own ``min_train_slice``)."""
+    most = rows // getattr(model, "min_train_slice", MIN_TRAIN_SLICE) if training else rows
+    n = max(1, min(parts, most))
+    return [shard(rows, r, n) for r in range(n)]
+
+
+def split_rows(value: Any, rows: int, lo: int, hi: int) -> Any:
+    """Rows [lo, hi) of every array with ``rows`` rows in ``value`` (tuples and lists
+    followed); anything else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(split_rows(v, rows, lo, hi) for v in value)
+    if hasattr(value, "shape") and len(value.shape) >= 1 and value.shape[0] == rows:
+        return value[lo:hi]
+    return value
+
+
+def join_rows(parts: list, slices: list[tuple[int, int]], what: str) -> Any:
+    """The replicas' results joined along the batch axis (tuples followed; None stays None).
+    Each must have its slice's rows: an output laid out otherwise (a model returning
+    (targets * batch, ...) rows) cannot be joined and is refused."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, (tuple, list)):
+        return type(first)(join_rows([p[k] for p in parts], slices, what) for k in range(len(first)))
+    if len(parts) == 1:
+        return first
+    for part, (lo, hi) in zip(parts, slices):
+        if not hasattr(part, "shape") or len(part.shape) == 0 or part.shape[0] != hi - lo:
+            shape = tuple(part.shape) if hasattr(part, "shape") else type(part).__name__
+            raise ValueError(f"Replicas cannot join the replicas' {what}: a slice of {hi - lo} rows gave {shape}, "
+                             "expected the batch along the first axis. Run this model on one thread "
+                             "(OMP_NUM_THREADS=1, or capsnet.parallel.threads(1))")
+    xp = backend.get_array_module(*parts)
+    return xp.concatenate(parts, axis=0)
+
+
+def batch_rows(args: tuple) -> int:
+    """The batch size: the first input's first axis (refused when the first input has none)."""
+    first = args[0] if args else None
+    if not hasattr(first, "shape") or len(first.shape) == 0:
+        raise TypeError("Replicas needs the batch as the first input (an array with a batch axis), "
+                        f"got {type(first).__name__}")
+    return int(first.shape[0])
