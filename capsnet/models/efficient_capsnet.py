@@ -81,9 +81,10 @@ class EfficientCapsNet(Module):
     # authors' setup, as two replicas of 8 ran at 0.87x (0.5.3, 9 rounds), so it stays one.
     min_train_slice = 16
     # Its step is hundreds of small NumPy calls, whose Python side holds the GIL: replicas in
-    # worker processes (capsnet.processes) ran its batch-32 training step 1.11x and its
-    # predictions at batch 16 to 100 1.19x to 1.33x faster than replicas on threads (2 cores,
-    # quiet: scripts/bench_replica_split.py --processes, scripts/results/replica-processes-*.json).
+    # worker processes (capsnet.processes) trained it 1.22x faster than replicas on threads at
+    # batch 32 (0.99x at 100) and predicted 1.13x to 1.35x faster at batch 16 to 100 (2 cores,
+    # quiet, 5 rounds: scripts/bench_replica_split.py --processes [--mode infer],
+    # scripts/results/replica-processes-efficient-{train,infer}.json).
     replica_kind = "processes"
 
     def __init__(self, config: EfficientCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,

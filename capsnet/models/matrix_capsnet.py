@@ -76,9 +76,10 @@ class MatrixCapsNet(Module):
     # capsnet.replicas it trains faster split into slices of any size than as one replica
     # with BLAS on every core (batch 32 on 2 cores: scripts/profile_em.py --slices).
     min_train_slice = 1
-    # Replicas in worker processes (capsnet.processes) trained it 1.06x to 1.13x and predicted
-    # 1.14x to 1.18x faster than replicas on threads at batch 16 to 100 (2 cores, quiet:
-    # scripts/bench_replica_split.py --network em --processes, scripts/results/replica-processes-*.json).
+    # Replicas in worker processes (capsnet.processes) trained it 1.05x to 1.18x and predicted
+    # 1.13x to 1.27x faster than replicas on threads at batch 16 to 100 (2 cores, quiet, 5
+    # rounds: scripts/bench_replica_split.py --network em --processes [--mode infer],
+    # scripts/results/replica-processes-em-{train,infer}.json).
     replica_kind = "processes"
 
     def __init__(self, config: MatrixCapsNetConfig | None = None, *, dtype: Any = "float32", seed: Any = 0,
