@@ -296,22 +296,25 @@ def test_ctrl_c_in_a_terminal_stops_the_run_saves_it_and_leaves_no_worker(tmp_pa
 
     out = tmp_path / "run"
     env = dict(os.environ, CAPSNET_REPLICAS="processes", OMP_NUM_THREADS="2")
-    proc = subprocess.Popen([sys.executable, "-m", "capsnet.train", "--model", "efficient", "--dataset", "mnist-sample",
-                             "--train-limit", "640", "--test-limit", "64", "--epochs", "50", "--batch-size", "32",
-                             "--out", str(out), "--no-progress"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not (workers := _children(proc.pid)) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert workers, "no worker process started"
-        time.sleep(1)
-        os.killpg(proc.pid, signal.SIGINT)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    env.pop("CAPSNET_EMULATE_CUPY", None)  # replicas are a NumPy matter
+    with subprocess.Popen([sys.executable, "-m", "capsnet.train", "--backend", "numpy", "--model", "efficient",
+                           "--dataset", "mnist-sample", "--train-limit", "640", "--test-limit", "64", "--epochs", "50",
+                           "--batch-size", "32", "--out", str(out), "--no-progress"], env=env, start_new_session=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while not (workers := _children(proc.pid)) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            if not workers:
+                proc.kill()
+                pytest.fail(f"no worker process started:\n{proc.communicate()[0]}")
+            time.sleep(1)
+            os.killpg(proc.pid, signal.SIGINT)
+            output, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 130, output
     assert "state saved" in output and (out / "checkpoint.npz").exists()
     for pid in workers:
