@@ -50,16 +50,19 @@ from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
 from capsnet.parallel import blas_limit, host_threads, run_all, run_together
-from capsnet.slices import MIN_TRAIN_SLICE, batch_rows, join_rows, plan_slices, split_reason, split_rows
+from capsnet.slices import batch_rows, join_rows, plan_slices, split_reason, split_rows
 
-__all__ = ["ENV", "KINDS", "MIN_TRAIN_SLICE", "Replicas", "plan_slices", "replica_kind", "replicate", "split_reason"]
+__all__ = ["ENV", "KINDS", "Replicas", "plan_slices", "replica_kind", "replicate", "split_reason"]
 
 CHUNK = 1 << 18  # elements per task of the gradient reduction: 1 MB of float32 per array
 
 
 
 KINDS = ("threads", "processes")
+"""Where replicas can run: threads of this process (:class:`Replicas`) or worker processes
+(:class:`capsnet.processes.ProcessReplicas`)."""
 ENV = "CAPSNET_REPLICAS"
+"""The environment variable that chooses the kind for every model (``threads`` or ``processes``)."""
 
 
 def replica_kind(kind: str | None = None, model: Module | None = None) -> str:

@@ -13,11 +13,12 @@ from capsnet.parallel import blas_threads, host_threads, shard
 
 __all__ = ["MIN_TRAIN_SLICE", "batch_rows", "join_rows", "plan_slices", "split_reason", "split_rows"]
 
-# A training batch is split only into slices of at least this many examples. Measured at 2
-# threads on the paper's network (scripts/bench_compare.py, quiet machine): slices of 50
-# (batch 100) trained 1.20x faster than one replica with BLAS on both cores, slices of 16
-# (batch 32) 0.93x. Inference splits at any size (batch 32: 1.20x).
 MIN_TRAIN_SLICE = 32
+"""A training batch is split only into slices of at least this many examples (a model may set
+its own ``min_train_slice``). Measured at 2 threads on the paper's network
+(scripts/bench_compare.py, quiet machine): slices of 50 (batch 100) trained 1.20x faster than
+one replica with BLAS on both cores, slices of 16 (batch 32) 0.93x. Inference splits at any
+size (batch 32: 1.20x)."""
 
 
 def split_reason(model: Module, threads: int | None = None) -> str | None:
