@@ -83,4 +83,10 @@ CAPSNET_DATA_DIR="$work/no-mnist" XDG_CACHE_HOME="$work/no-cache" "$bin/python" 
     --primary-types 4 --digit-dim 8 --decoder-hidden 32 64 --no-progress --out "$work/runs/cli" | tee "$work/cli.log"
 grep -q "not the full MNIST" "$work/cli.log"
 grep -q '"dataset": "mnist-sample"' "$work/runs/cli/config.json"
+# Replicas in worker processes: the workers (python -m capsnet._worker) import capsnet from the
+# venv, not from the work tree (run from outside it).
+(cd "$work" && OMP_NUM_THREADS=2 "$bin/python" -m capsnet.train --model efficient --replicas processes \
+    --dataset mnist-sample --epochs 1 --train-limit 128 --test-limit 64 --batch-size 32 --no-progress \
+    --out "$work/runs/processes" | tee "$work/processes.log")
+grep -q '"replicas": "processes"' "$work/processes.log"
 echo "wheel smoke test: ok"
