@@ -53,7 +53,7 @@ import numpy as np
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
 from capsnet.parallel import blas_limit, run_all, threads
-from capsnet.slices import batch_rows, join_rows, plan_slices, split_reason, split_rows
+from capsnet.slices import ReplicaSet, batch_rows, join_rows, split_reason, split_rows
 
 __all__ = ["ProcessReplicas", "WorkerError", "process_reason", "serve"]
 
@@ -289,7 +289,7 @@ def _detached(model: Module) -> bytes:
                         "Use thread replicas (CAPSNET_REPLICAS=threads)") from exc
 
 
-class ProcessReplicas:
+class ProcessReplicas(ReplicaSet):
     """``model`` run by ``processes`` replicas, this process's and ``processes - 1`` worker
     processes', one slice of each batch each (see the module docstring). Answers what
     :class:`capsnet.replicas.Replicas` answers: ``replicas(*inputs)``, ``backward``,
@@ -363,9 +363,6 @@ class ProcessReplicas:
             bn._group, bn._member = group, member
         self._group.parties = 0
 
-    def _plan(self, rows: int, training: bool = False) -> list[tuple[int, int]]:
-        return plan_slices(self.model, self.threads, rows, training)
-
     def _step(self, workers: list[_Worker], requests: list[tuple], mine: Callable[[], Any],
               parties: int = 0) -> list:
         """Send each worker its request, run ``mine`` here with BLAS on one thread, then
@@ -390,22 +387,6 @@ class ProcessReplicas:
 
     # -- what a model answers ------------------------------------------------------
     @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def train(self, mode: bool = True) -> "ProcessReplicas":
-        self.model.train(mode)
-        return self
-
-    def eval(self) -> "ProcessReplicas":
-        return self.train(False)
-
-    evaluating = Module.evaluating
-
-    def parameters(self) -> list:
-        return self.model.parameters()
-
-    @property
     def models(self) -> list[Module]:
         return [self.model]
 
@@ -417,9 +398,6 @@ class ProcessReplicas:
         if workers:
             self._step(workers, [("release",)] * len(workers), lambda: None)
         return self
-
-    def __call__(self, *inputs: Any) -> Any:
-        return self.forward(*inputs)
 
     def forward(self, *inputs: Any) -> Any:
         """The model's forward on each slice of the batch (the first input's rows), joined."""
@@ -482,9 +460,6 @@ class ProcessReplicas:
         results = self._step(workers, requests, lambda: getattr(self.model, name)(*split_rows(args, rows, lo, hi)))
         return join_rows(results, slices, f"{name} results")
 
-    def predict(self, x: Any) -> Any:
-        return self.map("predict", x)
-
     # -- what the replicas share ------------------------------------------------------
     def _reduce(self, workers: list[_Worker]) -> None:
         """model.grad += each worker's gradient, in worker order, in chunks shared by the
@@ -499,16 +474,6 @@ class ProcessReplicas:
                         total[s] += part[s]
                 tasks.append(add)
         run_all(tasks)
-
-    def _average_buffers(self, theirs: list[list]) -> None:
-        """The model's floating buffers set to the mean over the replicas' (as with threads)."""
-        for k, (_, buf) in enumerate(self.model.named_buffers()):
-            if buf.data.dtype.kind != "f":
-                continue
-            total = buf.data.copy()
-            for other in theirs:
-                total += other[k]
-            buf.data[...] = total / (len(theirs) + 1)
 
 
 # -- the worker's side ------------------------------------------------------------------------

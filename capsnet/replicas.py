@@ -46,11 +46,10 @@ import copy
 import os
 from typing import Any, Callable
 
-from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
 from capsnet.parallel import blas_limit, host_threads, run_all, run_together
-from capsnet.slices import batch_rows, join_rows, plan_slices, split_reason, split_rows
+from capsnet.slices import ReplicaSet, batch_rows, join_rows, plan_slices, split_reason, split_rows
 
 __all__ = ["ENV", "KINDS", "Replicas", "plan_slices", "replica_kind", "replicate", "split_reason"]
 
@@ -102,7 +101,7 @@ def replicate(model: Module, threads: int | None = None, kind: str | None = None
     return Replicas(model, n)
 
 
-class Replicas:
+class Replicas(ReplicaSet):
     """``model`` run on ``threads`` host threads, one replica and one slice of each batch per
     thread (see the module docstring). ``replicas(*inputs)`` and ``replicas.backward(*grads)``
     work as the model's own; ``replicas.map(name, *args)`` calls any batch method (such as
@@ -159,9 +158,6 @@ class Replicas:
             clone.train(self.model.training)
         return [self.model, *self._copies[:n - 1]]
 
-    def _plan(self, rows: int, training: bool = False) -> list[tuple[int, int]]:
-        return plan_slices(self.model, self.threads, rows, training)
-
     def _run(self, jobs: list[Callable[[], Any]], groups: list[Any] = ()) -> list:
         """The jobs on the host threads, BLAS on one thread each; their results in order.
         With ``groups`` (open :class:`~capsnet.layers.BatchGroup` s, whose members wait for
@@ -204,23 +200,11 @@ class Replicas:
         return [self.model, *self._copies]
 
     # -- what a model answers ------------------------------------------------------
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
     def train(self, mode: bool = True) -> "Replicas":
         self.model.train(mode)
         for clone in self._copies:
             clone.train(mode)
         return self
-
-    def eval(self) -> "Replicas":
-        return self.train(False)
-
-    evaluating = Module.evaluating  # the same context manager: eval mode inside, the mode restored after
-
-    def parameters(self) -> list:
-        return self.model.parameters()
 
     def release(self) -> "Replicas":
         """Drop every replica's caches and scratch (the copies stay, without memory of their own
@@ -230,9 +214,6 @@ class Replicas:
             clone.release()
         self._slices = None
         return self
-
-    def __call__(self, *inputs: Any) -> Any:
-        return self.forward(*inputs)
 
     def forward(self, *inputs: Any) -> Any:
         """The model's forward on each slice of the batch (the first input's rows), joined."""
@@ -263,7 +244,7 @@ class Replicas:
             for holder in shared:
                 holder.close()
         if training and len(slices) > 1:
-            self._average_buffers(replicas)
+            self._average_buffers([[buf.data for _, buf in r.named_buffers()] for r in replicas[1:]])
         self._slices = slices if training else None
         return join_rows(outputs, slices, "outputs")
 
@@ -301,9 +282,6 @@ class Replicas:
                 for r, (lo, hi) in zip(replicas, slices)]
         return join_rows(self._run(jobs), slices, f"{name} results")
 
-    def predict(self, x: Any) -> Any:
-        return self.map("predict", x)
-
     # -- what the replicas share ------------------------------------------------------
     def _reduce(self, replicas: list[Module]) -> None:
         """model.grad += each copy's grad, in replica order, and the copies' grads zeroed,
@@ -322,14 +300,3 @@ class Replicas:
                 tasks.append(add)
         run_all(tasks)
 
-    def _average_buffers(self, replicas: list[Module]) -> None:
-        """The model's floating buffers (BatchNorm's running statistics) set to the mean of
-        the replicas', each having updated its own from its slice."""
-        named = [dict(r.named_buffers()) for r in replicas]
-        for name, buf in named[0].items():
-            if buf.data.dtype.kind != "f":
-                continue
-            total = buf.data.copy()
-            for other in named[1:]:
-                total += other[name].data
-            buf.data[...] = total / len(replicas)

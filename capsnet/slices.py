@@ -11,7 +11,7 @@ from capsnet import backend
 from capsnet.layers.base import Module
 from capsnet.parallel import blas_threads, host_threads, shard
 
-__all__ = ["MIN_TRAIN_SLICE", "batch_rows", "join_rows", "plan_slices", "split_reason", "split_rows"]
+__all__ = ["MIN_TRAIN_SLICE", "ReplicaSet", "batch_rows", "join_rows", "plan_slices", "split_reason", "split_rows"]
 
 MIN_TRAIN_SLICE = 32
 """A training batch is split only into slices of at least this many examples (a model may set
@@ -84,3 +84,58 @@ def batch_rows(args: tuple) -> int:
         raise TypeError("Replicas needs the batch as the first input (an array with a batch axis), "
                         f"got {type(first).__name__}")
     return int(first.shape[0])
+
+
+class ReplicaSet:
+    """What :class:`capsnet.replicas.Replicas` and :class:`capsnet.processes.ProcessReplicas`
+    answer alike, as the model would: ``training``, ``train``, ``eval``, ``evaluating``,
+    ``parameters``, ``replicas(*inputs)`` and ``predict`` (through ``map``). ``self.model`` is
+    the model; ``self.threads`` the number of replicas; a subclass defines ``forward``,
+    ``backward``, ``map`` and ``release``, and extends ``train`` where its replicas keep a mode
+    of their own."""
+
+    model: Module
+    threads: int
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> "ReplicaSet":
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> "ReplicaSet":
+        return self.train(False)
+
+    evaluating = Module.evaluating  # the same context manager: eval mode inside, the mode restored after
+
+    def parameters(self) -> list:
+        return self.model.parameters()
+
+    def _plan(self, rows: int, training: bool = False) -> list[tuple[int, int]]:
+        return plan_slices(self.model, self.threads, rows, training)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.forward(*inputs)
+
+    def forward(self, *inputs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def map(self, name: str, *args: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict(self, x: Any) -> Any:
+        return self.map("predict", x)
+
+    def _average_buffers(self, theirs: list[list]) -> None:
+        """The model's floating buffers (BatchNorm's running statistics) set to the mean of
+        the replicas' (``theirs``: each other replica's buffer arrays, in the model's order),
+        each replica having updated its own from its slice."""
+        for k, (_, buf) in enumerate(self.model.named_buffers()):
+            if buf.data.dtype.kind != "f":
+                continue
+            total = buf.data.copy()
+            for other in theirs:
+                total += other[k]
+            buf.data[...] = total / (len(theirs) + 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from capsnet import backend
-from capsnet.layers import Conv2d, Flatten, Linear, ReLU, Sequential, Sigmoid
+from capsnet.layers import Conv2d, Flatten, Linear, Module, ReLU, Sequential, Sigmoid
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
 
@@ -118,3 +118,16 @@ LABEL_ERRORS = [
     (np.array([0, 1, 2]), ValueError, re.escape("labels of shape (2,), got (3,)")),
     (np.array([0.0, 1.0]), TypeError, "integer labels, got float64"),
 ]
+
+
+class FailsOnMarkedRows(Module):
+    """Raises on a slice whose first row starts with 999: a replica failing mid-step
+    (tests/training/test_replicas.py and test_processes.py; importable by a worker process)."""
+
+    def forward(self, x):
+        if x[0, 0] == 999:
+            raise ValueError("marked row")
+        return x
+
+    def backward(self, grad_out):
+        return grad_out

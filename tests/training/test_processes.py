@@ -11,21 +11,20 @@ import pytest
 
 from capsnet import parallel
 from capsnet import slices as slices_module
-from capsnet.data import ArrayDataset, random_shift
-from capsnet.layers import BatchNorm1d, Dropout, Linear, Module, Sequential
+from capsnet.layers import BatchNorm1d, Dropout, Linear, Sequential
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss, EfficientCapsNet, MatrixCapsNet
 from capsnet.optim import Adam
 from capsnet.processes import ProcessReplicas, WorkerError, process_reason
 from capsnet.replicas import Replicas, replica_kind, replicate
-from capsnet.training import CapsNetTask, Trainer
+
+from tests.helpers import FailsOnMarkedRows
+from tests.training.test_replicas import SMALL, capsnet_trainer
 
 pytestmark = [
     pytest.mark.skipif(parallel.blas_threads() is None,
                        reason="the BLAS thread count cannot be controlled here (no OpenBLAS loaded)"),
     pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="worker processes need os.memfd_create (Linux)"),
 ]
-
-SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=(32, 64))
 
 
 @pytest.fixture(autouse=True)
@@ -109,20 +108,8 @@ def test_process_replicas_compute_the_bits_of_thread_replicas(network, closing):
         _same(results[1], results[0], f"{network}, {n} replicas")
 
 
-class _FailsOnMarkedRows(Module):
-    """Raises on a slice whose first row starts with 999 (a replica failing mid-step)."""
-
-    def forward(self, x):
-        if x[0, 0] == 999:
-            raise ValueError("marked row")
-        return x
-
-    def backward(self, grad_out):
-        return grad_out
-
-
 def test_a_failing_replica_is_reported_with_its_traceback_and_the_next_step_works(closing):
-    model = Sequential(_FailsOnMarkedRows(), BatchNorm1d(5, dtype="float64"))
+    model = Sequential(FailsOnMarkedRows(), BatchNorm1d(5, dtype="float64"))
     runner = closing(model, 3)
     x = np.random.default_rng(6).standard_normal((9, 5))
     for row in (3, 6, 0):  # a worker fails (the others wait in the batch norm's exchange); this process fails
@@ -131,7 +118,7 @@ def test_a_failing_replica_is_reported_with_its_traceback_and_the_next_step_work
         with pytest.raises(ValueError, match="marked row") as info:
             runner(bad)
         if row:
-            assert any("replica process" in note and "test_processes.py" in note
+            assert any("replica process" in note and "helpers.py" in note
                        for note in getattr(info.value, "__notes__", []))
     y = runner(x)
     runner.backward(np.ones_like(y))
@@ -242,29 +229,19 @@ def test_the_kind_comes_from_the_argument_the_environment_then_the_model(monkeyp
         replica_kind("gpu")
 
 
-def capsnet_trainer(mnist_slice, run_dir, replicas, on_step=None):
-    x, y, tx, ty = mnist_slice
-    model = CapsNet(CapsNetConfig(**SMALL), seed=0)
-    optimizer = Adam(model.parameters(), lr=1e-3)
-    train = ArrayDataset(x[:120], y[:120], augment=lambda images, rng: random_shift(images, 2, rng))
-    return Trainer(model, CapsNetTask(), optimizer, train, run_dir, epochs=2, batch_size=25,
-                   eval_data=ArrayDataset(tx[:50], ty[:50]), seed=3, log_every=2, progress=False, log=False,
-                   on_step=on_step, replicas=replicas)
-
-
 def test_a_run_on_processes_is_the_run_on_threads_and_resumes_on_either(mnist_slice, tmp_path):
     with parallel.threads(2):
-        threads = capsnet_trainer(mnist_slice, tmp_path / "threads", "threads")
+        threads = capsnet_trainer(mnist_slice, tmp_path / "threads", replicas="threads")
         threads_history = threads.fit()
 
         def interrupt(trainer, epoch, step):
             if (epoch, step) == (0, 2):
                 raise KeyboardInterrupt
         with pytest.raises(KeyboardInterrupt):
-            capsnet_trainer(mnist_slice, tmp_path / "resumed", "processes", on_step=interrupt).fit()
-        resumed = capsnet_trainer(mnist_slice, tmp_path / "resumed", "threads")
+            capsnet_trainer(mnist_slice, tmp_path / "resumed", on_step=interrupt, replicas="processes").fit()
+        resumed = capsnet_trainer(mnist_slice, tmp_path / "resumed", replicas="threads")
         resumed.fit(resume=True)
-        processes = capsnet_trainer(mnist_slice, tmp_path / "processes", "processes")
+        processes = capsnet_trainer(mnist_slice, tmp_path / "processes", replicas="processes")
         history = processes.fit()
     assert history[-1]["replicas"] == "processes" and threads_history[-1]["replicas"] == "threads"
     assert processes.updater.runner._workers == []  # ended with the run
@@ -276,7 +253,7 @@ def test_a_run_on_processes_is_the_run_on_threads_and_resumes_on_either(mnist_sl
 
 def test_an_unknown_kind_fails_when_the_trainer_is_made(mnist_slice, tmp_path):
     with pytest.raises(ValueError, match="replicas must be one of threads, processes, got 'gpu'"):
-        capsnet_trainer(mnist_slice, tmp_path / "run", "gpu")
+        capsnet_trainer(mnist_slice, tmp_path / "run", replicas="gpu")
 
 
 def _children(pid):

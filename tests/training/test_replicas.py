@@ -8,13 +8,13 @@ import pytest
 from capsnet import backend, parallel
 from capsnet import slices as slices_module
 from capsnet.data import ArrayDataset, random_shift
-from capsnet.layers import BatchNorm1d, BatchNorm2d, Dropout, Linear, Mask, Module, Sequential
+from capsnet.layers import BatchNorm1d, BatchNorm2d, Dropout, Linear, Mask, Sequential
 from capsnet.models import CapsNet, CapsNetConfig, CapsNetLoss
 from capsnet.optim import Adam
 from capsnet.replicas import Replicas, replicate, split_reason
 from capsnet.training import CapsNetTask, Trainer
 
-from tests.helpers import conv_net
+from tests.helpers import FailsOnMarkedRows, conv_net
 
 
 @pytest.fixture(autouse=True)
@@ -214,20 +214,8 @@ def test_replicas_batch_norm_on_channels_last_rows_is_the_whole_batch_bit_for_bi
         np.testing.assert_array_equal({**s2, **p2}[name], value, err_msg=name)
 
 
-class _FailsOnMarkedRows(Module):
-    """Raises on a slice whose first row starts with 999 (a replica failing mid-step)."""
-
-    def forward(self, x):
-        if x[0, 0] == 999:
-            raise ValueError("marked row")
-        return x
-
-    def backward(self, grad_out):
-        return grad_out
-
-
 def test_a_failing_replica_does_not_leave_the_others_waiting_in_the_batch_norm():
-    model = Sequential(_FailsOnMarkedRows(), BatchNorm1d(5, dtype="float64"))
+    model = Sequential(FailsOnMarkedRows(), BatchNorm1d(5, dtype="float64"))
     runner = Replicas(model, 2)
     x = np.random.default_rng(6).standard_normal((8, 5))
     bad = x.copy()
@@ -312,14 +300,14 @@ def test_blas_limit_sets_and_restores_the_library_count():
     assert parallel.blas_threads() == before
 
 
-def capsnet_trainer(mnist_slice, run_dir, on_step=None):
+def capsnet_trainer(mnist_slice, run_dir, on_step=None, replicas=None):
     x, y, tx, ty = mnist_slice
     model = CapsNet(CapsNetConfig(**SMALL), seed=0)
     optimizer = Adam(model.parameters(), lr=1e-3)
     train = ArrayDataset(x[:120], y[:120], augment=lambda images, rng: random_shift(images, 2, rng))
     return Trainer(model, CapsNetTask(), optimizer, train, run_dir, epochs=2, batch_size=25,
                    eval_data=ArrayDataset(tx[:50], ty[:50]), seed=3, log_every=2, progress=False, log=False,
-                   on_step=on_step)
+                   on_step=on_step, replicas=replicas)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
