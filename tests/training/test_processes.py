@@ -272,8 +272,10 @@ def test_ctrl_c_in_a_terminal_stops_the_run_saves_it_and_leaves_no_worker(tmp_pa
     import time
 
     out = tmp_path / "run"
-    env = dict(os.environ, CAPSNET_REPLICAS="processes", OMP_NUM_THREADS="2")
-    env.pop("CAPSNET_EMULATE_CUPY", None)  # replicas are a NumPy matter
+    # two threads whatever an earlier test left in the environment (host_threads takes the
+    # smallest of OMP_NUM_THREADS and OPENBLAS_NUM_THREADS); replicas are a NumPy matter
+    env = dict(os.environ, CAPSNET_REPLICAS="processes", OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+    env.pop("CAPSNET_EMULATE_CUPY", None)
     with subprocess.Popen([sys.executable, "-m", "capsnet.train", "--backend", "numpy", "--model", "efficient",
                            "--dataset", "mnist-sample", "--train-limit", "640", "--test-limit", "64", "--epochs", "50",
                            "--batch-size", "32", "--out", str(out), "--no-progress"], env=env, start_new_session=True,
