@@ -4,6 +4,7 @@ parity of one layer, and a small convolutional classifier. Fixtures live in the 
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,10 +22,15 @@ def reference(name: str):
     torch_matrix_capsnet). Ask for the ``torch`` fixture first: it skips the test without torch."""
     scripts = str(REPO / "scripts")
     sys.path.insert(0, scripts)
+    environ = dict(os.environ)
     try:
         return importlib.import_module(name)
     finally:
         sys.path.remove(scripts)
+        # a script that sets its thread variables at import (profile_efficient_layers.py) must not
+        # set them for the tests after it
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def dev(array):
