@@ -51,14 +51,14 @@ from typing import Any, Callable
 import numpy as np
 
 from capsnet.layers.base import Module
+from capsnet.layers.norm import _BatchNorm
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
-from capsnet.parallel import blas_limit, run_all, threads
+from capsnet.parallel import blas_limit, threads
 from capsnet.slices import ReplicaSet, batch_rows, join_rows, split_reason, split_rows
 
 __all__ = ["ProcessReplicas", "WorkerError", "process_reason", "serve"]
 
 ALIGN = 64  # bytes: each array in a shared block starts on a cache line
-CHUNK = 1 << 18  # elements per task of the gradient reduction
 START_TIMEOUT = 120.0  # seconds a worker may take to import capsnet and load the model
 
 
@@ -159,7 +159,6 @@ class _MemberGroup:
 
 
 def _batch_norms(model: Module) -> list:
-    from capsnet.layers.norm import _BatchNorm  # noqa: PLC0415 - the layer that takes a group
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
@@ -296,6 +295,8 @@ class ProcessReplicas(ReplicaSet):
     ``predict``, ``map``, ``train``, ``eval``, ``evaluating``, ``parameters``, ``release``,
     plus :meth:`close` (also done at exit). ``threads`` is the number of replicas."""
 
+    kind = "processes"
+
     def __init__(self, model: Module, processes: int):
         if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
             raise ValueError(f"ProcessReplicas processes must be a positive integer, got {processes!r}")
@@ -430,10 +431,7 @@ class ProcessReplicas(ReplicaSet):
     def backward(self, *grads: Any) -> Any:
         """The model's backward, slice by slice, with the workers' parameter gradients added
         into the model's; returns the input gradient joined (or None)."""
-        if self._slices is None:
-            raise RuntimeError("ProcessReplicas.backward called without a training forward before it: call "
-                               "forward in training mode (train()) before each backward")
-        slices, self._slices = self._slices, None
+        slices = self._take_slices()
         if len(slices) == 1:
             return self.model.backward(*grads)
         rows = slices[-1][1]
@@ -442,7 +440,7 @@ class ProcessReplicas(ReplicaSet):
         lo, hi = slices[0]
         results = self._step(workers, requests, lambda: self.model.backward(*split_rows(grads, rows, lo, hi)),
                              len(slices))
-        self._reduce(workers)
+        self._add_gradients([w.grads.arrays for w in workers], zero=False)  # each worker zeroes its own
         return join_rows(results, slices, "input gradients")
 
     def map(self, name: str, *args: Any) -> Any:
@@ -459,21 +457,6 @@ class ProcessReplicas(ReplicaSet):
         lo, hi = slices[0]
         results = self._step(workers, requests, lambda: getattr(self.model, name)(*split_rows(args, rows, lo, hi)))
         return join_rows(results, slices, f"{name} results")
-
-    # -- what the replicas share ------------------------------------------------------
-    def _reduce(self, workers: list[_Worker]) -> None:
-        """model.grad += each worker's gradient, in worker order, in chunks shared by the
-        host threads (each element summed in the same order whatever the chunking)."""
-        tasks = []
-        for k, p in enumerate(self.model.parameters()):
-            total = p.grad.reshape(-1)
-            parts = [w.grads.arrays[k].reshape(-1) for w in workers]
-            for start in range(0, total.size, CHUNK):
-                def add(total=total, parts=parts, s=slice(start, start + CHUNK)) -> None:
-                    for part in parts:
-                        total[s] += part[s]
-                tasks.append(add)
-        run_all(tasks)
 
 
 # -- the worker's side ------------------------------------------------------------------------

@@ -49,11 +49,10 @@ from typing import Any, Callable
 from capsnet.layers.base import Module
 from capsnet.layers.stochastic import batch_slice, current_batch_slice
 from capsnet.parallel import blas_limit, host_threads, run_all, run_together
+from capsnet.processes import ProcessReplicas, process_reason
 from capsnet.slices import ReplicaSet, batch_rows, join_rows, plan_slices, split_reason, split_rows
 
 __all__ = ["ENV", "KINDS", "Replicas", "plan_slices", "replica_kind", "replicate", "split_reason"]
-
-CHUNK = 1 << 18  # elements per task of the gradient reduction: 1 MB of float32 per array
 
 
 
@@ -75,8 +74,6 @@ def replica_kind(kind: str | None = None, model: Module | None = None) -> str:
             return chosen
     preferred = getattr(model, "replica_kind", "threads")
     if preferred == "processes":
-        from capsnet.processes import process_reason  # noqa: PLC0415 - imports this module
-
         if process_reason(model) is not None:  # a preference only: a subclass defined in a script stays in-process
             return "threads"
     return preferred if preferred in KINDS else "threads"
@@ -95,8 +92,6 @@ def replicate(model: Module, threads: int | None = None, kind: str | None = None
     if split_reason(model, n) is not None:
         return model
     if chosen == "processes":
-        from capsnet.processes import ProcessReplicas  # noqa: PLC0415 - imports this module
-
         return ProcessReplicas(model, n)
     return Replicas(model, n)
 
@@ -106,6 +101,8 @@ class Replicas(ReplicaSet):
     thread (see the module docstring). ``replicas(*inputs)`` and ``replicas.backward(*grads)``
     work as the model's own; ``replicas.map(name, *args)`` calls any batch method (such as
     ``predict``) slice by slice. ``replicas.model`` is the model."""
+
+    kind = "threads"
 
     def __init__(self, model: Module, threads: int):
         if not isinstance(threads, int) or threads < 1:
@@ -251,10 +248,7 @@ class Replicas(ReplicaSet):
     def backward(self, *grads: Any) -> Any:
         """The model's backward, slice by slice, with the copies' parameter gradients added
         into the model's; returns the input gradient joined (or None)."""
-        if self._slices is None:
-            raise RuntimeError("Replicas.backward called without a training forward before it: call forward "
-                               "in training mode (train()) before each backward")
-        slices, self._slices = self._slices, None
+        slices = self._take_slices()
         rows = slices[-1][1]
         replicas = self._replicas(len(slices))
 
@@ -268,8 +262,8 @@ class Replicas(ReplicaSet):
         finally:
             for group in groups:
                 group.close()
-        if len(replicas) > 1:
-            self._reduce(replicas)
+        if len(replicas) > 1:  # the copies' gradients into the model's, the copies' zeroed
+            self._add_gradients([[p.grad for p in r.parameters()] for r in replicas[1:]], zero=True)
         return join_rows(results, slices, "input gradients")
 
     def map(self, name: str, *args: Any) -> Any:
@@ -281,22 +275,4 @@ class Replicas(ReplicaSet):
         jobs = [(lambda r=r, lo=lo, hi=hi: getattr(r, name)(*split_rows(args, rows, lo, hi)))
                 for r, (lo, hi) in zip(replicas, slices)]
         return join_rows(self._run(jobs), slices, f"{name} results")
-
-    # -- what the replicas share ------------------------------------------------------
-    def _reduce(self, replicas: list[Module]) -> None:
-        """model.grad += each copy's grad, in replica order, and the copies' grads zeroed,
-        in chunks shared by the threads (each element summed in the same order whatever
-        the chunking)."""
-        groups = [r.parameters() for r in replicas]
-        tasks = []
-        for k, p in enumerate(groups[0]):
-            total = p.grad.reshape(-1)
-            parts = [g[k].grad.reshape(-1) for g in groups[1:]]
-            for start in range(0, total.size, CHUNK):
-                def add(total=total, parts=parts, s=slice(start, start + CHUNK)) -> None:
-                    for part in parts:
-                        total[s] += part[s]
-                        part[s] = 0
-                tasks.append(add)
-        run_all(tasks)
 

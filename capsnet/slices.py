@@ -9,10 +9,12 @@ from typing import Any
 
 from capsnet import backend
 from capsnet.layers.base import Module
-from capsnet.parallel import blas_threads, host_threads, shard
+from capsnet.parallel import blas_threads, host_threads, run_all, shard
 
 __all__ = ["MIN_TRAIN_SLICE", "ReplicaSet", "batch_rows", "join_rows", "plan_slices", "split_reason", "split_rows"]
 
+CHUNK = 1 << 18
+"""Elements per task of the replicas' gradient sum: 1 MB of float32 per array."""
 MIN_TRAIN_SLICE = 32
 """A training batch is split only into slices of at least this many examples (a model may set
 its own ``min_train_slice``). Measured at 2 threads on the paper's network
@@ -96,6 +98,8 @@ class ReplicaSet:
 
     model: Module
     threads: int
+    kind: str  # "threads" or "processes", as capsnet.replicas.KINDS names them
+    _slices: list[tuple[int, int]] | None  # of the training forward awaiting its backward
 
     @property
     def training(self) -> bool:
@@ -127,6 +131,33 @@ class ReplicaSet:
 
     def predict(self, x: Any) -> Any:
         return self.map("predict", x)
+
+    def _take_slices(self) -> list[tuple[int, int]]:
+        """The slices of the training forward that this backward follows (taken: a second
+        backward needs a new forward)."""
+        if self._slices is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called without a training forward before it: "
+                               "call forward in training mode (train()) before each backward")
+        slices, self._slices = self._slices, None
+        return slices
+
+    def _add_gradients(self, others: list[list], zero: bool) -> None:
+        """model.grad += each other replica's gradient (``others``: per replica, its gradient
+        arrays in the model's parameter order), in replica order, each then zeroed if ``zero``;
+        in chunks shared by the host threads (each element summed in the same order whatever
+        the chunking)."""
+        tasks = []
+        for k, p in enumerate(self.model.parameters()):
+            total = p.grad.reshape(-1)
+            parts = [grads[k].reshape(-1) for grads in others]
+            for start in range(0, total.size, CHUNK):
+                def add(total=total, parts=parts, s=slice(start, start + CHUNK)) -> None:
+                    for part in parts:
+                        total[s] += part[s]
+                        if zero:
+                            part[s] = 0
+                tasks.append(add)
+        run_all(tasks)
 
     def _average_buffers(self, theirs: list[list]) -> None:
         """The model's floating buffers (BatchNorm's running statistics) set to the mean of

@@ -171,7 +171,7 @@ SPREAD_MARGIN = 0.9  # the spread loss's margin at the end of training (SpreadTa
 
 def _kind(runner: Any, model: Any) -> str | None:
     """Where the replicas ran: "threads", "processes", or None (the model whole)."""
-    return None if runner is model else ("processes" if hasattr(runner, "close") else "threads")
+    return None if runner is model else runner.kind
 
 
 def routing_model(network: str):

@@ -29,7 +29,7 @@ from capsnet.models.config import DictConfig
 from capsnet.models.efficient_capsnet import EfficientCapsNet, EfficientCapsNetConfig
 from capsnet.models.matrix_capsnet import MatrixCapsNet, MatrixCapsNetConfig, SpreadTask
 from capsnet.optim import SGD, Adam, ExponentialLR
-from capsnet.replicas import KINDS as REPLICA_KINDS
+from capsnet.replicas import replica_kind
 from capsnet.training.checkpoint import CheckpointError, config_differences, load_checkpoint
 from capsnet.models.capsnet import CapsNetTask
 from capsnet.training.datasets import DATASETS, EXPANDED_PAD, dataset, expand, pair_errors  # noqa: F401 - re-exported
@@ -135,8 +135,8 @@ class TrainConfig(DictConfig):
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if not self.lr_min >= 0:
             raise ValueError(f"lr_min must be >= 0, got {self.lr_min}")
-        if self.replicas is not None and self.replicas not in REPLICA_KINDS:
-            raise ValueError(f"replicas must be one of {', '.join(REPLICA_KINDS)} or None, got {self.replicas!r}")
+        if self.replicas is not None:
+            replica_kind(self.replicas)  # refuses a kind not in capsnet.replicas.KINDS
         if self.test_pairs < 1:
             raise ValueError(f"test_pairs must be at least 1, got {self.test_pairs}")
         for name, value in self.model.items():  # sizes, counts and iterations: positive integers

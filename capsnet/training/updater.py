@@ -53,8 +53,7 @@ class Updater:
     @property
     def kind(self) -> str | None:
         """Where the replicas run ("threads" or "processes"), None when the model runs whole."""
-        runner = self.runner
-        return None if runner is self.model else ("processes" if hasattr(runner, "close") else "threads")
+        return getattr(self.runner, "kind", None) if self.runner is not self.model else None
 
     def update(self, batch: tuple, stop: bool = False) -> bool:
         """One optimizer step on the global ``batch``; ``stop``: this process asks to stop

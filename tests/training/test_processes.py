@@ -298,3 +298,11 @@ def test_ctrl_c_in_a_terminal_stops_the_run_saves_it_and_leaves_no_worker(tmp_pa
     assert "state saved" in output and (out / "checkpoint.npz").exists()
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_a_run_configuration_refuses_an_unknown_kind():
+    from capsnet.training import TrainConfig
+
+    with pytest.raises(ValueError, match="replicas must be one of threads, processes, got 'gpu'"):
+        TrainConfig(replicas="gpu").validate()
+    assert TrainConfig(replicas="processes").validate().replicas == "processes"
