@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from capsnet import backend
 from capsnet.layers import Conv2d, Flatten, Linear, Module, ReLU, Sequential, Sigmoid
@@ -137,3 +138,19 @@ class FailsOnMarkedRows(Module):
 
     def backward(self, grad_out):
         return grad_out
+
+
+def assert_records_match(got, expected, rel):
+    """Assert two lists of metric records agree: same keys, numbers to ``rel``, the rest exactly.
+
+    ``pytest.approx`` of a whole dict refuses values that are not numbers (pytest 9.2 raises
+    TypeError on a string such as ``"replicas": "threads"``), so each value is compared alone.
+    """
+    assert len(got) == len(expected), (len(got), len(expected))
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert sorted(g) == sorted(e), f"record {i}: keys {sorted(g)} != {sorted(e)}"
+        for key, value in e.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert g[key] == pytest.approx(value, rel=rel), f"record {i}, {key}"
+            else:
+                assert g[key] == value, f"record {i}, {key}"

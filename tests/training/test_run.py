@@ -14,6 +14,7 @@ from capsnet import parallel, train as train_cli
 from capsnet.models import CapsNet, CapsNetConfig
 from capsnet.training import CheckpointError, RunTrainer, RunFolderError, TrainConfig, load_weights, train_config_of
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import assert_records_match
 
 
 SMALL = dict(conv_channels=16, primary_types=4, primary_dim=8, digit_dim=8, decoder_hidden=[32, 64])
@@ -64,7 +65,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(mnist_dir, tmp_path, 
     ma = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(l).items() if "second" not in k} for l in lines]
-    assert strip(ma) == [pytest.approx(r, rel=1e-9) for r in strip(mb)]
+    assert_records_match(strip(ma), strip(mb), rel=1e-9)
 
 
 def test_checkpoint_from_a_different_configuration_is_refused(mnist_dir, tmp_path):
@@ -170,7 +171,7 @@ def test_a_run_folder_from_capsnet_0_1_resumes_to_the_same_weights(mnist_dir, tm
     strip = lambda run: [{k: v for k, v in json.loads(l).items() if "second" not in k}
                          for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in strip(runs["straight"])] == [1, 2]
-    assert strip(runs["stopped"]) == [pytest.approx(r, rel=1e-9) for r in strip(runs["straight"])]
+    assert_records_match(strip(runs["stopped"]), strip(runs["straight"]), rel=1e-9)
 
     with np.load(DATA / "run-v0.1" / "uninterrupted-weights.npz") as expected:
         assert sorted(expected.files) == sorted(states["straight"])

@@ -13,7 +13,7 @@ from capsnet.layers import MarginLoss
 from capsnet.optim import Adam, ExponentialLR
 from capsnet.training import CheckpointError, Trainer, count_correct
 
-from tests.helpers import conv_net
+from tests.helpers import assert_records_match, conv_net
 
 
 def make_trainer(mnist_slice, run_dir, epochs=3, on_step=None, metrics=None):
@@ -63,8 +63,8 @@ def test_kill_and_resume_of_a_non_capsnet_model_is_bit_exact(mnist_slice, tmp_pa
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     strip = lambda path: [{k: v for k, v in json.loads(l).items() if "second" not in k}
                           for l in path.read_text().splitlines()]
-    assert strip(tmp_path / "straight" / "metrics.jsonl") == [
-        pytest.approx(r, rel=1e-12) for r in strip(tmp_path / "resumed" / "metrics.jsonl")]
+    assert_records_match(strip(tmp_path / "straight" / "metrics.jsonl"),
+                         strip(tmp_path / "resumed" / "metrics.jsonl"), rel=1e-12)
 
 
 def test_an_epoch_resumed_after_a_stop_counts_the_time_and_images_before_the_stop(mnist_slice, tmp_path):
