@@ -16,6 +16,7 @@ from capsnet import backend
 from capsnet.layers.base import Module, as_rng, check_input, conv_output_size, init_param
 from capsnet.layers.convolution import ALGORITHMS as ENGINE_ALGORITHMS
 from capsnet.layers.convolution import Algorithm, ConvGeometry, Im2col, check_groups, choose, make
+from capsnet.layers.convolution.algorithm import bias_grad
 from capsnet.layers.convolution.fourier import fourier_flops
 from capsnet.layers.convolution.im2col import LAYOUTS
 from capsnet.layers.convolution.patches import col2im, im2col
@@ -306,7 +307,7 @@ def conv_transpose2d_nhwc_backward(grad_y_nhwc: Any, x_nhwc: Any, w: Any, stride
     alg = Im2col("rows")
     gx, saved = alg.forward(g, grad_y_nhwc, w, None)
     gw = alg.weight_grad(g, x_nhwc, saved, w)
-    return gx, gw, grad_y_nhwc.reshape(-1, grad_y_nhwc.shape[-1]).sum(axis=0)
+    return gx, gw, bias_grad(grad_y_nhwc)
 
 
 def conv_transpose2d(x: Any, w: Any, b: Any | None = None, stride: int = 1, padding: int = 0,

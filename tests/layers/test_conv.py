@@ -80,6 +80,69 @@ def test_every_patch_layout_matches_naive_loops(xp, host_rng, layout, stride, pa
         conv2d_nhwc(x_nhwc, dev(w), None, layout="cols")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_gradcheck_first_layer_taps_layout(xp, host_rng, bias):
+    """One input channel, few outputs: the "taps" layout, whose products carry the bias (a
+    column of the weights against a row of ones in the patches) in the forward and give its
+    gradient in the backward."""
+    from capsnet.layers.convolution import ConvGeometry  # noqa: PLC0415
+    from capsnet.layers.convolution.im2col import layout_for  # noqa: PLC0415
+
+    layer = Conv2d(1, 4, 3, stride=2, padding=1, bias=bias, dtype=F64, seed=0, algorithm="im2col")
+    assert layout_for(layer.geometry(7, 6, 2)) == "taps"
+    x = host_rng.standard_normal((2, 1, 7, 6))
+    results = check_module(layer, dev(x))
+    assert [r.name for r in results] == ["input", "weight"] + (["bias"] if bias else [])
+    layer.zero_grad()
+    y = layer.forward(dev(x))
+    w = host(layer.weight.data)
+    b = host(layer.bias.data) if bias else np.zeros(4)
+    np.testing.assert_allclose(host(y), naive_conv2d(x, w, b, 2, 1), rtol=1e-10, atol=1e-12)
+    gy = host_rng.standard_normal(y.shape)
+    layer.backward(dev(gy))
+    ex, ew, eb = naive_conv2d_backward(gy, x, w, 2, 1)
+    np.testing.assert_allclose(host(layer.weight.grad), ew, rtol=1e-10, atol=1e-12)
+    if bias:
+        np.testing.assert_allclose(host(layer.bias.grad), eb, rtol=1e-10, atol=1e-12)
+
+
+def test_gather_taps_appends_a_row_of_ones(xp, host_rng):
+    from capsnet.layers.convolution.patches import gather_taps  # noqa: PLC0415
+
+    x = dev(host_rng.standard_normal((2, 6, 5, 2)))
+    plain, with_ones = gather_taps(x, 3, 2, 1, 4, 4), gather_taps(x, 3, 2, 1, 4, 4, ones=True)
+    assert plain.shape == (12, 32) and with_ones.shape == (13, 32)
+    np.testing.assert_array_equal(host(with_ones[:12]), host(plain))
+    np.testing.assert_array_equal(host(with_ones[12]), np.ones(32))
+
+
+@pytest.mark.parametrize("through_blas", [True, False], ids=["ones-product", "reduction"])
+def test_sum_rows_and_the_bias_gradient(xp, host_rng, monkeypatch, through_blas):
+    """sum_rows: a product with ones while the rows fit the cache budget (NumPy), the
+    reduction beyond it; both the float64 sum to float32 rounding, and the bias gradient is it."""
+    from capsnet.layers.convolution import algorithm  # noqa: PLC0415
+
+    monkeypatch.setattr(algorithm, "SUM_ROWS_BYTES", 1 << 30 if through_blas else 0)
+    rows = host_rng.standard_normal((18432, 32)).astype(np.float32)
+    expected = rows.astype(np.float64).sum(axis=0)
+    got = host(algorithm.sum_rows(dev(rows)))
+    assert got.shape == (32,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(rows).sum(axis=0).max())
+    grad_y = rows.reshape(32, 24, 24, 32)
+    np.testing.assert_array_equal(host(algorithm.bias_grad(dev(grad_y))), got)
+    strided = rows[:, :16]  # not contiguous: the reduction, whatever the budget
+    np.testing.assert_allclose(host(algorithm.sum_rows(dev(strided))), expected[:16], rtol=1e-4)
+
+
+def test_cache_bytes_reads_the_os_or_says_nothing():
+    from capsnet.layers.convolution.algorithm import cache_bytes  # noqa: PLC0415
+
+    for level in (1, 2, 3):
+        size = cache_bytes(level)
+        assert size is None or (isinstance(size, int) and size >= 4096)
+    assert cache_bytes(9) is None
+
+
 def test_small_batches_take_the_channel_major_layout():
     from capsnet.layers.convolution import ConvGeometry  # noqa: PLC0415
     from capsnet.layers.convolution.im2col import layout_for  # noqa: PLC0415

@@ -2,12 +2,16 @@
 gradient over one ConvGeometry), and the bias gradient they share."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable, ClassVar
+
+import numpy as np
 
 from capsnet import backend
 from capsnet.layers.convolution.geometry import ConvGeometry
 
-__all__ = ["Algorithm", "WeightCache", "bias_grad"]
+__all__ = ["SUM_ROWS_BYTES", "Algorithm", "WeightCache", "bias_grad", "cache_bytes", "sum_rows"]
 
 
 class WeightCache:
@@ -45,9 +49,50 @@ class WeightCache:
         return sum(a.nbytes for a in (self._value, self._weights) if a is not None)
 
 
+def cache_bytes(level: int) -> int | None:
+    """The size of one CPU's level-``level`` data (or unified) cache as the OS reports it: Linux's
+    ``/sys/devices/system/cpu/cpu0/cache``, else ``os.sysconf``; None where neither says."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (int((index / "level").read_text()) == level
+                    and (index / "type").read_text().strip() in ("Data", "Unified")):
+                size = (index / "size").read_text().strip().upper()
+                unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+                return int(size.rstrip("KMG")) * unit
+        except (OSError, ValueError):
+            continue
+    name = f"SC_LEVEL{level}_{'D' if level == 1 else ''}CACHE_SIZE"
+    try:
+        value = os.sysconf(name)
+    except (AttributeError, ValueError, OSError):
+        return None
+    return value if value > 0 else None
+
+
+SUM_ROWS_BYTES = (cache_bytes(3) or 16 << 20) // 2
+"""On NumPy, :func:`sum_rows` sums rows of at most this many bytes (half the last-level cache the
+OS reports, 8 MiB where it says nothing) as one product with a vector of ones."""
+
+
+def sum_rows(rows: Any) -> Any:
+    """rows (N, C) -> (C,), the sum over the rows.
+
+    NumPy's ``sum(axis=0)`` runs its inner loop once per row of C values. On NumPy, while the
+    rows fit in half the last-level cache (:data:`SUM_ROWS_BYTES`), a BLAS product with a
+    vector of ones sums them instead: for 18,432 rows of 32 (the output gradient of
+    Efficient-CapsNet's first layer at batch 32) 0.03 against 0.31 ms on one core of the
+    project's AMD EPYC, and at least as accurate. Beyond the cache that product read its rows
+    more slowly than the reduction did (40 MB: 2.7 against 1.9 ms), so there the reduction runs.
+    Figures from ad-hoc timing in one process, recorded in NOTES.md."""
+    xp = backend.get_array_module(rows)
+    if xp is np and rows.ndim == 2 and rows.flags.c_contiguous and rows.nbytes <= SUM_ROWS_BYTES:
+        return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
+    return rows.sum(axis=0)
+
+
 def bias_grad(grad_y: Any) -> Any:
-    """Gradient of the bias: grad_y (B, OH, OW, O) summed over the pixels -> (O,)."""
-    return grad_y.reshape(-1, grad_y.shape[-1]).sum(axis=0)
+    """Gradient of the bias: grad_y (B, OH, OW, O) summed over the pixels -> (O,) (:func:`sum_rows`)."""
+    return sum_rows(grad_y.reshape(-1, grad_y.shape[-1]))
 
 
 class Algorithm:

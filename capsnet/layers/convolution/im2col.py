@@ -65,8 +65,10 @@ class Im2col(Algorithm):
         x_pad = pad(x_nhwc, g.padding)
         o, kh, kw, oh, ow = g.out_channels, g.kernel_h, g.kernel_w, g.out_h, g.out_w
         layout = layout_for(g, self.layout)
-        if layout == "taps":
-            y = gather_taps(x_pad, kh, kw, g.stride, oh, ow).T @ w.reshape(o, -1).T  # (N, C KH KW) (C KH KW, O)
+        if layout == "taps":  # (N, C KH KW [+ 1]) (C KH KW [+ 1], O): the bias, if any, inside the product
+            w2 = w.reshape(o, -1) if b is None else xp.concatenate([w.reshape(o, -1), b.reshape(o, 1)], axis=1)
+            y = gather_taps(x_pad, kh, kw, g.stride, oh, ow, ones=b is not None).T @ w2.T
+            return y.reshape(g.batch, oh, ow, o), Im2colSaved(x_pad)
         elif layout == "channels":
             col = gather_channel_major(x_pad, kh, kw, g.stride, oh, ow)  # (N, C KH KW)
             if g.groups == 1:
@@ -101,11 +103,11 @@ class Im2col(Algorithm):
         g2 = grad_y.reshape(-1, o)
         layout = layout_for(g, self.layout)
         if layout == "taps":
-            return (g2.T @ gather_taps(saved.x_pad, kh, kw, g.stride, oh, ow).T).reshape(w.shape)
+            return xp.ascontiguousarray((gather_taps(saved.x_pad, kh, kw, g.stride, oh, ow) @ g2).T).reshape(w.shape)
         if layout == "channels":
             col = gather_channel_major(saved.x_pad, kh, kw, g.stride, oh, ow)
             if g.groups == 1:
-                return (g2.T @ col).reshape(w.shape)
+                return xp.ascontiguousarray((col.T @ g2).T).reshape(w.shape)
             gs = g.groups
             col = col.reshape(-1, gs, g.depth).transpose(1, 0, 2)  # (G, N, Cg KH KW)
             gg = g2.reshape(-1, gs, o // gs).transpose(1, 2, 0)  # (G, O/G, N)
@@ -118,6 +120,18 @@ class Im2col(Algorithm):
             gather(saved.x_pad, rows, kw, g.stride, oh, ow, buf)
             grad_w_rows[rows.start : rows.stop] = (buf.reshape(g.rows, -1).T @ g2).reshape(len(rows), kw, c, o)
         return grad_w_rows.transpose(3, 2, 0, 1)
+
+    def backward(self, g: ConvGeometry, grad_y: Any, saved: Im2colSaved, w: Any, need_input_grad: bool = True
+                 ) -> tuple[Any | None, Any, Any]:
+        """(grad_x or None, grad_w, grad_b); in the "taps" layout the bias gradient comes out of
+        the weight gradient's product, as one more row of the patches (ones)."""
+        if layout_for(g, self.layout) != "taps":
+            return super().backward(g, grad_y, saved, w, need_input_grad)
+        xp = backend.get_array_module(grad_y, w)
+        gx = self.input_grad(g, grad_y, saved, w) if need_input_grad else None
+        both = gather_taps(saved.x_pad, g.kernel_h, g.kernel_w, g.stride, g.out_h, g.out_w, ones=True
+                           ) @ grad_y.reshape(-1, g.out_channels)  # (C KH KW + 1, O)
+        return gx, xp.ascontiguousarray(both[:-1].T).reshape(w.shape), both[-1].copy()
 
     def input_grad(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any) -> Any:
         xp = backend.get_array_module(grad_y, w)

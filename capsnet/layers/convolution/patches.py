@@ -69,16 +69,26 @@ def gather(x_pad: Any, rows: range, kw: int, stride: int, oh: int, ow: int, out:
     return out
 
 
-def gather_taps(x_pad: Any, kh: int, kw: int, stride: int, oh: int, ow: int) -> Any:
+def gather_taps(x_pad: Any, kh: int, kw: int, stride: int, oh: int, ow: int, ones: bool = False) -> Any:
     """Patches transposed: (C * KH * KW, B * OH * OW), rows ordered (c, ky, kx) (the weights'
     own order), one copy. Each run it copies is a row of OW outputs, where the other layouts
-    copy runs of C or KW values: for inputs of one or a few channels (a network's first layer)."""
+    copy runs of C or KW values: for inputs of one or a few channels (a network's first layer).
+
+    With ``ones``, one more row of ones at the end, (C * KH * KW + 1, B * OH * OW): against
+    the bias as one more column of the weights it adds the bias inside the forward's product,
+    and times the output gradient it gives the bias gradient inside the weight gradient's."""
     xp = backend.get_array_module(x_pad)
     b, _, _, c = x_pad.shape
     sb, sh, sw, sc = x_pad.strides
     view = xp.lib.stride_tricks.as_strided(
         x_pad, shape=(c, kh, kw, b, oh, ow), strides=(sc, sh, sw, sb, stride * sh, stride * sw))
-    return xp.ascontiguousarray(view).reshape(c * kh * kw, -1)
+    if not ones:
+        return xp.ascontiguousarray(view).reshape(c * kh * kw, -1)
+    depth = c * kh * kw
+    out = xp.empty((depth + 1, b * oh * ow), dtype=x_pad.dtype)
+    out[:depth].reshape(c, kh, kw, b, oh, ow)[...] = view
+    out[depth] = 1
+    return out
 
 
 def gather_channel_major(x_pad: Any, kh: int, kw: int, stride: int, oh: int, ow: int) -> Any:

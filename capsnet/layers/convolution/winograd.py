@@ -45,14 +45,13 @@ the tests compare them with a loop convolution in float64 to 1e-10.
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from capsnet import backend
-from capsnet.layers.convolution.algorithm import Algorithm, WeightCache
+from capsnet.layers.convolution.algorithm import Algorithm, WeightCache, cache_bytes, sum_rows
 from capsnet.layers.convolution.geometry import ConvGeometry
 
 __all__ = ["BLOCK_BYTES", "Winograd", "Winograd4", "WinogradSaved", "winograd_blocks", "winograd_flops"]
@@ -121,12 +120,10 @@ def _tiles(g: ConvGeometry, m: int) -> tuple[int, int]:
 
 def _cache_bytes() -> int:
     """The working set of one block of images: 3/4 of a core's L2 cache as the OS reports it
-    (1 MiB on the project's AMD EPYC), 768 KiB where it says nothing."""
-    try:
-        l2 = int(os.sysconf("SC_LEVEL2_CACHE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        l2 = 0
-    return 3 * l2 // 4 if l2 > 0 else 768 << 10
+    (:func:`~.algorithm.cache_bytes`; 1 MiB on the project's AMD EPYC), 768 KiB where it says
+    nothing."""
+    l2 = cache_bytes(2)
+    return 3 * l2 // 4 if l2 else 768 << 10
 
 
 BLOCK_BYTES = _cache_bytes()
@@ -331,7 +328,7 @@ class Winograd(Algorithm):
         dU = db = None
         for lo, hi in _blocks(g, m, max(g.in_channels, g.out_channels), xp):
             dM = _output_tiles_adjoint(grad_y[lo:hi], th, tw, m)
-            part = dM[_BIAS_ENTRY[m]].sum(axis=0)
+            part = sum_rows(dM[_BIAS_ENTRY[m]])
             db = part if db is None else db + part
             if need_weight:
                 part = xp.matmul(saved.V[:, lo * th * tw : hi * th * tw].transpose(0, 2, 1), dM)  # (a^2, C, O)
