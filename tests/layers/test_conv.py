@@ -151,7 +151,7 @@ def test_small_batches_take_the_channel_major_layout():
     assert layout_for(primary) == "channels"
     assert layout_for(primary.with_batch(7)) == "channels"
     assert layout_for(primary.with_batch(8)) == "rows"
-    assert layout_for(ConvGeometry(1, 20, 20, 1, 256, 9, 9)) == "rows"  # one input channel, many outputs
+    assert layout_for(ConvGeometry(1, 20, 20, 1, 256, 9, 9)) == "taps"  # one input channel, many outputs
     assert layout_for(ConvGeometry(100, 28, 28, 1, 32, 5, 5)) == "taps"  # one input channel, few outputs
     assert layout_for(ConvGeometry(100, 28, 28, 1, 32, 5, 5), "rows") == "rows"  # pinned
     assert layout_for(ConvGeometry(8, 20, 20, 4, 4, 3, 3, groups=2)) == "channels"  # grouped: per-group products
