@@ -107,7 +107,7 @@ class Im2col(Algorithm):
         if layout == "channels":
             col = gather_channel_major(saved.x_pad, kh, kw, g.stride, oh, ow)
             if g.groups == 1:
-                return xp.ascontiguousarray((col.T @ g2).T).reshape(w.shape)
+                return (g2.T @ col).reshape(w.shape)
             gs = g.groups
             col = col.reshape(-1, gs, g.depth).transpose(1, 0, 2)  # (G, N, Cg KH KW)
             gg = g2.reshape(-1, gs, o // gs).transpose(1, 2, 0)  # (G, O/G, N)
