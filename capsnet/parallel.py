@@ -23,8 +23,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-__all__ = ["blas_limit", "blas_threads", "host_threads", "run_all", "run_together", "shard", "share_blas_threads",
-           "threads"]
+__all__ = ["blas_limit", "blas_threads", "host_threads", "in_pool_task", "run_all", "run_shards", "run_together", "shard",
+           "share_blas_threads", "threads"]
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -267,3 +267,34 @@ def run_all(tasks: list[Callable[[], None]]) -> None:
     for error in errors:
         if error is not None:
             raise error
+
+
+def in_pool_task() -> bool:
+    """Whether this thread is running a task of :func:`run_all` or :func:`run_together` (a
+    replica's step): work started here runs in order, on this thread."""
+    return bool(getattr(_inside, "active", False))
+
+
+def run_shards(n: int, work: Callable[[int, int], object]) -> list:
+    """``work(lo, hi)`` for each contiguous share of n items (:func:`shard`), one share per host
+    thread on the shared pool with BLAS held to one thread per call; the results in share order.
+    One share, on this thread with BLAS as it is, when there is one host thread, fewer than two
+    items, or when called from inside a pool task (a replica's step already has its thread).
+    For NumPy work of a few large calls that release the GIL: a split made of many small calls
+    loses to the interpreter lock (NOTES.md, Winograd's blocks). A reduction over the shares'
+    results is the caller's, in share order, so the result depends on the thread count, as a
+    BLAS product's does."""
+    parts = min(host_threads(), n)
+    if parts <= 1 or in_pool_task():
+        return [work(0, n)]
+    results: list = [None] * parts
+
+    def task(k: int) -> Callable[[], None]:
+        def run() -> None:
+            lo, hi = shard(n, k, parts)
+            results[k] = work(lo, hi)
+        return run
+
+    with blas_limit(1):
+        run_all([task(k) for k in range(parts)])
+    return results

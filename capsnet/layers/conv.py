@@ -18,7 +18,7 @@ from capsnet.layers.convolution import ALGORITHMS as ENGINE_ALGORITHMS
 from capsnet.layers.convolution import Algorithm, ConvGeometry, Im2col, check_groups, choose, make
 from capsnet.layers.convolution.algorithm import bias_grad
 from capsnet.layers.convolution.fourier import fourier_flops
-from capsnet.layers.convolution.im2col import LAYOUTS
+from capsnet.layers.convolution.im2col import LAYOUTS, layout_for
 from capsnet.layers.convolution.patches import col2im, im2col
 from capsnet.layers.norm import BatchNorm2d
 
@@ -255,6 +255,18 @@ class Conv2d(Module):
 
     def backward(self, grad_out: Any) -> Any:
         xp = backend.get_array_module(grad_out)
+        if (not self.input_grad and grad_out.ndim == 4 and grad_out.flags.c_contiguous
+                and not grad_out.transpose(0, 2, 3, 1).flags.c_contiguous and self._cache is not None):
+            g, alg, saved = self._cache
+            if isinstance(alg, Im2col) and layout_for(g, alg.layout) == "taps":
+                # a first layer given channels-first memory (a network passes a channels-last
+                # view): the gradients from it as it is, not from a channels-last copy
+                self._pop()
+                gw, gb = alg.gradients_channels_first(g, grad_out, saved, self.weight.data)
+                self.weight.grad += gw
+                if self.bias is not None:
+                    self.bias.grad += gb
+                return None
         gx = self.backward_nhwc(xp.ascontiguousarray(grad_out.transpose(0, 2, 3, 1)))
         return None if gx is None else gx.transpose(0, 3, 1, 2)
 

@@ -106,6 +106,28 @@ def test_gradcheck_first_layer_taps_layout(xp, host_rng, bias):
         np.testing.assert_allclose(host(layer.bias.grad), eb, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("memory", ["channels-first", "channels-last view"])
+def test_first_layer_gradients_from_either_memory_order(xp, host_rng, memory):
+    """A first layer (no input gradient, taps layout) takes an NCHW-contiguous output gradient
+    as it is (Conv2d.gradients_channels_first) and a channels-last view through the usual path:
+    both give the loop oracle's weight and bias gradients."""
+    layer = Conv2d(1, 6, 3, stride=2, padding=1, input_grad=False, dtype=F64, seed=0)
+    x = host_rng.standard_normal((3, 1, 9, 8))
+    y = layer.forward(dev(x))
+    gy = host_rng.standard_normal(y.shape)
+    given = dev(gy) if memory == "channels-first" else dev(np.ascontiguousarray(gy.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    assert given.flags.c_contiguous == (memory == "channels-first")
+    assert layer.backward(given) is None
+    _, ew, eb = naive_conv2d_backward(gy, x, host(layer.weight.data), 2, 1)
+    np.testing.assert_allclose(host(layer.weight.grad), ew, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(host(layer.bias.grad), eb, rtol=1e-10, atol=1e-12)
+    layer.forward(dev(x))
+    layer.backward(given)  # accumulates
+    np.testing.assert_allclose(host(layer.weight.grad), 2 * ew, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="without a cached forward"):
+        layer.backward(given)
+
+
 def test_gather_taps_appends_a_row_of_ones(xp, host_rng):
     from capsnet.layers.convolution.patches import gather_taps  # noqa: PLC0415
 

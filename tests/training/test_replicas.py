@@ -300,6 +300,50 @@ def test_blas_limit_sets_and_restores_the_library_count():
     assert parallel.blas_threads() == before
 
 
+def test_run_shards_splits_in_order_on_the_pool_and_not_inside_a_task():
+    seen = []
+
+    def work(lo, hi):
+        seen.append((lo, hi, parallel.blas_threads(), parallel.in_pool_task()))
+        return hi - lo
+
+    with parallel.threads(3):
+        assert parallel.run_shards(7, work) == [3, 2, 2]
+    assert sorted(s[:2] for s in seen) == [(0, 3), (3, 5), (5, 7)]
+    assert all(s[2] == 1 and s[3] for s in seen)  # BLAS at one thread, each share a pool task
+    seen.clear()
+    with parallel.threads(1):
+        assert parallel.run_shards(7, work) == [7]
+    with parallel.threads(3):
+        assert parallel.run_shards(1, work) == [1]
+    assert [s[:2] for s in seen] == [(0, 7), (0, 1)]
+    nested = []
+    with parallel.threads(2):
+        parallel.run_all([lambda: nested.append(parallel.run_shards(6, lambda lo, hi: (lo, hi)))] * 2)
+    assert nested == [[(0, 6)], [(0, 6)]]  # inside a replica's task: one share, in order
+
+
+def test_a_first_layer_split_over_threads_is_the_one_thread_layer_to_rounding():
+    """The taps layout's shares of the images (run_shards): the outputs bit for bit (each image
+    is its own rows), the weight and bias gradients to rounding (shares added in order)."""
+    from capsnet.layers import Conv2d  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 1, 12, 12)).astype(np.float32)
+    results = {}
+    for n in (1, 3):
+        layer = Conv2d(1, 8, 5, input_grad=False, seed=0)
+        with parallel.threads(n):
+            y = layer.forward(x)
+            layer.backward(np.ones_like(y))
+            layer.forward(x)
+            layer.backward(np.ascontiguousarray(np.ones_like(y)).transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2))
+        results[n] = (y, layer.weight.grad.copy(), layer.bias.grad.copy())
+    np.testing.assert_array_equal(results[1][0], results[3][0])
+    for k in (1, 2):  # sums of about 2,000 float32 terms: the scale of the largest, not each
+        np.testing.assert_allclose(results[1][k], results[3][k], rtol=0, atol=1e-5 * np.abs(results[1][k]).max())
+
+
 def capsnet_trainer(mnist_slice, run_dir, on_step=None, replicas=None):
     x, y, tx, ty = mnist_slice
     model = CapsNet(CapsNetConfig(**SMALL), seed=0)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from capsnet import backend
 from capsnet.layers.convolution.algorithm import Algorithm
 from capsnet.layers.convolution.geometry import ConvGeometry
 from capsnet.layers.convolution.patches import (
     crop, gather, gather_channel_major, gather_taps, pad, patch_gradient_buffer, patch_gradient_sum, row_groups)
+from capsnet.parallel import run_shards
 
 __all__ = ["LAYOUTS", "Im2col", "Im2colSaved", "layout_for"]
 
@@ -67,8 +70,17 @@ class Im2col(Algorithm):
         layout = layout_for(g, self.layout)
         if layout == "taps":  # (N, C KH KW [+ 1]) (C KH KW [+ 1], O): the bias, if any, inside the product
             w2 = w.reshape(o, -1) if b is None else xp.concatenate([w.reshape(o, -1), b.reshape(o, 1)], axis=1)
-            y = gather_taps(x_pad, kh, kw, g.stride, oh, ow, ones=b is not None).T @ w2.T
-            return y.reshape(g.batch, oh, ow, o), Im2colSaved(x_pad)
+            if xp is not np:
+                y = gather_taps(x_pad, kh, kw, g.stride, oh, ow, ones=b is not None).T @ w2.T
+                return y.reshape(g.batch, oh, ow, o), Im2colSaved(x_pad)
+            y = np.empty((g.batch, oh, ow, o), dtype=x_nhwc.dtype)
+
+            def images(lo: int, hi: int) -> None:  # a share of the images per host thread (run_shards)
+                patches = gather_taps(x_pad[lo:hi], kh, kw, g.stride, oh, ow, ones=b is not None)
+                np.matmul(patches.T, w2.T, out=y[lo:hi].reshape(-1, o))
+
+            run_shards(g.batch, images)
+            return y, Im2colSaved(x_pad)
         elif layout == "channels":
             col = gather_channel_major(x_pad, kh, kw, g.stride, oh, ow)  # (N, C KH KW)
             if g.groups == 1:
@@ -103,7 +115,7 @@ class Im2col(Algorithm):
         g2 = grad_y.reshape(-1, o)
         layout = layout_for(g, self.layout)
         if layout == "taps":
-            return xp.ascontiguousarray((gather_taps(saved.x_pad, kh, kw, g.stride, oh, ow) @ g2).T).reshape(w.shape)
+            return xp.ascontiguousarray(self._taps_gradients(g, grad_y, saved, ones=False).T).reshape(w.shape)
         if layout == "channels":
             col = gather_channel_major(saved.x_pad, kh, kw, g.stride, oh, ow)
             if g.groups == 1:
@@ -129,9 +141,44 @@ class Im2col(Algorithm):
             return super().backward(g, grad_y, saved, w, need_input_grad)
         xp = backend.get_array_module(grad_y, w)
         gx = self.input_grad(g, grad_y, saved, w) if need_input_grad else None
-        both = gather_taps(saved.x_pad, g.kernel_h, g.kernel_w, g.stride, g.out_h, g.out_w, ones=True
-                           ) @ grad_y.reshape(-1, g.out_channels)  # (C KH KW + 1, O)
+        both = self._taps_gradients(g, grad_y, saved, ones=True)  # (C KH KW + 1, O)
         return gx, xp.ascontiguousarray(both[:-1].T).reshape(w.shape), both[-1].copy()
+
+    @staticmethod
+    def _taps_gradients(g: ConvGeometry, grad_y: Any, saved: Im2colSaved, ones: bool,
+                        channels_first: bool = False) -> Any:
+        """(C KH KW [+ 1], O): the patches (and ones) times grad_y, (B, OH, OW, O), or with
+        ``channels_first`` (B, O, OH, OW) memory, one product per image. On NumPy a share of
+        the images per host thread (:func:`~capsnet.parallel.run_shards`), the shares' products
+        added in order."""
+        xp = backend.get_array_module(grad_y)
+        o, p = g.out_channels, g.out_h * g.out_w
+
+        def images(lo: int, hi: int) -> Any:
+            patches = gather_taps(saved.x_pad[lo:hi], g.kernel_h, g.kernel_w, g.stride, g.out_h, g.out_w, ones=ones)
+            if not channels_first:
+                return patches @ grad_y[lo:hi].reshape(-1, o)
+            per_image = xp.matmul(grad_y[lo:hi].reshape(hi - lo, o, p), patches.reshape(-1, hi - lo, p).transpose(1, 2, 0))
+            return per_image.sum(axis=0).T  # (B, O, K [+ 1]) summed -> (K [+ 1], O)
+
+        parts = run_shards(g.batch, images) if xp is np else [images(0, g.batch)]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+    def gradients_channels_first(self, g: ConvGeometry, grad_y_nchw: Any, saved: Im2colSaved, w: Any
+                                 ) -> tuple[Any, Any]:
+        """(grad_w, grad_b) in the "taps" layout from an output gradient in channels-first
+        memory, (B, O, OH, OW) C-contiguous, as a caller of ``Conv2d.backward`` with its own
+        NCHW arrays passes it: one product per image, (O, OH OW) times that image's patches and
+        ones, summed over the images, with no channels-last copy of the gradient (1.3x to 2x
+        faster than that copy and one product on the first layers, one process, ad hoc)."""
+        xp = backend.get_array_module(grad_y_nchw, w)
+        if layout_for(g, self.layout) != "taps":
+            raise ValueError(f"gradients_channels_first needs the taps layout, not {layout_for(g, self.layout)!r}")
+        both = self._taps_gradients(g, grad_y_nchw, saved, ones=True, channels_first=True)  # (K + 1, O)
+        return xp.ascontiguousarray(both[:-1].T).reshape(w.shape), both[-1].copy()
 
     def input_grad(self, g: ConvGeometry, grad_y: Any, saved: Any, w: Any) -> Any:
         xp = backend.get_array_module(grad_y, w)
