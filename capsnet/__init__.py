@@ -1,5 +1,5 @@
 """capsnet: Capsule Networks from scratch on NumPy and CuPy."""
-__version__ = "0.5.5"  # the one place the version is set (pyproject.toml reads it)
+__version__ = "0.5.6"  # the one place the version is set (pyproject.toml reads it)
 
 import os as _os
 
