@@ -239,7 +239,13 @@ class Conv2d(Module):
 
     def backward_nhwc(self, grad_y: Any) -> Any:
         g, alg, saved = self._pop()
-        gx, gw, gb = alg.backward(g, grad_y, saved, self.weight.data, self.input_grad)
+        if getattr(saved, "channels_first", False):  # the forward took channels-first memory
+            xp = backend.get_array_module(grad_y)
+            gx, gw, gb = alg.backward_channels_first(g, xp.ascontiguousarray(grad_y.transpose(0, 3, 1, 2)), saved,
+                                                     self.weight.data, self.input_grad)
+            gx = None if gx is None else gx.transpose(0, 2, 3, 1)
+        else:
+            gx, gw, gb = alg.backward(g, grad_y, saved, self.weight.data, self.input_grad)
         self.weight.grad += gw
         if self.bias is not None:
             self.bias.grad += gb
@@ -251,10 +257,26 @@ class Conv2d(Module):
     def _forward(self, x: Any, w: Any, b: Any | None) -> Any:
         check_input(type(self).__name__, x, (None, self.in_channels, None, None), self.weight.dtype)
         xp = backend.get_array_module(x, self.weight.data)
+        if x.flags.c_contiguous and not x.transpose(0, 2, 3, 1).flags.c_contiguous:
+            # channels-first memory (a user's own NCHW arrays; a network passes channels-last
+            # views): a 1x1 product runs on it as it is, per image
+            g = self.geometry(x.shape[2], x.shape[3], x.shape[0])
+            if choose(g, self.training, self.input_grad, self.algorithm, xp) == "pointwise":
+                alg = self._instance("pointwise")
+                y, saved = alg.forward_channels_first(g, x, w, b)
+                self._save(g, alg, saved)
+                return y
         return self._forward_nhwc(xp.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, b).transpose(0, 3, 1, 2)
 
     def backward(self, grad_out: Any) -> Any:
         xp = backend.get_array_module(grad_out)
+        if self._cache is not None and getattr(self._cache[2], "channels_first", False):
+            g, alg, saved = self._pop()  # the forward took channels-first memory: so does the backward
+            gx, gw, gb = alg.backward_channels_first(g, grad_out, saved, self.weight.data, self.input_grad)
+            self.weight.grad += gw
+            if self.bias is not None:
+                self.bias.grad += gb
+            return gx
         if (not self.input_grad and grad_out.ndim == 4 and grad_out.flags.c_contiguous
                 and not grad_out.transpose(0, 2, 3, 1).flags.c_contiguous and self._cache is not None):
             g, alg, saved = self._cache

@@ -128,6 +128,39 @@ def test_first_layer_gradients_from_either_memory_order(xp, host_rng, memory):
         layer.backward(given)
 
 
+@pytest.mark.parametrize("memory", ["channels-first", "channels-last view"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_pointwise_runs_on_either_memory_order(xp, host_rng, memory, bias):
+    """A 1x1 convolution given channels-first memory computes on it as it is (per-image
+    products, Pointwise.forward_channels_first) and one given a channels-last view takes the
+    usual path: the same values and gradients as the loop oracle, through backward and
+    backward_nhwc alike, and a float64 gradient check."""
+    layer = Conv2d(3, 5, 1, bias=bias, dtype=F64, seed=0, algorithm="pointwise")
+    x = host_rng.standard_normal((2, 3, 4, 6))
+    given = dev(x) if memory == "channels-first" else dev(np.ascontiguousarray(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    w = host(layer.weight.data)
+    b = host(layer.bias.data) if bias else np.zeros(5)
+    y = layer.forward(given)
+    assert getattr(layer._cache[2], "channels_first", False) == (memory == "channels-first")
+    assert y.flags.c_contiguous == (memory == "channels-first")
+    np.testing.assert_allclose(host(y), naive_conv2d(x, w, b, 1, 0), rtol=1e-10, atol=1e-12)
+    gy = host_rng.standard_normal(y.shape)
+    ex, ew, eb = naive_conv2d_backward(gy, x, w, 1, 0)
+    gx = layer.backward(dev(gy))
+    np.testing.assert_allclose(host(gx), ex, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(host(layer.weight.grad), ew, rtol=1e-10, atol=1e-12)
+    if bias:
+        np.testing.assert_allclose(host(layer.bias.grad), eb, rtol=1e-10, atol=1e-12)
+    layer.zero_grad()
+    layer.forward(given)
+    gx_nhwc = layer.backward_nhwc(dev(np.ascontiguousarray(gy.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(host(gx_nhwc).transpose(0, 3, 1, 2), ex, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(host(layer.weight.grad), ew, rtol=1e-10, atol=1e-12)
+    layer.zero_grad()
+    results = check_module(layer, given)
+    assert [r.name for r in results] == ["input", "weight"] + (["bias"] if bias else [])
+
+
 def test_gather_taps_appends_a_row_of_ones(xp, host_rng):
     from capsnet.layers.convolution.patches import gather_taps  # noqa: PLC0415
 
