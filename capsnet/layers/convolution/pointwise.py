@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from capsnet import backend
 from capsnet.layers.convolution.algorithm import Algorithm
 from capsnet.layers.convolution.geometry import ConvGeometry
+from capsnet.parallel import run_shards
 
 __all__ = ["Pointwise", "PointwiseSaved"]
 
@@ -54,9 +57,20 @@ class Pointwise(Algorithm):
         18.7 ms, where the channels-last copy and one product took 65.8.)"""
         xp = backend.get_array_module(x_nchw, w)
         hw = g.height * g.width
-        y = xp.matmul(w.reshape(g.out_channels, g.in_channels), x_nchw.reshape(g.batch, g.in_channels, hw))
-        if b is not None:
-            y += b.reshape(-1, 1)
+        w2, x3 = w.reshape(g.out_channels, g.in_channels), x_nchw.reshape(g.batch, g.in_channels, hw)
+        if xp is np:  # a share of the images per host thread (run_shards), each one product
+            y = np.empty((g.batch, g.out_channels, hw), dtype=x_nchw.dtype)
+
+            def images(lo: int, hi: int) -> None:
+                np.matmul(w2, x3[lo:hi], out=y[lo:hi])
+                if b is not None:
+                    y[lo:hi] += b.reshape(-1, 1)
+
+            run_shards(g.batch, images)
+        else:
+            y = xp.matmul(w2, x3)
+            if b is not None:
+                y += b.reshape(-1, 1)
         return y.reshape(g.batch, g.out_channels, g.height, g.width), PointwiseSaved(x_nchw, True)
 
     def backward_channels_first(self, g: ConvGeometry, grad_y_nchw: Any, saved: PointwiseSaved, w: Any,
