@@ -82,10 +82,17 @@ class Pointwise(Algorithm):
         hw = g.height * g.width
         g3 = xp.ascontiguousarray(grad_y_nchw).reshape(g.batch, g.out_channels, hw)
         x3 = saved.x.reshape(g.batch, g.in_channels, hw)
-        gw = xp.matmul(g3, x3.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)  # (O, C) per image, summed
-        gb = g3.sum(axis=2).sum(axis=0)
-        gx = None
-        if need_input_grad:
-            gx = xp.matmul(w.reshape(g.out_channels, g.in_channels).T, g3).reshape(
-                g.batch, g.in_channels, g.height, g.width)
-        return gx, gw, gb
+        wt = w.reshape(g.out_channels, g.in_channels).T
+        gx = xp.empty((g.batch, g.in_channels, hw), dtype=g3.dtype) if need_input_grad else None
+
+        def images(lo: int, hi: int) -> tuple[Any, Any]:  # (O, C) and (O,) of these images, summed
+            if need_input_grad:
+                xp.matmul(wt, g3[lo:hi], out=gx[lo:hi])
+            return xp.matmul(g3[lo:hi], x3[lo:hi].transpose(0, 2, 1)).sum(axis=0), g3[lo:hi].sum(axis=2).sum(axis=0)
+
+        # on NumPy a share of the images per host thread, the shares' sums added in order
+        parts = run_shards(g.batch, images) if xp is np else [images(0, g.batch)]
+        gw, gb = parts[0]
+        for part_w, part_b in parts[1:]:
+            gw, gb = gw + part_w, gb + part_b
+        return None if gx is None else gx.reshape(g.batch, g.in_channels, g.height, g.width), gw.reshape(w.shape), gb
