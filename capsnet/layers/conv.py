@@ -259,10 +259,10 @@ class Conv2d(Module):
         xp = backend.get_array_module(x, self.weight.data)
         if x.flags.c_contiguous and not x.transpose(0, 2, 3, 1).flags.c_contiguous:
             # channels-first memory (a user's own NCHW arrays; a network passes channels-last
-            # views): a 1x1 product runs on it as it is, per image
+            # views): an algorithm that can (1x1 products, depthwise) runs on it as it is
             g = self.geometry(x.shape[2], x.shape[3], x.shape[0])
-            if choose(g, self.training, self.input_grad, self.algorithm, xp) == "pointwise":
-                alg = self._instance("pointwise")
+            alg = self._instance(choose(g, self.training, self.input_grad, self.algorithm, xp))
+            if alg.channels_first(g):
                 y, saved = alg.forward_channels_first(g, x, w, b)
                 self._save(g, alg, saved)
                 return y

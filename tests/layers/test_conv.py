@@ -161,6 +161,31 @@ def test_pointwise_runs_on_either_memory_order(xp, host_rng, memory, bias):
     assert [r.name for r in results] == ["input", "weight"] + (["bias"] if bias else [])
 
 
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1)])
+def test_depthwise_runs_on_channels_first_memory(xp, host_rng, stride, padding):
+    """A depthwise convolution given channels-first memory: one einsum over a view of it
+    (Direct.forward_channels_first), the backward through the channels-last path; values and
+    gradients of the loop oracle, and a float64 gradient check."""
+    layer = Conv2d(4, 4, 3, stride, padding, groups=4, dtype=F64, seed=0, algorithm="direct")
+    x = host_rng.standard_normal((2, 4, 7, 6))
+    y = layer.forward(dev(x))
+    assert layer._cache[2].channels_first and y.flags.c_contiguous
+    w, b = host(layer.weight.data), host(layer.bias.data)
+    ref = np.stack([naive_conv2d(x[:, c : c + 1], w[c : c + 1], b[c : c + 1], stride, padding)[:, 0]
+                    for c in range(4)], axis=1)
+    np.testing.assert_allclose(host(y), ref, rtol=1e-10, atol=1e-12)
+    gy = host_rng.standard_normal(y.shape)
+    gx = layer.backward(dev(gy))
+    for c in range(4):
+        ex, ew, eb = naive_conv2d_backward(gy[:, c : c + 1], x[:, c : c + 1], w[c : c + 1], stride, padding)
+        np.testing.assert_allclose(host(gx)[:, c : c + 1], ex, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(host(layer.weight.grad)[c : c + 1], ew, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(host(layer.bias.grad)[c : c + 1], eb, rtol=1e-10, atol=1e-12)
+    layer.zero_grad()
+    results = check_module(layer, dev(x))
+    assert [r.name for r in results] == ["input", "weight", "bias"]
+
+
 def test_gather_taps_appends_a_row_of_ones(xp, host_rng):
     from capsnet.layers.convolution.patches import gather_taps  # noqa: PLC0415
 

@@ -132,6 +132,13 @@ class Algorithm:
         gx = self.input_grad(g, grad_y, saved, w) if need_input_grad else None
         return gx, self.weight_grad(g, grad_y, saved, w), bias_grad(grad_y)
 
+    def channels_first(self, g: ConvGeometry) -> bool:
+        """Whether this algorithm also runs ``g`` on channels-first memory as it is:
+        ``forward_channels_first(g, x (B, C, H, W), w, b) -> (y (B, O, OH, OW), saved)`` and
+        ``backward_channels_first(g, grad_y (B, O, OH, OW), saved, w, need_input_grad)``, which
+        ``Conv2d.forward`` takes when given such memory (a user's NCHW arrays)."""
+        return False
+
     def release(self) -> None:
         """Free memory kept between calls."""
 

@@ -48,6 +48,9 @@ class Pointwise(Algorithm):
         gx = grad_y.reshape(-1, g.out_channels) @ w.reshape(g.out_channels, -1)
         return gx.reshape(g.batch, g.height, g.width, g.in_channels)
 
+    def channels_first(self, g: ConvGeometry) -> bool:
+        return self.supports(g)
+
     def forward_channels_first(self, g: ConvGeometry, x_nchw: Any, w: Any, b: Any | None
                                ) -> tuple[Any, PointwiseSaved]:
         """y (B, O, H, W) from x (B, C, H, W) in channels-first memory, as a caller of
