@@ -237,6 +237,13 @@ class Conv2d(Module):
         self._save(g, alg, saved)
         return y
 
+    def _accumulate(self, grad_w: Any, grad_b: Any) -> None:
+        """Adds one backward's weight and bias gradients into the parameters' (the bias's when
+        the layer has one)."""
+        self.weight.grad += grad_w
+        if self.bias is not None:
+            self.bias.grad += grad_b
+
     def backward_nhwc(self, grad_y: Any) -> Any:
         g, alg, saved = self._pop()
         if getattr(saved, "channels_first", False):  # the forward took channels-first memory
@@ -246,9 +253,7 @@ class Conv2d(Module):
             gx = None if gx is None else gx.transpose(0, 2, 3, 1)
         else:
             gx, gw, gb = alg.backward(g, grad_y, saved, self.weight.data, self.input_grad)
-        self.weight.grad += gw
-        if self.bias is not None:
-            self.bias.grad += gb
+        self._accumulate(gw, gb)
         return gx
 
     def forward(self, x: Any) -> Any:
@@ -273,9 +278,7 @@ class Conv2d(Module):
         if self._cache is not None and getattr(self._cache[2], "channels_first", False):
             g, alg, saved = self._pop()  # the forward took channels-first memory: so does the backward
             gx, gw, gb = alg.backward_channels_first(g, grad_out, saved, self.weight.data, self.input_grad)
-            self.weight.grad += gw
-            if self.bias is not None:
-                self.bias.grad += gb
+            self._accumulate(gw, gb)
             return gx
         if (not self.input_grad and grad_out.ndim == 4 and grad_out.flags.c_contiguous
                 and not grad_out.transpose(0, 2, 3, 1).flags.c_contiguous and self._cache is not None):
@@ -285,9 +288,7 @@ class Conv2d(Module):
                 # view): the gradients from it as it is, not from a channels-last copy
                 self._pop()
                 gw, gb = alg.gradients_channels_first(g, grad_out, saved, self.weight.data)
-                self.weight.grad += gw
-                if self.bias is not None:
-                    self.bias.grad += gb
+                self._accumulate(gw, gb)
                 return None
         gx = self.backward_nhwc(xp.ascontiguousarray(grad_out.transpose(0, 2, 3, 1)))
         return None if gx is None else gx.transpose(0, 3, 1, 2)

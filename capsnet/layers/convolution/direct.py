@@ -123,8 +123,9 @@ class Direct(Algorithm):
 
     def backward_channels_first(self, g: ConvGeometry, grad_y_nchw: Any, saved: DirectSaved, w: Any,
                                 need_input_grad: bool = True) -> tuple[Any | None, Any, Any]:
-        """Gradients of :meth:`forward_channels_first`: the channels-last backward on copies of
-        the input and of grad_y (the copies the forward saved); grad_x (B, C, H, W) a view."""
+        """Gradients of :meth:`forward_channels_first`: the channels-last backward on channels-last
+        copies of the saved input and of grad_y (the copies the forward did not make); grad_x
+        (B, C, H, W) a view."""
         xp = backend.get_array_module(grad_y_nchw, w)
         x_nhwc = xp.ascontiguousarray(saved.x_pad.transpose(0, 2, 3, 1))
         gy = xp.ascontiguousarray(grad_y_nchw.transpose(0, 2, 3, 1))
